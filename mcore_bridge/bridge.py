@@ -1,0 +1,239 @@
+"""The public API: ``Bridge(model_dir, layout)`` with ``build_model``, ``load_weights``,
+``export_weights`` and ``save_weights``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import io as hfio
+from .export import Exporter, ExportUnit, iterate, make_buckets, nbytes
+from .families import family_for
+from .layout import ParallelLayout
+from .plan import MappingError, check_names, inventory, local_items
+from .runtime import dist as rt
+from .transforms import ShapeMismatch
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DEFAULT_BUCKET_BYTES = 256 << 20
+DEFAULT_SHARD_BYTES = 2 << 30
+
+
+def progress(iterable, desc: str, total: Optional[int] = None, enabled: bool = True):
+    """A tqdm bar on rank 0 (stderr), silent elsewhere and when MCORE_BRIDGE_QUIET is set."""
+    if not enabled or rt.rank() != 0 or os.environ.get("MCORE_BRIDGE_QUIET"):
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def resolve_source(model: str | os.PathLike) -> Path:
+    """An HF directory, or ``builtin:NAME`` for a tiny model of the built-in zoo."""
+    model = str(model)
+    if model.startswith("builtin:"):
+        from . import zoo
+
+        return zoo.materialize(model.split(":", 1)[1])
+    return Path(model)
+
+
+class Bridge:
+    """Converts between one HF model and megatron-core models sharded by ``layout``.
+
+    ``source`` is an HF directory (config + safetensors) or ``builtin:NAME``. The layout is
+    validated against the model here, before any weight is read.
+    """
+
+    def __init__(self, source, layout: ParallelLayout = ParallelLayout(), *, hf_config: dict | None = None,
+                 hf_tensors: dict | None = None, side_files: Path | None = None):
+        if hf_config is None:
+            self.source = resolve_source(source)
+            self.hf = hfio.HFCheckpoint(self.source)
+            hf_config = self.hf.config
+            hf_tensors = {n: (i.shape, i.dtype) for n, i in self.hf.tensors.items()}
+            side_files = self.source
+        else:
+            self.source, self.hf = Path(source) if source else None, None
+        self.hf_config = hf_config
+        self.hf_tensors = hf_tensors  # name -> (shape, dtype) of the HF checkpoint, export target
+        self.side_files = side_files
+        self.family = family_for(hf_config)
+        self.layout = layout
+        layout.validate(**self.family.layout_dims())
+        self.units = inventory(self.family, layout)
+        if hf_tensors is not None:
+            check_names(self.units, set(hf_tensors), where=str(self.source))
+        self.device = None
+
+    # -- runtime -----------------------------------------------------------------------------
+    def setup(self, device: str = "auto") -> str:
+        """Initialise torch.distributed and megatron's parallel state for this layout."""
+        self.device = rt.setup(self.layout, device)
+        return self.device
+
+    def build_model(self, dtype: torch.dtype | str = torch.float32, parallel_output: bool = True) -> list:
+        from .model import build_model
+
+        if self.device is None:
+            self.setup()
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        return build_model(self.family, self.layout, dtype, self.device, parallel_output)
+
+    def _groups(self):
+        from megatron.core import parallel_state as ps
+
+        return dict(tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+                    dp_rank=ps.get_data_parallel_rank(), tp_group=ps.get_tensor_model_parallel_group(),
+                    pp_group=ps.get_pipeline_model_parallel_group())
+
+    def _state(self, models) -> dict:
+        out = {}
+        for chunk, m in enumerate(models):
+            for name, t in m.state_dict(keep_vars=True).items():
+                if isinstance(t, torch.Tensor) and not name.endswith("_extra_state"):
+                    out[(chunk, name)] = t
+        return out
+
+    def _items(self, models, state):
+        g = self._groups()
+        names = [[n for (c, n) in state if c == chunk] for chunk in range(len(models))]
+        if len(models) != self.layout.vpp:
+            raise ValueError(f"expected {self.layout.vpp} model chunks (vpp), got {len(models)}")
+        return local_items(self.family, self.layout, g["pp_rank"], names)
+
+    # -- load --------------------------------------------------------------------------------
+    def load_weights(self, models, hf_dir=None):
+        """Fill this rank's model chunks from HF safetensors, reading only the needed slices."""
+        ckpt = hfio.HFCheckpoint(resolve_source(hf_dir)) if hf_dir is not None else self.hf
+        if ckpt is None:
+            raise ValueError("load_weights: this bridge has no HF checkpoint; pass hf_dir")
+        state = self._state(models)
+        tp, tp_rank = self.layout.tp, self._groups()["tp_rank"]
+        jobs, error = [], None
+        try:
+            check_names(self.units, set(ckpt.names()), where=str(ckpt.path))
+            for item in self._items(models, state):
+                target = state[(item.chunk, item.param)]
+                names = item.unit.hf_names
+                shapes = [ckpt.info(n).shape for n in names]
+                transform = item.unit.rule.transform
+                try:
+                    expect = transform.local_shape(shapes, tp)
+                    if expect is not None and tuple(expect) != tuple(target.shape):
+                        raise ShapeMismatch(f"gives a shard of {tuple(expect)}, the model holds "
+                                            f"{tuple(target.shape)}")
+                    regions = transform.slices(shapes, tuple(target.shape), tp, tp_rank)
+                except ShapeMismatch as e:
+                    raise MappingError(f"{', '.join(names)} {shapes} -> {item.param}: {e}") from None
+                jobs.append((item, target, names, regions))
+        except Exception as e:  # make every rank fail together, before any weight is read
+            error = e
+        if not rt.all_ok(error is None):
+            raise error or RuntimeError("another rank rejected the checkpoint (see its error)")
+        with torch.no_grad():
+            for item, target, names, regions in progress(jobs, "load"):
+                pieces = [ckpt.read(n, r) for n, r in zip(names, regions)]
+                target.copy_(item.unit.rule.transform.to_mcore(pieces, tuple(target.shape), tp, tp_rank))
+        ckpt.close()
+
+    # -- export ------------------------------------------------------------------------------
+    def _exporter(self, models, dtype):
+        if self.hf_tensors is None:
+            raise ValueError("export needs the HF tensor shapes: build the Bridge from an HF source")
+        state = self._state(models)
+        g = self._groups()
+        mine = {it.unit.key: it for it in self._items(models, state)}
+        units = []
+        for u in self.units:
+            if not u.rule.export:
+                continue
+            shapes = [tuple(self.hf_tensors[n][0]) for n in u.hf_names]
+            dtypes = [dtype or self.hf_tensors[n][1] for n in u.hf_names]
+            units.append(ExportUnit(u, len(units), shapes, dtypes, mine.get(u.key)))
+        device = next(iter(state.values())).device
+        return Exporter(units, state, g["tp_group"], self.layout.tp, device), g
+
+    def export_weights(self, models, dtype: torch.dtype | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                       all_ranks: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_name, tensor)`` with the checkpoint's names, shapes and (unless ``dtype``)
+        dtypes. ``all_ranks``: every rank gets every tensor; else each pipeline stage yields its own.
+        Collective: all ranks must iterate it to the end."""
+        exporter, g = self._exporter(models, dtype)
+        buckets = make_buckets(exporter.units, bucket_bytes)
+        pp_ranks = dist.get_process_group_ranks(g["pp_group"]) if dist.is_initialized() else [0]
+        with torch.no_grad():
+            yield from iterate(exporter, buckets, g["pp_rank"], self.layout.pp, g["pp_group"], pp_ranks,
+                               all_ranks)
+
+    def save_weights(self, models, out_dir, *, dtype: torch.dtype | None = None, overwrite: bool = False,
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        """Write HF safetensors shards + index + config (+ tokenizer files) into ``out_dir``.
+
+        Each tensor is written by one rank of the stage that owns it (TP ranks take turns, data
+        parallel replicas other than the first write nothing). Everything is assembled in a staging
+        directory that is renamed into place only after every rank succeeded.
+        """
+        out_dir = Path(out_dir).absolute()
+        exporter, g = self._exporter(models, dtype)
+        world = rt.world_size()
+        dp = world // self.layout.model_parallel_size
+
+        def writer(u: ExportUnit) -> int:
+            tp_rank = u.index % self.layout.tp
+            return u.unit.stage * self.layout.tp * dp + tp_rank  # dp rank 0
+
+        sizes = {n: nbytes(s, d) for u in exporter.units
+                 for n, s, d in zip(u.unit.hf_names, u.hf_shapes, u.out_dtypes)}
+        files = hfio.plan_shards(((n, sizes[n], writer(u)) for u in exporter.units for n in u.unit.hf_names),
+                                 max_shard_bytes)
+        me = rt.rank()
+        mine = [f for f in files if f["writer"] == me]
+        error = None
+        stage = None
+        try:
+            if me == 0:
+                stage = hfio.prepare_destination(out_dir, overwrite)
+        except Exception as e:
+            error = e
+        if not rt.all_ok(error is None):
+            raise error or RuntimeError("rank 0 could not prepare the output directory")
+        stage = hfio.staging_dir(out_dir)
+        try:
+            pending = {n: f for f in mine for n in f["names"]}
+            filled: dict[str, dict] = {f["file"]: {} for f in mine}
+            buckets = make_buckets(exporter.units, bucket_bytes)
+            it = iterate(exporter, buckets, g["pp_rank"], self.layout.pp, None, [], all_stages=False)
+            for name, tensor in progress(it, "save", total=sum(len(u.unit.hf_names) for u in exporter.units
+                                                                if u.unit.stage == g["pp_rank"])):
+                f = pending.get(name)
+                if f is None:
+                    continue
+                filled[f["file"]][name] = tensor.cpu()
+                if len(filled[f["file"]]) == len(f["names"]):
+                    hfio.write_shard(stage / f["file"], filled.pop(f["file"]))
+            if filled:
+                raise RuntimeError(f"rank {me}: shards never completed: {sorted(filled)}")
+        except Exception as e:
+            error = e
+        ok = rt.all_ok(error is None)
+        if me == 0:
+            if ok:
+                hfio.write_index(stage, files, sizes)
+                hfio.copy_side_files(self.side_files, stage, self.hf_config)
+                hfio.commit(stage, out_dir)
+            else:
+                shutil.rmtree(stage, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+        if not ok:
+            raise error or RuntimeError("another rank failed while saving; nothing was written")
+        return out_dir
+

@@ -1,0 +1,24 @@
+"""Family registry: HF ``model_type`` -> family class."""
+
+from __future__ import annotations
+
+from .base import Family, HFConfig, Rule, UnsupportedConfig, canonical_param_name
+from .llama import Llama
+from .qwen import Qwen2, Qwen3
+
+FAMILIES: dict[str, type[Family]] = {}
+for _cls in (Llama, Qwen2, Qwen3):
+    for _t in _cls.model_types:
+        FAMILIES[_t] = _cls
+
+
+def family_for(raw_config: dict) -> Family:
+    model_type = raw_config.get("model_type")
+    if model_type not in FAMILIES:
+        raise UnsupportedConfig(
+            f"unknown architecture model_type={model_type!r} (architectures="
+            f"{raw_config.get('architectures')}); supported: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type](raw_config)
+
+
+__all__ = ["FAMILIES", "Family", "HFConfig", "Rule", "UnsupportedConfig", "canonical_param_name", "family_for"]

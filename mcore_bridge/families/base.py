@@ -1,0 +1,128 @@
+"""What a model family declares, and the machinery shared by all families.
+
+A family turns an HF ``config.json`` into megatron settings (``model_settings``) and lists its
+weight mapping as ``Rule`` rows: a megatron parameter pattern, the HF on-disk name(s) behind it and
+the transform between them. ``{L}`` stands for the global layer index on both sides. The rank
+arithmetic is not here: it lives in ``layout`` and ``plan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Optional, Sequence
+
+from ..transforms import Transform
+
+
+class UnsupportedConfig(ValueError):
+    """The HF config holds a setting megatron-core cannot express (so a conversion would be wrong)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    mcore: str
+    hf: tuple[str, ...]
+    transform: Transform
+    export: bool = True  # False: load-only copy (tied output layer on the last pipeline stage)
+
+    @property
+    def per_layer(self) -> bool:
+        return "{L}" in self.mcore
+
+    def hf_names(self, layer: Optional[int]) -> tuple[str, ...]:
+        return tuple(n.replace("{L}", str(layer)) for n in self.hf)
+
+
+def rule(mcore: str, hf: str | Sequence[str], transform: Transform, export: bool = True) -> Rule:
+    return Rule(mcore, (hf,) if isinstance(hf, str) else tuple(hf), transform, export)
+
+
+# TransformerEngine specs fuse the pre-attention / pre-MLP norms into the following linear; the
+# local spec keeps them separate. Both spellings name the same tensor.
+TE_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+_WRAPPER_PREFIX = re.compile(r"^(module\.)+")
+
+
+def canonical_param_name(name: str) -> str:
+    """Strip DDP/Float16 ``module.`` wrappers and map TE names onto the local-spec names."""
+    name = _WRAPPER_PREFIX.sub("", name)
+    for te, local in TE_ALIASES.items():
+        if name.endswith(te):
+            return name[: -len(te)] + local
+    return name
+
+
+class HFConfig:
+    """Read-only view of an HF ``config.json`` that knows the spellings seen in the wild."""
+
+    def __init__(self, raw: dict):
+        self.raw = dict(raw)
+
+    def get(self, *names: str, default: Any = None) -> Any:
+        for n in names:
+            if n in self.raw and self.raw[n] is not None:
+                return self.raw[n]
+        return default
+
+    def require(self, name: str) -> Any:
+        if self.raw.get(name) is None:
+            raise UnsupportedConfig(f"config.json has no '{name}'")
+        return self.raw[name]
+
+    @property
+    def rope(self) -> dict:
+        """RoPE settings merged from ``rope_parameters`` (transformers 5) or ``rope_theta`` +
+        ``rope_scaling`` (4.x checkpoints)."""
+        params = dict(self.raw.get("rope_parameters") or {})
+        scaling = self.raw.get("rope_scaling") or {}
+        params = {**scaling, **params}
+        if "rope_theta" not in params and self.raw.get("rope_theta") is not None:
+            params["rope_theta"] = self.raw["rope_theta"]
+        params.setdefault("rope_type", params.pop("type", "default") or "default")
+        return params
+
+
+class Family:
+    """Base class. Subclasses set ``model_types`` and implement ``model_settings`` and ``rules``."""
+
+    model_types: tuple[str, ...] = ()
+    name: str = ""
+
+    def __init__(self, raw_config: dict):
+        self.cfg = HFConfig(raw_config)
+
+    # -- to override --------------------------------------------------------------------------
+    def model_settings(self) -> dict:
+        """``{"config": TransformerConfig kwargs, "model": GPTModel kwargs, "spec": spec kwargs}``."""
+        raise NotImplementedError
+
+    def rules(self) -> list[Rule]:
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.cfg.require("num_hidden_layers"))
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.cfg.get("tie_word_embeddings", default=False))
+
+    def layout_dims(self) -> dict:
+        """What the layout validator needs to know about this model."""
+        s = self.model_settings()["config"]
+        return dict(num_layers=s["num_layers"], num_attention_heads=s["num_attention_heads"],
+                    num_query_groups=s["num_query_groups"], ffn_hidden_size=s["ffn_hidden_size"])
+
+    def compiled_rules(self) -> list[tuple[re.Pattern, Rule]]:
+        out = []
+        for r in self.rules():
+            pat = re.escape(r.mcore).replace(re.escape("{L}"), r"(\d+)")
+            out.append((re.compile(pat + "$"), r))
+        return out

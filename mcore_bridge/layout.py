@@ -1,0 +1,150 @@
+"""Parallel layout: what each rank holds, validated against a model before any weight is read.
+
+Pure arithmetic, no torch.distributed: the conversion plan, the tests and error messages all use it.
+Rank order follows megatron's default ``tp-cp-ep-dp-pp`` ordering (tp fastest, then dp, then pp).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot hold the model; the message names the constraint and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelLayout:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    sp: bool = False
+    first_stage_layers: Optional[int] = None  # seed: --decoder_first_pipeline_num_layers
+    last_stage_layers: Optional[int] = None  # seed: --decoder_last_pipeline_num_layers
+
+    # ---- basic checks that need no model -------------------------------------------------
+    def __post_init__(self):
+        for name in ("tp", "pp", "vpp"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.sp and self.tp == 1:
+            raise LayoutError("sequence parallel (--sp) needs tensor parallelism: use --tp >= 2 or drop --sp")
+        if self.vpp > 1 and self.pp == 1:
+            raise LayoutError(f"--vpp {self.vpp} needs pipeline parallelism: use --pp >= 2 or --vpp 1")
+        if (self.first_stage_layers is not None or self.last_stage_layers is not None) and self.pp == 1:
+            raise LayoutError("uneven first/last pipeline stage sizes need --pp >= 2")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp
+
+    def short(self) -> str:
+        """Compact id used in test names and reports, e.g. ``tp2-pp2-vpp2-sp-first1``."""
+        parts = [f"tp{self.tp}", f"pp{self.pp}"]
+        if self.vpp > 1:
+            parts.append(f"vpp{self.vpp}")
+        if self.sp:
+            parts.append("sp")
+        if self.first_stage_layers is not None:
+            parts.append(f"first{self.first_stage_layers}")
+        if self.last_stage_layers is not None:
+            parts.append(f"last{self.last_stage_layers}")
+        return "-".join(parts)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ---- checks against a model ----------------------------------------------------------
+    def validate(self, *, num_layers: int, num_attention_heads: int, num_query_groups: int,
+                 ffn_hidden_size: int, world_size: Optional[int] = None) -> None:
+        tp = self.tp
+        if num_query_groups % tp:
+            raise LayoutError(
+                f"{num_query_groups} query groups (num_key_value_heads) cannot be split over tp={tp}: "
+                f"choose --tp from {_divisors(num_query_groups)}")
+        if num_attention_heads % tp:
+            raise LayoutError(f"{num_attention_heads} attention heads cannot be split over tp={tp}: "
+                              f"choose --tp from {_divisors(num_attention_heads)}")
+        if ffn_hidden_size % tp:
+            raise LayoutError(f"intermediate size {ffn_hidden_size} cannot be split over tp={tp}")
+        self.stage_layer_counts(num_layers)  # raises on impossible pipeline splits
+        if world_size is not None and world_size % self.model_parallel_size:
+            raise LayoutError(
+                f"world size {world_size} is not a multiple of tp*pp={self.model_parallel_size}: "
+                f"launch a multiple of {self.model_parallel_size} processes (--nproc-per-node)")
+
+    def stage_layer_counts(self, num_layers: int) -> list[int]:
+        """Number of transformer layers on each pipeline stage."""
+        pp, first, last = self.pp, self.first_stage_layers, self.last_stage_layers
+        if pp == 1:
+            counts = [num_layers]
+        else:
+            fixed = [c for c in (first, last) if c is not None]
+            middle_stages = pp - len(fixed)
+            middle_layers = num_layers - sum(fixed)
+            if any(c < 1 for c in fixed) or middle_layers < 0:
+                raise LayoutError(f"first/last stage sizes {first}/{last} do not fit {num_layers} layers")
+            if middle_stages == 0 and middle_layers:
+                raise LayoutError(f"first+last stage sizes {first}+{last} != {num_layers} layers with pp=2")
+            if middle_stages and middle_layers % middle_stages:
+                what = "the remaining layers" if fixed else "the layers"
+                raise LayoutError(
+                    f"{what} ({middle_layers}) do not divide evenly over {middle_stages} pipeline "
+                    f"stages: change --pp or set --decoder_first_pipeline_num_layers/"
+                    f"--decoder_last_pipeline_num_layers")
+            per = middle_layers // middle_stages if middle_stages else 0
+            counts = [per] * pp
+            if first is not None:
+                counts[0] = first
+            if last is not None:
+                counts[-1] = last
+        if self.vpp > 1:
+            for stage, c in enumerate(counts):
+                if c % self.vpp:
+                    raise LayoutError(f"pipeline stage {stage} holds {c} layers, not divisible into "
+                                      f"vpp={self.vpp} virtual chunks")
+        if any(c == 0 for c in counts):
+            raise LayoutError(f"{num_layers} layers leave an empty pipeline stage at pp={pp}")
+        return counts
+
+    def chunk_layers(self, num_layers: int, pp_rank: int, vpp_chunk: int = 0) -> range:
+        """Global (0-based) layer indices held by virtual chunk ``vpp_chunk`` of stage ``pp_rank``.
+
+        Chunks are laid out as megatron does: for each virtual stage in turn, every pipeline
+        stage takes its next ``count // vpp`` layers.
+        """
+        counts = self.stage_layer_counts(num_layers)
+        per_chunk = [c // self.vpp for c in counts]
+        start = vpp_chunk * sum(per_chunk) + sum(per_chunk[:pp_rank])
+        return range(start, start + per_chunk[pp_rank])
+
+    def layer_owner(self, num_layers: int, layer: int) -> tuple[int, int]:
+        """(pp_rank, vpp_chunk) holding global layer ``layer``."""
+        for vp in range(self.vpp):
+            for stage in range(self.pp):
+                if layer in self.chunk_layers(num_layers, stage, vp):
+                    return stage, vp
+        raise IndexError(f"layer {layer} out of range for {num_layers} layers")
+
+    def is_first(self, pp_rank: int, vpp_chunk: int) -> bool:
+        return pp_rank == 0 and vpp_chunk == 0
+
+    def is_last(self, pp_rank: int, vpp_chunk: int) -> bool:
+        return pp_rank == self.pp - 1 and vpp_chunk == self.vpp - 1
+
+    # ---- ranks ---------------------------------------------------------------------------
+    def coords(self, rank: int, world_size: int) -> dict:
+        """tp/dp/pp coordinates of a global rank (megatron's default order: tp fastest, pp slowest)."""
+        dp = world_size // self.model_parallel_size
+        return {"tp": rank % self.tp, "dp": (rank // self.tp) % dp, "pp": rank // (self.tp * dp)}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron-LM's rule: pad the vocabulary to a multiple of ``divisible_by * tp``."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple

@@ -1,0 +1,121 @@
+"""The conversion plan: which HF tensors stand behind which megatron parameters, on which rank.
+
+Two views, both plain data:
+  * ``inventory`` -- every HF tensor of the model with the pipeline stage that owns it (same on all
+    ranks; drives strict accounting, export order and the save plan);
+  * ``local_items`` -- this rank's megatron parameters with their HF sources and transform.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from .families.base import Family, Rule, canonical_param_name
+from .layout import ParallelLayout
+
+
+class MappingError(ValueError):
+    """Checkpoint and model disagree: missing, unexpected or mis-shaped tensors, unmapped params."""
+
+
+# HF tensors that carry no weights (buffers some old checkpoints saved).
+IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One megatron parameter (globally) and the HF tensor(s) it corresponds to."""
+
+    rule: Rule
+    layer: Optional[int]
+    stage: int  # pipeline rank that owns it
+    chunk: int  # virtual pipeline chunk on that stage
+
+    @property
+    def hf_names(self) -> tuple[str, ...]:
+        return self.rule.hf_names(self.layer)
+
+    @property
+    def key(self) -> tuple[str, Optional[int]]:
+        return (self.rule.mcore, self.layer)
+
+
+def inventory(family: Family, layout: ParallelLayout) -> list[Unit]:
+    """All units of the model in HF order: embedding, layers in order, final norm, output."""
+    n = family.num_layers
+    first, last = (0, 0), (layout.pp - 1, layout.vpp - 1)
+    head, layers, tail = [], [], []
+    for r in family.rules():
+        if r.per_layer:
+            continue
+        if r.mcore.startswith("embedding."):
+            head.append(Unit(r, None, *first))
+        else:
+            tail.append(Unit(r, None, *last))
+    per_layer = [r for r in family.rules() if r.per_layer]
+    for layer in range(n):
+        stage, chunk = layout.layer_owner(n, layer)
+        layers += [Unit(r, layer, stage, chunk) for r in per_layer]
+    units = head + layers + tail
+    if layout.pp == 1:  # a tied output layer only exists as its own parameter under PP
+        units = [u for u in units if u.rule.export or u.rule.mcore != "output_layer.weight"]
+    return units
+
+
+def expected_hf_names(units: list[Unit]) -> set[str]:
+    return {n for u in units for n in u.hf_names}
+
+
+def check_names(units: list[Unit], present: set[str], where: str):
+    """Strict accounting: every expected HF tensor is there and nothing else is."""
+    expected = expected_hf_names(units)
+    missing = sorted(expected - present)
+    extra = sorted(n for n in present - expected if not n.endswith(IGNORED_HF_SUFFIXES))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {_short(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensor(s) the model has no place for: {_short(extra)}")
+    if problems:
+        raise MappingError(f"{where}: " + "; ".join(problems))
+
+
+def _short(names: list[str], k: int = 8) -> str:
+    return ", ".join(names[:k]) + (f", ... (+{len(names) - k} more)" if len(names) > k else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalItem:
+    unit: Unit
+    chunk: int
+    param: str  # name in the chunk's state_dict()
+
+
+def local_items(family: Family, layout: ParallelLayout, pp_rank: int, chunk_params: list[list[str]]
+                ) -> list[LocalItem]:
+    """Match this rank's megatron parameter names (per VPP chunk) against the family's rules.
+
+    Local layer indices are translated to global ones with the layout; any parameter without a
+    rule is an error (the family table is incomplete), never silently left uninitialised.
+    """
+    compiled = family.compiled_rules()
+    n = family.num_layers
+    items, unmapped = [], []
+    for chunk, names in enumerate(chunk_params):
+        layers = layout.chunk_layers(n, pp_rank, chunk)
+        for name in names:
+            canon = canonical_param_name(name)
+            for pattern, r in compiled:
+                m = pattern.match(canon)
+                if m:
+                    layer = layers[int(m.group(1))] if r.per_layer else None
+                    unit = Unit(r, layer, pp_rank, chunk)
+                    items.append(LocalItem(unit, chunk, name))
+                    break
+            else:
+                unmapped.append(name)
+    if unmapped:
+        raise MappingError(f"family {family.name!r} has no rule for megatron parameter(s) "
+                           f"{_short(unmapped)}")
+    return items

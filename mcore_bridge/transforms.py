@@ -1,0 +1,230 @@
+"""The closed vocabulary of weight transforms between HF tensors and megatron shards.
+
+A transform maps the HF tensor(s) behind one megatron parameter to the shard a tensor-parallel
+rank holds, and back. It never reads whole tensors itself: ``slices`` names exactly the regions
+of each HF tensor a rank needs (so the reader can fetch only those bytes), ``to_mcore`` assembles
+the shard from those regions, and ``to_hf`` rebuilds the HF tensors from all ranks' shards.
+
+Shapes are plain tuples; ``local`` is the shape of the megatron parameter on one rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+Shape = tuple[int, ...]
+Region = tuple[slice, ...]
+
+
+class ShapeMismatch(ValueError):
+    pass
+
+
+def _rows(start: int, stop: int, ndim: int) -> Region:
+    return (slice(start, stop),) + (slice(None),) * (ndim - 1)
+
+
+def _full(shape: Shape) -> Region:
+    return tuple(slice(None) for _ in shape)
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ShapeMismatch(msg)
+
+
+class Transform:
+    """Base: subclasses define ``split_dim`` semantics through the three methods below."""
+
+    #: whether shards differ between TP ranks (replicated tensors need no gather on export)
+    tp_split = True
+    n_sources = 1
+
+    def local_shape(self, hf: Sequence[Shape], tp: int) -> Shape:  # expected megatron shard shape
+        raise NotImplementedError
+
+    def slices(self, hf: Sequence[Shape], local: Shape, tp: int, rank: int) -> list[Region]:
+        raise NotImplementedError
+
+    def to_mcore(self, pieces: list[torch.Tensor], local: Shape, tp: int, rank: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_hf(self, shards: list[torch.Tensor], hf: Sequence[Shape]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    # Reference implementation used by tests: split full tensors the slow, obvious way.
+    def split(self, full: Sequence[torch.Tensor], local: Shape, tp: int, rank: int) -> torch.Tensor:
+        regions = self.slices([tuple(t.shape) for t in full], local, tp, rank)
+        return self.to_mcore([t[r] for t, r in zip(full, regions)], local, tp, rank)
+
+    def __repr__(self):
+        return type(self).__name__
+
+
+class Replicated(Transform):
+    """Same tensor on every rank (norms, routers, biases of row-parallel layers)."""
+
+    tp_split = False
+
+    def local_shape(self, hf, tp):
+        return hf[0]
+
+    def slices(self, hf, local, tp, rank):
+        return [_full(hf[0])]
+
+    def to_mcore(self, pieces, local, tp, rank):
+        return pieces[0]
+
+    def to_hf(self, shards, hf):
+        return [shards[0]]
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Split(Transform):
+    """Even split along ``dim``: 0 for column-parallel outputs, 1 for row-parallel inputs."""
+
+    dim: int = 0
+
+    def local_shape(self, hf, tp):
+        s = list(hf[0])
+        _check(s[self.dim] % tp == 0, f"dim {self.dim} of size {s[self.dim]} does not split over tp={tp}")
+        s[self.dim] //= tp
+        return tuple(s)
+
+    def slices(self, hf, local, tp, rank):
+        n = local[self.dim]
+        region = list(_full(hf[0]))
+        region[self.dim] = slice(rank * n, (rank + 1) * n)
+        return [tuple(region)]
+
+    def to_mcore(self, pieces, local, tp, rank):
+        return pieces[0]
+
+    def to_hf(self, shards, hf):
+        return [torch.cat(shards, dim=self.dim)]
+
+    def __repr__(self):
+        return "Column" if self.dim == 0 else "Row"
+
+
+COLUMN = Split(0)
+ROW = Split(1)
+REPLICATED = Replicated()
+
+
+class Vocab(Transform):
+    """Embedding / output rows: padded to megatron's padded vocabulary, then split by rows.
+
+    The padded size is read off the megatron parameter (``local[0] * tp``); padding rows are zero
+    on load and dropped on export.
+    """
+
+    def local_shape(self, hf, tp):
+        return None  # depends on the padding megatron chose; checked in slices()
+
+    def slices(self, hf, local, tp, rank):
+        vocab = hf[0][0]
+        rows = local[0]
+        _check(rows * tp >= vocab, f"padded vocab {rows * tp} smaller than checkpoint vocab {vocab}")
+        _check(tuple(local[1:]) == tuple(hf[0][1:]), f"hidden size {hf[0][1:]} != model's {local[1:]}")
+        start = min(rank * rows, vocab)
+        stop = min((rank + 1) * rows, vocab)
+        return [_rows(start, stop, len(hf[0]))]
+
+    def to_mcore(self, pieces, local, tp, rank):
+        piece = pieces[0]
+        if piece.shape[0] == local[0]:
+            return piece
+        out = piece.new_zeros(local)
+        out[: piece.shape[0]] = piece
+        return out
+
+    def to_hf(self, shards, hf):
+        return [torch.cat(shards, dim=0)[: hf[0][0]]]
+
+
+VOCAB = Vocab()
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class QKV(Transform):
+    """q, k, v projections fused megatron-style: interleaved per query group
+    ``[q heads of group 0, k_0, v_0, q heads of group 1, k_1, v_1, ...]``, split over tp by groups.
+    Works for weights ``[out, hidden]`` and biases ``[out]``."""
+
+    heads: int
+    groups: int
+    head_dim: int
+    n_sources = 3
+
+    @property
+    def q_per_group(self):
+        return self.heads // self.groups
+
+    def _check_sources(self, hf):
+        q, k, v = hf
+        d = self.head_dim
+        _check(q[0] == self.heads * d, f"q rows {q[0]} != heads {self.heads} x head_dim {d}")
+        _check(k[0] == self.groups * d and v[0] == self.groups * d,
+               f"k/v rows {k[0]}/{v[0]} != query groups {self.groups} x head_dim {d}")
+        _check(q[1:] == k[1:] == v[1:], f"q/k/v trailing dims differ: {q}, {k}, {v}")
+
+    def local_shape(self, hf, tp):
+        self._check_sources(hf)
+        _check(self.groups % tp == 0, f"{self.groups} query groups do not split over tp={tp}")
+        rows = (self.heads + 2 * self.groups) * self.head_dim // tp
+        return (rows,) + tuple(hf[0][1:])
+
+    def slices(self, hf, local, tp, rank):
+        self._check_sources(hf)
+        g = self.groups // tp
+        d, qg, nd = self.head_dim, self.q_per_group, len(hf[0])
+        g0 = rank * g
+        return [_rows(g0 * qg * d, (g0 + g) * qg * d, nd),
+                _rows(g0 * d, (g0 + g) * d, nd),
+                _rows(g0 * d, (g0 + g) * d, nd)]
+
+    def to_mcore(self, pieces, local, tp, rank):
+        q, k, v = pieces
+        g, d = self.groups // tp, self.head_dim
+        rest = tuple(q.shape[1:])
+        fused = torch.cat([q.reshape(g, self.q_per_group * d, *rest),
+                           k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1)
+        return fused.reshape(-1, *rest)
+
+    def to_hf(self, shards, hf):
+        full = torch.cat(shards, dim=0)
+        d, rest = self.head_dim, tuple(full.shape[1:])
+        grouped = full.reshape(self.groups, (self.q_per_group + 2) * d, *rest)
+        q, k, v = torch.split(grouped, [self.q_per_group * d, d, d], dim=1)
+        return [t.reshape(-1, *rest) for t in (q, k, v)]
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class GatedMLP(Transform):
+    """gate and up projections, each split over tp, concatenated per rank as ``[gate_r; up_r]``."""
+
+    n_sources = 2
+
+    def local_shape(self, hf, tp):
+        gate, up = hf
+        _check(gate == up, f"gate {gate} and up {up} shapes differ")
+        _check(gate[0] % tp == 0, f"intermediate size {gate[0]} does not split over tp={tp}")
+        return (2 * gate[0] // tp,) + tuple(gate[1:])
+
+    def slices(self, hf, local, tp, rank):
+        n = hf[0][0] // tp
+        return [_rows(rank * n, (rank + 1) * n, len(hf[0]))] * 2
+
+    def to_mcore(self, pieces, local, tp, rank):
+        return torch.cat(pieces, dim=0)
+
+    def to_hf(self, shards, hf):
+        halves = [torch.chunk(s, 2, dim=0) for s in shards]
+        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+
+
+GATED_MLP = GatedMLP()

@@ -1,0 +1,114 @@
+"""The built-in zoo: tiny random HF models, one per family, built on the fly with transformers.
+
+``builtin:NAME`` resolves to a directory under ``$MCORE_BRIDGE_CACHE`` (default
+``~/.cache/mcore_bridge``), created once per zoo version, deterministically (seeded). The shapes are
+chosen to exercise the hard cases: GQA, vocab that needs padding at every TP, head_dim unrelated to
+hidden/heads (qwen3), Llama-3 RoPE scaling, tied and untied embeddings, multi-file checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+ZOO_VERSION = 1
+
+_COMMON = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+               num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+               rms_norm_eps=1e-6)
+
+ZOO = {
+    "llama": dict(model_type="llama", tie_word_embeddings=False, max_shard_size="300KB",
+                  max_position_embeddings=16384,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}),
+    "mistral": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=None,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, use_sliding_window=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=32,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+}
+
+
+def names() -> list[str]:
+    return list(ZOO)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MCORE_BRIDGE_CACHE", Path.home() / ".cache" / "mcore_bridge"))
+
+
+def materialize(name: str) -> Path:
+    """Path of the built-in model ``name``, building it on first use."""
+    if name not in ZOO:
+        raise ValueError(f"unknown built-in model {name!r}; choose from: {', '.join(ZOO)}")
+    dest = cache_root() / "zoo" / f"{name}-v{ZOO_VERSION}"
+    if (dest / "config.json").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
+    try:
+        build(name, tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process built it first
+            if not (dest / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def build(name: str, out: Path, seed: int = 0):
+    """Create the tiny HF model ``name`` (random weights, non-trivial norms) in ``out``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(ZOO[name])
+    shard = spec.pop("max_shard_size", "50GB")
+    cfg = AutoConfig.for_model(**{**_COMMON, **spec})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname or pname.endswith("bias"):  # not all ones/zeros: a swap must show
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.1 * torch.randn_like(p))
+    model.save_pretrained(out, max_shard_size=shard)
+    tokenizer(cfg.vocab_size).save_pretrained(out)
+
+
+def tokenizer(vocab_size: int):
+    """A small word-level tokenizer with a chat template, so chat-formatted samples work offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    words = _WORDS + [f"w{i}" for i in range(vocab_size)]
+    vocab = {t: i for i, t in enumerate(special)}
+    for w in words:
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="</s>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} "
+                          "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> assistant "
+                          "{% endif %}")
+    return fast
+
+
+_WORDS = ("system user assistant the a an of to in and is it that for on with as was by at be this "
+          "from are or have not but what all were when we there can more if no out so said up its "
+          "about into than them only other new some could time these two may then do first any my "
+          "now such like our over man me even most made after also did many before must through "
+          "back years where much your way well down should because each just those people how too "
+          "little state good very make world still own see men work long get here between both life "
+          "being under never day same another know while last might us great old year off come "
+          "since against go came right used take three . , ? ! : ; ' \" ( ) 0 1 2 3 4 5 6 7 8 9 "
+          "model weight tensor layer parallel pipeline expert convert check token").split()

@@ -1,0 +1,1 @@
+"""Verification: HF and megatron forwards side by side."""
