@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Iterator, Optional
@@ -32,7 +31,8 @@ def progress(iterable, desc: str, total: Optional[int] = None, enabled: bool = T
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True,
+                disable=None)  # None: no bar when stderr is not a terminal
 
 
 def resolve_source(model: str | os.PathLike) -> Path:
@@ -194,25 +194,19 @@ class Bridge:
                  for n, s, d in zip(u.unit.hf_names, u.hf_shapes, u.out_dtypes)}
         files = hfio.plan_shards(((n, sizes[n], writer(u)) for u in exporter.units for n in u.unit.hf_names),
                                  max_shard_bytes)
-        me = rt.rank()
-        mine = [f for f in files if f["writer"] == me]
-        error = None
-        stage = None
-        try:
-            if me == 0:
-                stage = hfio.prepare_destination(out_dir, overwrite)
-        except Exception as e:
-            error = e
-        if not rt.all_ok(error is None):
-            raise error or RuntimeError("rank 0 could not prepare the output directory")
-        stage = hfio.staging_dir(out_dir)
-        try:
+        mine = [f for f in files if f["writer"] == rt.rank()]
+
+        def finalize(stage: Path):
+            hfio.write_index(stage, files, sizes)
+            hfio.copy_side_files(self.side_files, stage, self.hf_config)
+
+        with hfio.collective_output(out_dir, overwrite, finalize) as stage:
             pending = {n: f for f in mine for n in f["names"]}
             filled: dict[str, dict] = {f["file"]: {} for f in mine}
-            buckets = make_buckets(exporter.units, bucket_bytes)
-            it = iterate(exporter, buckets, g["pp_rank"], self.layout.pp, None, [], all_stages=False)
-            for name, tensor in progress(it, "save", total=sum(len(u.unit.hf_names) for u in exporter.units
-                                                                if u.unit.stage == g["pp_rank"])):
+            owned = [u for u in exporter.units if u.unit.stage == g["pp_rank"]]
+            stream = iterate(exporter, make_buckets(exporter.units, bucket_bytes), g["pp_rank"],
+                             self.layout.pp, None, [], all_stages=False)
+            for name, tensor in progress(stream, "save", total=sum(len(u.unit.hf_names) for u in owned)):
                 f = pending.get(name)
                 if f is None:
                     continue
@@ -220,20 +214,6 @@ class Bridge:
                 if len(filled[f["file"]]) == len(f["names"]):
                     hfio.write_shard(stage / f["file"], filled.pop(f["file"]))
             if filled:
-                raise RuntimeError(f"rank {me}: shards never completed: {sorted(filled)}")
-        except Exception as e:
-            error = e
-        ok = rt.all_ok(error is None)
-        if me == 0:
-            if ok:
-                hfio.write_index(stage, files, sizes)
-                hfio.copy_side_files(self.side_files, stage, self.hf_config)
-                hfio.commit(stage, out_dir)
-            else:
-                shutil.rmtree(stage, ignore_errors=True)
-        if dist.is_initialized():
-            dist.barrier()
-        if not ok:
-            raise error or RuntimeError("another rank failed while saving; nothing was written")
+                raise RuntimeError(f"rank {rt.rank()}: shards never completed: {sorted(filled)}")
         return out_dir
 

@@ -6,6 +6,7 @@ integrity are known before a single weight byte is read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -214,3 +215,40 @@ def commit(stage: Path, dest: Path):
     stage.rename(dest)
     if old is not None:
         shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def collective_output(dest: Path, overwrite: bool, finalize=None):
+    """Collective: every rank writes its files into the yielded staging directory; when all ranks
+    succeeded, rank 0 runs ``finalize(stage)`` (index, config) and renames it to ``dest``. If any
+    rank fails, the staging directory is removed and every rank raises: no partial output."""
+    from .runtime.dist import all_ok, rank
+
+    dest = Path(dest).absolute()
+    error = None
+    if rank() == 0:
+        try:
+            prepare_destination(dest, overwrite)
+        except Exception as e:
+            error = e
+    if not all_ok(error is None):
+        raise error or RuntimeError(f"rank 0 could not prepare {dest}")
+    stage = staging_dir(dest)
+    try:
+        yield stage
+    except Exception as e:
+        error = e
+    ok = all_ok(error is None)
+    if rank() == 0:
+        try:
+            if ok:
+                if finalize is not None:
+                    finalize(stage)
+                commit(stage, dest)
+        except Exception as e:
+            error, ok = e, False
+        if not ok:
+            shutil.rmtree(stage, ignore_errors=True)
+    ok = all_ok(ok)  # rank 0's finalize/commit may have failed
+    if not ok:
+        raise error or RuntimeError(f"another rank failed while writing {dest}; nothing was written")

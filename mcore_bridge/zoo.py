@@ -8,12 +8,15 @@ hidden/heads (qwen3), Llama-3 RoPE scaling, tied and untied embeddings, multi-fi
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 
 _COMMON = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
@@ -50,23 +53,42 @@ def materialize(name: str) -> Path:
     if (dest / "config.json").exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
-    try:
-        build(name, tmp)
-        try:
-            tmp.rename(dest)
-        except OSError:  # another process built it first
-            if not (dest / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with open(dest.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # ranks and test workers may ask at the same time
+        if not (dest / "config.json").exists():
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
+            try:
+                _build_isolated(name, tmp)
+                tmp.rename(dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _build_isolated(name: str, out: Path):
+    """Build in this process, or in a fresh one when torch.distributed is initialised here:
+    transformers' save_pretrained then writes only on rank 0 (and megatron's CPU adaptations are
+    active), which must not leak into the reference model."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        code = f"from mcore_bridge import zoo; zoo.build({name!r}, __import__('pathlib').Path({str(out)!r}))"
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    else:
+        build(name, out)
+    if not (out / "config.json").exists() or not list(out.glob("*.safetensors")):
+        raise RuntimeError(f"building built-in model {name!r} in {out} left no config/weights")
 
 
 def build(name: str, out: Path, seed: int = 0):
     """Create the tiny HF model ``name`` (random weights, non-trivial norms) in ``out``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
 
     spec = dict(ZOO[name])
     shard = spec.pop("max_shard_size", "50GB")

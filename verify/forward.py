@@ -43,7 +43,9 @@ def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int) -> torch.T
 def hf_logits(hf_dir, input_ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """Logits of the real transformers model (the reference)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
     with torch.no_grad():
         return model(input_ids=input_ids, use_cache=False).logits.float()

@@ -1,0 +1,118 @@
+"""Megatron-side checkpoints written and read by the bridge.
+
+Format ``plain`` (this module): one safetensors file per model-parallel rank holding that rank's
+parameters exactly as megatron names them, plus ``mcore_bridge.json`` recording the layout and the
+HF source (config, tensor shapes and dtypes), and the source's tokenizer/generation files under
+``hf/``. It reloads only at the layout it was written with, and needs no HF directory to export
+back. Megatron's resharding ``torch_dist`` format plugs in beside it through ``FORMATS``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import io as hfio
+from .bridge import Bridge
+from .layout import LayoutError, ParallelLayout
+from .plan import MappingError
+from .runtime import dist as rt
+
+META_NAME = "mcore_bridge.json"
+PLAIN = "mcore-bridge-plain/1"
+DTYPE_NAMES = {v: k for k, v in hfio.SAFETENSORS_DTYPES.items()}
+
+
+def rank_file(tp_rank: int, pp_rank: int) -> str:
+    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}.safetensors"
+
+
+def is_mcore_checkpoint(path) -> bool:
+    return (Path(path) / META_NAME).exists()
+
+
+def read_meta(path) -> dict:
+    path = Path(path)
+    meta_file = path / META_NAME
+    if not meta_file.exists():
+        raise hfio.CheckpointError(f"--load {path}: not a checkpoint written by mcore-bridge "
+                                   f"(no {META_NAME}); for an HF directory use --model")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") not in FORMATS:
+        raise hfio.CheckpointError(f"{meta_file}: unknown format {meta.get('format')!r}")
+    return meta
+
+
+def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False):
+    """Collective: every first data-parallel replica rank writes its own file; rank 0 the metadata."""
+    from megatron.core import parallel_state as ps
+
+    out_dir = Path(out_dir).absolute()
+    state = bridge._state(models)
+    meta = {
+        "format": PLAIN,
+        "layout": bridge.layout.to_dict(),
+        "family": bridge.family.name,
+        "hf_config": bridge.hf_config,
+        "hf_tensors": {n: [list(s), DTYPE_NAMES[d]] for n, (s, d) in bridge.hf_tensors.items()},
+    }
+
+    def finalize(stage: Path):
+        (stage / META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        (stage / "hf").mkdir()
+        hfio.copy_side_files(bridge.side_files, stage / "hf", bridge.hf_config)
+
+    with hfio.collective_output(out_dir, overwrite, finalize) as stage:
+        if ps.get_data_parallel_rank() == 0:
+            tensors = {f"chunk{c}.{name}": t.detach().cpu() for (c, name), t in state.items()}
+            hfio.write_shard(stage / rank_file(ps.get_tensor_model_parallel_rank(),
+                                               ps.get_pipeline_model_parallel_rank()), tensors)
+    return out_dir
+
+
+def bridge_from_mcore(path, layout: ParallelLayout | None = None, hf_dir=None) -> Bridge:
+    """A Bridge for a checkpoint written by ``save_mcore``; the layout defaults to the saved one.
+    ``hf_dir`` (optional) supplies tokenizer/generation files instead of the copies under ``hf/``."""
+    path = Path(path)
+    meta = read_meta(path)
+    saved = ParallelLayout(**meta["layout"])
+    layout = layout or saved
+    if (layout.tp, layout.pp, layout.vpp, layout.first_stage_layers, layout.last_stage_layers) != (
+            saved.tp, saved.pp, saved.vpp, saved.first_stage_layers, saved.last_stage_layers):
+        raise LayoutError(f"{path} was written at {saved.short()}; the plain format loads only at that "
+                          f"layout: drop the layout flags or pass the same --tp/--pp/--vpp")
+    hf_tensors = {n: (tuple(s), hfio.SAFETENSORS_DTYPES[d]) for n, (s, d) in meta["hf_tensors"].items()}
+    side = Path(hf_dir) if hf_dir is not None else path / "hf"
+    return Bridge(path, layout, hf_config=meta["hf_config"], hf_tensors=hf_tensors, side_files=side)
+
+
+def load_mcore(bridge: Bridge, models, path):
+    """Fill this rank's chunks from its file; every parameter present exactly once, nothing extra."""
+    from megatron.core import parallel_state as ps
+
+    path = Path(path)
+    file = path / rank_file(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    error = None
+    try:
+        if not file.exists():
+            raise hfio.CheckpointError(f"{file} is missing: the checkpoint is incomplete")
+        header = hfio.read_header(file)
+        state = {f"chunk{c}.{name}": t for (c, name), t in bridge._state(models).items()}
+        missing = sorted(set(state) - set(header))
+        extra = sorted(set(header) - set(state))
+        bad = [k for k in state if k in header and tuple(header[k]["shape"]) != tuple(state[k].shape)]
+        if missing or extra or bad:
+            raise MappingError(f"{file}: missing {missing[:5]}, unexpected {extra[:5]}, "
+                               f"mis-shaped {bad[:5]}")
+    except Exception as e:
+        error = e
+    if not rt.all_ok(error is None):
+        raise error or RuntimeError("another rank could not read its part of the checkpoint")
+    with torch.no_grad(), hfio.safe_open(str(file), framework="pt") as f:
+        for key, target in state.items():
+            target.copy_(f.get_tensor(key))
+
+
+FORMATS = {PLAIN: (save_mcore, load_mcore)}

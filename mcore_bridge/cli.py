@@ -1,0 +1,271 @@
+"""``mcore-bridge`` command line.
+
+    mcore-bridge export --model HF_DIR --to-mcore --tp 2 --pp 2 --save MCORE_DIR
+    mcore-bridge export --load MCORE_DIR --to-hf --save HF_OUT
+    mcore-bridge demo
+
+Multi-process runs launch themselves through torchrun (``torch.distributed.run``): by default as
+many processes as the layout needs (tp x pp), or ``--nproc-per-node`` / ``NPROC_PER_NODE``; the
+seed's ``NNODES``, ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` are honoured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+KNOWN_ERRORS = ("LayoutError", "MappingError", "CheckpointError", "UnsupportedConfig", "ShapeMismatch",
+                "FileExistsError", "FileNotFoundError")
+
+
+def _bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def _add_layout_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("parallel layout")
+    g.add_argument("--tp", "--tensor-model-parallel-size", "--tensor_model_parallel_size", type=int,
+                   default=None, help="tensor parallel size (default 1, or the checkpoint's)")
+    g.add_argument("--pp", "--pipeline-model-parallel-size", "--pipeline_model_parallel_size", type=int,
+                   default=None, help="pipeline parallel size (default 1, or the checkpoint's)")
+    g.add_argument("--vpp", "--virtual-pipeline-model-parallel-size",
+                   "--virtual_pipeline_model_parallel_size", type=int, default=None,
+                   help="virtual pipeline chunks per stage (interleaved schedule)")
+    g.add_argument("--sp", "--sequence-parallel", "--sequence_parallel", type=_bool, nargs="?",
+                   const=True, default=False, help="sequence parallel (needs --tp >= 2)")
+    g.add_argument("--decoder-first-pipeline-num-layers", "--decoder_first_pipeline_num_layers", type=int,
+                   default=None, help="layers on the first pipeline stage (uneven split)")
+    g.add_argument("--decoder-last-pipeline-num-layers", "--decoder_last_pipeline_num_layers", type=int,
+                   default=None, help="layers on the last pipeline stage (uneven split)")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cuda (NCCL) when a GPU is visible, else cpu (gloo)")
+    g.add_argument("--nproc-per-node", "--nproc_per_node", type=int,
+                   default=int(os.environ["NPROC_PER_NODE"]) if os.environ.get("NPROC_PER_NODE") else None,
+                   help="processes per node (env NPROC_PER_NODE); default: what the layout needs")
+    g.add_argument("--nnodes", type=int, default=int(os.environ.get("NNODES", "1")),
+                   help="number of nodes (env NNODES)")
+    g.add_argument("--node-rank", "--node_rank", type=int, default=int(os.environ.get("NODE_RANK", "0")),
+                   help="this node's rank (env NODE_RANK)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mcore-bridge",
+        description="Convert Hugging Face safetensors checkpoints to and from megatron-core models "
+                    "sharded by tensor/pipeline parallelism, on CPU (gloo) or GPU (NCCL).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ex = sub.add_parser(
+        "export", help="convert HF -> Megatron (--to-mcore) or Megatron -> HF (--to-hf)",
+        description="Convert between an HF directory and a Megatron-side checkpoint. HF -> Megatron: "
+                    "--model HF_DIR --to-mcore --save DIR. Megatron -> HF: --load DIR --to-hf --save "
+                    "HF_OUT (the checkpoint remembers its HF config; --model only supplies tokenizer "
+                    "files). --model HF_DIR --to-hf loads HF into the layout and writes HF again (a "
+                    "round trip through megatron).")
+    ex.add_argument("--model", help="HF model directory or builtin:NAME (see `mcore-bridge zoo`)")
+    ex.add_argument("--load", help="Megatron-side checkpoint written by mcore-bridge")
+    ex.add_argument("--save", required=True, help="output directory (written atomically)")
+    ex.add_argument("--to-mcore", "--to_mcore", type=_bool, nargs="?", const=True, default=False,
+                    help="write a Megatron-side checkpoint")
+    ex.add_argument("--to-hf", "--to_hf", type=_bool, nargs="?", const=True, default=False,
+                    help="write HF safetensors")
+    ex.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                    help="megatron parameter dtype (default: the checkpoint's); HF output keeps the "
+                         "source tensors' dtypes")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
+    ex.add_argument("--max-shard-size", default="2GB", help="largest HF output file (e.g. 500MB, 5GB)")
+    _add_layout_args(ex)
+    _add_runtime_args(ex)
+
+    demo = sub.add_parser("demo", help="round-trip every built-in model through megatron and check it",
+                          description="HF -> Megatron (tp=2 by default) -> Megatron checkpoint -> HF for "
+                                      "every built-in tiny model; prints one verdict line per model.")
+    demo.add_argument("--models", default=None, help="comma-separated built-in names (default: all)")
+    demo.add_argument("--tp", type=int, default=2)
+    demo.add_argument("--pp", type=int, default=1)
+    _add_runtime_args(demo)
+
+    sub.add_parser("zoo", help="list the built-in tiny models")
+    return parser
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * units[u])
+    return int(t)
+
+
+# ----------------------------------------------------------------------------------------------
+# launching
+# ----------------------------------------------------------------------------------------------
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def relaunch(nproc: int, args: argparse.Namespace, argv: list[str]) -> int:
+    """Run this same command under torchrun with ``nproc`` processes per node."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}"]
+    if args.nnodes > 1:
+        cmd += [f"--master-addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
+                f"--master-port={os.environ.get('MASTER_PORT', '29500')}"]
+    else:
+        cmd += ["--standalone"]
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env.pop("NPROC_PER_NODE", None)
+    return subprocess.call(cmd + ["-m", "mcore_bridge.cli", *argv], env=env)
+
+
+def needs_launch(args, world: int, argv) -> int | None:
+    nproc = args.nproc_per_node or max(1, world // max(args.nnodes, 1))
+    if under_torchrun() or (nproc == 1 and args.nnodes == 1):
+        return None
+    return relaunch(nproc, args, argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------
+
+def _layout(args, default=None):
+    from .layout import ParallelLayout
+
+    d = default or ParallelLayout()
+    return ParallelLayout(
+        tp=args.tp or d.tp, pp=args.pp or d.pp, vpp=args.vpp or d.vpp, sp=bool(args.sp) or d.sp,
+        first_stage_layers=args.decoder_first_pipeline_num_layers or d.first_stage_layers,
+        last_stage_layers=args.decoder_last_pipeline_num_layers or d.last_stage_layers)
+
+
+def cmd_export(args, argv) -> int:
+    from . import checkpoint
+    from .bridge import DTYPES, Bridge
+    from .layout import ParallelLayout
+
+    if args.to_mcore == args.to_hf:
+        raise SystemExit("mcore-bridge export: choose exactly one of --to-mcore and --to-hf")
+    save = Path(args.save)
+    if save.exists() and any(save.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--save {save} exists and is not empty; pass --overwrite to replace it")
+    if args.load:
+        if args.to_mcore:
+            raise SystemExit("mcore-bridge export: --load reads a Megatron checkpoint; use --to-hf")
+        saved = ParallelLayout(**checkpoint.read_meta(args.load)["layout"])
+        bridge = checkpoint.bridge_from_mcore(args.load, _layout(args, saved), hf_dir=_hf_source(args.model))
+    elif args.model:
+        bridge = Bridge(args.model, _layout(args))
+    else:
+        raise SystemExit("mcore-bridge export: pass --model HF_DIR (or builtin:NAME) or --load MCORE_DIR")
+
+    code = needs_launch(args, bridge.layout.model_parallel_size, argv)
+    if code is not None:
+        return code
+
+    bridge.setup(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else _source_dtype(bridge)
+    models = bridge.build_model(dtype)
+    if args.load:
+        checkpoint.load_mcore(bridge, models, args.load)
+    else:
+        bridge.load_weights(models)
+    if args.to_mcore:
+        checkpoint.save_mcore(bridge, models, save, overwrite=args.overwrite)
+    else:
+        bridge.save_weights(models, save, overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size))
+    _say(f"wrote {save} ({'Megatron' if args.to_mcore else 'HF'}, layout {bridge.layout.short()})")
+    return 0
+
+
+def _hf_source(model):
+    if model is None:
+        return None
+    from .bridge import resolve_source
+
+    return resolve_source(model)
+
+
+def _source_dtype(bridge):
+    import torch
+
+    dtypes = {d for _, d in bridge.hf_tensors.values() if d.is_floating_point}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def cmd_demo(args, argv) -> int:
+    from .demo import run_demo
+    from .layout import ParallelLayout
+
+    code = needs_launch(args, args.tp * args.pp, argv)
+    if code is not None:
+        return code
+    names = args.models.split(",") if args.models else None
+    return run_demo(ParallelLayout(tp=args.tp, pp=args.pp), names, args.device)
+
+
+def cmd_zoo(args, argv) -> int:
+    from . import zoo
+
+    for name in zoo.names():
+        print(f"builtin:{name}")
+    return 0
+
+
+def _say(msg: str):
+    from .runtime.dist import rank
+
+    if rank() == 0:
+        print(msg, flush=True)
+
+
+def quiet_library_warnings():
+    """megatron-core warns at import about TransformerEngine/Apex being absent and torch about
+    deprecated collectives megatron calls; none of it is actionable for a conversion."""
+    import warnings
+
+    if os.environ.get("MCORE_BRIDGE_WARNINGS"):
+        return
+    warnings.filterwarnings("ignore", module=r"megatron(\..*)?$")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed(\..*)?$")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    quiet_library_warnings()
+    handler = {"export": cmd_export, "demo": cmd_demo, "zoo": cmd_zoo}[args.command]
+    try:
+        return handler(args, argv)
+    except Exception as e:
+        if type(e).__name__ not in KNOWN_ERRORS and not isinstance(e, (ValueError, OSError)):
+            raise
+        prefix = "mcore-bridge: error"
+        if under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            prefix += f" [rank {os.environ.get('RANK')}]"
+        print(f"{prefix}: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
