@@ -1,0 +1,160 @@
+"""The command line end to end: real subprocesses, real torchrun self-launch, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mcore_bridge.io import HFCheckpoint, collective_output, staging_dir
+
+CLI = [sys.executable, "-m", "mcore_bridge.cli"]
+
+
+def run_cli(*args, env=None, timeout=300):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+
+
+def assert_same_weights(src: Path, out: Path):
+    a, b = HFCheckpoint(src), HFCheckpoint(out)
+    assert sorted(a.names()) == sorted(b.names())
+    for name in a.names():
+        x, y = a.read(name), b.read(name)
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+
+
+def assert_nothing_written(save: Path):
+    assert not save.exists(), f"{save} exists after a failed run"
+    assert not staging_dir(save).exists(), "staging directory left behind"
+
+
+def test_help_explains_both_directions():
+    r = run_cli("export", "--help")
+    assert r.returncode == 0
+    for flag in ("--to-mcore", "--to-hf", "--tp", "--decoder-first-pipeline-num-layers", "--nproc-per-node"):
+        assert flag in r.stdout
+
+
+def test_roundtrip_via_megatron_checkpoint(zoo_model, tmp_path):
+    src = zoo_model("qwen3")
+    mcore, hf = tmp_path / "mcore", tmp_path / "hf"
+    r = run_cli("export", "--model", src, "--to-mcore", "--tp", "2", "--sp", "--save", mcore, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((mcore / "mcore_bridge.json").read_text())
+    assert meta["layout"]["tp"] == 2 and sorted(os.listdir(mcore)).count("mp_rank_01_000.safetensors") == 1
+    # The Megatron checkpoint remembers its source: no --model needed, layout taken from it.
+    r = run_cli("export", "--load", mcore, "--to-hf", "--save", hf, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_weights(src, hf)
+    for side in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (hf / side).read_bytes() == (src / side).read_bytes()
+    assert json.loads((hf / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+
+
+def test_seed_spellings_and_env_nproc(zoo_model, tmp_path):
+    """`--to_mcore true --tensor_model_parallel_size ...` with NPROC_PER_NODE, as the seed writes them."""
+    src = zoo_model("llama")
+    mcore, hf = tmp_path / "mcore", tmp_path / "hf"
+    r = run_cli("export", "--model", src, "--to_mcore", "true", "--tensor_model_parallel_size", "2",
+                "--pipeline_model_parallel_size", "2", "--decoder_first_pipeline_num_layers", "1",
+                "--save", mcore, env={"NPROC_PER_NODE": "4"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in mcore.glob("mp_rank_*")) == [
+        "mp_rank_00_000.safetensors", "mp_rank_00_001.safetensors",
+        "mp_rank_01_000.safetensors", "mp_rank_01_001.safetensors"]
+    r = run_cli("export", "--load", mcore, "--to_hf", "true", "--save", hf)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_weights(src, hf)
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_file_is_refused(zoo_model, tmp_path):
+    model = _copy_model(zoo_model("mistral"), tmp_path / "model")
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 1000])
+    save = tmp_path / "out"
+    r = run_cli("export", "--model", model, "--to-mcore", "--save", save)
+    assert r.returncode == 2
+    assert "truncated" in r.stderr and "model.safetensors" in r.stderr
+    assert_nothing_written(save)
+
+
+def test_missing_tensor_is_named(zoo_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _copy_model(zoo_model("mistral"), tmp_path / "model")
+    tensors = load_file(model / "model.safetensors")
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    save = tmp_path / "out"
+    r = run_cli("export", "--model", model, "--to-mcore", "--save", save)
+    assert r.returncode == 2
+    assert "missing 1 tensor(s): model.layers.2.mlp.up_proj.weight" in r.stderr
+    assert_nothing_written(save)
+
+
+def test_layout_that_does_not_divide_is_refused(zoo_model, tmp_path):
+    save = tmp_path / "out"
+    r = run_cli("export", "--model", zoo_model("qwen2"), "--to-mcore", "--tp", "3", "--save", save)
+    assert r.returncode == 2
+    assert "4 query groups" in r.stderr and "tp=3" in r.stderr
+    assert_nothing_written(save)
+
+
+def test_unknown_architecture(zoo_model, tmp_path):
+    model = _copy_model(zoo_model("qwen2"), tmp_path / "model")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (model / "config.json").write_text(json.dumps(cfg))
+    r = run_cli("export", "--model", model, "--to-mcore", "--save", tmp_path / "out")
+    assert r.returncode == 2 and "unknown architecture model_type='gpt_neox'" in r.stderr
+    assert "qwen3" in r.stderr  # lists what is supported
+
+
+def test_existing_output_is_kept_without_overwrite(zoo_model, tmp_path):
+    save = tmp_path / "out"
+    save.mkdir()
+    (save / "precious.txt").write_text("keep me")
+    r = run_cli("export", "--model", zoo_model("qwen2"), "--to-hf", "--save", save)
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert (save / "precious.txt").read_text() == "keep me"
+
+
+def test_plain_checkpoint_refuses_other_layout(zoo_model, tmp_path):
+    mcore = tmp_path / "mcore"
+    assert run_cli("export", "--model", zoo_model("qwen2"), "--to-mcore", "--save", mcore).returncode == 0
+    r = run_cli("export", "--load", mcore, "--to-hf", "--tp", "2", "--save", tmp_path / "hf")
+    assert r.returncode == 2 and "tp1-pp1" in r.stderr
+    assert_nothing_written(tmp_path / "hf")
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    """A failure while ranks write (single process here) removes the staging directory."""
+    dest = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with collective_output(dest, overwrite=False) as stage:
+            (stage / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+            raise RuntimeError("disk on fire")
+    assert_nothing_written(dest)
+
+
+def test_overwrite_replaces_previous_output(tmp_path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    with collective_output(dest, overwrite=True, finalize=lambda s: (s / "config.json").write_text("{}")) as stage:
+        (stage / "new.txt").write_text("new")
+    assert sorted(os.listdir(dest)) == ["config.json", "new.txt"]
