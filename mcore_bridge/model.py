@@ -15,14 +15,19 @@ def transformer_config(family: Family, layout: ParallelLayout, dtype: torch.dtyp
 
     kw = dict(family.model_settings()["config"])
     kw["activation_func"] = ACTIVATIONS[kw.pop("activation")]
+    first, last = layout.first_stage_layers, layout.last_stage_layers
+    if layout.pp == 2 and first is not None and last is not None:
+        # Same split (validated: first + last == num_layers), but megatron-core's layer offset
+        # divides by the number of middle stages (0 here) under vpp: pass only the first size.
+        last = None
     return TransformerConfig(
         **kw,
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         sequence_parallel=layout.sp,
-        num_layers_in_first_pipeline_stage=layout.first_stage_layers,
-        num_layers_in_last_pipeline_stage=layout.last_stage_layers,
+        num_layers_in_first_pipeline_stage=first,
+        num_layers_in_last_pipeline_stage=last,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
