@@ -109,6 +109,11 @@ def local_items(family: Family, layout: ParallelLayout, pp_rank: int, chunk_para
             for pattern, r in compiled:
                 m = pattern.match(canon)
                 if m:
+                    if r.per_layer and int(m.group(1)) >= len(layers):
+                        raise MappingError(
+                            f"megatron parameter {name}: local layer {m.group(1)} but the layout puts "
+                            f"{len(layers)} layer(s) on pp rank {pp_rank} chunk {chunk} (model built "
+                            f"for another layout?)")
                     layer = layers[int(m.group(1))] if r.per_layer else None
                     unit = Unit(r, layer, pp_rank, chunk)
                     items.append(LocalItem(unit, chunk, name))
