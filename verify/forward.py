@@ -40,12 +40,12 @@ def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int) -> torch.T
     return torch.cat(collected, dim=0).cpu()
 
 
-def hf_logits(hf_dir, input_ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Logits of the real transformers model (the reference)."""
+def hf_logits(hf_dir, input_ids: torch.Tensor, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Logits of the real transformers model (the reference), returned on the CPU in fp32."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
     with torch.no_grad():
-        return model(input_ids=input_ids, use_cache=False).logits.float()
+        return model(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()

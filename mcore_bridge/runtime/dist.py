@@ -61,6 +61,7 @@ def setup(layout: ParallelLayout, device: str = "auto", seed: int = 1234) -> str
                           f"multiple of {layout.model_parallel_size} (--nproc-per-node)")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+        _destroy_subgroups()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
@@ -72,6 +73,16 @@ def setup(layout: ParallelLayout, device: str = "auto", seed: int = 1234) -> str
     if coords != actual:  # our static rank arithmetic must agree with megatron's groups
         raise RuntimeError(f"rank {dist.get_rank()}: layout coordinates {coords} != megatron's {actual}")
     return device
+
+
+def _destroy_subgroups():
+    """megatron's destroy_model_parallel() forgets its groups without destroying them; each gloo
+    group keeps its threads alive, so re-initialising per case (the test pool) would pile them up."""
+    from torch.distributed import distributed_c10d as c10d
+
+    for group in list(c10d._world.pg_map):
+        if group is not c10d.GroupMember.WORLD:
+            dist.destroy_process_group(group)
 
 
 def rank() -> int:
