@@ -107,7 +107,14 @@ class Bridge:
         names = [[n for (c, n) in state if c == chunk] for chunk in range(len(models))]
         if len(models) != self.layout.vpp:
             raise ValueError(f"expected {self.layout.vpp} model chunks (vpp), got {len(models)}")
-        return local_items(self.family, self.layout, g["pp_rank"], names)
+        items = local_items(self.family, self.layout, g["pp_rank"], names)
+        have = {it.unit.key for it in items}
+        lacking = [u for u in self.units if u.stage == g["pp_rank"] and u.key not in have]
+        if lacking:  # a model built for another layout or config: its HF tensors would go unused
+            raise MappingError(f"the model on pp rank {g['pp_rank']} has no parameter for "
+                               f"{len(lacking)} unit(s) this layout gives it, e.g. {lacking[0].rule.mcore} "
+                               f"(layer {lacking[0].layer}); was it built for this layout?")
+        return items
 
     # -- load --------------------------------------------------------------------------------
     def load_weights(self, models, hf_dir=None):
