@@ -265,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
             prefix += f" [rank {os.environ.get('RANK')}]"
         print(f"{prefix}: {e}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
