@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "source tensors' dtypes")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
     ex.add_argument("--max-shard-size", default="2GB", help="largest HF output file (e.g. 500MB, 5GB)")
+    ex.add_argument("--test-convert-precision", "--test_convert_precision", type=_bool, nargs="?",
+                    const=True, default=False,
+                    help="after converting, run the HF model and the megatron model side by side and "
+                         "fail if they disagree beyond the dtype's thresholds")
     _add_layout_args(ex)
     _add_runtime_args(ex)
 
@@ -97,6 +101,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tp", type=int, default=2)
     demo.add_argument("--pp", type=int, default=1)
     _add_runtime_args(demo)
+
+    ver = sub.add_parser(
+        "verify", help="run HF and Megatron side by side over a parallel matrix and write reports",
+        description="For each model, each valid layout of --matrix and each --dtype: convert the HF model "
+                    "into that layout (one torchrun job with tp x pp processes), run the transformers "
+                    "model and the megatron model on the same inputs, compare logits (mean_diff, "
+                    "max_diff, the loss-masked variants, top-1 agreement, KL, cosine) and per-layer "
+                    "hidden states, and fail past the dtype's thresholds. Writes JSON + Markdown per "
+                    "case and HTML pages under --report. Without --model: the built-in zoo.")
+    ver.add_argument("--model", action="append", default=None,
+                     help="HF directory or builtin:NAME (repeatable; default: every built-in model)")
+    ver.add_argument("--matrix", default="tp=1,2 sp=0,1",
+                     help='layouts, e.g. "tp=1,2 pp=1,2 sp=0,1 vpp=1,2" (invalid combinations are skipped '
+                          'with the reason); axes: tp pp vpp sp first last')
+    ver.add_argument("--dtype", default="fp32", help="comma-separated: fp32,bf16")
+    ver.add_argument("--report", default="reports", help="report directory")
+    ver.add_argument("--control", default=None,
+                     help="inject a known error to check the harness (see verify/controls.py), e.g. "
+                          "scale:decoder.layers.1.mlp.linear_fc2.weight:1.01")
+    ver.add_argument("--baseline", default=None, help="after the run, compare against this report set")
+    _add_runtime_args(ver)
+
+    rep = sub.add_parser("report", help="render report pages, or compare two report sets",
+                         description="--render DIR rebuilds the HTML/Markdown index of a report set; "
+                                     "--baseline OLD --current NEW compares two sets and exits 1 when a "
+                                     "metric got worse beyond the stated tolerance or a verdict flipped.")
+    rep.add_argument("--render", default=None)
+    rep.add_argument("--baseline", default=None)
+    rep.add_argument("--current", default=None)
+    rep.add_argument("--rel-tol", default=None)
+    rep.add_argument("--json", default=None, help="also write the comparison as JSON")
 
     sub.add_parser("zoo", help="list the built-in tiny models")
     return parser
@@ -190,7 +225,26 @@ def cmd_export(args, argv) -> int:
     else:
         bridge.save_weights(models, save, overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size))
     _say(f"wrote {save} ({'Megatron' if args.to_mcore else 'HF'}, layout {bridge.layout.short()})")
+    if args.test_convert_precision:
+        return _check_precision(bridge, models, save if args.to_hf else bridge.source, dtype)
     return 0
+
+
+def _check_precision(bridge, models, hf_dir, dtype) -> int:
+    """Seed's --test_convert_precision: the converted megatron model against the HF model."""
+    import torch
+
+    from verify.run import exit_code, summary_line, verify_loaded
+
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
+    if name is None:
+        raise ValueError("--test-convert-precision supports --dtype fp32 or bf16")
+    report = verify_loaded(bridge, models, Path(hf_dir), dtype=name, name=Path(hf_dir).name)
+    if report is not None:
+        print(summary_line(report), flush=True)
+        for failure in report["failures"]:
+            print(f"  {failure}", flush=True)
+    return exit_code(report)
 
 
 def _hf_source(model):
@@ -217,6 +271,80 @@ def cmd_demo(args, argv) -> int:
         return code
     names = args.models.split(",") if args.models else None
     return run_demo(ParallelLayout(tp=args.tp, pp=args.pp), names, args.device)
+
+
+def cmd_verify(args, argv) -> int:
+    """One torchrun job per (model, layout, dtype), each with the processes its layout needs."""
+    import json
+
+    from verify.matrix import expand
+    from verify.run import model_name
+
+    from . import zoo
+    from .bridge import Bridge
+
+    models = args.model or [f"builtin:{n}" for n in zoo.names()]
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in ("fp32", "bf16"):
+            raise ValueError(f"--dtype {d!r}: choose fp32 and/or bf16")
+    report_dir = Path(args.report)
+    failed, ran = [], 0
+    for model in models:
+        family = Bridge(model).family  # fails early on unknown architectures / bad checkpoints
+        layouts, skipped = expand(args.matrix, family.layout_dims())
+        for fields, reason in skipped:
+            print(f"{model_name(model):<12} skip {fields}: {reason}", flush=True)
+        for layout in layouts:
+            for dtype in dtypes:
+                nproc = args.nproc_per_node or layout.model_parallel_size
+                cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                       "--standalone", "-m", "verify.run", "--model", model, "--layout",
+                       json.dumps(layout.to_dict()), "--dtype", dtype, "--device", args.device,
+                       "--report", str(report_dir), "--reference-cache", str(report_dir / ".cache")]
+                if args.control:
+                    cmd += ["--control", args.control]
+                env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                           MCORE_BRIDGE_QUIET="1", PYTHONWARNINGS="ignore")
+                ran += 1
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                lines = [l for l in proc.stdout.splitlines() if l.strip()]
+                print(lines[-1] if lines else f"{model_name(model):<12} {layout.short():<16} {dtype:<5} no report",
+                      flush=True)
+                if proc.returncode != 0:
+                    failed.append(f"{model_name(model)} {layout.short()} {dtype}")
+                    if not lines or "FAIL" not in lines[-1]:  # crashed rather than failed a threshold
+                        print(_tail(proc.stderr), file=sys.stderr, flush=True)
+    from verify.report import render_all
+
+    render_all(report_dir)
+    print(f"{ran - len(failed)}/{ran} cases passed; reports in {report_dir}/index.html", flush=True)
+    code = 1 if failed else 0
+    if args.baseline:
+        from verify.regression import main as regression_main
+
+        code = max(code, regression_main(["--baseline", args.baseline, "--current", str(report_dir)]))
+    return code
+
+
+def _tail(text: str, n: int = 25) -> str:
+    lines = [l for l in text.splitlines() if "Warning" not in l and "warnings.warn" not in l]
+    return "\n".join(lines[-n:])
+
+
+def cmd_report(args, argv) -> int:
+    if args.render:
+        from verify.report import render_all
+
+        render_all(Path(args.render))
+        print(f"rendered {Path(args.render) / 'index.html'}")
+        return 0
+    if not (args.baseline and args.current):
+        raise SystemExit("mcore-bridge report: pass --render DIR, or --baseline OLD --current NEW")
+    from verify.regression import main as regression_main
+
+    extra = (["--rel-tol", args.rel_tol] if args.rel_tol else []) + (["--json", args.json] if args.json else [])
+    return regression_main(["--baseline", args.baseline, "--current", args.current, *extra])
 
 
 def cmd_zoo(args, argv) -> int:
@@ -254,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     quiet_library_warnings()
-    handler = {"export": cmd_export, "demo": cmd_demo, "zoo": cmd_zoo}[args.command]
+    handler = {"export": cmd_export, "demo": cmd_demo, "zoo": cmd_zoo, "verify": cmd_verify,
+               "report": cmd_report}[args.command]
     try:
         return handler(args, argv)
     except Exception as e:

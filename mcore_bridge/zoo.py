@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ZOO_VERSION = 2
+ZOO_VERSION = 3
 
 _COMMON = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
@@ -116,6 +116,7 @@ def tokenizer(vocab_size: int):
             break
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.add_special_tokens(special)  # matched whole, before the whitespace split
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", pad_token="</s>")

@@ -29,15 +29,17 @@ def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int) -> torch.T
         return out, loss_func
 
     samples = [input_ids[i:i + 1] for i in range(batch)]
+    if len(models) > 1:  # the interleaved schedule wants at least pp micro-batches: repeat the last
+        samples += samples[-1:] * max(0, ps.get_pipeline_model_parallel_world_size() - batch)
     iters = [iter(samples) for _ in models]
     with torch.no_grad():
         get_forward_backward_func()(
             forward_step_func=step, data_iterator=iters if len(models) > 1 else iters[0],
-            model=models if len(models) > 1 else models[0], num_microbatches=batch, seq_length=seq,
+            model=models if len(models) > 1 else models[0], num_microbatches=len(samples), seq_length=seq,
             micro_batch_size=1, forward_only=True)
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    return torch.cat(collected, dim=0).cpu()
+    return torch.cat(collected[:batch], dim=0).cpu()
 
 
 def hf_logits(hf_dir, input_ids: torch.Tensor, dtype=torch.float32, device="cpu") -> torch.Tensor:

@@ -1,0 +1,69 @@
+"""Parallel matrices: ``"tp=1,2 pp=1,2 sp=0,1"`` -> the valid layouts, with reasons for the rest,
+and pytest parametrization with ids like ``qwen3-tiny[tp2-pp2-sp]``.
+
+    from verify.matrix import params
+    @pytest.mark.parametrize("model,layout", params(["qwen3"], "tp=1,2 pp=1,2 sp=0,1"))
+    def test_something(model, layout): ...
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from mcore_bridge.layout import LayoutError, ParallelLayout
+
+AXES = {  # matrix key -> (ParallelLayout field, parser)
+    "tp": ("tp", int), "pp": ("pp", int), "vpp": ("vpp", int),
+    "sp": ("sp", lambda v: v.lower() in ("1", "true", "yes", "on")),
+    "first": ("first_stage_layers", int), "last": ("last_stage_layers", int),
+}
+
+
+def parse(text: str) -> list[dict]:
+    """All combinations of the axes in ``text`` (space-separated ``key=v1,v2``)."""
+    axes = []
+    for part in text.split():
+        if "=" not in part:
+            raise ValueError(f"--matrix: expected key=values, got {part!r} (keys: {', '.join(AXES)})")
+        key, values = part.split("=", 1)
+        if key not in AXES:
+            raise ValueError(f"--matrix: unknown axis {key!r} (known: {', '.join(AXES)})")
+        field, conv = AXES[key]
+        axes.append([(field, conv(v)) for v in values.split(",") if v])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def expand(text: str, dims: dict | None = None) -> tuple[list[ParallelLayout], list[tuple[dict, str]]]:
+    """Valid layouts of the matrix (checked against a model's ``dims`` when given) and the skipped
+    combinations with the reason, in matrix order, without duplicates."""
+    valid, skipped, seen = [], [], set()
+    for fields in parse(text):
+        try:
+            layout = ParallelLayout(**fields)
+            if dims is not None:
+                layout.validate(**dims)
+        except LayoutError as e:
+            skipped.append((fields, str(e)))
+            continue
+        if layout not in seen:
+            seen.add(layout)
+            valid.append(layout)
+    return valid, skipped
+
+
+def case_id(model: str, layout: ParallelLayout) -> str:
+    return f"{model}[{layout.short()}]"
+
+
+def params(models, matrix: str, *, dims_of=None):
+    """pytest params ``(model, layout)`` for each built-in model name and each valid layout.
+    Each param carries ``pytest.mark.world(n)`` (n = tp x pp) so pools are grouped by size."""
+    import pytest
+
+    out = []
+    for model in models:
+        dims = dims_of(model) if dims_of else None
+        for layout in expand(matrix, dims)[0]:
+            out.append(pytest.param(model, layout, id=case_id(f"{model}-tiny", layout),
+                                    marks=pytest.mark.world(layout.model_parallel_size)))
+    return out

@@ -1,0 +1,121 @@
+"""Alignment metrics between reference (HF) and candidate (megatron) logits, and thresholds.
+
+All metrics take logits ``[S, V]`` of one sample plus the sample's labels; "with loss" variants
+keep only positions that predict a label other than -100 (logits at t predict labels[t+1]), so
+prompt and image tokens drop out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOWER_IS_BETTER = ("token_mean_diff_mean", "token_mean_diff_max", "mean_diff", "max_diff",
+                   "mean_diff_with_loss", "max_diff_with_loss", "kl_hf_mg")
+HIGHER_IS_BETTER = ("top1_agreement", "cosine_mean", "cosine_min")
+
+# fp32: both sides compute the same math; only summation order differs between layouts.
+FP32_THRESHOLDS = {"mean_diff": 1e-5, "max_diff": 1e-3, "mean_diff_with_loss": 1e-5,
+                   "max_diff_with_loss": 1e-3, "kl_hf_mg": 1e-6, "top1_agreement_min": 0.99,
+                   "layer_rel_drift": 1e-4}
+# bf16: measured against HF's own bf16-vs-fp32 drift on the same inputs, times this factor.
+BF16_FACTOR = 3.0
+BF16_FLOORS = {"mean_diff": 1e-3, "max_diff": 1e-2, "mean_diff_with_loss": 1e-3,
+               "max_diff_with_loss": 1e-2, "kl_hf_mg": 1e-4, "layer_rel_drift": 1e-3}
+BF16_TOP1_SLACK = 0.02
+
+
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean mask over positions whose next-token label counts in the loss."""
+    labels = labels.reshape(-1)
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:-1] = labels[1:] != -100
+    return mask
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    labels = labels.reshape(-1)
+    target = labels[1:]
+    keep = target != -100
+    if not keep.any():
+        return float("nan")
+    return F.cross_entropy(logits[:-1][keep].double(), target[keep]).item()
+
+
+def compare_logits(ref: torch.Tensor, got: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Metrics for one sample: ``ref``/``got`` are ``[S, V]`` logits, ``labels`` ``[S]``."""
+    ref, got = ref.double(), got.double()
+    diff = (got - ref).abs()
+    per_token = diff.mean(dim=-1)
+    mask = loss_positions(labels)
+    masked = diff[mask] if mask.any() else diff[:0]
+    logp_ref, logp_got = F.log_softmax(ref, -1), F.log_softmax(got, -1)
+    kl = (logp_ref.exp() * (logp_ref - logp_got)).sum(-1)
+    cos = F.cosine_similarity(ref, got, dim=-1)
+    return {
+        "token_mean_diff_mean": per_token.mean().item(),
+        "token_mean_diff_max": per_token.max().item(),
+        "mean_diff": diff.mean().item(),
+        "max_diff": diff.max().item(),
+        "mean_diff_with_loss": masked.mean().item() if masked.numel() else float("nan"),
+        "max_diff_with_loss": masked.max().item() if masked.numel() else float("nan"),
+        "top1_agreement": (ref.argmax(-1) == got.argmax(-1)).double().mean().item(),
+        "kl_hf_mg": kl.mean().item(),
+        "cosine_mean": cos.mean().item(),
+        "cosine_min": cos.min().item(),
+        "loss_hf": _ce(ref, labels),
+        "loss_mg": _ce(got, labels),
+    }
+
+
+def combine(per_input: dict[str, dict], weights: dict[str, int]) -> dict:
+    """Aggregate per-sample metrics: maxima of maxima/minima of minima, token-weighted means."""
+    out = {}
+    keys = next(iter(per_input.values())).keys()
+    for k in keys:
+        vals = [(m[k], weights[name]) for name, m in per_input.items() if not math.isnan(m[k])]
+        if not vals:
+            out[k] = float("nan")
+        elif k.endswith("_max") or k == "max_diff" or k == "max_diff_with_loss":
+            out[k] = max(v for v, _ in vals)
+        elif k == "cosine_min":
+            out[k] = min(v for v, _ in vals)
+        else:
+            out[k] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
+    return out
+
+
+def probe_drift(ref: torch.Tensor, got: torch.Tensor) -> dict:
+    """Hidden-state drift of one probe: mean |diff| relative to mean |ref|, and max |diff|."""
+    ref, got = ref.double(), got.double()
+    diff = (got - ref).abs()
+    scale = ref.abs().mean().clamp_min(1e-30)
+    return {"rel_mean_diff": (diff.mean() / scale).item(), "max_diff": diff.max().item()}
+
+
+def thresholds(dtype: str, calibration: dict | None = None) -> dict:
+    """Pass/fail limits. fp32: fixed. bf16: ``BF16_FACTOR`` x HF's own bf16-vs-fp32 drift."""
+    if dtype == "fp32":
+        return dict(FP32_THRESHOLDS)
+    if calibration is None:
+        raise ValueError(f"{dtype} thresholds need HF's {dtype}-vs-fp32 calibration")
+    out = {k: max(BF16_FACTOR * calibration[k], floor) for k, floor in BF16_FLOORS.items()
+           if k in calibration}
+    out["top1_agreement_min"] = calibration["top1_agreement"] - BF16_TOP1_SLACK
+    out["layer_rel_drift"] = BF16_FLOORS["layer_rel_drift"]
+    return out
+
+
+def failures(metrics: dict, limits: dict) -> list[str]:
+    out = []
+    for k, limit in limits.items():
+        if k in ("top1_agreement_min", "layer_rel_drift"):
+            continue
+        v = metrics.get(k)
+        if v is not None and not math.isnan(v) and v > limit:
+            out.append(f"{k} {v:.2e} > {limit:.1e}")
+    if metrics["top1_agreement"] < limits["top1_agreement_min"]:
+        out.append(f"top1_agreement {metrics['top1_agreement']:.4f} < {limits['top1_agreement_min']:.4f}")
+    return out

@@ -1,0 +1,286 @@
+"""Verify one (model, layout, dtype): HF and megatron forwards side by side, inside a process group.
+
+    python -m torch.distributed.run --nproc-per-node 2 -m verify.run --model builtin:qwen3 \
+        --layout '{"tp": 2, "sp": true}' --dtype fp32 --report reports/
+
+Every rank runs the megatron model; rank 0 runs the transformers reference (or loads it from
+``--reference-cache``), computes the metrics and writes the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mcore_bridge.bridge import DTYPES, Bridge
+from mcore_bridge.layout import ParallelLayout
+from mcore_bridge.runtime import dist as rt
+
+from . import controls, metrics
+from .forward import megatron_logits
+from .inputs import Sample, default_samples
+from .probes import hf_probes, megatron_probes, probe_layer, probe_order
+
+SCHEMA = "mcore-bridge-verify/1"
+
+
+# ---- reference (transformers) ------------------------------------------------------------------
+def hf_reference(model_dir: Path, samples: list[Sample], dtype: torch.dtype, device: str) -> dict:
+    """Logits ``[S, V]`` and probes ``{name: [S, H]}`` per sample from the real HF model."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    out = {}
+    with torch.no_grad():
+        for s in samples:
+            store = {}
+            with hf_probes(model, store):
+                logits = model(input_ids=s.input_ids[None].to(device), use_cache=False).logits
+            out[s.name] = {"logits": logits[0].float().cpu(), "probes": {k: v[0] for k, v in store.items()}}
+    del model
+    return out
+
+
+def _reference_key(model_dir: Path, samples, dtype: str) -> str:
+    h = hashlib.sha256()
+    h.update(str(Path(model_dir).resolve()).encode())
+    for f in sorted(Path(model_dir).iterdir()):
+        if f.suffix in (".json", ".safetensors"):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for s in samples:
+        h.update(s.name.encode() + s.input_ids.numpy().tobytes())
+    h.update(dtype.encode())
+    return h.hexdigest()[:24]
+
+
+def reference(model_dir: Path, samples, dtype: str, device: str, cache_dir: Path | None = None) -> dict:
+    """``hf_reference`` memoised on disk (tensors only; loaded with ``weights_only=True``)."""
+    if cache_dir is None:
+        return hf_reference(model_dir, samples, DTYPES[dtype], device)
+    path = Path(cache_dir) / f"ref-{_reference_key(model_dir, samples, dtype)}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    ref = hf_reference(model_dir, samples, DTYPES[dtype], device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{rt.rank()}")
+    torch.save(ref, tmp)
+    tmp.replace(path)
+    return ref
+
+
+# ---- megatron side -----------------------------------------------------------------------------
+def megatron_outputs(models, samples, vocab: int, sequence_parallel: bool) -> dict:
+    """Per sample: logits (last stage) and probes (all stages), merged on rank 0 (None elsewhere)."""
+    from megatron.core import parallel_state as ps
+
+    mine = {}
+    keep = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    for s in samples:
+        store = {}
+        with megatron_probes(models, store, sequence_parallel):
+            logits = megatron_logits(models, s.input_ids[None], vocab)
+        if keep:
+            mine[s.name] = {"logits": None if logits is None else logits[0],
+                            "probes": {k: v[0] for k, v in store.items()}}
+    parts = [None] * rt.world_size() if rt.rank() == 0 else None
+    if dist.is_initialized() and rt.world_size() > 1:
+        dist.gather_object(mine, parts, dst=0)
+    else:
+        parts = [mine]
+    if rt.rank() != 0:
+        return None
+    merged = {s.name: {"logits": None, "probes": {}} for s in samples}
+    for part in parts:
+        for name, out in (part or {}).items():
+            if out["logits"] is not None:
+                merged[name]["logits"] = out["logits"]
+            merged[name]["probes"].update(out["probes"])
+    return merged
+
+
+# ---- comparison --------------------------------------------------------------------------------
+def compare(samples, ref: dict, got: dict) -> tuple[dict, dict]:
+    per_input = {s.name: metrics.compare_logits(ref[s.name]["logits"], got[s.name]["logits"], s.labels)
+                 for s in samples}
+    weights = {s.name: s.input_ids.numel() for s in samples}
+    return metrics.combine(per_input, weights), per_input
+
+
+def layer_drift(samples, ref: dict, got: dict, num_layers: int) -> dict[str, dict]:
+    """Worst drift per probe over all samples."""
+    out = {}
+    for name in probe_order(num_layers):
+        worst = {"rel_mean_diff": 0.0, "max_diff": 0.0}
+        for s in samples:
+            if name not in got[s.name]["probes"]:
+                raise RuntimeError(f"megatron probe {name} missing for sample {s.name}")
+            d = metrics.probe_drift(ref[s.name]["probes"][name], got[s.name]["probes"][name])
+            worst = {k: max(worst[k], d[k]) for k in worst}
+        out[name] = worst
+    return out
+
+
+def layer_params(bridge: Bridge, probe: str) -> tuple[list[str], list[str]]:
+    """HF and megatron parameter names behind a probe (what to look at when it drifts)."""
+    layer = probe_layer(probe)
+    if layer is not None:
+        units = [u for u in bridge.units if u.layer == layer]
+    elif probe == "embedding":
+        units = [u for u in bridge.units if u.rule.mcore.startswith("embedding.")]
+    else:
+        units = [u for u in bridge.units if u.rule.mcore.startswith("decoder.final_layernorm")]
+    hf = [n for u in units for n in u.hf_names]
+    mc = [u.rule.mcore.replace("{L}", str(layer)) for u in units]
+    return hf, mc
+
+
+def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=None, timing, name) -> dict:
+    num_layers = bridge.family.num_layers
+    overall, per_input = compare(samples, ref32, got)
+    calibration = None
+    if dtype != "fp32":
+        cal_overall, _ = compare(samples, ref32, calib)
+        cal_layers = layer_drift(samples, ref32, calib, num_layers)
+        calibration = {"hf_bf16_vs_fp32": cal_overall,
+                       "layers": [cal_layers[p]["rel_mean_diff"] for p in probe_order(num_layers)]}
+    limits = metrics.thresholds(dtype, calibration and calibration["hf_bf16_vs_fp32"])
+    drift = layer_drift(samples, ref32, got, num_layers)
+    layers, first = [], None
+    for i, probe in enumerate(probe_order(num_layers)):
+        limit = limits["layer_rel_drift"]
+        if calibration is not None:
+            limit = max(limit, metrics.BF16_FACTOR * calibration["layers"][i])
+        ok = drift[probe]["rel_mean_diff"] <= limit
+        layers.append({"probe": probe, "layer": probe_layer(probe), **drift[probe], "threshold": limit, "ok": ok})
+        if not ok and first is None:
+            hf, mc = layer_params(bridge, probe)
+            first = {"probe": probe, "layer": probe_layer(probe), "rel_mean_diff": drift[probe]["rel_mean_diff"],
+                     "hf_params": hf, "mcore_params": mc}
+    fails = metrics.failures(overall, limits)
+    if first is not None:
+        fails.append(f"{first['probe']} drift {first['rel_mean_diff']:.2e} > {layers[[l['probe'] for l in layers].index(first['probe'])]['threshold']:.1e}")
+    return {
+        "schema": SCHEMA, "model": name, "source": str(bridge.source), "family": bridge.family.name,
+        "layout": layout.to_dict(), "layout_id": layout.short(), "dtype": dtype, "device": device,
+        "world_size": rt.world_size(), "versions": versions(), "timing": timing,
+        "inputs": [s.describe() for s in samples], "metrics": overall, "per_input": per_input,
+        "thresholds": limits, "layers": layers, "first_diverging": first, "calibration": calibration,
+        "failures": fails, "verdict": "fail" if fails else "pass",
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def versions() -> dict:
+    import megatron.core
+    import transformers
+
+    import mcore_bridge
+
+    return {"torch": torch.__version__, "megatron_core": megatron.core.__version__,
+            "transformers": transformers.__version__, "mcore_bridge": mcore_bridge.__version__}
+
+
+def model_name(source: str) -> str:
+    s = str(source)
+    return f"{s.split(':', 1)[1]}-tiny" if s.startswith("builtin:") else Path(s).resolve().name
+
+
+def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device: str = "auto",
+               control: str | None = None, reference_cache: Path | None = None,
+               lengths=None) -> dict | None:
+    """Collective: convert ``source`` into ``layout`` and verify it. The report on rank 0."""
+    t0 = time.time()
+    bridge = Bridge(source, layout)
+    controls.before_build(bridge, control)
+    device = bridge.setup(device)
+    models = bridge.build_model(DTYPES[dtype])
+    bridge.load_weights(models)
+    controls.after_load(models, bridge, control)
+    report = verify_loaded(bridge, models, bridge.source, dtype=dtype, name=model_name(source),
+                           reference_cache=reference_cache, lengths=lengths, load_s=time.time() - t0)
+    if report is not None and control:
+        report["control"] = control
+    return report
+
+
+def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str,
+                  reference_cache: Path | None = None, lengths=None, load_s: float = 0.0) -> dict | None:
+    """Collective: compare loaded megatron ``models`` with the HF model in ``hf_dir``."""
+    t0 = time.time()
+    vocab = int(bridge.hf_config["vocab_size"])
+    samples = default_samples(vocab, hf_dir, **({"lengths": lengths} if lengths else {}))
+    got = megatron_outputs(models, samples, vocab, bridge.layout.sp)
+    t_mg = time.time() - t0
+    if rt.rank() != 0:
+        return None
+    t1 = time.time()
+    device = bridge.device
+    ref32 = reference(hf_dir, samples, "fp32", device, reference_cache)
+    calib = reference(hf_dir, samples, dtype, device, reference_cache) if dtype != "fp32" else None
+    timing = {"load_s": load_s, "megatron_forward_s": t_mg, "reference_s": time.time() - t1}
+    report = build_report(bridge=bridge, layout=bridge.layout, dtype=dtype,
+                          device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                          samples=samples, ref32=ref32, got=got, calib=calib, timing=timing, name=name)
+    report["timing"]["total_s"] = load_s + time.time() - t0
+    return report
+
+
+def exit_code(report: dict | None) -> int:
+    """Collective: 0 on every rank when rank 0's verdict is pass, else 1."""
+    code = 0 if report is None or report["verdict"] == "pass" else 1
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([code], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(flag, 0)
+        code = int(flag.item())
+    return code
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--layout", required=True, help="JSON of ParallelLayout fields")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--report", default=None, help="report directory (JSON + Markdown per case)")
+    ap.add_argument("--reference-cache", default=None)
+    ap.add_argument("--control", default=None)
+    args = ap.parse_args(argv)
+    report = run_layout(args.model, ParallelLayout(**json.loads(args.layout)), args.dtype, args.device,
+                        args.control, Path(args.reference_cache) if args.reference_cache else None)
+    if report is not None:
+        if args.report:
+            from .report import write_report
+
+            write_report(report, args.report)
+        print(summary_line(report), flush=True)
+    code = exit_code(report)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
+
+
+def summary_line(r: dict) -> str:
+    m = r["metrics"]
+    first = r["first_diverging"]
+    where = f"  first diverging: {first['probe']}" if first else ""
+    return (f"{r['model']:<12} {r['layout_id']:<16} {r['dtype']:<5} mean_diff {m['mean_diff']:.2e} "
+            f"max_diff {m['max_diff']:.2e} (with loss {m['mean_diff_with_loss']:.2e}/{m['max_diff_with_loss']:.2e}) "
+            f"top1 {m['top1_agreement']:.4f}  {r['verdict'].upper()}{where}")
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    sys.exit(main())
