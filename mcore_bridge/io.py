@@ -1,7 +1,10 @@
 """Safetensors I/O: a lazy reader that fetches only requested regions, and an atomic writer.
 
 The reader parses every file header itself first (cheap), so names, shapes, dtypes and file
-integrity are known before a single weight byte is read.
+integrity are known before a single weight byte is read. Reads are zero-copy: a tensor is a view of
+a private memory mapping of just that tensor's bytes (a region is a view of that view), so only the
+pages a caller actually touches come off the disk, and the mapping goes away with the last view --
+resident memory stays bounded by the tensors a caller holds, not by the file sizes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import struct
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -36,11 +40,17 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read as asked: missing, truncated, or not safetensors."""
 
 
-class TensorInfo:
-    __slots__ = ("name", "file", "dtype", "shape", "nbytes")
+# Tensors smaller than this are read with one pread into a private buffer instead of being mapped:
+# cheaper for norms and biases, and a caller holding thousands of them holds no mappings.
+MAP_MIN_BYTES = 1 << 20
 
-    def __init__(self, name, file, dtype, shape, nbytes):
+
+class TensorInfo:
+    __slots__ = ("name", "file", "dtype", "shape", "nbytes", "offset")
+
+    def __init__(self, name, file, dtype, shape, nbytes, offset=None):
         self.name, self.file, self.dtype, self.shape, self.nbytes = name, file, dtype, shape, nbytes
+        self.offset = offset  # absolute file offset of the first data byte
 
     def __repr__(self):
         return f"TensorInfo({self.name}, {self.dtype}, {self.shape})"
@@ -48,6 +58,11 @@ class TensorInfo:
 
 def read_header(path: Path) -> dict:
     """Parse a safetensors header and check the file holds every byte the header promises."""
+    return _parse_header(path)[0]
+
+
+def _parse_header(path: Path) -> tuple[dict, int]:
+    """``(header, data_start)``: tensor ``data_offsets`` count from ``data_start`` in the file."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -65,7 +80,7 @@ def read_header(path: Path) -> dict:
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: tensors need {8 + n + end} bytes, file has {size}; "
                               f"re-download or re-save it")
-    return header
+    return header, 8 + n
 
 
 class HFCheckpoint:
@@ -81,12 +96,14 @@ class HFCheckpoint:
         self.config = json.loads(cfg.read_text())
         self.tensors: dict[str, TensorInfo] = {}
         for file in self._files():
-            for name, meta in read_header(file).items():
+            header, data_start = _parse_header(file)
+            for name, meta in header.items():
                 if meta["dtype"] not in SAFETENSORS_DTYPES:
                     raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {meta['dtype']}")
                 dtype = SAFETENSORS_DTYPES[meta["dtype"]]
                 start, stop = meta["data_offsets"]
-                self.tensors[name] = TensorInfo(name, file, dtype, tuple(meta["shape"]), stop - start)
+                self.tensors[name] = TensorInfo(name, file, dtype, tuple(meta["shape"]), stop - start,
+                                                data_start + start)
         self._handles: dict[Path, object] = {}
 
     def _files(self) -> list[Path]:
@@ -119,14 +136,35 @@ class HFCheckpoint:
         return self.tensors[name]
 
     def read(self, name: str, region: tuple[slice, ...] | None = None) -> torch.Tensor:
-        """Read tensor ``name``, or only ``region`` of it (only those bytes come off the disk)."""
+        """Tensor ``name``, or only ``region`` of it, as a (possibly strided) view of the file's
+        bytes: only what the caller touches is read, and treat the result as read-only."""
         info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        if region is None or all(s == slice(None) for s in region):
-            return handle.get_tensor(name)
-        return handle.get_slice(name)[region]
+        whole = region is None or all(s == slice(None) for s in region)
+        try:
+            tensor = self._map(info)
+        except OSError:  # e.g. out of mappings (vm.max_map_count): one mapping per file instead
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+            return handle.get_tensor(name) if whole else handle.get_slice(name)[region]
+        return tensor if whole else tensor[region]
+
+    @staticmethod
+    def _map(info: TensorInfo) -> torch.Tensor:
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes < MAP_MIN_BYTES:
+            buf = torch.empty(info.nbytes, dtype=torch.uint8)
+            with open(info.file, "rb", buffering=0) as f:
+                f.seek(info.offset)
+                if f.readinto(memoryview(buf.numpy())) != info.nbytes:
+                    raise CheckpointError(f"{info.file}: short read of {info.name!r}")
+        else:
+            # Copy-on-write private mapping: writable (no torch warning), never writes the file.
+            # The tensor keeps the mapping alive; it is unmapped with the last view of it.
+            buf = torch.from_numpy(np.memmap(info.file, dtype=np.uint8, mode="c", offset=info.offset,
+                                             shape=(info.nbytes,)))
+        return buf.view(info.dtype).view(info.shape)
 
     def close(self):
         self._handles.clear()
