@@ -158,3 +158,30 @@ def test_overwrite_replaces_previous_output(tmp_path):
     with collective_output(dest, overwrite=True, finalize=lambda s: (s / "config.json").write_text("{}")) as stage:
         (stage / "new.txt").write_text("new")
     assert sorted(os.listdir(dest)) == ["config.json", "new.txt"]
+
+
+def test_verify_reports_and_regression(zoo_model, tmp_path):
+    zoo_model("qwen2")  # built once, in the shared cache
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    r = run_cli("verify", "--model", "builtin:qwen2", "--matrix", "tp=1,2 sp=0,1", "--report", good,
+                "--device", "cpu")
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stdout.count("PASS") == 3 and "skip {'tp': 1, 'sp': True}" in r.stdout
+    for case in ("tp1-pp1-fp32", "tp2-pp1-fp32", "tp2-pp1-sp-fp32"):
+        report = json.loads((good / "qwen2-tiny" / f"{case}.json").read_text())
+        assert report["verdict"] == "pass" and report["versions"]["megatron_core"]
+    assert "qwen2-tiny" in (good / "index.html").read_text()
+
+    r = run_cli("verify", "--model", "builtin:qwen2", "--matrix", "tp=2", "--report", bad, "--device", "cpu",
+                "--control", "scale:decoder.layers.1.mlp.linear_fc1.weight:1.01")
+    assert r.returncode == 1 and "first diverging: layer.1" in r.stdout
+    # the worse set against the good one: the flipped verdict is a regression
+    r = run_cli("report", "--baseline", good, "--current", bad)
+    assert r.returncode == 1 and "tp2-pp1" in r.stdout
+
+
+def test_export_with_precision_check(zoo_model, tmp_path):
+    r = run_cli("export", "--model", zoo_model("llama"), "--to-mcore", "--tp", "2", "--save", tmp_path / "m",
+                "--test_convert_precision", "true", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "PASS" in r.stdout and "mean_diff" in r.stdout

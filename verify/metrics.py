@@ -114,8 +114,13 @@ def failures(metrics: dict, limits: dict) -> list[str]:
         if k in ("top1_agreement_min", "layer_rel_drift"):
             continue
         v = metrics.get(k)
-        if v is not None and not math.isnan(v) and v > limit:
+        if v is None:
+            continue
+        if math.isnan(v):
+            if not k.endswith("_with_loss"):  # NaN logits must fail; no loss tokens is legitimate
+                out.append(f"{k} is NaN")
+        elif v > limit:
             out.append(f"{k} {v:.2e} > {limit:.1e}")
-    if metrics["top1_agreement"] < limits["top1_agreement_min"]:
+    if not metrics["top1_agreement"] >= limits["top1_agreement_min"]:  # also catches NaN
         out.append(f"top1_agreement {metrics['top1_agreement']:.4f} < {limits['top1_agreement_min']:.4f}")
     return out

@@ -1,0 +1,14 @@
+"""Verification cases run inside ``verify.pool.Pool`` ranks (one call per rank)."""
+
+from __future__ import annotations
+
+from mcore_bridge import ParallelLayout
+
+
+def verify(source: str, layout: dict, dtype: str = "fp32", control: str | None = None,
+           reference_cache: str | None = None) -> dict | None:
+    """The full report on rank 0, ``None`` on the other ranks."""
+    from verify.run import run_layout
+
+    return run_layout(source, ParallelLayout(**layout), dtype, "cpu", control, reference_cache,
+                      lengths=(32, 384))
