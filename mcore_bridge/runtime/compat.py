@@ -11,7 +11,6 @@ Conditions:
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -67,8 +66,6 @@ def _torch_norm_sequence_parallel():
     """no_te: the local spec's WrappedTorchNorm asserts ``not sequence_parallel`` although a
     per-token norm is correct on sequence-sharded activations; build it without the flag and tag
     its parameters ``sequence_parallel`` so training reduces their grads as TE's norm would."""
-    import dataclasses
-
     from megatron.core.transformer import torch_norm
 
     original_new = torch_norm.WrappedTorchNorm.__new__
@@ -86,7 +83,6 @@ def _torch_norm_sequence_parallel():
 
     __new__._mcore_bridge = True
     torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)
-    del dataclasses
 
 
 def _shallow_replace(config, **changes):
@@ -146,8 +142,3 @@ _ADAPTATIONS = {
     "cpu": [_cpu_cuda_stubs, _cpu_rng_tracker, _enter_cpu_mode],
     "no_te": [_no_te_only(_torch_norm_sequence_parallel)],
 }
-
-
-@contextlib.contextmanager
-def nullcontext():
-    yield
