@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 
 
-
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
