@@ -1,0 +1,122 @@
+"""Write a random-weight HF checkpoint with the published Qwen3-8B shapes and fewer layers.
+
+    python bench/make_checkpoint.py --out /tmp/qwen3-8b-l4 --layers 4
+
+The full model is never built: transformers instantiates it on the ``meta`` device only to list
+tensor names and shapes (exactly what ``save_pretrained`` would write, tied weights dropped), then
+each shard file is filled with random bf16 tensors and written with ``safetensors.torch.save_file``
+before the next one is generated, so peak memory is about one shard (``--max-shard-gb``).
+Output: ``config.json`` (from ``Qwen3Config.save_pretrained``), ``model-0000i-of-0000N.safetensors``
+and ``model.safetensors.index.json``, as HF's sharded ``save_pretrained`` lays them out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Published Qwen3-8B config.json (Qwen/Qwen3-8B), minus num_hidden_layers (36 there).
+QWEN3_8B = dict(
+    hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=128, vocab_size=151936, tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6,
+    max_position_embeddings=40960, max_window_layers=36, use_sliding_window=False, sliding_window=None,
+    attention_bias=False, hidden_act="silu", bos_token_id=151643, eos_token_id=151645,
+)
+CONFIGS = {"qwen3-8b": QWEN3_8B}
+
+
+def make_config(name: str, layers: int):
+    from transformers import Qwen3Config
+
+    cfg = Qwen3Config(num_hidden_layers=layers, **CONFIGS[name])
+    cfg.dtype = torch.bfloat16
+    cfg.architectures = ["Qwen3ForCausalLM"]
+    return cfg
+
+
+def tensor_shapes(cfg) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor ``save_pretrained`` would write, in its order."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    skip = set(tied) if cfg.tie_word_embeddings else set()  # dict (transformers 5) or list (4.x)
+    return [(n, tuple(t.shape)) for n, t in model.state_dict().items() if n not in skip]
+
+
+def plan_files(shapes, max_bytes: int, itemsize: int = 2) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Greedy, in order, like transformers' ``shard_checkpoint``: start a new file when full."""
+    files, current, size = [], [], 0
+    for name, shape in shapes:
+        n = itemsize
+        for d in shape:
+            n *= d
+        if current and size + n > max_bytes:
+            files.append(current)
+            current, size = [], 0
+        current.append((name, shape))
+        size += n
+    if current:
+        files.append(current)
+    return files
+
+
+def random_tensor(name: str, shape, gen: torch.Generator) -> torch.Tensor:
+    if len(shape) == 1:  # norm weights: around 1 like a trained model's
+        return (1.0 + 0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    # normal_ on bf16 directly keeps memory at one tensor (no fp32 temporary)
+    return out.normal_(0.0, 0.02, generator=gen)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output directory (use /tmp, not the repo)")
+    p.add_argument("--layers", type=int, default=4, help="num_hidden_layers (Qwen3-8B has 36)")
+    p.add_argument("--config", default="qwen3-8b", choices=sorted(CONFIGS))
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="shard size limit, 1e9 bytes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+
+    from safetensors.torch import save_file
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            sys.exit(f"{out} exists and is not empty; pass --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    cfg = make_config(args.config, args.layers)
+    shapes = tensor_shapes(cfg)
+    files = plan_files(shapes, int(args.max_shard_gb * 1e9))
+    gen = torch.Generator().manual_seed(args.seed)
+    weight_map, total = {}, 0
+    t0 = time.perf_counter()
+    for i, entries in enumerate(files):
+        fname = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        tensors = {name: random_tensor(name, shape, gen) for name, shape in entries}
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        del tensors
+        for name, _ in entries:
+            weight_map[name] = fname
+        total += size
+        print(f"{fname}: {len(entries)} tensors, {size / 1e9:.2f} GB ({time.perf_counter() - t0:.1f} s)",
+              flush=True)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    cfg.save_pretrained(out)  # writes config.json only (no weights)
+    print(f"wrote {out}: {len(shapes)} tensors, {total / 1e9:.2f} GB in {len(files)} files")
+
+
+if __name__ == "__main__":
+    main()
