@@ -1,0 +1,212 @@
+"""A reusable pool of worker processes forming one gloo process group (CPU tests, benchmarks).
+
+A fresh N-process gloo group costs seconds (process start, imports, rendezvous); a reused one lets
+each case pay only for megatron's ``destroy/initialize_model_parallel``. ``Pool(n).run("mod:fn",
+**kwargs)`` calls ``fn(**kwargs)`` on every rank and returns the per-rank results. The function
+sets up its own layout (``runtime.dist.setup`` / ``Bridge.setup``).
+
+Failure handling: when a rank raises, the others are usually stuck in a collective, so the parent
+raises ``WorkerError`` (with that rank's traceback) at once and kills the pool; likewise when a
+rank dies or the case runs past its timeout (``TimeoutError``). The next ``run`` respawns it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import faulthandler
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import tempfile
+import time
+import traceback
+import weakref
+from multiprocessing.connection import wait
+
+from mcore_bridge.runtime.dist import free_port
+
+
+class WorkerError(RuntimeError):
+    """A rank raised (or died) inside a case; ``traceback`` holds the worker's traceback text."""
+
+    def __init__(self, case: str, rank: int, tb: str):
+        super().__init__(f"{case}: rank {rank} failed\n{tb}")
+        self.case, self.rank, self.traceback = case, rank, tb
+
+
+def _resolve(spec: str):
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _worker(rank: int, world: int, port: int, conn, stack_file: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    # SIGUSR1 (sent on timeout) dumps every thread's Python stack: shows where a rank hangs.
+    faulthandler.register(signal.SIGUSR1, file=open(stack_file, "w"), all_threads=True)
+    try:
+        from mcore_bridge.runtime import compat, dist
+
+        compat.apply("cpu")
+        dist.init_process_group("cpu")
+        conn.send(("ready", None, None))
+    except BaseException:
+        conn.send(("error", None, traceback.format_exc()))
+        return
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the parent went away
+            return
+        if msg is None:
+            return
+        task, spec, kwargs = msg
+        try:
+            reply = ("ok", task, _resolve(spec)(**kwargs))
+            conn.send(reply)
+        except BaseException:
+            conn.send(("error", task, traceback.format_exc()))
+
+
+_LIVE: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all():
+    for pool in list(_LIVE):
+        pool.close()
+        shutil.rmtree(pool._stacks, ignore_errors=True)
+
+
+class Pool:
+    """``world_size`` spawned workers in one gloo group, started lazily, restarted after a failure."""
+
+    def __init__(self, world_size: int, start_timeout: float = 180.0):
+        self.world_size, self.start_timeout = world_size, start_timeout
+        self.procs: list = []
+        self.conns: list = []
+        self._task = 0
+        self._stacks = tempfile.mkdtemp(prefix=f"pool{world_size}-")
+        _LIVE.add(self)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return bool(self.procs) and all(p.is_alive() for p in self.procs)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def start(self, attempts: int = 2):
+        """Spawn the workers and wait until they have joined the process group."""
+        for attempt in range(attempts):
+            ctx = mp.get_context("spawn")
+            port = free_port()  # another process may grab it before rank 0 binds: retry then
+            for rank in range(self.world_size):
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=_worker, name=f"pool{self.world_size}-rank{rank}", daemon=True,
+                                args=(rank, self.world_size, port, child, self._stack_file(rank)))
+                p.start()
+                child.close()
+                self.procs.append(p)
+                self.conns.append(parent)
+            try:
+                self._collect(None, f"starting a {self.world_size}-process pool", self.start_timeout)
+                return
+            except (WorkerError, TimeoutError):
+                self.close()
+                if attempt == attempts - 1:
+                    raise
+
+    def _stack_file(self, rank: int) -> str:
+        return os.path.join(self._stacks, f"rank{rank}.txt")
+
+    def _dump_stacks(self, ranks) -> str:
+        """The Python stacks of ``ranks`` (faulthandler in the workers), to explain a timeout."""
+        for r in ranks:
+            with contextlib.suppress(OSError):
+                os.kill(self.procs[r].pid, signal.SIGUSR1)
+        time.sleep(1.0)
+        out = []
+        for r in ranks:
+            with contextlib.suppress(OSError), open(self._stack_file(r)) as f:
+                out.append(f"--- rank {r} ---\n{f.read().strip()}")
+        return "\n".join(out)
+
+    def close(self):
+        """Stop every worker: terminate, then kill what is left; reap them all (no zombies)."""
+        for conn in self.conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + 5
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
+            p.close()
+        self.procs, self.conns = [], []
+
+    # -- running cases -------------------------------------------------------------------------
+    def run(self, fn, *, timeout: float = 300.0, **kwargs) -> list:
+        """Run ``fn(**kwargs)`` (``"module:function"`` or a module-level function) on every rank;
+        returns the list of per-rank return values."""
+        spec = fn if isinstance(fn, str) else f"{fn.__module__}:{fn.__qualname__}"
+        case = f"{spec}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+        if not self.alive:
+            self.close()
+            self.start()
+        self._task += 1
+        try:
+            for conn in self.conns:
+                conn.send((self._task, spec, kwargs))
+            return self._collect(self._task, case, timeout)
+        except BaseException:  # error, timeout, Ctrl-C: ranks may be stuck in a collective
+            self.close()
+            raise
+
+    def _collect(self, task, case: str, timeout: float) -> list:
+        results, pending = [None] * self.world_size, set(range(self.world_size))
+        deadline = time.monotonic() + timeout
+        by_conn = {c: r for r, c in enumerate(self.conns)}
+        by_sentinel = {p.sentinel: r for r, p in enumerate(self.procs)}
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{case}: no result after {timeout:.0f} s from rank(s) {sorted(pending)} "
+                                   f"of a {self.world_size}-process pool; the pool was killed. Stacks:\n"
+                                   f"{self._dump_stacks(sorted(pending))}")
+            ready = wait([self.conns[r] for r in pending] + [self.procs[r].sentinel for r in pending], left)
+            for obj in ready:
+                if obj in by_conn:
+                    rank = by_conn[obj]
+                    try:
+                        status, got, value = obj.recv()
+                    except (EOFError, OSError):  # the worker is gone
+                        self.procs[rank].join(5)
+                        raise WorkerError(case, rank, f"worker exited with code {self.procs[rank].exitcode}")
+                    if status == "error":
+                        raise WorkerError(case, rank, value)
+                    if got == task and status in ("ok", "ready"):
+                        results[rank] = value
+                        pending.discard(rank)
+                elif not self.conns[by_sentinel[obj]].poll():  # died without a word (a reply is read first)
+                    rank = by_sentinel[obj]
+                    raise WorkerError(case, rank, f"worker exited with code {self.procs[rank].exitcode}")
+        return results
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
