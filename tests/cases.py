@@ -1,0 +1,146 @@
+"""Functions run inside the ranks of a ``verify.pool.Pool`` (one call per rank, same kwargs).
+
+Each sets up its own layout, so one process group serves many cases. Models are passed as HF
+directories the test process materialised (not ``builtin:NAME``), so both sides read the very
+same checkpoint. Return values are small and picklable; the assertions live in the test modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from mcore_bridge import Bridge, ParallelLayout
+from mcore_bridge.io import HFCheckpoint
+from mcore_bridge.transforms import QKV, GatedMLP, _rows
+from mcore_bridge.runtime import dist as rt
+
+BATCH, SEQ = 2, 32  # SEQ divisible by every tp used (sequence parallel)
+
+
+# ---- deliberately wrong mappings (negative tests) ---------------------------------------------
+class PlainQKV(QKV):
+    """WRONG: fuses q, k, v as ``[all q; all k; all v]`` and splits the rows evenly over tp,
+    ignoring megatron's per-query-group interleaving. Symmetric, so a round trip cannot see it."""
+
+    def slices(self, hf, local, tp, rank):
+        self._check_sources(hf)
+        return [_rows(0, s[0], len(s)) for s in hf]
+
+    def to_mcore(self, pieces, local, tp, rank):
+        return torch.cat(pieces, dim=0).chunk(tp, dim=0)[rank]
+
+    def to_hf(self, shards, hf):
+        return list(torch.split(torch.cat(shards, dim=0), [s[0] for s in hf], dim=0))
+
+
+class SwappedGatedMLP(GatedMLP):
+    """WRONG: ``[up_r; gate_r]`` per rank instead of ``[gate_r; up_r]``."""
+
+    def to_mcore(self, pieces, local, tp, rank):
+        return super().to_mcore(pieces[::-1], local, tp, rank)
+
+    def to_hf(self, shards, hf):
+        return super().to_hf(shards, hf)[::-1]
+
+
+@contextlib.contextmanager
+def broken_mapping(kind: str | None):
+    """Swap a wrong transform into the dense families' rule table for the duration of a case."""
+    from mcore_bridge.families import llama
+
+    name, value = {None: (None, None), "qkv": ("QKV", PlainQKV),
+                   "gate_up": ("GATED_MLP", SwappedGatedMLP())}[kind]
+    if name is None:
+        yield
+        return
+    original = getattr(llama, name)
+    setattr(llama, name, value)
+    try:
+        yield
+    finally:
+        setattr(llama, name, original)
+
+
+# ---- cases ------------------------------------------------------------------------------------
+def _loaded(source: str, layout: dict):
+    bridge = Bridge(source, ParallelLayout(**layout))
+    bridge.setup("cpu")
+    models = bridge.build_model()
+    bridge.load_weights(models)
+    return bridge, models
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
+def roundtrip(source: str, layout: dict, out_dir: str | None = None, broken: str | None = None) -> dict:
+    """Load the HF directory ``source``, export every tensor (all ranks receive all) and compare
+    byte-exactly with it; then save into ``out_dir`` (collective)."""
+    with broken_mapping(broken):
+        bridge, models = _loaded(source, layout)
+        source = HFCheckpoint(bridge.source)
+        count, names, mismatches = 0, set(), []
+        for name, tensor in bridge.export_weights(models):
+            count += 1
+            names.add(name)
+            if name not in source.tensors:
+                mismatches.append(f"{name}: not in the source")
+            elif not _same_bytes(tensor, ref := source.read(name)):
+                mismatches.append(f"{name}: {tensor.dtype}{tuple(tensor.shape)} vs {ref.dtype}{tuple(ref.shape)}")
+        if out_dir is not None:
+            bridge.save_weights(models, out_dir, overwrite=True)
+    return {"rank": rt.rank(), "count": count, "names": sorted(names), "mismatches": mismatches}
+
+
+def logits(source: str, layout: dict, broken: str | None = None) -> float | None:
+    """Max |megatron - HF| over the logits of a random batch, from the first rank of the last
+    pipeline stage (which runs the HF reference); ``None`` on every other rank."""
+    with broken_mapping(broken):
+        bridge, models = _loaded(source, layout)
+        vocab = int(bridge.hf_config["vocab_size"])
+        input_ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+        from verify.forward import hf_logits, megatron_logits
+
+        got = megatron_logits(models, input_ids, vocab)
+    from megatron.core import parallel_state as ps
+
+    if got is None or ps.get_tensor_model_parallel_rank() != 0 or ps.get_data_parallel_rank() != 0:
+        return None
+    ref = hf_logits(bridge.source, input_ids)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    return float((got - ref).abs().max())
+
+
+# ---- pool self-tests --------------------------------------------------------------------------
+def whoami() -> tuple[int, int]:
+    dist.barrier()
+    return dist.get_rank(), dist.get_world_size()
+
+
+def raise_on(rank: int) -> None:
+    """``rank`` raises; the others wait in a barrier that never completes."""
+    if dist.get_rank() == rank:
+        raise ValueError(f"deliberate failure on rank {rank}")
+    dist.barrier()
+
+
+def exit_on(rank: int) -> None:
+    """``rank`` dies without a Python exception (as on a crash); the others wait in a barrier."""
+    if dist.get_rank() == rank:
+        os._exit(3)
+    dist.barrier()
+
+
+def hang_on(rank: int) -> None:
+    """``rank`` sleeps forever; the others wait for it in a barrier."""
+    if dist.get_rank() == rank:
+        time.sleep(3600)
+    dist.barrier()
