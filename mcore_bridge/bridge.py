@@ -148,7 +148,8 @@ class Bridge:
         with torch.no_grad():
             for item, target, names, regions in progress(jobs, "load"):
                 pieces = [ckpt.read(n, r) for n, r in zip(names, regions)]
-                target.copy_(item.unit.rule.transform.to_mcore(pieces, tuple(target.shape), tp, tp_rank))
+                item.unit.rule.transform.to_mcore_into(pieces, target, tp, tp_rank)
+                del pieces  # let the mapped source pages go before the next read
         ckpt.close()
 
     # -- export ------------------------------------------------------------------------------

@@ -55,6 +55,11 @@ class Transform:
     def to_hf(self, shards: list[torch.Tensor], hf: Sequence[Shape]) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def to_mcore_into(self, pieces: list[torch.Tensor], out: torch.Tensor, tp: int, rank: int) -> None:
+        """``to_mcore`` written straight into the parameter ``out`` (casting as needed). Transforms
+        that assemble several pieces override it to skip the temporary."""
+        out.copy_(self.to_mcore(pieces, tuple(out.shape), tp, rank))
+
     # Reference implementation used by tests: split full tensors the slow, obvious way.
     def split(self, full: Sequence[torch.Tensor], local: Shape, tp: int, rank: int) -> torch.Tensor:
         regions = self.slices([tuple(t.shape) for t in full], local, tp, rank)
@@ -142,6 +147,11 @@ class Vocab(Transform):
         out[: piece.shape[0]] = piece
         return out
 
+    def to_mcore_into(self, pieces, out, tp, rank):
+        n = pieces[0].shape[0]
+        out[:n].copy_(pieces[0])
+        out[n:].zero_()
+
     def to_hf(self, shards, hf):
         return [torch.cat(shards, dim=0)[: hf[0][0]]]
 
@@ -195,6 +205,12 @@ class QKV(Transform):
                            k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1)
         return fused.reshape(-1, *rest)
 
+    def to_mcore_into(self, pieces, out, tp, rank):
+        g, d, qd = self.groups // tp, self.head_dim, self.q_per_group * self.head_dim
+        grouped = out.view(g, qd + 2 * d, *out.shape[1:])
+        for piece, rows in zip(pieces, (slice(0, qd), slice(qd, qd + d), slice(qd + d, qd + 2 * d))):
+            grouped[:, rows].copy_(piece.reshape(g, rows.stop - rows.start, *piece.shape[1:]))
+
     def to_hf(self, shards, hf):
         full = torch.cat(shards, dim=0)
         d, rest = self.head_dim, tuple(full.shape[1:])
@@ -221,6 +237,11 @@ class GatedMLP(Transform):
 
     def to_mcore(self, pieces, local, tp, rank):
         return torch.cat(pieces, dim=0)
+
+    def to_mcore_into(self, pieces, out, tp, rank):
+        half = out.shape[0] // 2
+        out[:half].copy_(pieces[0])
+        out[half:].copy_(pieces[1])
 
     def to_hf(self, shards, hf):
         halves = [torch.chunk(s, 2, dim=0) for s in shards]

@@ -71,6 +71,10 @@ def _check_file_reads(transform, full, local, tp):
                     pieces.append(from_file)
                 shard = transform.to_mcore(pieces, local, tp, rank)
                 assert torch.equal(shard, transform.split(full, local, tp, rank))
+                # the in-place path the loader uses writes the same shard over stale memory
+                into = torch.full(tuple(shard.shape), 7.0).to(shard.dtype)
+                transform.to_mcore_into(pieces, into, tp, rank)
+                assert torch.equal(into, shard)
 
 
 def _assert_identity(transform, full, shards):
