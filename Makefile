@@ -1,5 +1,6 @@
 # Two entry points that work on a fresh machine (Python 3.11, gcc, a local CPU wheel of torch):
-#   make demo   -- create .venv, install, round-trip every built-in model through megatron
+#   make demo   -- create .venv, install, round-trip every built-in model through megatron, then
+#                  verify them (HF vs megatron forwards) over a small parallel matrix
 #   make test   -- create .venv, install, run the whole test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -21,6 +22,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mcore-bridge demo
+	$(BIN)/mcore-bridge verify --report reports/latest
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
