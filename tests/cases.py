@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from mcore_bridge import Bridge, ParallelLayout
 from mcore_bridge.io import HFCheckpoint
-from mcore_bridge.transforms import QKV, GatedMLP, _rows
+from mcore_bridge.transforms import QKV, GatedMLP, Transform, _rows
 from mcore_bridge.runtime import dist as rt
 
 BATCH, SEQ = 2, 32  # SEQ divisible by every tp used (sequence parallel)
@@ -26,6 +26,8 @@ BATCH, SEQ = 2, 32  # SEQ divisible by every tp used (sequence parallel)
 class PlainQKV(QKV):
     """WRONG: fuses q, k, v as ``[all q; all k; all v]`` and splits the rows evenly over tp,
     ignoring megatron's per-query-group interleaving. Symmetric, so a round trip cannot see it."""
+
+    to_mcore_into = Transform.to_mcore_into  # load through our to_mcore, not QKV's in-place copy
 
     def slices(self, hf, local, tp, rank):
         self._check_sources(hf)
@@ -40,6 +42,8 @@ class PlainQKV(QKV):
 
 class SwappedGatedMLP(GatedMLP):
     """WRONG: ``[up_r; gate_r]`` per rank instead of ``[gate_r; up_r]``."""
+
+    to_mcore_into = Transform.to_mcore_into
 
     def to_mcore(self, pieces, local, tp, rank):
         return super().to_mcore(pieces[::-1], local, tp, rank)
@@ -75,7 +79,7 @@ def _loaded(source: str, layout: dict):
     return bridge, models
 
 
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
@@ -93,7 +97,7 @@ def roundtrip(source: str, layout: dict, out_dir: str | None = None, broken: str
             names.add(name)
             if name not in source.tensors:
                 mismatches.append(f"{name}: not in the source")
-            elif not _same_bytes(tensor, ref := source.read(name)):
+            elif not same_bytes(tensor, ref := source.read(name)):
                 mismatches.append(f"{name}: {tensor.dtype}{tuple(tensor.shape)} vs {ref.dtype}{tuple(ref.shape)}")
         if out_dir is not None:
             bridge.save_weights(models, out_dir, overwrite=True)

@@ -8,13 +8,10 @@ import pytest
 
 from mcore_bridge.io import HFCheckpoint
 from tests import cases
+from tests.cases import same_bytes
 from tests.matrix import full_matrix
 
 CASE_TIMEOUT_S = 300
-
-
-def same_bytes(a, b) -> bool:
-    return cases._same_bytes(a, b)
 
 
 @pytest.mark.parametrize("model,world,layout", full_matrix())

@@ -79,7 +79,6 @@ _LIVE: "weakref.WeakSet[Pool]" = weakref.WeakSet()
 def _close_all():
     for pool in list(_LIVE):
         pool.close()
-        shutil.rmtree(pool._stacks, ignore_errors=True)
 
 
 class Pool:
@@ -91,6 +90,7 @@ class Pool:
         self.conns: list = []
         self._task = 0
         self._stacks = tempfile.mkdtemp(prefix=f"pool{world_size}-")
+        weakref.finalize(self, shutil.rmtree, self._stacks, ignore_errors=True)
         _LIVE.add(self)
 
     # -- lifecycle -----------------------------------------------------------------------------
