@@ -202,6 +202,7 @@ class Pool:
                         pending.discard(rank)
                 elif not self.conns[by_sentinel[obj]].poll():  # died without a word (a reply is read first)
                     rank = by_sentinel[obj]
+                    self.procs[rank].join(5)  # the sentinel fires as its fds close, before it is reapable
                     raise WorkerError(case, rank, f"worker exited with code {self.procs[rank].exitcode}")
         return results
 
