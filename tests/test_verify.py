@@ -51,8 +51,9 @@ CONTROLS = [  # (model, layout, control, the probe that must be named first)
 ]
 
 
-@pytest.mark.parametrize("model,layout,control,where", CONTROLS,
-                         ids=[f"{m}-{l.short()}-{c.split(':')[0]}" for m, l, c, _ in CONTROLS])
+@pytest.mark.parametrize("model,layout,control,where", [
+    pytest.param(m, l, c, w, id=f"{m}-{l.short()}-{c.split(':')[0]}", marks=pytest.mark.world(l.model_parallel_size))
+    for m, l, c, w in CONTROLS])
 def test_negative_control_is_caught_and_located(model, layout, control, where, pools, zoo_model, ref_cache):
     r = run(pools, zoo_model, ref_cache, model, layout, control=control)
     assert r["verdict"] == "fail"
