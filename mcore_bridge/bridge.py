@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from . import io as hfio
-from .export import Exporter, ExportUnit, iterate, make_buckets, nbytes
+from .export import Exporter, ExportUnit, balanced_writers, iterate, make_buckets, nbytes
 from .families import family_for
 from .layout import ParallelLayout
 from .plan import MappingError, check_names, inventory, local_items
@@ -167,7 +167,7 @@ class Bridge:
             dtypes = [dtype or self.hf_tensors[n][1] for n in u.hf_names]
             units.append(ExportUnit(u, len(units), shapes, dtypes, mine.get(u.key)))
         device = next(iter(state.values())).device
-        return Exporter(units, state, g["tp_group"], self.layout.tp, device), g
+        return Exporter(units, state, g["tp_group"], self.layout.tp, g["tp_rank"], device), g
 
     def export_weights(self, models, dtype: torch.dtype | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                        all_ranks: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
@@ -194,9 +194,10 @@ class Bridge:
         world = rt.world_size()
         dp = world // self.layout.model_parallel_size
 
-        def writer(u: ExportUnit) -> int:
-            tp_rank = u.index % self.layout.tp
-            return u.unit.stage * self.layout.tp * dp + tp_rank  # dp rank 0
+        tp_writer = balanced_writers(exporter.units, self.layout.tp)
+
+        def writer(u: ExportUnit) -> int:  # global rank: the unit's stage, data-parallel rank 0
+            return u.unit.stage * self.layout.tp * dp + tp_writer[u.index]
 
         sizes = {n: nbytes(s, d) for u in exporter.units
                  for n, s, d in zip(u.unit.hf_names, u.hf_shapes, u.out_dtypes)}
@@ -211,9 +212,12 @@ class Bridge:
         with hfio.collective_output(out_dir, overwrite, finalize) as stage:
             pending = {n: f for f in mine for n in f["names"]}
             filled: dict[str, dict] = {f["file"]: {} for f in mine}
-            owned = [u for u in exporter.units if u.unit.stage == g["pp_rank"]]
-            stream = iterate(exporter, make_buckets(exporter.units, bucket_bytes), g["pp_rank"],
-                             self.layout.pp, None, [], all_stages=False)
+            owned = [u for u in exporter.units if u.unit.stage == g["pp_rank"]
+                     and tp_writer[u.index] == g["tp_rank"]]
+            stream = iterate(exporter, make_buckets(exporter.units, bucket_bytes, tp_writer), g["pp_rank"],
+                             self.layout.pp, None, [], all_stages=False, writer=tp_writer)
+            if g["dp_rank"] != 0:  # replicas hold the same weights: the first one writes
+                stream = iter(())
             for name, tensor in progress(stream, "save", total=sum(len(u.unit.hf_names) for u in owned)):
                 f = pending.get(name)
                 if f is None:

@@ -45,10 +45,14 @@ def _padded(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def make_buckets(units: list[ExportUnit], bucket_bytes: int) -> list[list[ExportUnit]]:
+def make_buckets(units: list[ExportUnit], bucket_bytes: int, writer=None) -> list[list[ExportUnit]]:
+    """Consecutive units of one stage (and, when ``writer`` is given, one writer) up to the size."""
+    def key(u):
+        return (u.unit.stage, writer[u.index] if writer else None)
+
     buckets, current, size = [], [], 0
     for u in units:
-        if current and (u.unit.stage != current[-1].unit.stage or size + u.nbytes > bucket_bytes):
+        if current and (key(u) != key(current[-1]) or size + u.nbytes > bucket_bytes):
             buckets.append(current)
             current, size = [], 0
         current.append(u)
@@ -81,21 +85,30 @@ def unpack(buf: torch.Tensor, specs: list[tuple[tuple[int, ...], torch.dtype]]) 
 class Exporter:
     """Runs the export of one rank. ``state`` maps (chunk, param name) to the local tensor."""
 
-    def __init__(self, units: list[ExportUnit], state: dict, tp_group, tp: int, device):
-        self.units, self.state, self.tp_group, self.tp, self.device = units, state, tp_group, tp, device
+    def __init__(self, units: list[ExportUnit], state: dict, tp_group, tp: int, tp_rank: int, device):
+        self.units, self.state, self.tp_group, self.device = units, state, tp_group, device
+        self.tp, self.tp_rank = tp, tp_rank
 
     def _local(self, u: ExportUnit) -> torch.Tensor:
         return self.state[(u.local.chunk, u.local.param)].detach()
 
-    def gather(self, bucket: list[ExportUnit]) -> list[tuple[str, torch.Tensor]]:
-        """On the owning stage: full HF tensors of a bucket (one all-gather for all split units)."""
+    def gather(self, bucket: list[ExportUnit], dst: int | None = None) -> list[tuple[str, torch.Tensor]]:
+        """On the owning stage: full HF tensors of a bucket, one collective for all split units.
+        ``dst`` (a TP rank): only that rank receives and rebuilds them; the others return []."""
         split = [u for u in bucket if u.unit.rule.transform.tp_split and self.tp > 1]
         shards: dict[int, list[torch.Tensor]] = {}
+        receiving = dst is None or dst == self.tp_rank
         if split:
             local = [self._local(u) for u in split]
             buf = pack(local, self.device)
-            bufs = [torch.empty_like(buf) for _ in range(self.tp)]
-            dist.all_gather(bufs, buf, group=self.tp_group)
+            bufs = [torch.empty_like(buf) for _ in range(self.tp)] if receiving else None
+            if dst is None:
+                dist.all_gather(bufs, buf, group=self.tp_group)
+            else:
+                dist.gather(buf, bufs, group=self.tp_group, group_dst=dst)
+        if not receiving:
+            return []
+        if split:
             specs = [(tuple(t.shape), t.dtype) for t in local]
             per_rank = [unpack(b, specs) for b in bufs]
             for i, u in enumerate(split):
@@ -124,13 +137,28 @@ class Exporter:
 
 
 def iterate(exporter: Exporter, buckets, my_stage: int, pp: int, pp_group, pp_ranks: list[int],
-            all_stages: bool) -> Iterator[tuple[str, torch.Tensor]]:
+            all_stages: bool, writer: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)``. ``all_stages``: every rank receives every tensor (PP
-    broadcast); otherwise each stage yields only what it owns."""
+    broadcast); otherwise each stage yields only what it owns, and with ``writer`` (unit index ->
+    TP rank) only to that TP rank."""
     for bucket in buckets:
         stage = bucket[0].unit.stage
-        tensors = exporter.gather(bucket) if stage == my_stage else None
+        dst = writer[bucket[0].index] if writer else None
+        tensors = exporter.gather(bucket, dst) if stage == my_stage else None
         if all_stages and pp > 1:
             tensors = exporter.broadcast(bucket, tensors, pp_group, pp_ranks[stage])
         if tensors is not None:
             yield from tensors
+
+
+def balanced_writers(units: list[ExportUnit], tp: int) -> dict[int, int]:
+    """Unit index -> TP rank that writes it: each stage's units in contiguous runs of about equal
+    bytes, so a bucket has one writer and every TP rank writes its share."""
+    out = {}
+    for stage in sorted({u.unit.stage for u in units}):
+        mine = [u for u in units if u.unit.stage == stage]
+        total, seen = sum(u.nbytes for u in mine) or 1, 0
+        for u in mine:
+            out[u.index] = min(tp - 1, seen * tp // total)
+            seen += u.nbytes
+    return out
