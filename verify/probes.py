@@ -15,17 +15,14 @@ def _first(output):
 
 
 @contextlib.contextmanager
-def hf_probes(model, store: dict):
-    """Hooks on a transformers causal LM (``model.model.{embed_tokens,layers,norm}``)."""
-    inner = model.model
-    targets = [("embedding", inner.embed_tokens)]
-    targets += [(f"layer.{i}", layer) for i, layer in enumerate(inner.layers)]
-    targets.append(("final_norm", inner.norm))
-    handles = []
-    for name, module in targets:
-        def hook(_m, _inp, out, name=name):
-            store.setdefault(name, _first(out).detach().float().cpu())
-        handles.append(module.register_forward_hook(hook))
+def _hooked(targets, store: dict, to_bsh):
+    """Record ``to_bsh(output)`` of each ``(name, module)`` into ``store`` (first call wins)."""
+    def hook_for(name):
+        def hook(_module, _inputs, out):
+            store.setdefault(name, to_bsh(_first(out).detach()).float().cpu())
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in targets]
     try:
         yield store
     finally:
@@ -33,7 +30,15 @@ def hf_probes(model, store: dict):
             h.remove()
 
 
-@contextlib.contextmanager
+def hf_probes(model, store: dict):
+    """Hooks on a transformers causal LM (``model.model.{embed_tokens,layers,norm}``)."""
+    inner = model.model
+    targets = [("embedding", inner.embed_tokens)]
+    targets += [(f"layer.{i}", layer) for i, layer in enumerate(inner.layers)]
+    targets.append(("final_norm", inner.norm))
+    return _hooked(targets, store, lambda hidden: hidden)
+
+
 def megatron_probes(models, store: dict, sequence_parallel: bool):
     """Hooks on megatron GPT chunks; activations are ``[S, B, H]`` there (sequence-sharded under
     SP, gathered here inside the tensor-parallel group: every TP rank runs the hook)."""
@@ -46,19 +51,13 @@ def megatron_probes(models, store: dict, sequence_parallel: bool):
         targets += [(f"layer.{layer.layer_number - 1}", layer) for layer in chunk.decoder.layers]
         if getattr(chunk, "post_process", False) and chunk.decoder.final_layernorm is not None:
             targets.append(("final_norm", chunk.decoder.final_layernorm))
-    handles = []
-    for name, module in targets:
-        def hook(_m, _inp, out, name=name):
-            hidden = _first(out).detach()
-            if sequence_parallel:
-                hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-            store.setdefault(name, hidden.transpose(0, 1).float().cpu())
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
+
+    def to_bsh(hidden):
+        if sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        return hidden.transpose(0, 1)
+
+    return _hooked(targets, store, to_bsh)
 
 
 def probe_order(num_layers: int) -> list[str]:
