@@ -315,7 +315,7 @@ def cmd_verify(args, argv) -> int:
                     failed.append(f"{model_name(model)} {layout.short()} {dtype}")
                     if not lines or "FAIL" not in lines[-1]:  # crashed rather than failed a threshold
                         print(_tail(proc.stderr), file=sys.stderr, flush=True)
-    from verify.report import render_all
+    from verify.report_html import render_all
 
     render_all(report_dir)
     print(f"{ran - len(failed)}/{ran} cases passed; reports in {report_dir}/index.html", flush=True)
@@ -334,7 +334,7 @@ def _tail(text: str, n: int = 25) -> str:
 
 def cmd_report(args, argv) -> int:
     if args.render:
-        from verify.report import render_all
+        from verify.report_html import render_all
 
         render_all(Path(args.render))
         print(f"rendered {Path(args.render) / 'index.html'}")

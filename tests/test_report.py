@@ -1,4 +1,4 @@
-"""Report rendering (verify/report.py): canonical JSON, Markdown, per-model HTML pages, index."""
+"""Report rendering (verify/report.py, verify/report_html.py): canonical JSON, Markdown, HTML pages, index."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import re
 import pytest
 
 from tests.report_factory import make_report
-from verify.report import (ReportError, load_reports, render_all, render_index, render_markdown,
-                           render_model_page, report_path, write_report)
+from verify.report import ReportError, load_reports, render_markdown, report_path, write_report
+from verify.report_html import render_all, render_index, render_model_page
 
 PNG = "data:image/png;base64,"
 
