@@ -25,9 +25,9 @@ DEFAULT_BUCKET_BYTES = 256 << 20
 DEFAULT_SHARD_BYTES = 2 << 30
 
 
-def progress(iterable, desc: str, total: Optional[int] = None, enabled: bool = True):
+def progress(iterable, desc: str, total: Optional[int] = None):
     """A tqdm bar on rank 0 (stderr), silent elsewhere and when MCORE_BRIDGE_QUIET is set."""
-    if not enabled or rt.rank() != 0 or os.environ.get("MCORE_BRIDGE_QUIET"):
+    if rt.rank() != 0 or os.environ.get("MCORE_BRIDGE_QUIET"):
         return iterable
     from tqdm import tqdm
 

@@ -79,8 +79,7 @@ def bridge_from_mcore(path, layout: ParallelLayout | None = None, hf_dir=None) -
     meta = read_meta(path)
     saved = ParallelLayout(**meta["layout"])
     layout = layout or saved
-    if (layout.tp, layout.pp, layout.vpp, layout.first_stage_layers, layout.last_stage_layers) != (
-            saved.tp, saved.pp, saved.vpp, saved.first_stage_layers, saved.last_stage_layers):
+    if {**layout.to_dict(), "sp": None} != {**saved.to_dict(), "sp": None}:  # sp changes no parameter
         raise LayoutError(f"{path} was written at {saved.short()}; the plain format loads only at that "
                           f"layout: drop the layout flags or pass the same --tp/--pp/--vpp")
     hf_tensors = {n: (tuple(s), hfio.SAFETENSORS_DTYPES[d]) for n, (s, d) in meta["hf_tensors"].items()}

@@ -45,15 +45,16 @@ def inventory(family: Family, layout: ParallelLayout) -> list[Unit]:
     """All units of the model in HF order: embedding, layers in order, final norm, output."""
     n = family.num_layers
     first, last = (0, 0), (layout.pp - 1, layout.vpp - 1)
+    rules = family.rules()
     head, layers, tail = [], [], []
-    for r in family.rules():
+    for r in rules:
         if r.per_layer:
             continue
         if r.mcore.startswith("embedding."):
             head.append(Unit(r, None, *first))
         else:
             tail.append(Unit(r, None, *last))
-    per_layer = [r for r in family.rules() if r.per_layer]
+    per_layer = [r for r in rules if r.per_layer]
     for layer in range(n):
         stage, chunk = layout.layer_owner(n, layer)
         layers += [Unit(r, layer, stage, chunk) for r in per_layer]

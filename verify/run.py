@@ -166,9 +166,10 @@ def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=No
             hf, mc = layer_params(bridge, probe)
             first = {"probe": probe, "layer": probe_layer(probe), "rel_mean_diff": drift[probe]["rel_mean_diff"],
                      "hf_params": hf, "mcore_params": mc}
+            first_limit = limit
     fails = metrics.failures(overall, limits)
     if first is not None:
-        fails.append(f"{first['probe']} drift {first['rel_mean_diff']:.2e} > {layers[[l['probe'] for l in layers].index(first['probe'])]['threshold']:.1e}")
+        fails.append(f"{first['probe']} drift {first['rel_mean_diff']:.2e} > {first_limit:.1e}")
     return {
         "schema": SCHEMA, "model": name, "source": str(bridge.source), "family": bridge.family.name,
         "layout": layout.to_dict(), "layout_id": layout.short(), "dtype": dtype, "device": device,
