@@ -157,7 +157,7 @@ class ReadPlan:
 
         ckpt = bridge.hf
         state = bridge._state(models)
-        tp, tp_rank = bridge.layout.tp, bridge._groups()["tp_rank"]
+        groups = bridge._groups()
         starts, headers = {}, {}
         self.items = []  # (param, nbytes, [(path, [(off, len)])])
         self.share = 0  # bytes of this rank's loaded parameters (in the model dtype)
@@ -168,6 +168,7 @@ class ReadPlan:
             target = state[(item.chunk, item.param)]
             names = item.unit.hf_names
             shapes = [ckpt.info(n).shape for n in names]
+            _, tp, tp_rank = groups.split(item.unit.rule)
             regions = item.unit.rule.transform.slices(shapes, tuple(target.shape), tp, tp_rank)
             sources, total = [], 0
             for name, region in zip(names, regions):

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from . import io as hfio
-from .export import Exporter, ExportUnit, balanced_writers, iterate, make_buckets, nbytes
+from . import stacked
+from .export import Exporter, ExportUnit, Groups, balanced_writers, make_buckets, nbytes
 from .families import family_for
 from .layout import ParallelLayout
 from .plan import MappingError, check_names, inventory, local_items
@@ -49,11 +50,15 @@ class Bridge:
     """Converts between one HF model and megatron-core models sharded by ``layout``.
 
     ``source`` is an HF directory (config + safetensors) or ``builtin:NAME``. The layout is
-    validated against the model here, before any weight is read.
+    validated against the model here, before any weight is read. MoE checkpoints that stack their
+    experts (``experts.gate_up_proj [E, ...]``) are read through per-expert views and exported in
+    the same storage unless told otherwise (``expert_storage``: ``stacked.IN_OUT``/``OUT_IN``, or
+    None for one tensor per expert).
     """
 
     def __init__(self, source, layout: ParallelLayout = ParallelLayout(), *, hf_config: dict | None = None,
-                 hf_tensors: dict | None = None, side_files: Path | None = None):
+                 hf_tensors: dict | None = None, side_files: Path | None = None,
+                 expert_storage: str | None = None):
         if hf_config is None:
             self.source = resolve_source(source)
             self.hf = hfio.HFCheckpoint(self.source)
@@ -62,10 +67,14 @@ class Bridge:
             side_files = self.source
         else:
             self.source, self.hf = Path(source) if source else None, None
-        self.hf_config = hf_config
-        self.hf_tensors = hf_tensors  # name -> (shape, dtype) of the HF checkpoint, export target
-        self.side_files = side_files
         self.family = family_for(hf_config)
+        if self.hf is not None:  # stacked experts: from here on seen as one tensor per expert
+            self.hf, expert_storage = stacked.open_checkpoint(self.hf, self.family)
+            hf_tensors = {n: (i.shape, i.dtype) for n, i in self.hf.tensors.items()}
+        self.hf_config = hf_config
+        self.hf_tensors = hf_tensors  # name -> (shape, dtype), per-expert names: the export target
+        self.expert_storage = expert_storage  # how the source stores experts; export default
+        self.side_files = side_files
         self.layout = layout
         layout.validate(**self.family.layout_dims())
         self.units = inventory(self.family, layout)
@@ -79,39 +88,48 @@ class Bridge:
         self.device = rt.setup(self.layout, device)
         return self.device
 
-    def build_model(self, dtype: torch.dtype | str = torch.float32, parallel_output: bool = True) -> list:
+    def build_model(self, dtype: torch.dtype | str = torch.float32, parallel_output: bool = True,
+                    grouped_experts: bool = False) -> list:
+        """This rank's model chunks. ``grouped_experts``: MoE experts in one grouped-GEMM module
+        per layer (megatron-core 0.16's legacy GroupedMLP) instead of SequentialMLP."""
         from .model import build_model
 
         if self.device is None:
             self.setup()
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        return build_model(self.family, self.layout, dtype, self.device, parallel_output)
+        return build_model(self.family, self.layout, dtype, self.device, parallel_output, grouped_experts)
 
-    def _groups(self):
+    def _groups(self) -> Groups:
+        if not dist.is_initialized():
+            return Groups()
         from megatron.core import parallel_state as ps
 
-        return dict(tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
-                    dp_rank=ps.get_data_parallel_rank(), tp_group=ps.get_tensor_model_parallel_group(),
-                    pp_group=ps.get_pipeline_model_parallel_group())
+        ep_group = ps.get_expert_model_parallel_group()
+        pp_group = ps.get_pipeline_model_parallel_group()
+        return Groups(
+            pp_rank=ps.get_pipeline_model_parallel_rank(), tp=self.layout.tp,
+            tp_rank=ps.get_tensor_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
+            etp=self.layout.etp, etp_rank=ps.get_expert_tensor_parallel_rank(), ep=self.layout.ep,
+            ep_rank=ps.get_expert_model_parallel_rank(), edp_rank=ps.get_expert_data_parallel_rank(),
+            tp_group=ps.get_tensor_model_parallel_group(), etp_group=ps.get_expert_tensor_parallel_group(),
+            ep_group=ep_group, pp_group=pp_group, pp_ranks=dist.get_process_group_ranks(pp_group),
+            ep_ranks=dist.get_process_group_ranks(ep_group))
 
     def _state(self, models) -> dict:
-        out = {}
-        for chunk, m in enumerate(models):
-            for name, t in m.state_dict(keep_vars=True).items():
-                if isinstance(t, torch.Tensor) and not name.endswith("_extra_state"):
-                    out[(chunk, name)] = t
-        return out
+        from .model import param_views
+
+        return param_views(models, self.family, self.layout)
 
     def _items(self, models, state):
         g = self._groups()
         names = [[n for (c, n) in state if c == chunk] for chunk in range(len(models))]
         if len(models) != self.layout.vpp:
             raise ValueError(f"expected {self.layout.vpp} model chunks (vpp), got {len(models)}")
-        items = local_items(self.family, self.layout, g["pp_rank"], names)
+        items = local_items(self.family, self.layout, g.pp_rank, names, g.ep_rank)
         have = {it.unit.key for it in items}
-        lacking = [u for u in self.units if u.stage == g["pp_rank"] and u.key not in have]
+        lacking = [u for u in self.units if g.holds(u.owner) and u.key not in have]
         if lacking:  # a model built for another layout or config: its HF tensors would go unused
-            raise MappingError(f"the model on pp rank {g['pp_rank']} has no parameter for "
+            raise MappingError(f"the model on pp rank {g.pp_rank} has no parameter for "
                                f"{len(lacking)} unit(s) this layout gives it, e.g. {lacking[0].rule.mcore} "
                                f"(layer {lacking[0].layer}); was it built for this layout?")
         return items
@@ -119,11 +137,13 @@ class Bridge:
     # -- load --------------------------------------------------------------------------------
     def load_weights(self, models, hf_dir=None):
         """Fill this rank's model chunks from HF safetensors, reading only the needed slices."""
-        ckpt = hfio.HFCheckpoint(resolve_source(hf_dir)) if hf_dir is not None else self.hf
+        ckpt = self.hf
+        if hf_dir is not None:
+            ckpt = stacked.open_checkpoint(hfio.HFCheckpoint(resolve_source(hf_dir)), self.family)[0]
         if ckpt is None:
             raise ValueError("load_weights: this bridge has no HF checkpoint; pass hf_dir")
         state = self._state(models)
-        tp, tp_rank = self.layout.tp, self._groups()["tp_rank"]
+        g = self._groups()
         jobs, error = [], None
         try:
             check_names(self.units, set(ckpt.names()), where=str(ckpt.path))
@@ -132,6 +152,7 @@ class Bridge:
                 names = item.unit.hf_names
                 shapes = [ckpt.info(n).shape for n in names]
                 transform = item.unit.rule.transform
+                _, tp, tp_rank = g.split(item.unit.rule)
                 try:
                     expect = transform.local_shape(shapes, tp)
                     if expect is not None and tuple(expect) != tuple(target.shape):
@@ -140,13 +161,13 @@ class Bridge:
                     regions = transform.slices(shapes, tuple(target.shape), tp, tp_rank)
                 except ShapeMismatch as e:
                     raise MappingError(f"{', '.join(names)} {shapes} -> {item.param}: {e}") from None
-                jobs.append((item, target, names, regions))
+                jobs.append((item, target, names, regions, tp, tp_rank))
         except Exception as e:  # make every rank fail together, before any weight is read
             error = e
         if not rt.all_ok(error is None):
             raise error or RuntimeError("another rank rejected the checkpoint (see its error)")
         with torch.no_grad():
-            for item, target, names, regions in progress(jobs, "load"):
+            for item, target, names, regions, tp, tp_rank in progress(jobs, "load"):
                 pieces = [ckpt.read(n, r) for n, r in zip(names, regions)]
                 item.unit.rule.transform.to_mcore_into(pieces, target, tp, tp_rank)
                 del pieces  # let the mapped source pages go before the next read
@@ -167,42 +188,71 @@ class Bridge:
             dtypes = [dtype or self.hf_tensors[n][1] for n in u.hf_names]
             units.append(ExportUnit(u, len(units), shapes, dtypes, mine.get(u.key)))
         device = next(iter(state.values())).device
-        return Exporter(units, state, g["tp_group"], self.layout.tp, g["tp_rank"], device), g
+        return Exporter(units, state, g, device), g
+
+    def _stacking(self, expert_storage: str | None):
+        """(views, stacked shapes) when exporting stacked experts, else None. ``expert_storage``:
+        "source" (as the checkpoint stored them), "per_expert", or a ``stacked`` orientation."""
+        storage = self.expert_storage if expert_storage == "source" else expert_storage
+        if storage in (None, "per_expert"):
+            return None
+        if storage not in stacked.ORIENTATIONS:
+            raise ValueError(f"expert_storage={expert_storage!r}: choose source, per_expert, "
+                             f"{', '.join(stacked.ORIENTATIONS)}")
+        if not self.family.num_experts:
+            raise ValueError(f"expert_storage={storage!r}: {self.family.name} has no experts to stack")
+        return stacked.view_table(self.family, storage), stacked.stacked_shapes(self.family, storage)
 
     def export_weights(self, models, dtype: torch.dtype | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                       all_ranks: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+                       all_ranks: bool = True, expert_storage: str | None = "source"
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(hf_name, tensor)`` with the checkpoint's names, shapes and (unless ``dtype``)
         dtypes. ``all_ranks``: every rank gets every tensor; else each pipeline stage yields its own.
+        ``expert_storage``: see ``_stacking`` (stacking needs ``all_ranks`` or ep=1).
         Collective: all ranks must iterate it to the end."""
         exporter, g = self._exporter(models, dtype)
         buckets = make_buckets(exporter.units, bucket_bytes)
-        pp_ranks = dist.get_process_group_ranks(g["pp_group"]) if dist.is_initialized() else [0]
+        stacking = self._stacking(expert_storage)
+        if stacking and not all_ranks and self.layout.ep > 1:
+            raise ValueError("stacked experts need every expert on the receiving rank: use all_ranks=True "
+                             "or expert_storage='per_expert' with ep > 1")
         with torch.no_grad():
-            yield from iterate(exporter, buckets, g["pp_rank"], self.layout.pp, g["pp_group"], pp_ranks,
-                               all_ranks)
+            stream = exporter.iterate(buckets, all_ranks)
+            yield from stacked.restack(stream, *stacking) if stacking else stream
 
     def save_weights(self, models, out_dir, *, dtype: torch.dtype | None = None, overwrite: bool = False,
-                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                     expert_storage: str | None = "source"):
         """Write HF safetensors shards + index + config (+ tokenizer files) into ``out_dir``.
 
-        Each tensor is written by one rank of the stage that owns it (TP ranks take turns, data
-        parallel replicas other than the first write nothing). Everything is assembled in a staging
-        directory that is renamed into place only after every rank succeeded.
+        Each tensor is written by one rank holding it: TP (or expert-TP) ranks take turns, each
+        expert-parallel rank writes its own experts, data-parallel replicas other than the first
+        write nothing. Stacked experts (``expert_storage``, default: as the source) are assembled
+        from every rank's experts, so that stream reaches every rank. Everything is assembled in a
+        staging directory that is renamed into place only after every rank succeeded.
         """
         out_dir = Path(out_dir).absolute()
         exporter, g = self._exporter(models, dtype)
         world = rt.world_size()
-        dp = world // self.layout.model_parallel_size
+        tp_writer = balanced_writers(exporter.units, g)
 
-        tp_writer = balanced_writers(exporter.units, self.layout.tp)
+        def writer(u: ExportUnit) -> int:  # global rank of the first replica's writing rank
+            stage, ep_owner = u.unit.owner
+            if ep_owner is None:
+                return self.layout.stage_rank(world, stage, tp=tp_writer[u.index])
+            return self.layout.expert_rank(world, stage, etp=tp_writer[u.index], ep=ep_owner)
 
-        def writer(u: ExportUnit) -> int:  # global rank: the unit's stage, data-parallel rank 0
-            return u.unit.stage * self.layout.tp * dp + tp_writer[u.index]
-
-        sizes = {n: nbytes(s, d) for u in exporter.units
-                 for n, s, d in zip(u.unit.hf_names, u.hf_shapes, u.out_dtypes)}
-        files = hfio.plan_shards(((n, sizes[n], writer(u)) for u in exporter.units for n in u.unit.hf_names),
-                                 max_shard_bytes)
+        stacking = self._stacking(expert_storage)
+        outputs = {}  # output name -> (bytes, writer), in export order
+        for u in exporter.units:
+            for n, s, d in zip(u.unit.hf_names, u.hf_shapes, u.out_dtypes):
+                view = stacking[0].get(n) if stacking else None
+                if view is None:
+                    outputs[n] = (nbytes(s, d), writer(u))
+                elif view.stacked not in outputs:
+                    outputs[view.stacked] = (nbytes(stacking[1][view.stacked], d), writer(u))
+        sizes = {n: b for n, (b, _) in outputs.items()}
+        files = hfio.plan_shards(((n, b, w) for n, (b, w) in outputs.items()), max_shard_bytes)
         mine = [f for f in files if f["writer"] == rt.rank()]
 
         def finalize(stage: Path):
@@ -212,13 +262,13 @@ class Bridge:
         with hfio.collective_output(out_dir, overwrite, finalize) as stage:
             pending = {n: f for f in mine for n in f["names"]}
             filled: dict[str, dict] = {f["file"]: {} for f in mine}
-            owned = [u for u in exporter.units if u.unit.stage == g["pp_rank"]
-                     and tp_writer[u.index] == g["tp_rank"]]
-            stream = iterate(exporter, make_buckets(exporter.units, bucket_bytes, tp_writer), g["pp_rank"],
-                             self.layout.pp, None, [], all_stages=False, writer=tp_writer)
-            if g["dp_rank"] != 0:  # replicas hold the same weights: the first one writes
-                stream = iter(())
-            for name, tensor in progress(stream, "save", total=sum(len(u.unit.hf_names) for u in owned)):
+            if stacking:
+                stream = stacked.restack(exporter.iterate(make_buckets(exporter.units, bucket_bytes), True),
+                                         *stacking)
+            else:
+                stream = exporter.iterate(make_buckets(exporter.units, bucket_bytes, tp_writer), all_stages=False,
+                                          writer=tp_writer)
+            for name, tensor in progress(stream, "save", total=sum(len(f["names"]) for f in mine)):
                 f = pending.get(name)
                 if f is None:
                     continue

@@ -25,8 +25,22 @@ PLAIN = "mcore-bridge-plain/1"
 DTYPE_NAMES = {v: k for k, v in hfio.SAFETENSORS_DTYPES.items()}
 
 
-def rank_file(tp_rank: int, pp_rank: int) -> str:
-    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}.safetensors"
+def rank_file(layout: ParallelLayout, rank: int, world_size: int) -> str:
+    """The file holding what global ``rank`` holds: megatron's ``mp_rank_TT_PPP`` naming, plus the
+    expert-parallel rank (``_EEE``) and, when it differs from tp, the expert-TP rank (``_xNN``)."""
+    c = layout.coords(rank, world_size)
+    name = f"mp_rank_{c['tp']:02d}_{c['pp']:03d}"
+    if layout.ep > 1:
+        name += f"_{c['ep']:03d}"
+    if layout.etp != layout.tp:
+        name += f"_x{c['etp']:02d}"
+    return name + ".safetensors"
+
+
+def writes_file(layout: ParallelLayout, rank: int, world_size: int) -> bool:
+    """Whether ``rank`` is the lowest rank holding its file's contents (replicas write nothing)."""
+    mine = rank_file(layout, rank, world_size)
+    return all(rank_file(layout, r, world_size) != mine for r in range(rank))
 
 
 def is_mcore_checkpoint(path) -> bool:
@@ -46,9 +60,7 @@ def read_meta(path) -> dict:
 
 
 def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False):
-    """Collective: every first data-parallel replica rank writes its own file; rank 0 the metadata."""
-    from megatron.core import parallel_state as ps
-
+    """Collective: the first rank holding each distinct part writes its file; rank 0 the metadata."""
     out_dir = Path(out_dir).absolute()
     state = bridge._state(models)
     meta = {
@@ -57,6 +69,7 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False):
         "family": bridge.family.name,
         "hf_config": bridge.hf_config,
         "hf_tensors": {n: [list(s), DTYPE_NAMES[d]] for n, (s, d) in bridge.hf_tensors.items()},
+        "expert_storage": bridge.expert_storage,
     }
 
     def finalize(stage: Path):
@@ -64,11 +77,11 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False):
         (stage / "hf").mkdir()
         hfio.copy_side_files(bridge.side_files, stage / "hf", bridge.hf_config)
 
+    layout, rank, world = bridge.layout, rt.rank(), rt.world_size()
     with hfio.collective_output(out_dir, overwrite, finalize) as stage:
-        if ps.get_data_parallel_rank() == 0:
-            tensors = {f"chunk{c}.{name}": t.detach().cpu() for (c, name), t in state.items()}
-            hfio.write_shard(stage / rank_file(ps.get_tensor_model_parallel_rank(),
-                                               ps.get_pipeline_model_parallel_rank()), tensors)
+        if writes_file(layout, rank, world):
+            tensors = {f"chunk{c}.{name}": t.detach().contiguous().cpu() for (c, name), t in state.items()}
+            hfio.write_shard(stage / rank_file(layout, rank, world), tensors)
     return out_dir
 
 
@@ -81,18 +94,17 @@ def bridge_from_mcore(path, layout: ParallelLayout | None = None, hf_dir=None) -
     layout = layout or saved
     if {**layout.to_dict(), "sp": None} != {**saved.to_dict(), "sp": None}:  # sp changes no parameter
         raise LayoutError(f"{path} was written at {saved.short()}; the plain format loads only at that "
-                          f"layout: drop the layout flags or pass the same --tp/--pp/--vpp")
+                          f"layout: drop the layout flags or pass the same --tp/--pp/--vpp/--ep/--etp")
     hf_tensors = {n: (tuple(s), hfio.SAFETENSORS_DTYPES[d]) for n, (s, d) in meta["hf_tensors"].items()}
     side = Path(hf_dir) if hf_dir is not None else path / "hf"
-    return Bridge(path, layout, hf_config=meta["hf_config"], hf_tensors=hf_tensors, side_files=side)
+    return Bridge(path, layout, hf_config=meta["hf_config"], hf_tensors=hf_tensors, side_files=side,
+                  expert_storage=meta.get("expert_storage"))
 
 
 def load_mcore(bridge: Bridge, models, path):
     """Fill this rank's chunks from its file; every parameter present exactly once, nothing extra."""
-    from megatron.core import parallel_state as ps
-
     path = Path(path)
-    file = path / rank_file(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    file = path / rank_file(bridge.layout, rt.rank(), rt.world_size())
     error = None
     try:
         if not file.exists():

@@ -46,6 +46,10 @@ def _add_layout_args(p: argparse.ArgumentParser):
                    default=None, help="layers on the first pipeline stage (uneven split)")
     g.add_argument("--decoder-last-pipeline-num-layers", "--decoder_last_pipeline_num_layers", type=int,
                    default=None, help="layers on the last pipeline stage (uneven split)")
+    g.add_argument("--ep", "--expert-model-parallel-size", "--expert_model_parallel_size", type=int,
+                   default=None, help="expert parallel size for MoE models (default 1)")
+    g.add_argument("--etp", "--expert-tensor-parallel-size", "--expert_tensor_parallel_size", type=int,
+                   default=None, help="tensor parallel size inside each expert (default: --tp)")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser):
@@ -105,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser(
         "verify", help="run HF and Megatron side by side over a parallel matrix and write reports",
         description="For each model, each valid layout of --matrix and each --dtype: convert the HF model "
-                    "into that layout (one torchrun job with tp x pp processes), run the transformers "
+                    "into that layout (one torchrun job with the processes the layout needs), run the transformers "
                     "model and the megatron model on the same inputs, compare logits (mean_diff, "
                     "max_diff, the loss-masked variants, top-1 agreement, KL, cosine) and per-layer "
                     "hidden states, and fail past the dtype's thresholds. Writes JSON + Markdown per "
@@ -114,12 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="HF directory or builtin:NAME (repeatable; default: every built-in model)")
     ver.add_argument("--matrix", default="tp=1,2 sp=0,1",
                      help='layouts, e.g. "tp=1,2 pp=1,2 sp=0,1 vpp=1,2" (invalid combinations are skipped '
-                          'with the reason); axes: tp pp vpp sp first last')
+                          'with the reason); axes: tp pp vpp sp first last ep etp')
     ver.add_argument("--dtype", default="fp32", help="comma-separated: fp32,bf16")
     ver.add_argument("--report", default="reports", help="report directory")
     ver.add_argument("--control", default=None,
                      help="inject a known error to check the harness (see verify/controls.py), e.g. "
                           "scale:decoder.layers.1.mlp.linear_fc2.weight:1.01")
+    ver.add_argument("--moe-grouped-gemm", "--moe_grouped_gemm", type=_bool, nargs="?", const=True, default=False,
+                     help="build MoE experts as megatron's grouped-GEMM module (bf16 only on megatron-core "
+                          "0.16) instead of one MLP per expert")
     ver.add_argument("--baseline", default=None, help="after the run, compare against this report set")
     _add_runtime_args(ver)
 
@@ -186,7 +193,8 @@ def _layout(args, default=None):
     return ParallelLayout(
         tp=args.tp or d.tp, pp=args.pp or d.pp, vpp=args.vpp or d.vpp, sp=bool(args.sp) or d.sp,
         first_stage_layers=args.decoder_first_pipeline_num_layers or d.first_stage_layers,
-        last_stage_layers=args.decoder_last_pipeline_num_layers or d.last_stage_layers)
+        last_stage_layers=args.decoder_last_pipeline_num_layers or d.last_stage_layers,
+        ep=args.ep or d.ep, etp=args.etp or (d.etp if default and not args.tp else None))
 
 
 def cmd_export(args, argv) -> int:
@@ -209,7 +217,7 @@ def cmd_export(args, argv) -> int:
     else:
         raise SystemExit("mcore-bridge export: pass --model HF_DIR (or builtin:NAME) or --load MCORE_DIR")
 
-    code = needs_launch(args, bridge.layout.model_parallel_size, argv)
+    code = needs_launch(args, bridge.layout.min_world_size, argv)
     if code is not None:
         return code
 
@@ -297,13 +305,15 @@ def cmd_verify(args, argv) -> int:
             print(f"{model_name(model):<12} skip {fields}: {reason}", flush=True)
         for layout in layouts:
             for dtype in dtypes:
-                nproc = args.nproc_per_node or layout.model_parallel_size
+                nproc = args.nproc_per_node or layout.min_world_size
                 cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                        "--standalone", "-m", "verify.run", "--model", model, "--layout",
                        json.dumps(layout.to_dict()), "--dtype", dtype, "--device", args.device,
                        "--report", str(report_dir), "--reference-cache", str(report_dir / ".cache")]
                 if args.control:
                     cmd += ["--control", args.control]
+                if args.moe_grouped_gemm:
+                    cmd += ["--grouped-experts"]
                 env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                            MCORE_BRIDGE_QUIET="1", PYTHONWARNINGS="ignore")
                 ran += 1

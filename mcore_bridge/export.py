@@ -1,10 +1,12 @@
 """Moving megatron shards back to HF tensors: planned buckets, one collective per bucket.
 
 Every rank knows the whole export statically (the inventory plus the HF shapes/dtypes), so no
-metadata is ever exchanged. A bucket is a run of consecutive units owned by one pipeline stage:
-its TP-split shards travel in a single all-gather inside the stage's tensor-parallel group and,
+metadata is ever exchanged. A bucket is a run of consecutive units with one owner -- a pipeline
+stage, and for experts also the expert-parallel rank holding them. Its TP-split shards travel in a
+single all-gather inside the owner's tensor-parallel group (the expert-TP group for experts) and,
 when every rank must receive the weights, the finished HF tensors in a single broadcast over the
-pipeline group. Tensors are packed as raw bytes, so mixed dtypes share a bucket.
+expert-parallel group (experts) and then over the pipeline group. Tensors are packed as raw bytes,
+so mixed dtypes share a bucket.
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ def _padded(n: int) -> int:
 
 
 def make_buckets(units: list[ExportUnit], bucket_bytes: int, writer=None) -> list[list[ExportUnit]]:
-    """Consecutive units of one stage (and, when ``writer`` is given, one writer) up to the size."""
+    """Consecutive units of one owner (and, when ``writer`` is given, one writer) up to the size."""
     def key(u):
-        return (u.unit.stage, writer[u.index] if writer else None)
+        return (u.unit.owner, writer[u.index] if writer else None)
 
     buckets, current, size = [], [], 0
     for u in units:
@@ -82,30 +84,67 @@ def unpack(buf: torch.Tensor, specs: list[tuple[tuple[int, ...], torch.dtype]]) 
     return out
 
 
+@dataclasses.dataclass
+class Groups:
+    """This rank's place in the dense and expert grids, and the process groups export uses."""
+
+    pp_rank: int = 0
+    tp: int = 1
+    tp_rank: int = 0
+    dp_rank: int = 0
+    etp: int = 1
+    etp_rank: int = 0
+    ep: int = 1
+    ep_rank: int = 0
+    edp_rank: int = 0
+    tp_group: object = None
+    etp_group: object = None
+    ep_group: object = None
+    pp_group: object = None
+    pp_ranks: list = dataclasses.field(default_factory=lambda: [0])  # global rank of each stage
+    ep_ranks: list = dataclasses.field(default_factory=lambda: [0])  # global rank of each EP rank
+
+    def split(self, rule) -> tuple[object, int, int]:
+        """(group, size, my rank) of the tensor-parallel group that splits ``rule``'s parameters:
+        the expert-TP group for experts, the TP group for everything else."""
+        if rule.expert:
+            return self.etp_group, self.etp, self.etp_rank
+        return self.tp_group, self.tp, self.tp_rank
+
+    def holds(self, owner) -> bool:
+        stage, ep_owner = owner
+        return stage == self.pp_rank and ep_owner in (None, self.ep_rank)
+
+    def first_replica(self, owner) -> bool:
+        """Whether this rank belongs to the replica that writes ``owner``'s tensors."""
+        return (self.dp_rank if owner[1] is None else self.edp_rank) == 0
+
+
 class Exporter:
     """Runs the export of one rank. ``state`` maps (chunk, param name) to the local tensor."""
 
-    def __init__(self, units: list[ExportUnit], state: dict, tp_group, tp: int, tp_rank: int, device):
-        self.units, self.state, self.tp_group, self.device = units, state, tp_group, device
-        self.tp, self.tp_rank = tp, tp_rank
+    def __init__(self, units: list[ExportUnit], state: dict, groups: Groups, device):
+        self.units, self.state, self.g, self.device = units, state, groups, device
 
     def _local(self, u: ExportUnit) -> torch.Tensor:
         return self.state[(u.local.chunk, u.local.param)].detach()
 
     def gather(self, bucket: list[ExportUnit], dst: int | None = None) -> list[tuple[str, torch.Tensor]]:
-        """On the owning stage: full HF tensors of a bucket, one collective for all split units.
-        ``dst`` (a TP rank): only that rank receives and rebuilds them; the others return []."""
-        split = [u for u in bucket if u.unit.rule.transform.tp_split and self.tp > 1]
+        """On the owning ranks: full HF tensors of a bucket, one collective for all split units.
+        ``dst`` (a rank of the splitting group): only it receives and rebuilds them; the others
+        return []."""
+        group, size, rank = self.g.split(bucket[0].unit.rule)
+        split = [u for u in bucket if u.unit.rule.transform.tp_split and size > 1]
         shards: dict[int, list[torch.Tensor]] = {}
-        receiving = dst is None or dst == self.tp_rank
+        receiving = dst is None or dst == rank
         if split:
             local = [self._local(u) for u in split]
             buf = pack(local, self.device)
-            bufs = [torch.empty_like(buf) for _ in range(self.tp)] if receiving else None
+            bufs = [torch.empty_like(buf) for _ in range(size)] if receiving else None
             if dst is None:
-                dist.all_gather(bufs, buf, group=self.tp_group)
+                dist.all_gather(bufs, buf, group=group)
             else:
-                dist.gather(buf, bufs, group=self.tp_group, group_dst=dst)
+                dist.gather(buf, bufs, group=group, group_dst=dst)
         if not receiving:
             return []
         if split:
@@ -123,8 +162,9 @@ class Exporter:
                 out.append((name, t.to(dtype)))
         return out
 
-    def broadcast(self, bucket: list[ExportUnit], tensors, pp_group, src: int):
-        """Deliver a bucket's HF tensors from the owning stage to every pipeline stage."""
+    def broadcast(self, bucket: list[ExportUnit], tensors, group, src: int):
+        """Deliver a bucket's HF tensors from the rank holding them (global rank ``src``) to the
+        rest of ``group``."""
         specs = [(s, d) for u in bucket for s, d in zip(u.hf_shapes, u.out_dtypes)]
         names = [n for u in bucket for n in u.unit.hf_names]
         if tensors is not None:
@@ -132,33 +172,38 @@ class Exporter:
         else:
             buf = torch.empty(sum(_padded(nbytes(s, d)) for s, d in specs), dtype=torch.uint8,
                               device=self.device)
-        dist.broadcast(buf, src=src, group=pp_group)
+        dist.broadcast(buf, src=src, group=group)
         return list(zip(names, unpack(buf, specs)))
 
+    def iterate(self, buckets, all_stages: bool, writer: dict | None = None
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_name, tensor)``. ``all_stages``: every rank receives every tensor (EP and
+        PP broadcasts); otherwise each owner yields only its own tensors, and with ``writer``
+        (unit index -> rank in the splitting group) only to that rank of the first replica."""
+        g = self.g
+        for bucket in buckets:
+            stage, ep_owner = owner = bucket[0].unit.owner
+            dst = writer[bucket[0].index] if writer else None
+            tensors = None
+            if g.holds(owner) and (writer is None or g.first_replica(owner)):
+                tensors = self.gather(bucket, dst)
+            if all_stages and ep_owner is not None and g.ep > 1 and stage == g.pp_rank:
+                tensors = self.broadcast(bucket, tensors, g.ep_group, g.ep_ranks[ep_owner])
+            if all_stages and len(g.pp_ranks) > 1:
+                tensors = self.broadcast(bucket, tensors, g.pp_group, g.pp_ranks[stage])
+            if tensors is not None:
+                yield from tensors
 
-def iterate(exporter: Exporter, buckets, my_stage: int, pp: int, pp_group, pp_ranks: list[int],
-            all_stages: bool, writer: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, tensor)``. ``all_stages``: every rank receives every tensor (PP
-    broadcast); otherwise each stage yields only what it owns, and with ``writer`` (unit index ->
-    TP rank) only to that TP rank."""
-    for bucket in buckets:
-        stage = bucket[0].unit.stage
-        dst = writer[bucket[0].index] if writer else None
-        tensors = exporter.gather(bucket, dst) if stage == my_stage else None
-        if all_stages and pp > 1:
-            tensors = exporter.broadcast(bucket, tensors, pp_group, pp_ranks[stage])
-        if tensors is not None:
-            yield from tensors
 
-
-def balanced_writers(units: list[ExportUnit], tp: int) -> dict[int, int]:
-    """Unit index -> TP rank that writes it: each stage's units in contiguous runs of about equal
-    bytes, so a bucket has one writer and every TP rank writes its share."""
+def balanced_writers(units: list[ExportUnit], groups: Groups) -> dict[int, int]:
+    """Unit index -> rank (in the owner's splitting group) that writes it: each owner's units in
+    contiguous runs of about equal bytes, so a bucket has one writer and every rank writes its share."""
     out = {}
-    for stage in sorted({u.unit.stage for u in units}):
-        mine = [u for u in units if u.unit.stage == stage]
+    for owner in sorted({u.unit.owner for u in units}, key=str):
+        mine = [u for u in units if u.unit.owner == owner]
+        size = groups.etp if owner[1] is not None else groups.tp
         total, seen = sum(u.nbytes for u in mine) or 1, 0
         for u in mine:
-            out[u.index] = min(tp - 1, seen * tp // total)
+            out[u.index] = min(size - 1, seen * size // total)
             seen += u.nbytes
     return out

@@ -1,7 +1,9 @@
 """Parallel layout: what each rank holds, validated against a model before any weight is read.
 
 Pure arithmetic, no torch.distributed: the conversion plan, the tests and error messages all use it.
-Rank order follows megatron's default ``tp-cp-ep-dp-pp`` ordering (tp fastest, then dp, then pp).
+Rank order follows megatron's default ``tp-cp-ep-dp-pp`` ordering: for dense parts tp fastest, then
+dp, then pp; for experts (a second grid over the same ranks of a stage) etp fastest, then ep, then
+expert-dp.
 """
 
 from __future__ import annotations
@@ -22,12 +24,19 @@ class ParallelLayout:
     sp: bool = False
     first_stage_layers: Optional[int] = None  # seed: --decoder_first_pipeline_num_layers
     last_stage_layers: Optional[int] = None  # seed: --decoder_last_pipeline_num_layers
+    ep: int = 1  # expert model parallel
+    etp: Optional[int] = None  # expert tensor parallel; None: same as tp (megatron's default)
 
     # ---- basic checks that need no model -------------------------------------------------
     def __post_init__(self):
-        for name in ("tp", "pp", "vpp"):
+        if self.etp is None:
+            object.__setattr__(self, "etp", self.tp)
+        for name in ("tp", "pp", "vpp", "ep", "etp"):
             if getattr(self, name) < 1:
                 raise LayoutError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.ep > 1 and self.tp > 1 and not self.sp:
+            raise LayoutError(f"megatron-core needs sequence parallelism when tp={self.tp} is combined "
+                              f"with ep={self.ep}: add --sp")
         if self.sp and self.tp == 1:
             raise LayoutError("sequence parallel (--sp) needs tensor parallelism: use --tp >= 2 or drop --sp")
         if self.vpp > 1 and self.pp == 1:
@@ -38,6 +47,17 @@ class ParallelLayout:
     @property
     def model_parallel_size(self) -> int:
         return self.tp * self.pp
+
+    @property
+    def expert_parallel_size(self) -> int:
+        """Ranks one copy of the experts spans: etp * ep per stage, times pp."""
+        return self.etp * self.ep * self.pp
+
+    @property
+    def min_world_size(self) -> int:
+        import math
+
+        return math.lcm(self.model_parallel_size, self.expert_parallel_size)
 
     def short(self) -> str:
         """Compact id used in test names and reports, e.g. ``tp2-pp2-vpp2-sp-first1``."""
@@ -50,6 +70,10 @@ class ParallelLayout:
             parts.append(f"first{self.first_stage_layers}")
         if self.last_stage_layers is not None:
             parts.append(f"last{self.last_stage_layers}")
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
+        if self.etp != self.tp:
+            parts.append(f"etp{self.etp}")
         return "-".join(parts)
 
     def to_dict(self) -> dict:
@@ -57,7 +81,9 @@ class ParallelLayout:
 
     # ---- checks against a model ----------------------------------------------------------
     def validate(self, *, num_layers: int, num_attention_heads: int, num_query_groups: int,
-                 ffn_hidden_size: int, world_size: Optional[int] = None) -> None:
+                 ffn_hidden_size: Optional[int], world_size: Optional[int] = None, num_experts: int = 0,
+                 expert_ffn_hidden_size: Optional[int] = None,
+                 shared_expert_ffn_hidden_size: Optional[int] = None) -> None:
         tp = self.tp
         if num_query_groups % tp:
             raise LayoutError(
@@ -66,13 +92,27 @@ class ParallelLayout:
         if num_attention_heads % tp:
             raise LayoutError(f"{num_attention_heads} attention heads cannot be split over tp={tp}: "
                               f"choose --tp from {_divisors(num_attention_heads)}")
-        if ffn_hidden_size % tp:
+        if ffn_hidden_size is not None and ffn_hidden_size % tp:
             raise LayoutError(f"intermediate size {ffn_hidden_size} cannot be split over tp={tp}")
+        if shared_expert_ffn_hidden_size and shared_expert_ffn_hidden_size % tp:
+            raise LayoutError(f"shared expert intermediate size {shared_expert_ffn_hidden_size} cannot be "
+                              f"split over tp={tp}")
+        if num_experts:
+            if num_experts % self.ep:
+                raise LayoutError(f"{num_experts} experts cannot be split over ep={self.ep}: choose --ep "
+                                  f"from {_divisors(num_experts)}")
+            if expert_ffn_hidden_size % self.etp:
+                raise LayoutError(f"expert intermediate size {expert_ffn_hidden_size} cannot be split over "
+                                  f"etp={self.etp}: choose --etp from {_divisors(expert_ffn_hidden_size)}")
+        elif self.ep > 1 or self.etp != self.tp:
+            raise LayoutError(f"--ep/--etp apply to mixture-of-experts models; this model has no experts "
+                              f"(use --ep 1 and no --etp)")
         self.stage_layer_counts(num_layers)  # raises on impossible pipeline splits
-        if world_size is not None and world_size % self.model_parallel_size:
+        if world_size is not None and world_size % self.min_world_size:
             raise LayoutError(
-                f"world size {world_size} is not a multiple of tp*pp={self.model_parallel_size}: "
-                f"launch a multiple of {self.model_parallel_size} processes (--nproc-per-node)")
+                f"world size {world_size} is not a multiple of tp*pp={self.model_parallel_size} and "
+                f"etp*ep*pp={self.expert_parallel_size}: launch a multiple of {self.min_world_size} "
+                f"processes (--nproc-per-node)")
 
     def stage_layer_counts(self, num_layers: int) -> list[int]:
         """Number of transformer layers on each pipeline stage."""
@@ -135,9 +175,27 @@ class ParallelLayout:
 
     # ---- ranks ---------------------------------------------------------------------------
     def coords(self, rank: int, world_size: int) -> dict:
-        """tp/dp/pp coordinates of a global rank (megatron's default order: tp fastest, pp slowest)."""
+        """Coordinates of a global rank in megatron's default order: tp fastest, pp slowest for the
+        dense grid; etp, ep, expert-dp inside the same pipeline stage for the expert grid."""
         dp = world_size // self.model_parallel_size
-        return {"tp": rank % self.tp, "dp": (rank // self.tp) % dp, "pp": rank // (self.tp * dp)}
+        per_stage = world_size // self.pp
+        local = rank % per_stage
+        return {"tp": rank % self.tp, "dp": (rank // self.tp) % dp, "pp": rank // (self.tp * dp),
+                "etp": local % self.etp, "ep": (local // self.etp) % self.ep,
+                "edp": local // (self.etp * self.ep)}
+
+    def stage_rank(self, world_size: int, pp_rank: int, *, tp: int = 0, dp: int = 0) -> int:
+        """Global rank of the dense-grid position (tp, dp) on stage ``pp_rank``."""
+        return pp_rank * (world_size // self.pp) + dp * self.tp + tp
+
+    def expert_rank(self, world_size: int, pp_rank: int, *, etp: int = 0, ep: int = 0, edp: int = 0) -> int:
+        """Global rank of the expert-grid position (etp, ep, edp) on stage ``pp_rank``."""
+        return pp_rank * (world_size // self.pp) + (edp * self.ep + ep) * self.etp + etp
+
+    def expert_owner(self, num_experts: int, expert: int) -> tuple[int, int]:
+        """(ep rank, local index) of global expert ``expert``."""
+        per = num_experts // self.ep
+        return expert // per, expert % per
 
 
 def _divisors(n: int) -> list[int]:

@@ -10,7 +10,8 @@ from .layout import ParallelLayout, padded_vocab_size
 ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
 
 
-def transformer_config(family: Family, layout: ParallelLayout, dtype: torch.dtype, device: str):
+def transformer_config(family: Family, layout: ParallelLayout, dtype: torch.dtype, device: str,
+                       grouped: bool = False):
     from megatron.core.transformer import TransformerConfig
 
     kw = dict(family.model_settings()["config"])
@@ -43,25 +44,45 @@ def transformer_config(family: Family, layout: ParallelLayout, dtype: torch.dtyp
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **moe_runtime(kw, layout, grouped),
     )
 
 
+def moe_runtime(kw: dict, layout: ParallelLayout, grouped: bool) -> dict:
+    """Megatron MoE settings that are about execution, not the model: conversion and verification
+    run without auxiliary losses or token dropping, so routing equals the HF model's."""
+    if not kw.get("num_moe_experts"):
+        return {}
+    return dict(expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
+                moe_token_dispatcher_type="alltoall", moe_grouped_gemm=grouped,
+                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None,
+                moe_permute_fusion=False, moe_expert_capacity_factor=None)
+
+
 def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = torch.float32,
-                device: str = "cpu", parallel_output: bool = True) -> list:
-    """This rank's model chunks (one per virtual pipeline stage). Needs ``runtime.dist.setup``."""
+                device: str = "cpu", parallel_output: bool = True, grouped_experts: bool = False) -> list:
+    """This rank's model chunks (one per virtual pipeline stage). Needs ``runtime.dist.setup``.
+    ``grouped_experts``: MoE experts as one grouped-GEMM module per layer instead of SequentialMLP
+    (megatron-core 0.16's legacy GroupedMLP in the local spec)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
     settings = family.model_settings()
     layout.validate(**family.layout_dims())
-    config = transformer_config(family, layout, dtype, device)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", **settings["spec"])
+    config = transformer_config(family, layout, dtype, device, grouped_experts)
+    spec_kw = dict(settings["spec"])
+    block = spec_kw.pop("block", False)
     model_kw = dict(settings["model"])
     model_kw["vocab_size"] = padded_vocab_size(model_kw["vocab_size"], layout.tp)
     pp_rank = ps.get_pipeline_model_parallel_rank()
     chunks = []
     for vp in range(layout.vpp):
+        if block:  # per-layer specs (dense and MoE layers mixed, from config.moe_layer_freq)
+            spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
+                                              vp_stage=vp if layout.vpp > 1 else None, pp_rank=pp_rank)
+        else:
+            spec = get_gpt_layer_local_spec(normalization="RMSNorm", **spec_kw)
         chunk = GPTModel(config, spec, pre_process=layout.is_first(pp_rank, vp),
                          post_process=layout.is_last(pp_rank, vp), parallel_output=parallel_output,
                          vp_stage=vp if layout.vpp > 1 else None, **model_kw)
@@ -74,3 +95,30 @@ def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = tor
                                f"expected {expected}: layout arithmetic disagrees with this megatron-core")
         chunks.append(chunk.eval())
     return chunks
+
+
+def param_views(models, family: Family, layout: ParallelLayout) -> dict:
+    """(chunk, name) -> tensor for every weight of this rank's chunks, in local-spec names.
+
+    megatron-core's legacy GroupedMLP keeps all local experts of a layer in two tensors (read by
+    its forward as ``weight1.view(E_local, hidden, -1)``, ``weight2.view(E_local, -1, hidden)``);
+    they are presented here as per-expert views in SequentialMLP's names and orientation, so the
+    family tables need no second spelling. Writing into a view writes the parameter.
+    """
+    out = {}
+    for chunk, m in enumerate(models):
+        for name, t in m.state_dict(keep_vars=True).items():
+            if not isinstance(t, torch.Tensor) or name.endswith("_extra_state"):
+                continue
+            if name.endswith(("mlp.experts.weight1", "mlp.experts.weight2")):
+                n_local = family.num_experts // layout.ep
+                hidden = family.model_settings()["config"]["hidden_size"]
+                prefix, which = name.rsplit(".", 1)
+                fc = "linear_fc1" if which == "weight1" else "linear_fc2"
+                d = t.detach()
+                grouped = d.view(n_local, hidden, -1) if which == "weight1" else d.view(n_local, -1, hidden)
+                for j in range(n_local):
+                    out[(chunk, f"{prefix}.local_experts.{j}.{fc}.weight")] = grouped[j].t()
+                continue
+            out[(chunk, name)] = t
+    return out

@@ -31,18 +31,26 @@ class Unit:
     layer: Optional[int]
     stage: int  # pipeline rank that owns it
     chunk: int  # virtual pipeline chunk on that stage
+    expert: Optional[int] = None  # global expert index (expert rules)
+    ep_rank: Optional[int] = None  # expert-parallel rank holding that expert
 
     @property
     def hf_names(self) -> tuple[str, ...]:
-        return self.rule.hf_names(self.layer)
+        return self.rule.hf_names(self.layer, self.expert)
 
     @property
-    def key(self) -> tuple[str, Optional[int]]:
-        return (self.rule.mcore, self.layer)
+    def key(self) -> tuple[str, Optional[int], Optional[int]]:
+        return (self.rule.mcore, self.layer, self.expert)
+
+    @property
+    def owner(self) -> tuple[int, Optional[int]]:
+        """(pipeline stage, expert-parallel rank or None when every EP rank holds it)."""
+        return (self.stage, self.ep_rank)
 
 
 def inventory(family: Family, layout: ParallelLayout) -> list[Unit]:
-    """All units of the model in HF order: embedding, layers in order, final norm, output."""
+    """All units of the model in HF order: embedding, layers in order (experts in index order
+    within a layer), final norm, output."""
     n = family.num_layers
     first, last = (0, 0), (layout.pp - 1, layout.vpp - 1)
     rules = family.rules()
@@ -55,9 +63,24 @@ def inventory(family: Family, layout: ParallelLayout) -> list[Unit]:
         else:
             tail.append(Unit(r, None, *last))
     per_layer = [r for r in rules if r.per_layer]
+    experts = family.num_experts
     for layer in range(n):
         stage, chunk = layout.layer_owner(n, layer)
-        layers += [Unit(r, layer, stage, chunk) for r in per_layer]
+        kind = family.layer_kind(layer)
+        rs = [r for r in per_layer if r.when in ("all", kind)]
+        i = 0
+        while i < len(rs):
+            if not rs[i].expert:
+                layers.append(Unit(rs[i], layer, stage, chunk))
+                i += 1
+                continue
+            j = i
+            while j < len(rs) and rs[j].expert:
+                j += 1
+            for e in range(experts):  # HF order: all tensors of expert 0, then expert 1, ...
+                owner = layout.expert_owner(experts, e)[0]
+                layers += [Unit(r, layer, stage, chunk, e, owner) for r in rs[i:j]]
+            i = j
     units = head + layers + tail
     if layout.pp == 1:  # a tied output layer only exists as its own parameter under PP
         units = [u for u in units if u.rule.export or u.rule.mcore != "output_layer.weight"]
@@ -93,15 +116,16 @@ class LocalItem:
     param: str  # name in the chunk's state_dict()
 
 
-def local_items(family: Family, layout: ParallelLayout, pp_rank: int, chunk_params: list[list[str]]
-                ) -> list[LocalItem]:
+def local_items(family: Family, layout: ParallelLayout, pp_rank: int, chunk_params: list[list[str]],
+                ep_rank: int = 0) -> list[LocalItem]:
     """Match this rank's megatron parameter names (per VPP chunk) against the family's rules.
 
-    Local layer indices are translated to global ones with the layout; any parameter without a
-    rule is an error (the family table is incomplete), never silently left uninitialised.
+    Local layer and expert indices are translated to global ones with the layout; any parameter
+    without a rule is an error (the family table is incomplete), never silently left uninitialised.
     """
     compiled = family.compiled_rules()
     n = family.num_layers
+    per_rank = family.num_experts // layout.ep if family.num_experts else 0
     items, unmapped = [], []
     for chunk, names in enumerate(chunk_params):
         layers = layout.chunk_layers(n, pp_rank, chunk)
@@ -110,14 +134,8 @@ def local_items(family: Family, layout: ParallelLayout, pp_rank: int, chunk_para
             for pattern, r in compiled:
                 m = pattern.match(canon)
                 if m:
-                    if r.per_layer and int(m.group(1)) >= len(layers):
-                        raise MappingError(
-                            f"megatron parameter {name}: local layer {m.group(1)} but the layout puts "
-                            f"{len(layers)} layer(s) on pp rank {pp_rank} chunk {chunk} (model built "
-                            f"for another layout?)")
-                    layer = layers[int(m.group(1))] if r.per_layer else None
-                    unit = Unit(r, layer, pp_rank, chunk)
-                    items.append(LocalItem(unit, chunk, name))
+                    items.append(LocalItem(_unit(family, r, m, name, layers, pp_rank, chunk, ep_rank,
+                                                 per_rank), chunk, name))
                     break
             else:
                 unmapped.append(name)
@@ -125,3 +143,25 @@ def local_items(family: Family, layout: ParallelLayout, pp_rank: int, chunk_para
         raise MappingError(f"family {family.name!r} has no rule for megatron parameter(s) "
                            f"{_short(unmapped)}")
     return items
+
+
+def _unit(family, r: Rule, m, name, layers, pp_rank, chunk, ep_rank, per_rank) -> Unit:
+    layer = expert = owner = None
+    if r.per_layer:
+        local = int(m.group("L"))
+        if local >= len(layers):
+            raise MappingError(f"megatron parameter {name}: local layer {local} but the layout puts "
+                               f"{len(layers)} layer(s) on pp rank {pp_rank} chunk {chunk} (model built "
+                               f"for another layout?)")
+        layer = layers[local]
+        if r.when not in ("all", family.layer_kind(layer)):
+            raise MappingError(f"megatron parameter {name}: layer {layer} is a {family.layer_kind(layer)} "
+                               f"layer in this model's config but the parameter belongs to a {r.when} "
+                               f"layer (model built from another config?)")
+    if r.expert:
+        local = int(m.group("E"))
+        if local >= per_rank:
+            raise MappingError(f"megatron parameter {name}: local expert {local} but the layout gives "
+                               f"{per_rank} experts to each expert-parallel rank (built for another --ep?)")
+        expert, owner = ep_rank * per_rank + local, ep_rank
+    return Unit(r, layer, pp_rank, chunk, expert, owner)

@@ -3,7 +3,9 @@
 ``builtin:NAME`` resolves to a directory under ``$MCORE_BRIDGE_CACHE`` (default
 ``~/.cache/mcore_bridge``), created once per zoo version, deterministically (seeded). The shapes are
 chosen to exercise the hard cases: GQA, vocab that needs padding at every TP, head_dim unrelated to
-hidden/heads (qwen3), Llama-3 RoPE scaling, tied and untied embeddings, multi-file checkpoints.
+hidden/heads (qwen3), Llama-3 RoPE scaling, tied and untied embeddings, multi-file checkpoints;
+for MoE: 8 experts (splittable over ep 1/2/4/8), expert width splittable over etp 2, a dense layer
+between sparse ones (qwen2_moe), shared expert with gate, both top-k normalisations.
 """
 
 from __future__ import annotations
@@ -34,7 +36,21 @@ ZOO = {
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
     "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=32,
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "mixtral": dict(model_type="mixtral", tie_word_embeddings=False, sliding_window=None,
+                    num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen2_moe": dict(model_type="qwen2_moe", tie_word_embeddings=False, use_sliding_window=False,
+                      num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64, norm_topk_prob=False, mlp_only_layers=[1],
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen3_moe": dict(model_type="qwen3_moe", tie_word_embeddings=False, head_dim=32, num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
 }
+
+
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+DENSE = [n for n in ZOO if n not in MOE]
 
 
 def names() -> list[str]:
@@ -99,8 +115,14 @@ def build(name: str, out: Path, seed: int = 0):
         for pname, p in model.named_parameters():
             if "norm" in pname or pname.endswith("bias"):  # not all ones/zeros: a swap must show
                 p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.1 * torch.randn_like(p))
+            elif _is_router(pname):  # clear routing margins: fp32 noise must not flip a top-k choice
+                p.mul_(25.0)
     model.save_pretrained(out, max_shard_size=shard)
     tokenizer(cfg.vocab_size).save_pretrained(out)
+
+
+def _is_router(pname: str) -> bool:
+    return pname.endswith("gate.weight") and "proj" not in pname and "shared_expert_gate" not in pname
 
 
 def tokenizer(vocab_size: int):

@@ -71,10 +71,10 @@ def broken_mapping(kind: str | None):
 
 
 # ---- cases ------------------------------------------------------------------------------------
-def _loaded(source: str, layout: dict):
+def _loaded(source: str, layout: dict, grouped: bool = False, dtype=torch.float32):
     bridge = Bridge(source, ParallelLayout(**layout))
     bridge.setup("cpu")
-    models = bridge.build_model()
+    models = bridge.build_model(dtype, grouped_experts=grouped)
     bridge.load_weights(models)
     return bridge, models
 
@@ -85,11 +85,12 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
 
 
-def roundtrip(source: str, layout: dict, out_dir: str | None = None, broken: str | None = None) -> dict:
+def roundtrip(source: str, layout: dict, out_dir: str | None = None, broken: str | None = None,
+              grouped: bool = False) -> dict:
     """Load the HF directory ``source``, export every tensor (all ranks receive all) and compare
     byte-exactly with it; then save into ``out_dir`` (collective)."""
     with broken_mapping(broken):
-        bridge, models = _loaded(source, layout)
+        bridge, models = _loaded(source, layout, grouped)
         source = HFCheckpoint(bridge.source)
         count, names, mismatches = 0, set(), []
         for name, tensor in bridge.export_weights(models):
@@ -123,6 +124,74 @@ def logits(source: str, layout: dict, broken: str | None = None) -> float | None
     return float((got - ref).abs().max())
 
 
+class TENamed(torch.nn.Module):
+    """A megatron chunk seen through TransformerEngine-spec names: fused norms
+    (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``) and grouped experts
+    (``experts.linear_fc1.weight{i}``) -- the synthetic state dict of a TE-built model."""
+
+    def __init__(self, chunk):
+        super().__init__()
+        self.chunk = chunk
+
+    def state_dict(self, *args, **kwargs):
+        import re
+
+        out = {}
+        for name, t in self.chunk.state_dict(*args, **kwargs).items():
+            name = name.replace("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight")
+            if "shared_experts" not in name:
+                name = name.replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
+            name = re.sub(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight",
+                          r"mlp.experts.\2.weight\1", name)
+            out[name] = t
+        return out
+
+
+def te_names_export(source: str, layout: dict) -> dict:
+    """Export through TE-named chunks; returns the mismatches against the source and the names seen."""
+    bridge, models = _loaded(source, layout)
+    te = [TENamed(m) for m in models]
+    te_keys = [k for m in te for k in m.state_dict(keep_vars=True)]
+    src = HFCheckpoint(bridge.source)
+    mismatches, count = [], 0
+    for name, tensor in bridge.export_weights(te):
+        count += 1
+        if not same_bytes(tensor, src.read(name)):
+            mismatches.append(name)
+    return {"count": count, "mismatches": mismatches,
+            "te_grouped_names": sum(".experts.linear_fc" in k for k in te_keys),
+            "te_norm_names": sum("layer_norm_weight" in k for k in te_keys)}
+
+
+def expert_reads(source: str, layout: dict) -> dict:
+    """Which expert tensors (and which rows of them) this rank read while loading."""
+    import re
+
+    reads = []
+    original = HFCheckpoint.read
+
+    def spy(self, name, region=None):
+        reads.append((name, region))
+        return original(self, name, region)
+
+    HFCheckpoint.read = spy
+    try:
+        bridge, _ = _loaded(source, layout)
+    finally:
+        HFCheckpoint.read = original
+    from megatron.core import parallel_state as ps
+
+    experts, rows = set(), set()
+    for name, region in reads:
+        m = re.search(r"experts\.(\d+)\.", name)
+        if m:
+            experts.add(int(m.group(1)))
+            if region is not None and name.endswith(("gate_proj.weight", "w1.weight")):
+                rows.add((region[0].start, region[0].stop))
+    return {"ep_rank": ps.get_expert_model_parallel_rank(), "etp_rank": ps.get_expert_tensor_parallel_rank(),
+            "experts": sorted(experts), "gate_rows": sorted(rows), "all": len(reads)}
+
+
 # ---- pool self-tests --------------------------------------------------------------------------
 def whoami() -> tuple[int, int]:
     dist.barrier()
@@ -148,3 +217,49 @@ def hang_on(rank: int) -> None:
     if dist.get_rank() == rank:
         time.sleep(3600)
     dist.barrier()
+
+
+def export_against(source: str, layout: dict, reference: str, expert_storage: str | None, out_dir: str) -> dict:
+    """Load ``source``, export with ``expert_storage`` (all ranks) and compare with the checkpoint
+    ``reference`` byte for byte; then save into ``out_dir``. Also returns a digest of this rank's
+    loaded parameters (so loads from differently stored checkpoints can be compared)."""
+    bridge, models = _loaded(source, layout)
+    ref = HFCheckpoint(reference)
+    names, mismatches = [], []
+    for name, tensor in bridge.export_weights(models, expert_storage=expert_storage):
+        names.append(name)
+        if name not in ref.tensors or not same_bytes(tensor, ref.read(name)):
+            mismatches.append(name)
+    bridge.save_weights(models, out_dir, overwrite=True, expert_storage=expert_storage)
+    digest = {f"{c}.{n}": float(t.double().sum()) + float((t.double() ** 2).sum())
+              for (c, n), t in bridge._state(models).items()}
+    return {"rank": rt.rank(), "names": sorted(names), "mismatches": mismatches, "digest": digest}
+
+
+def stacked_reads(source: str, layout: dict) -> dict:
+    """The regions of stacked expert tensors this rank read while loading."""
+    reads = []
+    original = HFCheckpoint.read
+
+    def spy(self, name, region=None):
+        reads.append((name, region))
+        return original(self, name, region)
+
+    HFCheckpoint.read = spy
+    try:
+        _loaded(source, layout)
+    finally:
+        HFCheckpoint.read = original
+    from megatron.core import parallel_state as ps
+
+    experts, cols, whole = set(), set(), 0
+    for name, region in reads:
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            if region is None or region[0] == slice(None):
+                whole += 1
+                continue
+            experts.add(region[0].start)
+            if name.endswith("gate_up_proj"):
+                cols.add((region[2].start, region[2].stop))
+    return {"ep_rank": ps.get_expert_model_parallel_rank(), "etp_rank": ps.get_expert_tensor_parallel_rank(),
+            "experts": sorted(experts), "gate_up_cols": sorted(cols), "whole_stack_reads": whole}

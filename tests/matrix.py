@@ -24,7 +24,7 @@ LAYOUTS = [
     (4, L(tp=2)),  # dp2
     (4, L(pp=2)),  # dp2
 ]
-FAMILIES = zoo.names()
+FAMILIES = zoo.DENSE
 
 
 def case_id(model: str, world: int, layout: ParallelLayout) -> str:

@@ -185,3 +185,30 @@ def test_export_with_precision_check(zoo_model, tmp_path):
                 "--test_convert_precision", "true", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "PASS" in r.stdout and "mean_diff" in r.stdout
+
+
+def test_moe_roundtrip_with_expert_parallel_seed_spellings(zoo_model, tmp_path):
+    """`--expert_model_parallel_size 2 --expert_tensor_parallel_size 1` with tp 2: four processes,
+    one Megatron file per distinct (tp, ep) part, and back to the same HF bytes."""
+    src = zoo_model("qwen2_moe")
+    mcore, hf = tmp_path / "mcore", tmp_path / "hf"
+    r = run_cli("export", "--model", src, "--to-mcore", "--tensor_model_parallel_size", "2", "--sp",
+                "--expert_model_parallel_size", "2", "--expert_tensor_parallel_size", "1",
+                "--nproc-per-node", "4", "--save", mcore, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = sorted(p.name for p in mcore.glob("mp_rank_*"))
+    # ranks: (tp, ep) = (0,0) (1,1) (0,0) (1,1) -> replicas 2, 3 write nothing
+    assert files == ["mp_rank_00_000_000_x00.safetensors", "mp_rank_01_000_001_x00.safetensors"]
+    meta = json.loads((mcore / "mcore_bridge.json").read_text())
+    assert meta["layout"]["ep"] == 2 and meta["layout"]["etp"] == 1
+    r = run_cli("export", "--load", mcore, "--to-hf", "--save", hf, "--nproc-per-node", "4", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_weights(src, hf)
+
+
+def test_experts_that_do_not_divide_over_ep_are_refused(zoo_model, tmp_path):
+    save = tmp_path / "out"
+    r = run_cli("export", "--model", zoo_model("mixtral"), "--to-mcore", "--ep", "3", "--save", save)
+    assert r.returncode == 2
+    assert "8 experts cannot be split over ep=3" in r.stderr and "--ep" in r.stderr
+    assert_nothing_written(save)

@@ -287,21 +287,32 @@ def test_validity_matches_megatron():
 
 # ---- rank coordinates ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tp,pp,dp", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 2, 2),
-                                      (4, 2, 1), (1, 1, 4), (2, 3, 2), (1, 4, 2), (8, 1, 1)])
-def test_coords_match_megatron_rank_generator(tp, pp, dp):
+@pytest.mark.parametrize("tp,pp,dp,ep,etp", [
+    (1, 1, 1, 1, 1), (2, 1, 1, 1, 2), (1, 2, 1, 1, 1), (2, 2, 1, 1, 2), (2, 2, 2, 1, 2), (4, 2, 1, 1, 4),
+    (1, 1, 4, 1, 1), (2, 3, 2, 1, 2), (1, 4, 2, 1, 1), (8, 1, 1, 1, 8),
+    # experts: a second grid over each stage's ranks (etp fastest, then ep, then expert-dp)
+    (1, 1, 2, 2, 1), (1, 1, 4, 4, 1), (2, 1, 2, 2, 1), (2, 1, 2, 2, 2), (2, 2, 2, 4, 1), (1, 2, 4, 2, 2),
+    (4, 1, 2, 8, 1), (2, 1, 4, 2, 4)])
+def test_coords_match_megatron_rank_generator(tp, pp, dp, ep, etp):
     from megatron.core.parallel_state import RankGenerator
 
-    layout = ParallelLayout(tp=tp, pp=pp)
+    layout = ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp, sp=tp > 1 and ep > 1)
     world = tp * pp * dp
-    gen = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order="tp-cp-ep-dp-pp")
+    edp = world // (etp * ep * pp)
+    dense = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order="tp-cp-ep-dp-pp")
+    expert = RankGenerator(tp=etp, ep=ep, dp=edp, pp=pp, cp=1, order="tp-cp-ep-dp-pp")
     expected = {r: {} for r in range(world)}
-    for kind in ("tp", "dp", "pp"):
-        for group in gen.get_ranks(kind):
-            for pos, r in enumerate(group):
-                expected[r][kind] = pos
+    for gen, kinds in ((dense, {"tp": "tp", "dp": "dp", "pp": "pp"}),
+                       (expert, {"tp": "etp", "ep": "ep", "dp": "edp"})):
+        for kind, key in kinds.items():
+            for group in gen.get_ranks(kind):
+                for pos, r in enumerate(group):
+                    expected[r][key] = pos
     for r in range(world):
         assert layout.coords(r, world) == expected[r], r
+        c = expected[r]
+        assert layout.stage_rank(world, c["pp"], tp=c["tp"], dp=c["dp"]) == r
+        assert layout.expert_rank(world, c["pp"], etp=c["etp"], ep=c["ep"], edp=c["edp"]) == r
 
 
 # ---- vocabulary padding -------------------------------------------------------------------------

@@ -5,6 +5,10 @@ harness catches them and points at the right place. Used by the tests and by
   scale:<megatron param with global layer>:<factor>   e.g. scale:decoder.layers.2.mlp.linear_fc2.weight:1.01
   swap_qk:<layer>                                      q and k rows swapped in that layer's fused QKV
   rope_base:<factor>                                   the megatron model built with rotary_base x factor
+  zero:<megatron param or buffer with global layer>    e.g. zero:decoder.layers.1.mlp.router.expert_bias
+                                                       (a dropped router bias / shared-expert gate)
+  swap_experts:<layer>:<a>:<b>                         two experts' weights exchanged in that layer
+                                                       (both on one expert-parallel rank)
 """
 
 from __future__ import annotations
@@ -14,14 +18,15 @@ import re
 import torch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+KINDS = ("scale", "swap_qk", "rope_base", "zero", "swap_experts")
 
 
 def parse(spec: str | None) -> tuple[str, list[str]] | None:
     if not spec:
         return None
     kind, *args = spec.split(":")
-    if kind not in ("scale", "swap_qk", "rope_base"):
-        raise ValueError(f"--control {spec!r}: unknown kind {kind!r} (scale, swap_qk, rope_base)")
+    if kind not in KINDS:
+        raise ValueError(f"--control {spec!r}: unknown kind {kind!r} ({', '.join(KINDS)})")
     return kind, args
 
 
@@ -46,8 +51,47 @@ def _layer_param(models, layer: int, rest: str):
     for chunk in models:
         for module in chunk.decoder.layers:
             if module.layer_number - 1 == layer:
-                return dict(module.named_parameters())[rest]
+                tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+                if rest not in tensors:
+                    raise ValueError(f"control: layer {layer} has no {rest!r} (has e.g. "
+                                     f"{', '.join(sorted(tensors)[:6])})")
+                return tensors[rest]
     return None  # another pipeline stage holds it
+
+
+def _named(spec_name: str):
+    m = _LAYER.match(spec_name)
+    if not m:
+        raise ValueError(f"control needs a decoder.layers.<i>.* name, got {spec_name!r}")
+    return int(m.group(1)), m.group(2)
+
+
+def _swap_experts(models, bridge, layer: int, a: int, b: int):
+    from mcore_bridge.model import param_views
+
+    owner_a, local_a = bridge.layout.expert_owner(bridge.family.num_experts, a)
+    owner_b, local_b = bridge.layout.expert_owner(bridge.family.num_experts, b)
+    if owner_a != owner_b:
+        raise ValueError(f"swap_experts: experts {a} and {b} live on expert-parallel ranks {owner_a} and "
+                         f"{owner_b}; pick two experts of one rank")
+    from megatron.core import parallel_state as ps
+
+    if ps.get_expert_model_parallel_rank() != owner_a:
+        return
+    state = param_views(models, bridge.family, bridge.layout)
+    for fc in ("linear_fc1", "linear_fc2"):
+        found = [(c, n) for (c, n) in state
+                 if n.endswith(f"mlp.experts.local_experts.{local_a}.{fc}.weight")]
+        for chunk, name in found:
+            m = re.match(r"decoder\.layers\.(\d+)\.", name)
+            chunk_layers = [x.layer_number - 1 for x in models[chunk].decoder.layers]
+            if chunk_layers[int(m.group(1))] != layer:
+                continue
+            x = state[(chunk, name)]
+            y = state[(chunk, name.replace(f"local_experts.{local_a}.", f"local_experts.{local_b}."))]
+            tmp = x.clone()
+            x.copy_(y)
+            y.copy_(tmp)
 
 
 def after_load(models, bridge, spec: str | None):
@@ -58,13 +102,15 @@ def after_load(models, bridge, spec: str | None):
     kind, args = parsed
     with torch.no_grad():
         if kind == "scale":
-            name, factor = args[0], float(args[1])
-            m = _LAYER.match(name)
-            if not m:
-                raise ValueError(f"scale control needs a decoder.layers.<i>.* name, got {name!r}")
-            p = _layer_param(models, int(m.group(1)), m.group(2))
+            p = _layer_param(models, *_named(args[0]))
             if p is not None:
-                p.mul_(factor)
+                p.mul_(float(args[1]))
+        elif kind == "zero":
+            p = _layer_param(models, *_named(args[0]))
+            if p is not None:
+                p.zero_()
+        elif kind == "swap_experts":
+            _swap_experts(models, bridge, *(int(a) for a in args[:3]))
         elif kind == "swap_qk":
             layer = int(args[0])
             p = _layer_param(models, layer, "self_attention.linear_qkv.weight")

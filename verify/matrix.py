@@ -16,6 +16,7 @@ AXES = {  # matrix key -> (ParallelLayout field, parser)
     "tp": ("tp", int), "pp": ("pp", int), "vpp": ("vpp", int),
     "sp": ("sp", lambda v: v.lower() in ("1", "true", "yes", "on")),
     "first": ("first_stage_layers", int), "last": ("last_stage_layers", int),
+    "ep": ("ep", int), "etp": ("etp", int),
 }
 
 
@@ -57,7 +58,7 @@ def case_id(model: str, layout: ParallelLayout) -> str:
 
 def params(models, matrix: str, *, dims_of=None):
     """pytest params ``(model, layout)`` for each built-in model name and each valid layout.
-    Each param carries ``pytest.mark.world(n)`` (n = tp x pp) so pools are grouped by size."""
+    Each param carries ``pytest.mark.world(n)`` (n = the layout's smallest world size) so pools are grouped by size."""
     import pytest
 
     out = []
@@ -65,5 +66,5 @@ def params(models, matrix: str, *, dims_of=None):
         dims = dims_of(model) if dims_of else None
         for layout in expand(matrix, dims)[0]:
             out.append(pytest.param(model, layout, id=case_id(f"{model}-tiny", layout),
-                                    marks=pytest.mark.world(layout.model_parallel_size)))
+                                    marks=pytest.mark.world(layout.min_world_size)))
     return out

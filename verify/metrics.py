@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 LOWER_IS_BETTER = ("token_mean_diff_mean", "token_mean_diff_max", "mean_diff", "max_diff",
                    "mean_diff_with_loss", "max_diff_with_loss", "kl_hf_mg")
-HIGHER_IS_BETTER = ("top1_agreement", "cosine_mean", "cosine_min")
+HIGHER_IS_BETTER = ("top1_agreement", "cosine_mean", "cosine_min", "router_agreement")
 
 # fp32: both sides compute the same math; only summation order differs between layouts.
 FP32_THRESHOLDS = {"mean_diff": 1e-5, "max_diff": 1e-3, "mean_diff_with_loss": 1e-5,
@@ -25,6 +25,10 @@ BF16_FACTOR = 3.0
 BF16_FLOORS = {"mean_diff": 1e-3, "max_diff": 1e-2, "mean_diff_with_loss": 1e-3,
                "max_diff_with_loss": 1e-2, "kl_hf_mg": 1e-4, "layer_rel_drift": 1e-3}
 BF16_TOP1_SLACK = 0.02
+# MoE: fraction of tokens routed to the same expert set on both sides, worst layer. fp32 routing
+# flips only on near-ties; bf16 may flip as often as HF's own bf16 run does, plus this slack.
+FP32_ROUTER_AGREEMENT_MIN = 0.99
+BF16_ROUTER_SLACK = 0.05
 
 
 def loss_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -95,23 +99,35 @@ def probe_drift(ref: torch.Tensor, got: torch.Tensor) -> dict:
     return {"rel_mean_diff": (diff.mean() / scale).item(), "max_diff": diff.max().item()}
 
 
-def thresholds(dtype: str, calibration: dict | None = None) -> dict:
+def routing_agreement(ref: torch.Tensor, got: torch.Tensor) -> float:
+    """Fraction of tokens whose expert sets match; ``ref``/``got`` are boolean ``[tokens, E]``."""
+    if ref.shape != got.shape:
+        raise ValueError(f"routing maps differ in shape: {tuple(ref.shape)} vs {tuple(got.shape)}")
+    return (ref == got).all(dim=-1).double().mean().item()
+
+
+def thresholds(dtype: str, calibration: dict | None = None, moe: bool = False) -> dict:
     """Pass/fail limits. fp32: fixed. bf16: ``BF16_FACTOR`` x HF's own bf16-vs-fp32 drift."""
     if dtype == "fp32":
-        return dict(FP32_THRESHOLDS)
+        out = dict(FP32_THRESHOLDS)
+        if moe:
+            out["router_agreement_min"] = FP32_ROUTER_AGREEMENT_MIN
+        return out
     if calibration is None:
         raise ValueError(f"{dtype} thresholds need HF's {dtype}-vs-fp32 calibration")
     out = {k: max(BF16_FACTOR * calibration[k], floor) for k, floor in BF16_FLOORS.items()
            if k in calibration}
     out["top1_agreement_min"] = calibration["top1_agreement"] - BF16_TOP1_SLACK
     out["layer_rel_drift"] = BF16_FLOORS["layer_rel_drift"]
+    if moe:
+        out["router_agreement_min"] = calibration.get("router_agreement", 1.0) - BF16_ROUTER_SLACK
     return out
 
 
 def failures(metrics: dict, limits: dict) -> list[str]:
     out = []
     for k, limit in limits.items():
-        if k in ("top1_agreement_min", "layer_rel_drift"):
+        if k in ("top1_agreement_min", "layer_rel_drift", "router_agreement_min"):
             continue
         v = metrics.get(k)
         if v is None:
@@ -123,4 +139,7 @@ def failures(metrics: dict, limits: dict) -> list[str]:
             out.append(f"{k} {v:.2e} > {limit:.1e}")
     if not metrics["top1_agreement"] >= limits["top1_agreement_min"]:  # also catches NaN
         out.append(f"top1_agreement {metrics['top1_agreement']:.4f} < {limits['top1_agreement_min']:.4f}")
+    if "router_agreement_min" in limits and not metrics.get("router_agreement", 0.0) >= limits["router_agreement_min"]:
+        out.append(f"router_agreement {metrics.get('router_agreement', float('nan')):.4f} < "
+                   f"{limits['router_agreement_min']:.4f}")
     return out

@@ -2,7 +2,8 @@
 final norm, captured with forward hooks on the real modules of both models.
 
 Probe names are shared by both sides: ``embedding``, ``layer.{i}`` (global index), ``final_norm``.
-All captured tensors are ``[B, S, H]`` fp32 on the CPU.
+All captured tensors are ``[B, S, H]`` fp32 on the CPU. MoE layers add ``router.{i}``: the experts
+each token was sent to, as a boolean ``[B*S, E]`` map (so routing is compared as sets).
 """
 
 from __future__ import annotations
@@ -30,13 +31,59 @@ def _hooked(targets, store: dict, to_bsh):
             h.remove()
 
 
+@contextlib.contextmanager
 def hf_probes(model, store: dict):
     """Hooks on a transformers causal LM (``model.model.{embed_tokens,layers,norm}``)."""
     inner = model.model
     targets = [("embedding", inner.embed_tokens)]
     targets += [(f"layer.{i}", layer) for i, layer in enumerate(inner.layers)]
     targets.append(("final_norm", inner.norm))
-    return _hooked(targets, store, lambda hidden: hidden)
+    with _hooked(targets, store, lambda hidden: hidden), _hf_routing(inner.layers, store):
+        yield store
+
+
+def _routing_map(indices, num_experts: int):
+    import torch
+
+    idx = indices.reshape(-1, indices.shape[-1]).long()
+    out = torch.zeros(idx.shape[0], num_experts, dtype=torch.bool)
+    out.scatter_(1, idx.cpu(), True)
+    return out[None]  # [1, tokens, E]: one sample per forward, like the hidden-state probes
+
+
+@contextlib.contextmanager
+def _hf_routing(layers, store: dict):
+    """Capture the expert choice of each HF MoE block: from ``route_tokens_to_experts`` where the
+    block has one (DeepSeek-V3: sigmoid + bias + groups), else from the router's returned indices
+    (Mixtral, Qwen-MoE routers return ``(logits, weights, indices)``)."""
+    undo = []
+    for i, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        gate = getattr(mlp, "gate", None)
+        if gate is None or not hasattr(gate, "weight") or gate.weight.shape[0] < 2:
+            continue
+        num_experts, name = gate.weight.shape[0], f"router.{i}"
+        if hasattr(mlp, "route_tokens_to_experts"):
+            original = mlp.route_tokens_to_experts
+
+            def route(*args, _orig=original, _name=name, _n=num_experts, **kwargs):
+                out = _orig(*args, **kwargs)
+                store.setdefault(_name, _routing_map(out[0], _n))
+                return out
+
+            mlp.route_tokens_to_experts = route
+            undo.append(lambda m=mlp: delattr(m, "route_tokens_to_experts"))
+        else:
+            def hook(_m, _inputs, out, _name=name, _n=num_experts):
+                if isinstance(out, tuple) and len(out) == 3:
+                    store.setdefault(_name, _routing_map(out[2], _n))
+
+            undo.append(gate.register_forward_hook(hook).remove)
+    try:
+        yield
+    finally:
+        for u in undo:
+            u()
 
 
 def megatron_probes(models, store: dict, sequence_parallel: bool):
@@ -57,7 +104,38 @@ def megatron_probes(models, store: dict, sequence_parallel: bool):
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         return hidden.transpose(0, 1)
 
-    return _hooked(targets, store, to_bsh)
+    routers = [(f"router.{layer.layer_number - 1}", layer.mlp.router) for chunk in models
+               for layer in chunk.decoder.layers if hasattr(getattr(layer, "mlp", None), "router")]
+
+    def routing(routing_map):  # [tokens on this rank, E]; tokens are sequence-sharded under SP
+        routing_map = routing_map.float()
+        if sequence_parallel:
+            routing_map = gather_from_sequence_parallel_region(routing_map, tensor_parallel_output_grad=False)
+        return routing_map.bool()[None]
+
+    @contextlib.contextmanager
+    def both():
+        with _hooked(targets, store, to_bsh), _hooked_output(routers, store, 1, routing):
+            yield store
+
+    return both()
+
+
+@contextlib.contextmanager
+def _hooked_output(targets, store: dict, index: int, convert):
+    """Record ``convert(output[index])`` of each ``(name, module)`` (megatron's router returns
+    ``(probs, routing_map)``)."""
+    def hook_for(name):
+        def hook(_module, _inputs, out):
+            store.setdefault(name, convert(out[index].detach()).cpu())
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in targets]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def probe_order(num_layers: int) -> list[str]:

@@ -249,7 +249,7 @@ def fmt(value, metric: str | None = None) -> str:
         return str(value)
     if math.isnan(value) or math.isinf(value):
         return str(value)
-    if metric and (metric.startswith(("top1", "cosine"))):
+    if metric and (metric.startswith(("top1", "cosine", "router_agreement"))):
         return f"{value:.6f}"
     if metric and metric.startswith("loss"):
         return f"{value:.4f}"
@@ -395,6 +395,12 @@ def render_markdown(report: dict) -> str:
         layer = first.get("layer")
         out += [f"**{_md(first['probe'])}**" + (f" (layer {layer})" if layer is not None else "")
                 + f", relative mean drift {fmt(first.get('rel_mean_diff'))}", ""]
+        if first.get("cause") == "routing":
+            out += [f"Cause: **routing** — only {fmt(first.get('router_agreement'), 'router_agreement')} of the tokens reach the "
+                    f"same experts on both sides: look at the router weight, its bias and the router "
+                    f"settings before the expert weights.", ""]
+        elif first.get("cause") == "weights" and any("router_agreement" in x for x in r["layers"]):
+            out += ["Cause: **weights** — routing agrees, the layer's own weights (or their layout) differ.", ""]
         for side, key in (("HF parameters", "hf_params"), ("Megatron parameters", "mcore_params")):
             params = first.get(key) or []
             out += [f"{side}:", ""] + ([f"- {_code(p)}" for p in params] or ["- (none recorded)"]) + [""]
@@ -412,7 +418,9 @@ def render_markdown(report: dict) -> str:
     else:
         cal = calibration_by_probe(r)
         first_probe = _first_probe(r)
+        routed = any("router_agreement" in x for x in r["layers"])
         header = ["probe", "layer", "rel_mean_diff", "max_diff", "threshold", "ok"]
+        header += ["router agreement"] if routed else []
         header += [_calib_label(r)] if cal else []
         rows = []
         for layer in r["layers"]:
@@ -423,6 +431,8 @@ def render_markdown(report: dict) -> str:
             row = [_md(layer["probe"]), _md("" if layer.get("layer") is None else layer["layer"]),
                    fmt(layer.get("rel_mean_diff")), fmt(layer.get("max_diff")),
                    fmt(layer.get("threshold")), mark]
+            if routed:
+                row.append(fmt(layer.get("router_agreement"), "router_agreement") if "router_agreement" in layer else "")
             if cal:
                 row.append(fmt(cal.get(layer["probe"])))
             rows.append(row)

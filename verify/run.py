@@ -130,6 +130,24 @@ def layer_drift(samples, ref: dict, got: dict, num_layers: int) -> dict[str, dic
     return out
 
 
+def routing(samples, ref: dict, got: dict, num_layers: int) -> dict[int, float]:
+    """Router agreement per MoE layer (token-weighted over samples); {} for dense models."""
+    out = {}
+    for layer in range(num_layers):
+        name = f"router.{layer}"
+        if name not in got[samples[0].name]["probes"]:
+            continue
+        agree, tokens = 0.0, 0
+        for s in samples:
+            if name not in ref[s.name]["probes"]:
+                raise RuntimeError(f"{name}: the megatron layer routes tokens, the HF layer does not")
+            ref_map, got_map = ref[s.name]["probes"][name], got[s.name]["probes"][name]
+            agree += metrics.routing_agreement(ref_map, got_map) * ref_map.shape[0]
+            tokens += ref_map.shape[0]
+        out[layer] = agree / tokens
+    return out
+
+
 def layer_params(bridge: Bridge, probe: str) -> tuple[list[str], list[str]]:
     """HF and megatron parameter names behind a probe (what to look at when it drifts)."""
     layer = probe_layer(probe)
@@ -140,36 +158,56 @@ def layer_params(bridge: Bridge, probe: str) -> tuple[list[str], list[str]]:
     else:
         units = [u for u in bridge.units if u.rule.mcore.startswith("decoder.final_layernorm")]
     hf = [n for u in units for n in u.hf_names]
-    mc = [u.rule.mcore.replace("{L}", str(layer)) for u in units]
+    mc = list(dict.fromkeys(u.rule.mcore.replace("{L}", str(layer)) for u in units))
     return hf, mc
 
 
 def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=None, timing, name) -> dict:
     num_layers = bridge.family.num_layers
     overall, per_input = compare(samples, ref32, got)
+    routed = routing(samples, ref32, got, num_layers)
+    if routed:
+        overall["router_agreement"] = min(routed.values())
     calibration = None
     if dtype != "fp32":
         cal_overall, _ = compare(samples, ref32, calib)
         cal_layers = layer_drift(samples, ref32, calib, num_layers)
+        cal_routed = routing(samples, ref32, calib, num_layers) if routed else {}
+        if cal_routed:
+            cal_overall["router_agreement"] = min(cal_routed.values())
         calibration = {"hf_bf16_vs_fp32": cal_overall,
                        "layers": [cal_layers[p]["rel_mean_diff"] for p in probe_order(num_layers)]}
-    limits = metrics.thresholds(dtype, calibration and calibration["hf_bf16_vs_fp32"])
+    limits = metrics.thresholds(dtype, calibration and calibration["hf_bf16_vs_fp32"], moe=bool(routed))
     drift = layer_drift(samples, ref32, got, num_layers)
     layers, first = [], None
     for i, probe in enumerate(probe_order(num_layers)):
         limit = limits["layer_rel_drift"]
         if calibration is not None:
             limit = max(limit, metrics.BF16_FACTOR * calibration["layers"][i])
+        entry = {"probe": probe, "layer": probe_layer(probe), **drift[probe], "threshold": limit}
         ok = drift[probe]["rel_mean_diff"] <= limit
-        layers.append({"probe": probe, "layer": probe_layer(probe), **drift[probe], "threshold": limit, "ok": ok})
-        if not ok and first is None:
+        routing_ok = True
+        if entry["layer"] in routed:
+            entry["router_agreement"] = routed[entry["layer"]]
+            routing_ok = routed[entry["layer"]] >= limits["router_agreement_min"]
+        entry["ok"] = ok and routing_ok
+        layers.append(entry)
+        if not entry["ok"] and first is None:
             hf, mc = layer_params(bridge, probe)
+            # A layer whose tokens went to other experts points at the router (weights, bias,
+            # settings); same routing but drifting output points at the layer's other weights.
             first = {"probe": probe, "layer": probe_layer(probe), "rel_mean_diff": drift[probe]["rel_mean_diff"],
-                     "hf_params": hf, "mcore_params": mc}
+                     "cause": "weights" if routing_ok else "routing", "hf_params": hf, "mcore_params": mc}
+            if not routing_ok:
+                first["router_agreement"] = routed[entry["layer"]]
             first_limit = limit
     fails = metrics.failures(overall, limits)
     if first is not None:
-        fails.append(f"{first['probe']} drift {first['rel_mean_diff']:.2e} > {first_limit:.1e}")
+        if first["cause"] == "routing":
+            fails.append(f"{first['probe']} routing: {first['router_agreement']:.3f} of tokens reach the "
+                         f"same experts (< {limits['router_agreement_min']:.3f})")
+        else:
+            fails.append(f"{first['probe']} drift {first['rel_mean_diff']:.2e} > {first_limit:.1e}")
     return {
         "schema": SCHEMA, "model": name, "source": str(bridge.source), "family": bridge.family.name,
         "layout": layout.to_dict(), "layout_id": layout.short(), "dtype": dtype, "device": device,
@@ -198,19 +236,22 @@ def model_name(source: str) -> str:
 
 def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device: str = "auto",
                control: str | None = None, reference_cache: Path | None = None,
-               lengths=None) -> dict | None:
-    """Collective: convert ``source`` into ``layout`` and verify it. The report on rank 0."""
+               lengths=None, grouped_experts: bool = False) -> dict | None:
+    """Collective: convert ``source`` into ``layout`` and verify it. The report on rank 0.
+    ``grouped_experts``: MoE experts built as megatron's grouped-GEMM module (bf16 only in 0.16)."""
     t0 = time.time()
     bridge = Bridge(source, layout)
     controls.before_build(bridge, control)
     device = bridge.setup(device)
-    models = bridge.build_model(DTYPES[dtype])
+    models = bridge.build_model(DTYPES[dtype], grouped_experts=grouped_experts)
     bridge.load_weights(models)
     controls.after_load(models, bridge, control)
     report = verify_loaded(bridge, models, bridge.source, dtype=dtype, name=model_name(source),
                            reference_cache=reference_cache, lengths=lengths, load_s=time.time() - t0)
     if report is not None and control:
         report["control"] = control
+    if report is not None and grouped_experts:  # another case than SequentialMLP experts
+        report["layout_id"] += "-grouped"
     return report
 
 
@@ -255,9 +296,12 @@ def main(argv=None) -> int:
     ap.add_argument("--report", default=None, help="report directory (JSON + Markdown per case)")
     ap.add_argument("--reference-cache", default=None)
     ap.add_argument("--control", default=None)
+    ap.add_argument("--grouped-experts", action="store_true",
+                    help="MoE experts as megatron's grouped-GEMM module instead of SequentialMLP")
     args = ap.parse_args(argv)
     report = run_layout(args.model, ParallelLayout(**json.loads(args.layout)), args.dtype, args.device,
-                        args.control, Path(args.reference_cache) if args.reference_cache else None)
+                        args.control, Path(args.reference_cache) if args.reference_cache else None,
+                        grouped_experts=args.grouped_experts)
     if report is not None:
         if args.report:
             from .report import write_report

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from .base import Family, HFConfig, Rule, UnsupportedConfig, canonical_param_name
 from .llama import Llama
+from .moe import Mixtral, Qwen2MoE, Qwen3MoE
 from .qwen import Qwen2, Qwen3
 
 FAMILIES: dict[str, type[Family]] = {}
-for _cls in (Llama, Qwen2, Qwen3):
+for _cls in (Llama, Qwen2, Qwen3, Mixtral, Qwen2MoE, Qwen3MoE):
     for _t in _cls.model_types:
         FAMILIES[_t] = _cls
 

@@ -2,8 +2,10 @@
 
 A family turns an HF ``config.json`` into megatron settings (``model_settings``) and lists its
 weight mapping as ``Rule`` rows: a megatron parameter pattern, the HF on-disk name(s) behind it and
-the transform between them. ``{L}`` stands for the global layer index on both sides. The rank
-arithmetic is not here: it lives in ``layout`` and ``plan``.
+the transform between them. ``{L}`` stands for the global layer index on both sides; ``{E}`` for an
+expert: the local index (on its expert-parallel rank) in megatron names, the global one in HF names.
+A rule applies to every layer, or only to ``dense`` or ``moe`` layers (models that mix them). The
+rank arithmetic is not here: it lives in ``layout`` and ``plan``.
 """
 
 from __future__ import annotations
@@ -25,17 +27,24 @@ class Rule:
     hf: tuple[str, ...]
     transform: Transform
     export: bool = True  # False: load-only copy (tied output layer on the last pipeline stage)
+    when: str = "all"  # layers it applies to: "all", "dense" or "moe"
 
     @property
     def per_layer(self) -> bool:
         return "{L}" in self.mcore
 
-    def hf_names(self, layer: Optional[int]) -> tuple[str, ...]:
-        return tuple(n.replace("{L}", str(layer)) for n in self.hf)
+    @property
+    def expert(self) -> bool:
+        """Per-expert parameter: split by expert parallelism and by the expert-TP group."""
+        return "{E}" in self.mcore
+
+    def hf_names(self, layer: Optional[int], expert: Optional[int] = None) -> tuple[str, ...]:
+        return tuple(n.replace("{L}", str(layer)).replace("{E}", str(expert)) for n in self.hf)
 
 
-def rule(mcore: str, hf: str | Sequence[str], transform: Transform, export: bool = True) -> Rule:
-    return Rule(mcore, (hf,) if isinstance(hf, str) else tuple(hf), transform, export)
+def rule(mcore: str, hf: str | Sequence[str], transform: Transform, export: bool = True,
+         when: str = "all") -> Rule:
+    return Rule(mcore, (hf,) if isinstance(hf, str) else tuple(hf), transform, export, when)
 
 
 # TransformerEngine specs fuse the pre-attention / pre-MLP norms into the following linear; the
@@ -47,6 +56,9 @@ TE_ALIASES = {
     "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
 _WRAPPER_PREFIX = re.compile(r"^(module\.)+")
+# TE grouped experts keep one tensor per local expert as ``experts.linear_fc1.weight{i}``; the
+# local spec's SequentialMLP spells the same tensor ``experts.local_experts.{i}.linear_fc1.weight``.
+_TE_GROUPED = re.compile(r"mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
 
 
 def canonical_param_name(name: str) -> str:
@@ -55,6 +67,9 @@ def canonical_param_name(name: str) -> str:
     for te, local in TE_ALIASES.items():
         if name.endswith(te):
             return name[: -len(te)] + local
+    m = _TE_GROUPED.search(name)
+    if m:
+        return name[: m.start()] + f"mlp.experts.local_experts.{m.group(3)}.{m.group(1)}.{m.group(2)}"
     return name
 
 
@@ -114,15 +129,32 @@ class Family:
     def tied(self) -> bool:
         return bool(self.cfg.get("tie_word_embeddings", default=False))
 
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer (0: a dense model)."""
+        return 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return False
+
+    def layer_kind(self, layer: int) -> str:
+        return "moe" if self.is_moe_layer(layer) else "dense"
+
     def layout_dims(self) -> dict:
         """What the layout validator needs to know about this model."""
         s = self.model_settings()["config"]
+        dense = any(not self.is_moe_layer(i) for i in range(self.num_layers))
         return dict(num_layers=s["num_layers"], num_attention_heads=s["num_attention_heads"],
-                    num_query_groups=s["num_query_groups"], ffn_hidden_size=s["ffn_hidden_size"])
+                    num_query_groups=s.get("num_query_groups") or s["num_attention_heads"],
+                    ffn_hidden_size=s["ffn_hidden_size"] if dense else None,
+                    num_experts=s.get("num_moe_experts") or 0,
+                    expert_ffn_hidden_size=s.get("moe_ffn_hidden_size"),
+                    shared_expert_ffn_hidden_size=s.get("moe_shared_expert_intermediate_size"))
 
     def compiled_rules(self) -> list[tuple[re.Pattern, Rule]]:
         out = []
         for r in self.rules():
-            pat = re.escape(r.mcore).replace(re.escape("{L}"), r"(\d+)")
+            pat = re.escape(r.mcore).replace(re.escape("{L}"), r"(?P<L>\d+)")
+            pat = pat.replace(re.escape("{E}"), r"(?P<E>\d+)")
             out.append((re.compile(pat + "$"), r))
         return out

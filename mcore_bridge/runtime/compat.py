@@ -7,11 +7,14 @@ process needs and is idempotent. Nothing is patched at import time.
 Conditions:
   * ``cpu``   -- the process runs megatron on the CPU (gloo), no CUDA device is used.
   * ``no_te`` -- TransformerEngine is not installed (CPU *and* GPU machines here).
+  * ``no_grouped_gemm`` -- the CUDA-only ``grouped_gemm`` package is not installed (legacy
+    GroupedMLP experts only).
 """
 
 from __future__ import annotations
 
 import os
+import types
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -102,10 +105,93 @@ def _cpu_cuda_stubs():
     torch.cuda.synchronize = lambda *a, **k: None
 
 
+def _router_gemm_without_te():
+    """no_te: megatron-core 0.16's router GEMM tests ``te_general_gemm is not None``, a name only
+    bound when TransformerEngine imports -- every MoE forward dies with NameError (GPU too)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _gmm(a, b, batch_sizes, trans_b=False):
+    """``grouped_gemm.ops.gmm`` in plain torch: rows of ``a`` in consecutive groups, group i times
+    ``b[i]`` (or its transpose). Differentiable."""
+    outs, start = [], 0
+    for i, n in enumerate(batch_sizes.tolist()):
+        outs.append(a[start:start + n] @ (b[i].t() if trans_b else b[i]))
+        start += n
+    return torch.cat(outs) if outs else a.new_zeros(0, b.shape[1] if trans_b else b.shape[2])
+
+
+def _grouped_gemm_fallback():
+    """no_grouped_gemm: the legacy GroupedMLP asserts the CUDA-only ``grouped_gemm`` package at
+    construction and calls ``ops.gmm`` in its forward; give it the torch version above."""
+    from megatron.core.transformer.moe import grouped_gemm_util as gg
+
+    if gg.grouped_gemm is None:
+        ops = types.SimpleNamespace(gmm=_gmm)
+        gg.grouped_gemm = types.SimpleNamespace(ops=ops)
+        gg.ops = ops
+
+
+def _cpu_alltoall_dispatcher():
+    """cpu: the all-to-all token dispatcher creates a CUDA stream for its device-to-host copies and,
+    on GPU, turns the all-to-all split sizes into host numbers on it; on CPU no stream exists and
+    the sizes would stay tensors. Skip the stream and convert them as the GPU path does."""
+    from megatron.core.transformer.moe import token_dispatcher as td
+
+    cls = td.MoEAlltoAllTokenDispatcher
+    cls.cuda_dtoh_stream = "cpu"  # anything but None: __init__ then creates no torch.cuda.Stream
+
+    def _maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
+        if not self.drop_and_pad and point == self.cuda_dtoh_point:
+            for attr in ("input_splits", "output_splits", "output_splits_tp"):
+                value = getattr(self, attr)
+                if torch.is_tensor(value):
+                    setattr(self, attr, value.numpy())  # what the GPU path leaves there
+        return tokens_per_expert
+
+    cls._maybe_dtoh_and_synchronize = _maybe_dtoh_and_synchronize
+
+
+def _gloo_uneven_gather_scatter():
+    """cpu: with expert-TP > 1 and EP > 1 the dispatcher all-gathers / reduce-scatters token runs
+    of different lengths per rank; gloo only does equal sizes. Pad to the longest run for the
+    gather; reduce the whole buffer and keep this rank's run for the scatter."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None:
+            return gather(input_, group, None, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        longest = max(sizes)
+        padded = input_.new_zeros((longest,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        out = gather(padded, group)
+        return torch.cat([out[i * longest: i * longest + n] for i, n in enumerate(sizes)])
+
+    def scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None:
+            return scatter(input_, group, None, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        full = input_.contiguous().clone()
+        dist.all_reduce(full, group=group)
+        r = dist.get_rank(group)
+        start = sum(sizes[:r])
+        return full[start:start + sizes[r]].contiguous()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = scatter_uneven
+
+
 def apply(device: str) -> None:
     """Install the adaptations this process needs for ``device`` ("cpu" or "cuda")."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # megatron wraps helpers in torch.compile
-    wanted = ["no_te"]
+    wanted = ["no_te", "no_grouped_gemm"]
     if device == "cpu":
         wanted.append("cpu")
     for cond in wanted:
@@ -139,6 +225,8 @@ def _no_te_only(fn):
 
 
 _ADAPTATIONS = {
-    "cpu": [_cpu_cuda_stubs, _cpu_rng_tracker, _enter_cpu_mode],
-    "no_te": [_no_te_only(_torch_norm_sequence_parallel)],
+    "cpu": [_cpu_cuda_stubs, _cpu_rng_tracker, _enter_cpu_mode, _cpu_alltoall_dispatcher,
+            _gloo_uneven_gather_scatter],
+    "no_te": [_no_te_only(_torch_norm_sequence_parallel), _no_te_only(_router_gemm_without_te)],
+    "no_grouped_gemm": [_grouped_gemm_fallback],
 }

@@ -56,20 +56,23 @@ def setup(layout: ParallelLayout, device: str = "auto", seed: int = 1234) -> str
     compat.apply(device)
     init_process_group(device)
     world = dist.get_world_size()
-    if world % layout.model_parallel_size:
-        raise LayoutError(f"{world} processes cannot form tp={layout.tp} x pp={layout.pp}: launch a "
-                          f"multiple of {layout.model_parallel_size} (--nproc-per-node)")
+    if world % layout.min_world_size:
+        raise LayoutError(f"{world} processes cannot form tp={layout.tp} x pp={layout.pp} with "
+                          f"etp={layout.etp} x ep={layout.ep}: launch a multiple of {layout.min_world_size} "
+                          f"(--nproc-per-node)")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
         _destroy_subgroups()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
         create_gloo_process_groups=False)
     model_parallel_cuda_manual_seed(seed)
     coords = layout.coords(dist.get_rank(), world)
     actual = {"tp": ps.get_tensor_model_parallel_rank(), "dp": ps.get_data_parallel_rank(),
-              "pp": ps.get_pipeline_model_parallel_rank()}
+              "pp": ps.get_pipeline_model_parallel_rank(), "etp": ps.get_expert_tensor_parallel_rank(),
+              "ep": ps.get_expert_model_parallel_rank(), "edp": ps.get_expert_data_parallel_rank()}
     if coords != actual:  # our static rank arithmetic must agree with megatron's groups
         raise RuntimeError(f"rank {dist.get_rank()}: layout coordinates {coords} != megatron's {actual}")
     return device
