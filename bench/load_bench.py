@@ -411,6 +411,8 @@ def main(argv=None):
     p.add_argument("model", help="HF checkpoint directory (see make_checkpoint.py)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE checkpoints)")
+    p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: --tp)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--rounds", type=int, default=2, help="fresh model + floor/load/floor (+save) per round")
@@ -428,7 +430,7 @@ def main(argv=None):
     from mcore_bridge import Bridge, ParallelLayout
     from mcore_bridge.bridge import DTYPES
 
-    layout = ParallelLayout(tp=args.tp, pp=args.pp)
+    layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=args.tp > 1 and args.ep > 1)
     bridge = Bridge(args.model, layout)
     device = bridge.setup(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -1,6 +1,7 @@
-"""Write a random-weight HF checkpoint with the published Qwen3-8B shapes and fewer layers.
+"""Write a random-weight HF checkpoint with published shapes (Qwen3-8B, Qwen3-30B-A3B) and fewer layers.
 
     python bench/make_checkpoint.py --out /tmp/qwen3-8b-l4 --layers 4
+    python bench/make_checkpoint.py --config qwen3-30b-a3b --out /tmp/qwen3-30b-a3b-l4 --layers 4
 
 The full model is never built: transformers instantiates it on the ``meta`` device only to list
 tensor names and shapes (exactly what ``save_pretrained`` would write, tied weights dropped), then
@@ -28,27 +29,53 @@ QWEN3_8B = dict(
     max_position_embeddings=40960, max_window_layers=36, use_sliding_window=False, sliding_window=None,
     attention_bias=False, hidden_act="silu", bos_token_id=151643, eos_token_id=151645,
 )
-CONFIGS = {"qwen3-8b": QWEN3_8B}
+# Published Qwen3-30B-A3B config.json (Qwen/Qwen3-30B-A3B), minus num_hidden_layers (48 there).
+QWEN3_30B_A3B = dict(
+    hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+    num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+    num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+    tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960,
+    use_sliding_window=False, sliding_window=None, attention_bias=False, hidden_act="silu",
+    bos_token_id=151643, eos_token_id=151645, router_aux_loss_coef=0.001,
+)
+CONFIGS = {"qwen3-8b": ("Qwen3ForCausalLM", "qwen3", QWEN3_8B),
+           "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", "qwen3_moe", QWEN3_30B_A3B)}
 
 
 def make_config(name: str, layers: int):
-    from transformers import Qwen3Config
+    from transformers import AutoConfig
 
-    cfg = Qwen3Config(num_hidden_layers=layers, **CONFIGS[name])
+    arch, model_type, fields = CONFIGS[name]
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=layers, **fields)
     cfg.dtype = torch.bfloat16
-    cfg.architectures = ["Qwen3ForCausalLM"]
+    cfg.architectures = [arch]
     return cfg
 
 
-def tensor_shapes(cfg) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor ``save_pretrained`` would write, in its order."""
+def tensor_shapes(cfg, stacked: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor ``save_pretrained`` would write, in its order. transformers 5
+    keeps MoE experts stacked in memory (``experts.gate_up_proj [E, 2F, H]``, ``down_proj [E, H, F]``)
+    and writes one tensor per expert; ``stacked`` keeps the in-memory form instead."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     tied = getattr(model, "_tied_weights_keys", None) or {}
     skip = set(tied) if cfg.tie_word_embeddings else set()  # dict (transformers 5) or list (4.x)
-    return [(n, tuple(t.shape)) for n, t in model.state_dict().items() if n not in skip]
+    out = []
+    for n, t in model.state_dict().items():
+        if n in skip:
+            continue
+        shape = tuple(t.shape)
+        if not stacked and n.endswith("mlp.experts.gate_up_proj"):
+            prefix, (e, f2, h) = n[: -len("gate_up_proj")], shape
+            out += [(f"{prefix}{i}.{p}_proj.weight", (f2 // 2, h)) for i in range(e) for p in ("gate", "up")]
+        elif not stacked and n.endswith("mlp.experts.down_proj"):
+            prefix, (e, h, f) = n[: -len("down_proj")], shape
+            out += [(f"{prefix}{i}.down_proj.weight", (h, f)) for i in range(e)]
+        else:
+            out.append((n, shape))
+    return out
 
 
 def plan_files(shapes, max_bytes: int, itemsize: int = 2) -> list[list[tuple[str, tuple[int, ...]]]]:
@@ -72,8 +99,9 @@ def random_tensor(name: str, shape, gen: torch.Generator) -> torch.Tensor:
     if len(shape) == 1:  # norm weights: around 1 like a trained model's
         return (1.0 + 0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
     out = torch.empty(shape, dtype=torch.bfloat16)
-    # normal_ on bf16 directly keeps memory at one tensor (no fp32 temporary)
-    return out.normal_(0.0, 0.02, generator=gen)
+    # normal_ on bf16 directly keeps memory at one tensor (no fp32 temporary); MoE routers get a
+    # trained router's spread of logits, so that routing is not decided by rounding noise
+    return out.normal_(0.0, 0.5 if name.endswith("mlp.gate.weight") else 0.02, generator=gen)
 
 
 def main(argv=None):
@@ -83,6 +111,7 @@ def main(argv=None):
     p.add_argument("--config", default="qwen3-8b", choices=sorted(CONFIGS))
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="shard size limit, 1e9 bytes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stacked", action="store_true", help="MoE: keep experts stacked [E, 2F, H] / [E, H, F]")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
 
@@ -96,7 +125,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     cfg = make_config(args.config, args.layers)
-    shapes = tensor_shapes(cfg)
+    shapes = tensor_shapes(cfg, args.stacked)
     files = plan_files(shapes, int(args.max_shard_gb * 1e9))
     gen = torch.Generator().manual_seed(args.seed)
     weight_map, total = {}, 0

@@ -79,6 +79,7 @@ class Bridge:
         layout.validate(**self.family.layout_dims())
         self.units = inventory(self.family, layout)
         if hf_tensors is not None:
+            self.family.check_tensors(hf_tensors)
             check_names(self.units, set(hf_tensors), where=str(self.source))
         self.device = None
 

@@ -83,7 +83,8 @@ class ParallelLayout:
     def validate(self, *, num_layers: int, num_attention_heads: int, num_query_groups: int,
                  ffn_hidden_size: Optional[int], world_size: Optional[int] = None, num_experts: int = 0,
                  expert_ffn_hidden_size: Optional[int] = None,
-                 shared_expert_ffn_hidden_size: Optional[int] = None) -> None:
+                 shared_expert_ffn_hidden_size: Optional[int] = None,
+                 tp_split_dims: Optional[dict] = None) -> None:
         tp = self.tp
         if num_query_groups % tp:
             raise LayoutError(
@@ -94,6 +95,10 @@ class ParallelLayout:
                               f"choose --tp from {_divisors(num_attention_heads)}")
         if ffn_hidden_size is not None and ffn_hidden_size % tp:
             raise LayoutError(f"intermediate size {ffn_hidden_size} cannot be split over tp={tp}")
+        for what, size in (tp_split_dims or {}).items():  # family-specific column-split widths
+            if size % tp:
+                raise LayoutError(f"{what} = {size} cannot be split over tp={tp}: choose --tp from "
+                                  f"{_divisors(size)}")
         if shared_expert_ffn_hidden_size and shared_expert_ffn_hidden_size % tp:
             raise LayoutError(f"shared expert intermediate size {shared_expert_ffn_hidden_size} cannot be "
                               f"split over tp={tp}")

@@ -13,15 +13,17 @@ ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gel
 def transformer_config(family: Family, layout: ParallelLayout, dtype: torch.dtype, device: str,
                        grouped: bool = False):
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
 
     kw = dict(family.model_settings()["config"])
+    config_class = MLATransformerConfig if kw.get("multi_latent_attention") else TransformerConfig
     kw["activation_func"] = ACTIVATIONS[kw.pop("activation")]
     first, last = layout.first_stage_layers, layout.last_stage_layers
     if layout.pp == 2 and first is not None and last is not None:
         # Same split (validated: first + last == num_layers), but megatron-core's layer offset
         # divides by the number of middle stages (0 here) under vpp: pass only the first size.
         last = None
-    return TransformerConfig(
+    return config_class(
         **kw,
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,

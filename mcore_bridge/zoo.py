@@ -46,10 +46,16 @@ ZOO = {
     "qwen3_moe": dict(model_type="qwen3_moe", tie_word_embeddings=False, head_dim=32, num_experts=8,
                       num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "deepseek_v3": dict(model_type="deepseek_v3", tie_word_embeddings=False, num_key_value_heads=8,
+                        first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+                        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=4,
+                        n_group=4, topk_group=2, n_shared_experts=1, moe_intermediate_size=32,
+                        routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
 
-MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
 DENSE = [n for n in ZOO if n not in MOE]
 
 
@@ -116,7 +122,10 @@ def build(name: str, out: Path, seed: int = 0):
             if "norm" in pname or pname.endswith("bias"):  # not all ones/zeros: a swap must show
                 p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.1 * torch.randn_like(p))
             elif _is_router(pname):  # clear routing margins: fp32 noise must not flip a top-k choice
-                p.mul_(25.0)
+                p.mul_(5.0 if cfg.model_type == "deepseek_v3" else 25.0)  # sigmoid scores saturate sooner
+        for bname, b in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):  # a routing bias that changes choices
+                b.copy_(0.05 * torch.randn_like(b))
     model.save_pretrained(out, max_shard_size=shard)
     tokenizer(cfg.vocab_size).save_pretrained(out)
 

@@ -80,8 +80,8 @@ def test_moe_verifies_fp32_with_full_router_agreement(model, world, layout, pool
     assert m["max_diff"] < 1e-4 and m["top1_agreement"] == 1.0
     assert m["router_agreement"] == 1.0 and r["thresholds"]["router_agreement_min"] == 0.99
     routed = [x["layer"] for x in r["layers"] if "router_agreement" in x]
-    sparse = [0, 2, 3] if model == "qwen2_moe" else [0, 1, 2, 3]  # qwen2_moe's layer 1 is dense
-    assert routed == sparse
+    dense = {"qwen2_moe": 1, "deepseek_v3": 0}.get(model)  # mlp_only_layers / first_k_dense_replace
+    assert routed == [i for i in range(4) if i != dense]
 
 
 @pytest.mark.world(2)
@@ -98,6 +98,9 @@ CONTROLS = [  # (model, world, layout, control, probe named first, cause)
     ("mixtral", 4, L(tp=2, sp=True, ep=2), "swap_experts:1:2:3", "layer.1", "weights"),
     ("qwen2_moe", 2, L(ep=2), "zero:decoder.layers.2.mlp.shared_experts.gate_weight", "layer.2", "weights"),
     ("mixtral", 2, L(ep=2), "scale:decoder.layers.1.mlp.router.weight:-1", "layer.1", "routing"),
+    # a dropped e_score_correction_bias changes which experts win, not their weights
+    ("deepseek_v3", 4, L(tp=2, sp=True, ep=2), "zero:decoder.layers.2.mlp.router.expert_bias", "layer.2",
+     "routing"),
 ]
 
 

@@ -152,3 +152,70 @@ def test_te_grouped_expert_names_are_canonical():
     # the dense / shared MLP names are untouched
     assert canonical_param_name("decoder.layers.0.mlp.shared_experts.linear_fc1.weight") == \
         "decoder.layers.0.mlp.shared_experts.linear_fc1.weight"
+
+
+# ---- DeepSeek-V3 ---------------------------------------------------------------------------------
+
+DSV3 = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=8, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=4,
+            n_group=4, topk_group=2, n_shared_experts=2, moe_intermediate_size=32, routed_scaling_factor=2.5,
+            norm_topk_prob=True, rope_interleave=True, rms_norm_eps=1e-6)
+
+
+def dsv3(**kw):
+    return transformers.AutoConfig.for_model("deepseek_v3", **{**DSV3, **kw}).to_dict()
+
+
+def test_deepseek_v3_settings():
+    fam = family_for(dsv3())
+    c = fam.model_settings()["config"]
+    assert c["multi_latent_attention"] and c["q_lora_rank"] == 32 and c["kv_lora_rank"] == 16
+    assert (c["qk_head_dim"], c["qk_pos_emb_head_dim"], c["v_head_dim"]) == (16, 8, 16)
+    assert c["moe_layer_freq"] == [0, 1, 1, 1] and c["num_moe_experts"] == 8
+    assert c["moe_shared_expert_intermediate_size"] == 64  # 2 shared experts of 32
+    assert c["moe_router_score_function"] == "sigmoid" and c["moe_router_enable_expert_bias"]
+    assert (c["moe_router_num_groups"], c["moe_router_group_topk"]) == (4, 2)
+    assert c["moe_router_topk_scaling_factor"] == 2.5 and c["rope_type"] == "rope"
+    names = {n for u in inventory(fam, ParallelLayout()) for n in u.hf_names}
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in names
+    assert "model.layers.0.mlp.gate_proj.weight" in names and "model.layers.0.mlp.gate.weight" not in names
+    assert "model.layers.2.self_attn.kv_a_proj_with_mqa.weight" in names
+    assert "model.layers.3.mlp.shared_experts.down_proj.weight" in names
+    no_q_lora = {n for u in inventory(family_for(dsv3(q_lora_rank=None)), ParallelLayout()) for n in u.hf_names}
+    assert "model.layers.0.self_attn.q_proj.weight" in no_q_lora and not any("q_a_proj" in n for n in no_q_lora)
+
+
+def test_deepseek_v3_yarn_fields_by_name():
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 64,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    c = family_for(dsv3(rope_parameters=rope)).model_settings()["config"]
+    assert c["rope_type"] == "yarn" and c["rotary_scaling_factor"] == 40.0
+    assert c["original_max_position_embeddings"] == 64 and c["mscale_all_dim"] == 1.0  # megatron's default is 0
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(rope_interleave=False), "rope_interleave=false"),
+    (dict(norm_topk_prob=False), "norm_topk_prob=false"),
+    (dict(num_experts_per_tok=2), "num_experts_per_tok=2 with topk_group=2"),
+    (dict(rms_norm_eps=1e-5), "rms_norm_eps=1e-05"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "mscale": 1.0}), "mscale"),
+])
+def test_deepseek_v3_refuses_what_megatron_cannot_express(change, message):
+    with pytest.raises(UnsupportedConfig, match=message):
+        family_for(dsv3(**change)).model_settings()
+
+
+def test_deepseek_v3_mtp_tensors_are_refused_not_dropped():
+    fam = family_for(dsv3())
+    with pytest.raises(UnsupportedConfig, match=r"multi-token-prediction layer \(2 tensors model\.layers\.4\.\*"):
+        fam.check_tensors({"model.layers.3.mlp.gate.weight", "model.layers.4.eh_proj.weight",
+                           "model.layers.4.enorm.weight"})
+    fam.check_tensors({"model.layers.3.mlp.gate.weight"})
+
+
+def test_deepseek_v3_latent_widths_must_divide_over_tp():
+    dims = family_for(dsv3(kv_lora_rank=20, num_attention_heads=12, num_key_value_heads=12)).layout_dims()
+    with pytest.raises(LayoutError, match=r"kv_lora_rank \+ qk_rope_head_dim = 28 cannot be split over tp=3"):
+        ParallelLayout(tp=3).validate(**dims)

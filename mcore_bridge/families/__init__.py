@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from .base import Family, HFConfig, Rule, UnsupportedConfig, canonical_param_name
+from .deepseek import DeepSeekV3
 from .llama import Llama
 from .moe import Mixtral, Qwen2MoE, Qwen3MoE
 from .qwen import Qwen2, Qwen3
 
 FAMILIES: dict[str, type[Family]] = {}
-for _cls in (Llama, Qwen2, Qwen3, Mixtral, Qwen2MoE, Qwen3MoE):
+for _cls in (Llama, Qwen2, Qwen3, Mixtral, Qwen2MoE, Qwen3MoE, DeepSeekV3):
     for _t in _cls.model_types:
         FAMILIES[_t] = _cls
 

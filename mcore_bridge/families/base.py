@@ -54,6 +54,9 @@ TE_ALIASES = {
     "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
     "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+    # multi-latent attention: the q/kv latent norms fuse into the up projections
+    "self_attention.linear_q_up_proj.layer_norm_weight": "self_attention.q_layernorm.weight",
+    "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attention.kv_layernorm.weight",
 }
 _WRAPPER_PREFIX = re.compile(r"^(module\.)+")
 # TE grouped experts keep one tensor per local expert as ``experts.linear_fc1.weight{i}``; the
@@ -136,6 +139,10 @@ class Family:
 
     def is_moe_layer(self, layer: int) -> bool:
         return False
+
+    def check_tensors(self, names) -> None:
+        """Refuse checkpoint contents this family knows it cannot convert (before strict accounting
+        would call them merely unexpected)."""
 
     def layer_kind(self, layer: int) -> str:
         return "moe" if self.is_moe_layer(layer) else "dense"

@@ -89,9 +89,6 @@ class Llama(Family):
 
     # -- weights -----------------------------------------------------------------------------
     def rules(self):
-        c = self.settings_config()
-        qkv = QKV(c["num_attention_heads"], c["num_query_groups"], c["kv_channels"])
-        qkv_names = [H + f"self_attn.{p}_proj.weight" for p in "qkv"]
         rows = [
             rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB),
             rule("decoder.final_layernorm.weight", "model.norm.weight", REPLICATED),
@@ -99,11 +96,22 @@ class Llama(Family):
             rule("output_layer.weight", "model.embed_tokens.weight" if self.tied else "lm_head.weight",
                  VOCAB, export=not self.tied),
             rule(L + "input_layernorm.weight", H + "input_layernorm.weight", REPLICATED),
-            rule(L + "self_attention.linear_qkv.weight", qkv_names, qkv),
-            rule(L + "self_attention.linear_proj.weight", H + "self_attn.o_proj.weight", ROW),
+        ]
+        rows += self.attention_rules()
+        rows += [
             rule(L + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight", REPLICATED),
             rule(L + "mlp.linear_fc1.weight", [H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"], GATED_MLP),
             rule(L + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight", ROW),
+        ]
+        return rows
+
+    def attention_rules(self):
+        c = self.settings_config()
+        qkv = QKV(c["num_attention_heads"], c["num_query_groups"], c["kv_channels"])
+        qkv_names = [H + f"self_attn.{p}_proj.weight" for p in "qkv"]
+        rows = [
+            rule(L + "self_attention.linear_qkv.weight", qkv_names, qkv),
+            rule(L + "self_attention.linear_proj.weight", H + "self_attn.o_proj.weight", ROW),
         ]
         if self.qkv_bias:
             rows.append(rule(L + "self_attention.linear_qkv.bias",

@@ -27,6 +27,9 @@ class MoEMixin:
     stacked_hf = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
     hf_layer_prefix = H
     shared_expert = False
+    shared_hf = "mlp.shared_expert."  # HF module of the shared expert(s)
+    shared_gate_hf = "mlp.shared_expert_gate.weight"  # sigmoid gate on the shared expert, or None
+    router_bias_hf = None  # routing-only bias (DeepSeek's e_score_correction_bias)
 
     # -- config ------------------------------------------------------------------------------
     @property
@@ -82,20 +85,23 @@ class MoEMixin:
         dense = [r for r in super().rules() if ".mlp." not in r.mcore]
         mlp = [dataclass_replace(r, when="dense") for r in super().rules() if ".mlp." in r.mcore]
         gate, up, down = (H + n for n in self.expert_hf)
-        moe = [
-            rule(L + "mlp.router.weight", H + self.router_hf, REPLICATED, when="moe"),
+        moe = [rule(L + "mlp.router.weight", H + self.router_hf, REPLICATED, when="moe")]
+        if self.router_bias_hf:
+            moe.append(rule(L + "mlp.router.expert_bias", H + self.router_bias_hf, REPLICATED, when="moe"))
+        moe += [
             rule(EXPERT + "linear_fc1.weight", [gate, up], GATED_MLP, when="moe"),
             rule(EXPERT + "linear_fc2.weight", down, ROW, when="moe"),
         ]
         if self.shared_expert:
-            s = H + "mlp.shared_expert."
+            s = H + self.shared_hf
             moe += [
                 rule(L + "mlp.shared_experts.linear_fc1.weight", [s + "gate_proj.weight", s + "up_proj.weight"],
                      GATED_MLP, when="moe"),
                 rule(L + "mlp.shared_experts.linear_fc2.weight", s + "down_proj.weight", ROW, when="moe"),
-                rule(L + "mlp.shared_experts.gate_weight", H + "mlp.shared_expert_gate.weight", REPLICATED,
-                     when="moe"),
             ]
+            if self.shared_gate_hf:
+                moe.append(rule(L + "mlp.shared_experts.gate_weight", H + self.shared_gate_hf, REPLICATED,
+                                when="moe"))
         return dense + mlp + moe
 
 

@@ -114,6 +114,33 @@ def _router_gemm_without_te():
         moe_utils.te_general_gemm = None
 
 
+def _mla_without_te():
+    """no_te: multi_latent_attention's ``HAVE_TE`` is true when TransformerEngine is absent (its
+    extension module imports against a mock), so an ``isinstance(..., TELinear)`` check crashes."""
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = False
+
+
+def _local_attention_for_mla():
+    """no_te: MLA passes ``k_channels`` / ``v_channels`` to the core attention; the local
+    DotProductAttention takes neither and sizes its output as kv_channels x heads, while MLA's
+    output is v_head_dim x heads. Accept them and size the output by ``v_channels``."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    original = DotProductAttention.__init__
+    if getattr(original, "_mcore_bridge", False):
+        return
+
+    def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+        original(self, *args, **kwargs)
+        if v_channels is not None:
+            self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+    __init__._mcore_bridge = True
+    DotProductAttention.__init__ = __init__
+
+
 def _gmm(a, b, batch_sizes, trans_b=False):
     """``grouped_gemm.ops.gmm`` in plain torch: rows of ``a`` in consecutive groups, group i times
     ``b[i]`` (or its transpose). Differentiable."""
@@ -227,6 +254,7 @@ def _no_te_only(fn):
 _ADAPTATIONS = {
     "cpu": [_cpu_cuda_stubs, _cpu_rng_tracker, _enter_cpu_mode, _cpu_alltoall_dispatcher,
             _gloo_uneven_gather_scatter],
-    "no_te": [_no_te_only(_torch_norm_sequence_parallel), _no_te_only(_router_gemm_without_te)],
+    "no_te": [_no_te_only(_torch_norm_sequence_parallel), _no_te_only(_router_gemm_without_te),
+              _no_te_only(_mla_without_te), _no_te_only(_local_attention_for_mla)],
     "no_grouped_gemm": [_grouped_gemm_fallback],
 }

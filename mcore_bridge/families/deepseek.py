@@ -1,0 +1,165 @@
+"""DeepSeek-V3: multi-latent attention, sigmoid router with a routing bias and group-limited
+top-k, the first ``first_k_dense_replace`` layers dense, shared experts.
+
+Settings megatron-core cannot express are refused (each measured against transformers, see
+``../shared/FACTS.md``): non-interleaved MLA RoPE, un-normalised sigmoid top-k weights, group
+scores other than HF's "sum of the top 2" (megatron sums the top ``topk / topk_group``), latent
+norm eps other than HF's fixed 1e-6, yarn variants megatron's MLA rotary does not have, and the
+MTP (next-token prediction) layer, which transformers does not build either.
+"""
+
+from __future__ import annotations
+
+from ..transforms import COLUMN, REPLICATED, ROW
+from .base import UnsupportedConfig, rule
+from .llama import Llama
+from .moe import MoEMixin
+
+L = "decoder.layers.{L}."
+H = "model.layers.{L}."
+A = L + "self_attention."
+HA = H + "self_attn."
+HF_LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps
+
+
+class DeepSeekV3(MoEMixin, Llama):
+    model_types = ("deepseek_v3",)
+    name = "deepseek_v3"
+    shared_hf = "mlp.shared_experts."
+    shared_gate_hf = None
+    router_bias_hf = "mlp.gate.e_score_correction_bias"
+
+    # -- config ------------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return int(self.cfg.require("n_routed_experts"))
+
+    @property
+    def shared_expert(self) -> bool:
+        return int(self.cfg.get("n_shared_experts", default=0)) > 0
+
+    @property
+    def q_lora(self):
+        return self.cfg.get("q_lora_rank")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= int(self.cfg.get("first_k_dense_replace", default=0))
+
+    def check_unsupported(self):
+        c = self.cfg
+        if c.get("hidden_act", default="silu") != "silu":
+            raise UnsupportedConfig(f"hidden_act={c.get('hidden_act')!r}: only 'silu' (SwiGLU) is mapped")
+        if c.get("attention_bias", default=False):
+            raise UnsupportedConfig("attention_bias=true: megatron's MLA has no bias on its projections")
+        if c.get("rope_interleave", default=True) is False:
+            raise UnsupportedConfig("rope_interleave=false: megatron-core's MLA always applies RoPE to "
+                                    "interleaved pairs; the converted model would rotate other dimensions")
+        topk, groups = int(c.require("num_experts_per_tok")), int(c.get("n_group", default=1))
+        topk_group = int(c.get("topk_group", default=groups))
+        if topk > 1 and not c.get("norm_topk_prob", default=True):
+            raise UnsupportedConfig("norm_topk_prob=false: megatron-core always renormalises sigmoid top-k "
+                                    "weights, so expert outputs would be scaled differently")
+        if 1 < groups and topk_group < groups and topk != 2 * topk_group:
+            raise UnsupportedConfig(
+                f"num_experts_per_tok={topk} with topk_group={topk_group}: HF scores a group by the sum of "
+                f"its top 2 experts, megatron-core by its top {topk // topk_group}; they agree only when "
+                f"num_experts_per_tok = 2 x topk_group")
+        eps = float(c.get("rms_norm_eps", default=1e-6))
+        if eps != HF_LATENT_NORM_EPS:
+            raise UnsupportedConfig(f"rms_norm_eps={eps}: transformers' DeepSeek-V3 normalises the q/kv latents "
+                                    f"with eps {HF_LATENT_NORM_EPS}, megatron-core with rms_norm_eps")
+
+    def check_tensors(self, names) -> None:
+        """The MTP layer is stored after the last decoder layer (``model.layers.{num_layers}.*``)."""
+        prefix = f"model.layers.{self.num_layers}."
+        mtp = sorted(n for n in names if n.startswith(prefix))
+        if mtp:
+            raise UnsupportedConfig(
+                f"the checkpoint holds a multi-token-prediction layer ({len(mtp)} tensors {prefix}*, "
+                f"num_nextn_predict_layers={self.cfg.get('num_nextn_predict_layers')}); mcore-bridge does not "
+                f"convert MTP (transformers does not run it either) and will not drop it silently: remove "
+                f"those tensors from a copy of the checkpoint to convert the main model")
+
+    def rope_settings(self) -> dict:
+        rope = self.cfg.rope
+        kind = rope.get("rope_type", "default")
+        out = {"rotary_base": float(rope.get("rope_theta", 10000.0))}
+        if kind == "default":
+            return {**out, "rope_type": "rope"}
+        if kind != "yarn":
+            raise UnsupportedConfig(f"rope_type={kind!r}: megatron-core's MLA supports default and yarn")
+        if rope.get("truncate", True) is False or rope.get("attention_factor") is not None:
+            raise UnsupportedConfig("yarn with truncate=false or an explicit attention_factor: megatron-core's "
+                                    "MLA yarn rotary has neither")
+        mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        if bool(mscale) != bool(mscale_all):
+            raise UnsupportedConfig(f"yarn mscale={mscale}, mscale_all_dim={mscale_all}: transformers and "
+                                    f"megatron-core scale attention differently unless both or neither are set")
+        factor = rope.get("factor")
+        orig = rope.get("original_max_position_embeddings")
+        if factor is None:
+            raise UnsupportedConfig("yarn rope_parameters without 'factor'")
+        return {**out, "rope_type": "yarn", "rotary_scaling_factor": float(factor),
+                "original_max_position_embeddings": int(orig or self.cfg.require("max_position_embeddings")),
+                "beta_fast": float(rope.get("beta_fast", 32.0)), "beta_slow": float(rope.get("beta_slow", 1.0)),
+                "mscale": float(mscale or 1.0), "mscale_all_dim": float(mscale_all or 0.0)}
+
+    def model_settings(self) -> dict:
+        self.check_unsupported()
+        c = self.cfg
+        rope = self.rope_settings()
+        heads = int(c.require("num_attention_heads"))
+        config = dict(
+            num_layers=self.num_layers, hidden_size=int(c.require("hidden_size")),
+            num_attention_heads=heads, num_query_groups=heads,
+            ffn_hidden_size=int(c.require("intermediate_size")),
+            normalization="RMSNorm", layernorm_epsilon=float(c.get("rms_norm_eps", default=1e-6)),
+            gated_linear_unit=True, activation="silu", add_bias_linear=False, add_qkv_bias=False,
+            qk_layernorm=True,  # the q/kv latent norms
+            multi_latent_attention=True, q_lora_rank=self.q_lora, kv_lora_rank=int(c.require("kv_lora_rank")),
+            qk_head_dim=int(c.require("qk_nope_head_dim")), qk_pos_emb_head_dim=int(c.require("qk_rope_head_dim")),
+            v_head_dim=int(c.require("v_head_dim")), **rope,
+            num_moe_experts=self.num_experts, moe_router_topk=int(c.require("num_experts_per_tok")),
+            moe_ffn_hidden_size=int(c.require("moe_intermediate_size")),
+            moe_shared_expert_intermediate_size=(int(c.require("moe_intermediate_size"))
+                                                 * int(c.get("n_shared_experts", default=0))) or None,
+            moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+            moe_router_num_groups=int(c.get("n_group", default=1)),
+            moe_router_group_topk=int(c.get("topk_group", default=c.get("n_group", default=1))),
+            moe_router_topk_scaling_factor=float(c.get("routed_scaling_factor", default=1.0)),
+            moe_router_pre_softmax=False,
+            moe_router_dtype="fp32",  # transformers keeps the router and its bias in fp32
+            moe_layer_freq=[1 if self.is_moe_layer(i) else 0 for i in range(self.num_layers)],
+        )
+        if config["moe_router_num_groups"] <= 1:
+            config["moe_router_num_groups"] = config["moe_router_group_topk"] = None
+        model = dict(vocab_size=int(c.require("vocab_size")),
+                     max_sequence_length=int(c.get("max_position_embeddings", default=4096)),
+                     position_embedding_type="rope",  # MLA builds its own (yarn) rotary from config
+                     rotary_base=rope["rotary_base"], share_embeddings_and_output_weights=self.tied)
+        return {"config": config, "model": model, "spec": {"block": True}}
+
+    def layout_dims(self) -> dict:
+        s = self.model_settings()["config"]
+        dims = super().layout_dims()
+        # column-split latent projections: their widths must divide over tp as well
+        dims["tp_split_dims"] = {"kv_lora_rank + qk_rope_head_dim": s["kv_lora_rank"] + s["qk_pos_emb_head_dim"]}
+        if s["q_lora_rank"]:
+            dims["tp_split_dims"]["q_lora_rank"] = s["q_lora_rank"]
+        return dims
+
+    # -- weights -----------------------------------------------------------------------------
+    def attention_rules(self):
+        if self.q_lora:
+            q = [rule(A + "linear_q_down_proj.weight", HA + "q_a_proj.weight", COLUMN),
+                 rule(A + "q_layernorm.weight", HA + "q_a_layernorm.weight", REPLICATED),
+                 rule(A + "linear_q_up_proj.weight", HA + "q_b_proj.weight", COLUMN)]
+        else:
+            q = [rule(A + "linear_q_proj.weight", HA + "q_proj.weight", COLUMN)]
+        return q + [
+            # [kv latent; shared rope key] rows in the same order on both sides, split as one tensor
+            rule(A + "linear_kv_down_proj.weight", HA + "kv_a_proj_with_mqa.weight", COLUMN),
+            rule(A + "kv_layernorm.weight", HA + "kv_a_layernorm.weight", REPLICATED),
+            rule(A + "linear_kv_up_proj.weight", HA + "kv_b_proj.weight", COLUMN),
+            rule(A + "linear_proj.weight", HA + "o_proj.weight", ROW),
+        ]
