@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "case and HTML pages under --report. Without --model: the built-in zoo.")
     ver.add_argument("--model", action="append", default=None,
                      help="HF directory or builtin:NAME (repeatable; default: every built-in model)")
-    ver.add_argument("--matrix", default="tp=1,2 sp=0,1",
+    ver.add_argument("--matrix", default="tp=1,2 sp=0,1 ep=1,2",
                      help='layouts, e.g. "tp=1,2 pp=1,2 sp=0,1 vpp=1,2" (invalid combinations are skipped '
                           'with the reason); axes: tp pp vpp sp first last ep etp')
     ver.add_argument("--dtype", default="fp32", help="comma-separated: fp32,bf16")
@@ -301,8 +301,12 @@ def cmd_verify(args, argv) -> int:
     for model in models:
         family = Bridge(model).family  # fails early on unknown architectures / bad checkpoints
         layouts, skipped = expand(args.matrix, family.layout_dims())
+        by_reason: dict[str, list] = {}
         for fields, reason in skipped:
-            print(f"{model_name(model):<12} skip {fields}: {reason}", flush=True)
+            by_reason.setdefault(reason, []).append(fields)
+        for reason, cases in by_reason.items():
+            what = cases[0] if len(cases) == 1 else f"{len(cases)} layouts"
+            print(f"{model_name(model):<12} skip {what}: {reason}", flush=True)
         for layout in layouts:
             for dtype in dtypes:
                 nproc = args.nproc_per_node or layout.min_world_size
