@@ -58,10 +58,10 @@ class Bridge:
 
     def __init__(self, source, layout: ParallelLayout = ParallelLayout(), *, hf_config: dict | None = None,
                  hf_tensors: dict | None = None, side_files: Path | None = None,
-                 expert_storage: str | None = None):
+                 expert_storage: str | None = None, allow_pickle: bool = False):
         if hf_config is None:
             self.source = resolve_source(source)
-            self.hf = hfio.HFCheckpoint(self.source)
+            self.hf = hfio.HFCheckpoint(self.source, allow_pickle=allow_pickle)
             hf_config = self.hf.config
             hf_tensors = {n: (i.shape, i.dtype) for n, i in self.hf.tensors.items()}
             side_files = self.source
@@ -138,6 +138,7 @@ class Bridge:
     # -- load --------------------------------------------------------------------------------
     def load_weights(self, models, hf_dir=None):
         """Fill this rank's model chunks from HF safetensors, reading only the needed slices."""
+        rt.maybe_fail("load")  # tests only: MCORE_BRIDGE_FAULT (runtime/faults.py)
         ckpt = self.hf
         if hf_dir is not None:
             ckpt = stacked.open_checkpoint(hfio.HFCheckpoint(resolve_source(hf_dir)), self.family)[0]
@@ -261,6 +262,7 @@ class Bridge:
             hfio.copy_side_files(self.side_files, stage, self.hf_config)
 
         with hfio.collective_output(out_dir, overwrite, finalize) as stage:
+            rt.maybe_fail("save")  # tests only: MCORE_BRIDGE_FAULT (runtime/faults.py)
             pending = {n: f for f in mine for n in f["names"]}
             filled: dict[str, dict] = {f["file"]: {} for f in mine}
             if stacking:

@@ -1,10 +1,13 @@
 """Megatron-side checkpoints written and read by the bridge.
 
-Format ``plain`` (this module): one safetensors file per model-parallel rank holding that rank's
-parameters exactly as megatron names them, plus ``mcore_bridge.json`` recording the layout and the
-HF source (config, tensor shapes and dtypes), and the source's tokenizer/generation files under
-``hf/``. It reloads only at the layout it was written with, and needs no HF directory to export
-back. Megatron's resharding ``torch_dist`` format plugs in beside it through ``FORMATS``.
+Two formats, both with ``mcore_bridge.json`` (the layout written at, the HF config, tensor shapes
+and dtypes, expert storage) and the source's tokenizer/generation files under ``hf/``, so that no
+HF directory is needed to export back:
+  * ``torch_dist`` (default, ``dist_ckpt.py``): Megatron-LM's distributed checkpoint through
+    megatron-core's dist_checkpointing; loads at any layout.
+  * ``plain`` (this module): one safetensors file per distinct model-parallel part holding that
+    rank's parameters exactly as megatron names them; loads only at the layout it was written at.
+A torch_dist checkpoint written elsewhere (no ``mcore_bridge.json``) loads given the HF directory.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from .runtime import dist as rt
 
 META_NAME = "mcore_bridge.json"
 PLAIN = "mcore-bridge-plain/1"
+TORCH_DIST = "torch_dist"
+FORMAT_NAMES = {"plain": PLAIN, "torch_dist": TORCH_DIST}
 DTYPE_NAMES = {v: k for k, v in hfio.SAFETENSORS_DTYPES.items()}
 
 
@@ -44,7 +49,9 @@ def writes_file(layout: ParallelLayout, rank: int, world_size: int) -> bool:
 
 
 def is_mcore_checkpoint(path) -> bool:
-    return (Path(path) / META_NAME).exists()
+    from . import dist_ckpt
+
+    return (Path(path) / META_NAME).exists() or dist_ckpt.is_torch_dist(path)
 
 
 def read_meta(path) -> dict:
@@ -59,12 +66,15 @@ def read_meta(path) -> dict:
     return meta
 
 
-def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False):
-    """Collective: the first rank holding each distinct part writes its file; rank 0 the metadata."""
+def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: str = "torch_dist"):
+    """Collective. torch_dist: megatron's distributed checkpoint; plain: the first rank holding each
+    distinct part writes its file. Rank 0 writes the metadata once every rank succeeded."""
+    if fmt not in FORMAT_NAMES:
+        raise ValueError(f"checkpoint format {fmt!r}: choose {', '.join(FORMAT_NAMES)}")
     out_dir = Path(out_dir).absolute()
     state = bridge._state(models)
     meta = {
-        "format": PLAIN,
+        "format": FORMAT_NAMES[fmt],
         "layout": bridge.layout.to_dict(),
         "family": bridge.family.name,
         "hf_config": bridge.hf_config,
@@ -77,6 +87,10 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False):
         (stage / "hf").mkdir()
         hfio.copy_side_files(bridge.side_files, stage / "hf", bridge.hf_config)
 
+    if fmt == "torch_dist":
+        from . import dist_ckpt
+
+        return dist_ckpt.save(bridge, models, out_dir, overwrite, finalize_extra=finalize)
     layout, rank, world = bridge.layout, rt.rank(), rt.world_size()
     with hfio.collective_output(out_dir, overwrite, finalize) as stage:
         if writes_file(layout, rank, world):
@@ -86,13 +100,21 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False):
 
 
 def bridge_from_mcore(path, layout: ParallelLayout | None = None, hf_dir=None) -> Bridge:
-    """A Bridge for a checkpoint written by ``save_mcore``; the layout defaults to the saved one.
-    ``hf_dir`` (optional) supplies tokenizer/generation files instead of the copies under ``hf/``."""
+    """A Bridge for a Megatron checkpoint; the layout defaults to the saved one (torch_dist loads at
+    any layout). ``hf_dir`` supplies tokenizer/generation files instead of the copies under ``hf/``,
+    and the HF config and tensor shapes for a torch_dist checkpoint written without mcore-bridge."""
+    from . import dist_ckpt
+
     path = Path(path)
+    if not (path / META_NAME).exists() and dist_ckpt.is_torch_dist(path):
+        if hf_dir is None:
+            raise hfio.CheckpointError(f"--load {path}: a Megatron distributed checkpoint without {META_NAME}; "
+                                       f"pass --model HF_DIR for its config and tokenizer")
+        return Bridge(hf_dir, layout or ParallelLayout())
     meta = read_meta(path)
     saved = ParallelLayout(**meta["layout"])
     layout = layout or saved
-    if {**layout.to_dict(), "sp": None} != {**saved.to_dict(), "sp": None}:  # sp changes no parameter
+    if meta["format"] == PLAIN and {**layout.to_dict(), "sp": None} != {**saved.to_dict(), "sp": None}:
         raise LayoutError(f"{path} was written at {saved.short()}; the plain format loads only at that "
                           f"layout: drop the layout flags or pass the same --tp/--pp/--vpp/--ep/--etp")
     hf_tensors = {n: (tuple(s), hfio.SAFETENSORS_DTYPES[d]) for n, (s, d) in meta["hf_tensors"].items()}
@@ -102,6 +124,16 @@ def bridge_from_mcore(path, layout: ParallelLayout | None = None, hf_dir=None) -
 
 
 def load_mcore(bridge: Bridge, models, path):
+    """Fill this rank's chunks from a Megatron checkpoint (either format)."""
+    from . import dist_ckpt
+
+    path = Path(path)
+    if not (path / META_NAME).exists() or read_meta(path)["format"] == TORCH_DIST:
+        return dist_ckpt.load(models, path)
+    return load_plain(bridge, models, path)
+
+
+def load_plain(bridge: Bridge, models, path):
     """Fill this rank's chunks from its file; every parameter present exactly once, nothing extra."""
     path = Path(path)
     file = path / rank_file(bridge.layout, rt.rank(), rt.world_size())
@@ -126,4 +158,4 @@ def load_mcore(bridge: Bridge, models, path):
             target.copy_(f.get_tensor(key))
 
 
-FORMATS = {PLAIN: (save_mcore, load_mcore)}
+FORMATS = {PLAIN: "plain", TORCH_DIST: "torch_dist"}

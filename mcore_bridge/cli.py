@@ -12,7 +12,9 @@ seed's ``NNODES``, ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` are honour
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -60,9 +62,16 @@ def _add_runtime_args(p: argparse.ArgumentParser):
                    default=int(os.environ["NPROC_PER_NODE"]) if os.environ.get("NPROC_PER_NODE") else None,
                    help="processes per node (env NPROC_PER_NODE); default: what the layout needs")
     g.add_argument("--nnodes", type=int, default=int(os.environ.get("NNODES", "1")),
-                   help="number of nodes (env NNODES)")
+                   help="number of nodes (env NNODES); run the same command on every node, each with its "
+                        "--node-rank, and the same --master-addr/--master-port. The processes of all "
+                        "nodes together (nnodes x nproc-per-node) form the layout")
     g.add_argument("--node-rank", "--node_rank", type=int, default=int(os.environ.get("NODE_RANK", "0")),
-                   help="this node's rank (env NODE_RANK)")
+                   help="this node's rank, 0 .. nnodes-1 (env NODE_RANK)")
+    g.add_argument("--master-addr", "--master_addr", default=os.environ.get("MASTER_ADDR") or None,
+                   help="with --nnodes > 1: address of node 0, reachable from every node (env MASTER_ADDR)")
+    g.add_argument("--master-port", "--master_port", type=int,
+                   default=int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT") else None,
+                   help="with --nnodes > 1: a free port on node 0 (env MASTER_PORT)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,13 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser(
         "export", help="convert HF -> Megatron (--to-mcore) or Megatron -> HF (--to-hf)",
-        description="Convert between an HF directory and a Megatron-side checkpoint. HF -> Megatron: "
-                    "--model HF_DIR --to-mcore --save DIR. Megatron -> HF: --load DIR --to-hf --save "
-                    "HF_OUT (the checkpoint remembers its HF config; --model only supplies tokenizer "
-                    "files). --model HF_DIR --to-hf loads HF into the layout and writes HF again (a "
-                    "round trip through megatron).")
+        description="Convert between an HF directory and a Megatron checkpoint. HF -> Megatron: "
+                    "--model HF_DIR --to-mcore --save DIR (Megatron-LM's torch_dist layout: "
+                    "latest_checkpointed_iteration.txt + release/). Megatron -> HF: --load DIR --to-hf "
+                    "--save HF_OUT, at any layout (a checkpoint written by mcore-bridge remembers its HF "
+                    "config, --model only supplies tokenizer files; for one written by Megatron-LM pass "
+                    "--model HF_DIR for the config). --model HF_DIR --to-hf loads HF into the layout and "
+                    "writes HF again (a round trip through megatron).")
     ex.add_argument("--model", help="HF model directory or builtin:NAME (see `mcore-bridge zoo`)")
-    ex.add_argument("--load", help="Megatron-side checkpoint written by mcore-bridge")
+    ex.add_argument("--load", help="Megatron checkpoint: torch_dist (ours or Megatron-LM's) or mcore-bridge's plain")
     ex.add_argument("--save", required=True, help="output directory (written atomically)")
     ex.add_argument("--to-mcore", "--to_mcore", type=_bool, nargs="?", const=True, default=False,
                     help="write a Megatron-side checkpoint")
@@ -91,10 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "source tensors' dtypes")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
     ex.add_argument("--max-shard-size", default="2GB", help="largest HF output file (e.g. 500MB, 5GB)")
+    ex.add_argument("--ckpt-format", "--ckpt_format", choices=("torch_dist", "plain"), default="torch_dist",
+                    help="--to-mcore output: torch_dist (Megatron-LM's distributed checkpoint, loads at any "
+                         "layout; default) or plain (one safetensors file per model-parallel part, reloads "
+                         "only at the same layout)")
     ex.add_argument("--test-convert-precision", "--test_convert_precision", type=_bool, nargs="?",
                     const=True, default=False,
                     help="after converting, run the HF model and the megatron model side by side and "
                          "fail if they disagree beyond the dtype's thresholds")
+    ex.add_argument("--allow-pickle", "--allow_pickle", action="store_true",
+                    help="accept an HF directory that holds only pickled weights (pytorch_model.bin or its "
+                         "shards + pytorch_model.bin.index.json). Refused by default: unpickling can run "
+                         "code. With this flag they are read with torch.load(weights_only=True, mmap=True), "
+                         "which refuses anything but tensors; use it only for files you trust, and prefer "
+                         "converting them to safetensors")
     _add_layout_args(ex)
     _add_runtime_args(ex)
 
@@ -161,25 +182,97 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def relaunch(nproc: int, args: argparse.Namespace, argv: list[str]) -> int:
-    """Run this same command under torchrun with ``nproc`` processes per node."""
+def procs_per_node(args, world: int) -> int:
+    """Processes to start on this node: ``--nproc-per-node``, else the fewest that make the
+    processes of all nodes (nnodes x nproc) a multiple of ``world``, what the layout needs."""
+    nnodes = args.nnodes
+    if nnodes < 1:
+        raise ValueError(f"--nnodes {nnodes}: need at least 1 node")
+    if not 0 <= args.node_rank < nnodes:
+        raise ValueError(f"--node-rank {args.node_rank} (env NODE_RANK) is not one of 0..{nnodes - 1} "
+                         f"for --nnodes {nnodes}")
+    least = world // math.gcd(world, nnodes)
+    nproc = args.nproc_per_node or least
+    if nproc < 1 or (nproc * nnodes) % world:
+        raise ValueError(f"{nnodes} node(s) x {nproc} process(es) per node = {nnodes * nproc} processes "
+                         f"cannot form this layout, which needs a multiple of {world}: choose "
+                         f"--nproc-per-node from multiples of {least}")
+    return nproc
+
+
+def torchrun_command(nproc: int, args: argparse.Namespace) -> list[str]:
+    """torchrun (``torch.distributed.run``) for this node. Several nodes meet by static rendezvous
+    at node 0's MASTER_ADDR:MASTER_PORT; global rank = node_rank x nproc + local rank, so each node
+    holds a contiguous block of ranks (with tp x pp per node: whole pipeline stages)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}"]
-    if args.nnodes > 1:
-        cmd += [f"--master-addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
-                f"--master-port={os.environ.get('MASTER_PORT', '29500')}"]
-    else:
-        cmd += ["--standalone"]
+           f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", "--max-restarts=0"]
+    if args.nnodes == 1:
+        return cmd + ["--standalone"]
+    missing = [name for name, value in (("MASTER_ADDR", args.master_addr), ("MASTER_PORT", args.master_port))
+               if value is None]
+    if missing:
+        raise ValueError(f"--nnodes {args.nnodes}: set {' and '.join(missing)} (or --master-addr / "
+                         f"--master-port), the same on every node: node 0's address, reachable from the "
+                         f"others, and a free port on it")
+    from .runtime.dist import DEFAULT_TIMEOUT_S
+
+    # A node that never turns up fails the others after MCORE_BRIDGE_TIMEOUT, like a collective.
+    return cmd + [f"--master-addr={args.master_addr}", f"--master-port={args.master_port}",
+                  f"--rdzv-conf=timeout={DEFAULT_TIMEOUT_S}"]
+
+
+def relaunch(nproc: int, args: argparse.Namespace, argv: list[str]) -> int:
+    """Run this same command under torchrun with ``nproc`` processes on this node.
+
+    If a process fails, its torchrun agent stops the node's other processes and exits non-zero; the
+    other nodes' processes then see their connections to it close (or, for a process that hangs,
+    hit the collective timeout, MCORE_BRIDGE_TIMEOUT) and fail in turn: every node exits with an
+    error and, as writes are committed by rank 0 only after every rank succeeded, no output.
+    """
+    cmd = torchrun_command(nproc, args)
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env.pop("NPROC_PER_NODE", None)
-    return subprocess.call(cmd + ["-m", "mcore_bridge.cli", *argv], env=env)
+    proc = subprocess.Popen(cmd + ["-m", "mcore_bridge.cli", *argv], env=env)
+    # A SIGTERM for this process (a scheduler, `timeout`) goes to torchrun, which stops its workers:
+    # without this, killing the command would leave the agent and its workers running.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def needs_launch(args, world: int, argv) -> int | None:
-    nproc = args.nproc_per_node or max(1, world // max(args.nnodes, 1))
-    if under_torchrun() or (nproc == 1 and args.nnodes == 1):
+    """None when this process should run the command itself (already under torchrun, or a single
+    process is enough); else launch torchrun on this node and return its exit code."""
+    if under_torchrun():
         return None
-    return relaunch(nproc, args, argv)
+    nproc = procs_per_node(args, world)
+    if nproc == 1 and args.nnodes == 1:
+        return None
+    code = relaunch(nproc, args, argv)
+    if code != 0 and args.node_rank == 0 and getattr(args, "save", None):
+        discard_partial_output(Path(args.save))
+    return code
+
+
+def discard_partial_output(save: Path):
+    """After a failed launch, remove what the ranks left in ``--save``'s staging directory.
+
+    Rank 0 removes it itself when the ranks fail together; a rank that crashed (or a collective that
+    broke under the ones that were still running) leaves shards there with no index or config. The
+    node-0 launcher outlives its torchrun, so it removes them (``--save`` itself is only ever
+    renamed into place after every rank succeeded, so it is never touched here).
+    """
+    import shutil
+
+    from .io import staging_dir
+
+    stage = staging_dir(save.absolute())
+    if stage.is_dir():
+        shutil.rmtree(stage, ignore_errors=True)
+        print(f"mcore-bridge: the conversion failed; removed its partial output {stage}", file=sys.stderr,
+              flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,14 +280,18 @@ def needs_launch(args, world: int, argv) -> int | None:
 # ----------------------------------------------------------------------------------------------
 
 def _layout(args, default=None):
+    """The layout from the flags; with none given, ``default`` (a checkpoint's saved layout). Any
+    layout flag describes a whole new layout: fields not given take their defaults, not the saved
+    ones (a saved sp or uneven split need not fit it)."""
     from .layout import ParallelLayout
 
-    d = default or ParallelLayout()
-    return ParallelLayout(
-        tp=args.tp or d.tp, pp=args.pp or d.pp, vpp=args.vpp or d.vpp, sp=bool(args.sp) or d.sp,
-        first_stage_layers=args.decoder_first_pipeline_num_layers or d.first_stage_layers,
-        last_stage_layers=args.decoder_last_pipeline_num_layers or d.last_stage_layers,
-        ep=args.ep or d.ep, etp=args.etp or (d.etp if default and not args.tp else None))
+    flags = dict(tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sp or None, ep=args.ep, etp=args.etp,
+                 first_stage_layers=args.decoder_first_pipeline_num_layers,
+                 last_stage_layers=args.decoder_last_pipeline_num_layers)
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given and default is not None:
+        return default
+    return ParallelLayout(**given)
 
 
 def cmd_export(args, argv) -> int:
@@ -210,10 +307,11 @@ def cmd_export(args, argv) -> int:
     if args.load:
         if args.to_mcore:
             raise SystemExit("mcore-bridge export: --load reads a Megatron checkpoint; use --to-hf")
-        saved = ParallelLayout(**checkpoint.read_meta(args.load)["layout"])
+        meta_file = Path(args.load) / checkpoint.META_NAME
+        saved = ParallelLayout(**checkpoint.read_meta(args.load)["layout"]) if meta_file.exists() else None
         bridge = checkpoint.bridge_from_mcore(args.load, _layout(args, saved), hf_dir=_hf_source(args.model))
     elif args.model:
-        bridge = Bridge(args.model, _layout(args))
+        bridge = Bridge(args.model, _layout(args), allow_pickle=args.allow_pickle)
     else:
         raise SystemExit("mcore-bridge export: pass --model HF_DIR (or builtin:NAME) or --load MCORE_DIR")
 
@@ -229,7 +327,7 @@ def cmd_export(args, argv) -> int:
     else:
         bridge.load_weights(models)
     if args.to_mcore:
-        checkpoint.save_mcore(bridge, models, save, overwrite=args.overwrite)
+        checkpoint.save_mcore(bridge, models, save, overwrite=args.overwrite, fmt=args.ckpt_format)
     else:
         bridge.save_weights(models, save, overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size))
     _say(f"wrote {save} ({'Megatron' if args.to_mcore else 'HF'}, layout {bridge.layout.short()})")

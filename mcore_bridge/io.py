@@ -5,15 +5,25 @@ integrity are known before a single weight byte is read. Reads are zero-copy: a 
 a private memory mapping of just that tensor's bytes (a region is a view of that view), so only the
 pages a caller actually touches come off the disk, and the mapping goes away with the last view --
 resident memory stays bounded by the tensors a caller holds, not by the file sizes.
+
+Pickled ``pytorch_model*.bin`` weights are refused: unpickling can execute code. With the explicit
+opt-in (``allow_pickle=True``, ``--allow-pickle``) and no safetensors in the directory, they are
+read with ``torch.load(weights_only=True)`` -- which refuses any object other than tensors and plain
+containers -- and must then hold a flat ``{name: tensor}`` dict. Names, shapes and dtypes come from a
+first pass onto the meta device (no weight bytes); each file is memory-mapped (``mmap=True``) the
+first time one of its tensors is read and stays mapped until ``close()``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
+import pickle
 import shutil
 import struct
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -29,6 +39,9 @@ SAFETENSORS_DTYPES = {
 }
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+PICKLE_SINGLE_NAME = "pytorch_model.bin"
+PICKLE_SHARD_GLOB = "pytorch_model-*-of-*.bin"
 # Files copied verbatim from the source directory next to the converted weights.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -84,10 +97,16 @@ def _parse_header(path: Path) -> tuple[dict, int]:
 
 
 class HFCheckpoint:
-    """An HF model directory: ``config.json`` plus one safetensors file or an indexed set."""
+    """An HF model directory: ``config.json`` plus one safetensors file or an indexed set.
 
-    def __init__(self, path: str | os.PathLike):
+    ``allow_pickle``: when the directory has no safetensors, read ``pytorch_model.bin`` (or its
+    indexed / numbered shards) with ``torch.load(weights_only=True)``; without it such a directory
+    is refused. Safetensors are always preferred: with them present, pickles are never opened.
+    """
+
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False):
         self.path = Path(path)
+        self.allow_pickle = bool(allow_pickle)
         if not self.path.is_dir():
             raise CheckpointError(f"--model {self.path}: not a directory")
         cfg = self.path / "config.json"
@@ -95,7 +114,13 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.path} has no config.json")
         self.config = json.loads(cfg.read_text())
         self.tensors: dict[str, TensorInfo] = {}
-        for file in self._files():
+        self._handles: dict[Path, object] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor] | None] = {}  # pickle -> its mapped tensors
+        files = self._files()
+        if files is None:
+            self._index_pickles()
+            return
+        for file in files:
             header, data_start = _parse_header(file)
             for name, meta in header.items():
                 if meta["dtype"] not in SAFETENSORS_DTYPES:
@@ -104,9 +129,9 @@ class HFCheckpoint:
                 start, stop = meta["data_offsets"]
                 self.tensors[name] = TensorInfo(name, file, dtype, tuple(meta["shape"]), stop - start,
                                                 data_start + start)
-        self._handles: dict[Path, object] = {}
 
-    def _files(self) -> list[Path]:
+    def _files(self) -> list[Path] | None:
+        """The safetensors files, or None for a pickle-only directory that ``allow_pickle`` admits."""
         index = self.path / INDEX_NAME
         if index.exists():
             weight_map = json.loads(index.read_text()).get("weight_map", {})
@@ -122,12 +147,80 @@ class HFCheckpoint:
         if files:
             return files
         pickles = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt"))
+        if pickles and self.allow_pickle:
+            return None
         if pickles:
+            shown = ", ".join(pickles[:4]) + (f" and {len(pickles) - 4} more" if len(pickles) > 4 else "")
             raise CheckpointError(
-                f"{self.path} holds only pickle weights ({', '.join(pickles)}); pickles can run code on "
-                f"load, so mcore-bridge reads safetensors only. Convert them with "
-                f"transformers' save_pretrained(safe_serialization=True) first")
+                f"{self.path} holds only pickle weights ({shown}); loading a pickle can execute "
+                f"arbitrary code, so mcore-bridge reads safetensors only. Either convert them to "
+                f"safetensors first (transformers' save_pretrained(safe_serialization=True)), or, if you "
+                f"trust these files, pass --allow-pickle (Python: allow_pickle=True) to read them with "
+                f"torch.load(weights_only=True)")
         raise CheckpointError(f"{self.path} has no *.safetensors weights")
+
+    # -- pickled weights (opt-in) ----------------------------------------------------------------
+    def _pickle_files(self) -> tuple[list[Path], dict[str, str] | None]:
+        """``(files, weight_map or None)``: the index's shards, ``pytorch_model.bin``, or numbered
+        ``pytorch_model-*-of-*.bin`` shards -- never other ``*.bin`` (e.g. ``training_args.bin``)."""
+        index = self.path / PICKLE_INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid index (no weight_map): {e}") from None
+            names = sorted(set(weight_map.values()))
+            outside = [n for n in names if not isinstance(n, str) or Path(n).name != n]
+            if outside:
+                raise CheckpointError(f"{index} names files outside {self.path}: {outside[:3]}")
+            missing = [n for n in names if not (self.path / n).is_file()]
+            if missing:
+                raise CheckpointError(f"{index} lists files that do not exist: {missing}")
+            return [self.path / n for n in names], weight_map
+        single = self.path / PICKLE_SINGLE_NAME
+        if single.is_file():
+            return [single], None
+        shards = sorted(self.path.glob(PICKLE_SHARD_GLOB))
+        if shards:
+            return shards, None
+        found = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt"))
+        raise CheckpointError(
+            f"{self.path}: --allow-pickle reads {PICKLE_SINGLE_NAME}, {PICKLE_INDEX_NAME} with its shards, or "
+            f"pytorch_model-NNNNN-of-NNNNN.bin shards; found only {', '.join(found)}")
+
+    def _index_pickles(self):
+        """Names, shapes and dtypes of every pickled tensor, unpickled onto the meta device: the
+        weights_only unpickler runs over the whole file (so a refused object fails here, before any
+        weight is read), but no weight byte is read or mapped."""
+        files, weight_map = self._pickle_files()
+        for file in files:
+            for name, t in _load_pickle(file, meta=True).items():
+                if name in self.tensors:
+                    raise CheckpointError(f"tensor {name!r} is in both {self.tensors[name].file.name} and "
+                                          f"{file.name}")
+                self.tensors[name] = TensorInfo(name, file, t.dtype, tuple(t.shape),
+                                                t.numel() * t.element_size(), None)
+            self._pickled[file] = None  # known, not loaded yet
+        if weight_map is not None:
+            wrong = [n for n, f in weight_map.items() if n not in self.tensors or self.tensors[n].file.name != f]
+            if wrong:
+                n = wrong[0]
+                raise CheckpointError(f"{self.path / PICKLE_INDEX_NAME} puts {n!r} in {weight_map[n]}, which "
+                                      f"does not hold it ({len(wrong)} such tensor(s))")
+
+    def _pickle_state(self, file: Path) -> dict[str, torch.Tensor]:
+        """The tensors of pickle ``file``, mapped on first use and kept until ``close()``."""
+        state = self._pickled.get(file)
+        if state is None:
+            state = _load_pickle(file, meta=False)
+            mine = {n: i for n, i in self.tensors.items() if i.file == file}
+            if set(state) != set(mine) or any((tuple(state[n].shape), state[n].dtype) !=
+                                              (i.shape, i.dtype) for n, i in mine.items()):
+                raise CheckpointError(f"{file} changed since the checkpoint was opened")
+            self._pickled[file] = state
+        return state
 
     def names(self) -> list[str]:
         return list(self.tensors)
@@ -140,6 +233,9 @@ class HFCheckpoint:
         bytes: only what the caller touches is read, and treat the result as read-only."""
         info = self.tensors[name]
         whole = region is None or all(s == slice(None) for s in region)
+        if info.offset is None:  # a pickled tensor: a view of its file's mapping
+            tensor = self._pickle_state(info.file)[name]
+            return tensor if whole else tensor[region]
         try:
             tensor = self._map(info)
         except OSError:  # e.g. out of mappings (vm.max_map_count): one mapping per file instead
@@ -168,6 +264,82 @@ class HFCheckpoint:
 
     def close(self):
         self._handles.clear()
+        for file in self._pickled:  # unmapped once the caller drops its views too
+            self._pickled[file] = None
+
+
+PICKLE_DTYPES = frozenset(SAFETENSORS_DTYPES.values())
+# weights_only=True is not a safe boundary before torch 2.6 (CVE-2025-32434: code execution).
+MIN_TORCH_FOR_PICKLE = (2, 6)
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _weights_only_reason(message: str) -> str:
+    """The one line of torch's weights_only refusal that says what was refused (its advice to
+    retry with weights_only=False or to allowlist the global is left out on purpose)."""
+    skip = ("Weights only load failed", "Check the documentation", "(1)", "(2)", "In PyTorch")
+    for line in message.splitlines():
+        line = line.strip()
+        if line and not line.startswith(skip):
+            line = line.split("WeightsUnpickler error:", 1)[-1].strip()
+            return line.split(". Please use")[0].split(" Please use")[0].rstrip(".")
+    return message.strip().splitlines()[0] if message.strip() else "refused"
+
+
+def _load_pickle(file: Path, meta: bool) -> dict[str, torch.Tensor]:
+    """A ``torch.save``d ``{name: tensor}`` dict via ``torch.load(weights_only=True)``: onto the meta
+    device (``meta``: shapes only, no data read), else on CPU memory-mapped (``mmap=True``). The
+    legacy pre-zip format cannot be mapped: it is read whole into memory, with a warning."""
+    if torch.__version__ < MIN_TORCH_FOR_PICKLE:
+        raise CheckpointError(f"{file}: refusing to unpickle with torch {torch.__version__}: its "
+                              f"weights_only=True loader can be made to run code (CVE-2025-32434); "
+                              f"use torch >= 2.6 or convert the checkpoint to safetensors")
+    kwargs = dict(map_location="meta" if meta else "cpu", weights_only=True)
+    if not meta:
+        if _is_zip(file):
+            kwargs["mmap"] = True
+        else:
+            warnings.warn(f"{file} is in torch's legacy (pre-1.6, non-zip) format, which cannot be "
+                          f"memory-mapped: reading it whole into memory", stacklevel=3)
+    try:
+        # private (copy-on-write) mapping even if the process default was changed to MAP_SHARED:
+        # a caller writing into a view must never write the file
+        with torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE) if kwargs.get("mmap") \
+                else contextlib.nullcontext():
+            state = torch.load(file, **kwargs)
+    except pickle.UnpicklingError as e:
+        why = _weights_only_reason(str(e))
+        raise CheckpointError(
+            f"{file} was refused: it holds an object other than tensors and plain containers, which "
+            f"torch.load(weights_only=True) will not load ({why}). Loading such a pickle normally could "
+            f"run code; do not load it unless you trust it, and convert trusted weights to safetensors"
+        ) from None
+    except Exception as e:  # truncated / not a torch.save file / TorchScript archive ...
+        raise CheckpointError(f"{file} cannot be read as a torch.save state dict: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} holds a {type(state).__name__}, not a state dict {{name: tensor}}")
+    bad = [(k, v) for k, v in state.items()
+           if not isinstance(k, str) or type(v) not in (torch.Tensor, torch.nn.Parameter)
+           or v.layout != torch.strided or v.is_nested or v.dtype not in PICKLE_DTYPES]
+    if bad:
+        def what(k, v):
+            if not isinstance(k, str):
+                return f"key {k!r} is not a string"
+            if type(v) in (torch.Tensor, torch.nn.Parameter):
+                kind = "nested" if v.is_nested else v.layout if v.layout != torch.strided else v.dtype
+                return f"{k!r} is a {kind} tensor"
+            return f"{k!r} is of type {type(v).__module__}.{type(v).__qualname__}"
+
+        shown = "; ".join(what(k, v) for k, v in bad[:3])
+        raise CheckpointError(f"{file} is not a flat state dict of tensors ({len(bad)} entr"
+                              f"{'y' if len(bad) == 1 else 'ies'} refused: {shown}); a state dict "
+                              f"maps names to dense tensors of a safetensors dtype")
+    return {k: v.detach() if type(v) is torch.nn.Parameter else v for k, v in state.items()}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -263,3 +263,72 @@ def stacked_reads(source: str, layout: dict) -> dict:
                 cols.add((region[2].start, region[2].stop))
     return {"ep_rank": ps.get_expert_model_parallel_rank(), "etp_rank": ps.get_expert_tensor_parallel_rank(),
             "experts": sorted(experts), "gate_up_cols": sorted(cols), "whole_stack_reads": whole}
+
+
+def mcore_save(source: str, layout: dict, out_dir: str, fmt: str = "torch_dist") -> int:
+    """HF ``source`` -> megatron at ``layout`` -> a Megatron checkpoint in ``out_dir``."""
+    from mcore_bridge import checkpoint
+
+    bridge, models = _loaded(source, layout)
+    checkpoint.save_mcore(bridge, models, out_dir, overwrite=True, fmt=fmt)
+    return rt.rank()
+
+
+def mcore_to_hf(ckpt: str, layout: dict, out_dir: str, hf_dir: str | None = None) -> int:
+    """A Megatron checkpoint loaded at ``layout`` (any, for torch_dist) and saved as HF."""
+    from mcore_bridge import checkpoint
+
+    bridge = checkpoint.bridge_from_mcore(ckpt, ParallelLayout(**layout), hf_dir=hf_dir)
+    bridge.setup("cpu")
+    models = bridge.build_model()
+    checkpoint.load_mcore(bridge, models, ckpt)
+    bridge.save_weights(models, out_dir, overwrite=True)
+    return rt.rank()
+
+
+def conversion_memory(source: str, layout: dict, work: str, bucket_bytes: int) -> dict:
+    """HF -> torch_dist -> HF on this rank, with the rise of peak RSS over the RSS before each phase
+    (``/proc/self/clear_refs`` resets the peak) and the rank's share (bytes of its parameters)."""
+    from pathlib import Path
+
+    from mcore_bridge import checkpoint
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+    def measured(fn):
+        dist.barrier()
+        before = status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        out = fn()
+        dist.barrier()
+        return out, status("VmHWM") - before
+
+    work = Path(work)
+    bridge = Bridge(source, ParallelLayout(**layout))
+    bridge.setup("cpu")
+    rises = {}
+
+    def load_hf():
+        m = bridge.build_model(torch.float32)
+        bridge.load_weights(m)
+        return m
+
+    models, rises["load_hf"] = measured(load_hf)
+    share = sum(t.numel() * t.element_size() for t in bridge._state(models).values())
+    _, rises["save_dist"] = measured(lambda: checkpoint.save_mcore(bridge, models, work / "dist", overwrite=True))
+    del models
+    reader = checkpoint.bridge_from_mcore(work / "dist")
+
+    def load_dist():
+        m = reader.build_model(torch.float32)
+        checkpoint.load_mcore(reader, m, work / "dist")
+        return m
+
+    fresh, rises["load_dist"] = measured(load_dist)
+    _, rises["save_hf"] = measured(lambda: reader.save_weights(fresh, work / "hf", overwrite=True,
+                                                              bucket_bytes=bucket_bytes))
+    largest = max(i.nbytes for i in bridge.hf.tensors.values())
+    return {"rank": rt.rank(), "share": share, "largest_tensor": largest, "rises": rises}

@@ -46,7 +46,8 @@ def test_help_explains_both_directions():
 def test_roundtrip_via_megatron_checkpoint(zoo_model, tmp_path):
     src = zoo_model("qwen3")
     mcore, hf = tmp_path / "mcore", tmp_path / "hf"
-    r = run_cli("export", "--model", src, "--to-mcore", "--tp", "2", "--sp", "--save", mcore, "--device", "cpu")
+    r = run_cli("export", "--model", src, "--to-mcore", "--tp", "2", "--sp", "--save", mcore, "--device", "cpu",
+                "--ckpt-format", "plain")
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((mcore / "mcore_bridge.json").read_text())
     assert meta["layout"]["tp"] == 2 and sorted(os.listdir(mcore)).count("mp_rank_01_000.safetensors") == 1
@@ -65,7 +66,7 @@ def test_seed_spellings_and_env_nproc(zoo_model, tmp_path):
     mcore, hf = tmp_path / "mcore", tmp_path / "hf"
     r = run_cli("export", "--model", src, "--to_mcore", "true", "--tensor_model_parallel_size", "2",
                 "--pipeline_model_parallel_size", "2", "--decoder_first_pipeline_num_layers", "1",
-                "--save", mcore, env={"NPROC_PER_NODE": "4"})
+                "--ckpt_format", "plain", "--save", mcore, env={"NPROC_PER_NODE": "4"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in mcore.glob("mp_rank_*")) == [
         "mp_rank_00_000.safetensors", "mp_rank_00_001.safetensors",
@@ -135,7 +136,8 @@ def test_existing_output_is_kept_without_overwrite(zoo_model, tmp_path):
 
 def test_plain_checkpoint_refuses_other_layout(zoo_model, tmp_path):
     mcore = tmp_path / "mcore"
-    assert run_cli("export", "--model", zoo_model("qwen2"), "--to-mcore", "--save", mcore).returncode == 0
+    assert run_cli("export", "--model", zoo_model("qwen2"), "--to-mcore", "--ckpt-format", "plain",
+                   "--save", mcore).returncode == 0
     r = run_cli("export", "--load", mcore, "--to-hf", "--tp", "2", "--save", tmp_path / "hf")
     assert r.returncode == 2 and "tp1-pp1" in r.stderr
     assert_nothing_written(tmp_path / "hf")
@@ -194,7 +196,7 @@ def test_moe_roundtrip_with_expert_parallel_seed_spellings(zoo_model, tmp_path):
     mcore, hf = tmp_path / "mcore", tmp_path / "hf"
     r = run_cli("export", "--model", src, "--to-mcore", "--tensor_model_parallel_size", "2", "--sp",
                 "--expert_model_parallel_size", "2", "--expert_tensor_parallel_size", "1",
-                "--nproc-per-node", "4", "--save", mcore, "--device", "cpu")
+                "--nproc-per-node", "4", "--ckpt-format", "plain", "--save", mcore, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     files = sorted(p.name for p in mcore.glob("mp_rank_*"))
     # ranks: (tp, ep) = (0,0) (1,1) (0,0) (1,1) -> replicas 2, 3 write nothing

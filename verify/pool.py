@@ -109,7 +109,9 @@ class Pool:
             port = free_port()  # another process may grab it before rank 0 binds: retry then
             for rank in range(self.world_size):
                 parent, child = ctx.Pipe()
-                p = ctx.Process(target=_worker, name=f"pool{self.world_size}-rank{rank}", daemon=True,
+                # not daemonic: a case may start processes of its own (megatron's torch_dist writer
+                # forks one per file); a worker exits when the parent's end of its pipe closes
+                p = ctx.Process(target=_worker, name=f"pool{self.world_size}-rank{rank}", daemon=False,
                                 args=(rank, self.world_size, port, child, self._stack_file(rank)))
                 p.start()
                 child.close()

@@ -11,7 +11,10 @@ import torch.distributed as dist
 
 from ..layout import LayoutError, ParallelLayout
 from . import compat
+from .faults import maybe_fail  # noqa: F401  (tests only: MCORE_BRIDGE_FAULT, see faults.py)
 
+# Every collective (the world group and megatron's tp/pp/ep/... groups alike) gives up after this
+# many seconds, so that a rank that died or hangs makes the others fail instead of waiting forever.
 DEFAULT_TIMEOUT_S = int(os.environ.get("MCORE_BRIDGE_TIMEOUT", "600"))
 
 
@@ -67,7 +70,8 @@ def setup(layout: ParallelLayout, device: str = "auto", seed: int = 1234) -> str
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
-        create_gloo_process_groups=False)
+        create_gloo_process_groups=False,
+        distributed_timeout_minutes=DEFAULT_TIMEOUT_S / 60)  # megatron's own default: 30 minutes
     model_parallel_cuda_manual_seed(seed)
     coords = layout.coords(dist.get_rank(), world)
     actual = {"tp": ps.get_tensor_model_parallel_rank(), "dp": ps.get_data_parallel_rank(),

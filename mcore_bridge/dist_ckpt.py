@@ -1,0 +1,176 @@
+"""Megatron distributed checkpoints (``torch_dist``) through megatron-core's own dist_checkpointing.
+
+Written in Megatron-LM's resume layout, as a weights-only release (so a trainer neither expects
+optimizer state nor checks iteration counters)::
+
+    DIR/latest_checkpointed_iteration.txt    "release"
+    DIR/release/                             metadata.json, common.pt, .metadata, __<rank>_<n>.distcp
+    DIR/mcore_bridge.json                    HF config, tensor shapes/dtypes, the layout it was written at
+    DIR/hf/                                  the source's tokenizer / generation files
+
+The state dict is what Megatron-LM saves for a model: ``{"model": chunk.sharded_state_dict()}``
+(``model0``..``modelN`` under virtual pipeline parallelism) plus ``checkpoint_version`` and
+``iteration``. Because dist_checkpointing stores global tensors, a checkpoint written at one
+layout loads at any other (TP/PP/VPP/EP/ETP). Checkpoints written by Megatron-LM itself load too
+(``iter_NNNNNNN/`` or ``release/``; optimizer and RNG entries are left unread), given the HF
+directory for the config (``--model``).
+
+Untrusted input: ``common.pt`` is read by ``torch.load`` with torch's default ``weights_only=True``
+(torch >= 2.6; checked below), and the ``.metadata`` pickle that torch.distributed.checkpoint reads
+with plain ``pickle`` is first checked with an unpickler that admits only the checkpoint-metadata
+classes, so neither can run code from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from pathlib import Path
+
+from . import io as hfio
+from .runtime import dist as rt
+
+FORMAT = "torch_dist"
+LATEST = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+CHECKPOINT_VERSION = 3.0
+
+
+def model_key(chunk: int, chunks: int) -> str:
+    return "model" if chunks == 1 else f"model{chunk}"
+
+
+def sharded_state(models) -> dict:
+    return {model_key(i, len(models)): m.sharded_state_dict() for i, m in enumerate(models)}
+
+
+def is_torch_dist(path) -> bool:
+    path = Path(path)
+    return (path / LATEST).exists() or (path / "metadata.json").exists()
+
+
+def resolve(path) -> Path:
+    """The directory holding the distributed checkpoint: ``path`` itself, or the iteration that
+    ``latest_checkpointed_iteration.txt`` names (``release`` or ``iter_%07d``)."""
+    path = Path(path)
+    if (path / "metadata.json").exists():
+        return path
+    latest = path / LATEST
+    if not latest.exists():
+        raise hfio.CheckpointError(f"{path}: no {LATEST} and no metadata.json: not a Megatron distributed "
+                                   f"checkpoint")
+    tag = latest.read_text().strip()
+    target = path / (RELEASE if tag == RELEASE else f"iter_{int(tag):07d}")
+    if not (target / "metadata.json").exists():
+        raise hfio.CheckpointError(f"{path}: {LATEST} names {tag!r} but {target} holds no checkpoint")
+    meta = json.loads((target / "metadata.json").read_text())
+    if meta.get("sharded_backend") != FORMAT:
+        raise hfio.CheckpointError(f"{target}: sharded_backend {meta.get('sharded_backend')!r}, only "
+                                   f"{FORMAT!r} is read")
+    return target
+
+
+# ---- untrusted pickles ---------------------------------------------------------------------------
+# Classes (not functions) of these modules may be instantiated: the metadata dataclasses.
+_SAFE_MODULES = ("torch.distributed.checkpoint.", "megatron.core.dist_checkpointing.")
+_SAFE_GLOBALS = {("torch", "Size"), ("torch", "float32"), ("torch", "bfloat16"), ("torch", "float16"),
+                 ("torch", "float64"), ("torch", "int64"), ("torch", "int32"), ("torch", "int8"),
+                 ("torch", "uint8"), ("torch", "bool"), ("torch", "device"), ("torch", "strided"),
+                 ("torch", "contiguous_format"), ("collections", "OrderedDict"), ("builtins", "set"),
+                 ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "complex"),
+                 ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module.startswith(_SAFE_MODULES):
+            obj = super().find_class(module, name)
+            if isinstance(obj, type):
+                return obj
+        raise hfio.CheckpointError(f"refusing to unpickle {module}.{name}: not checkpoint metadata")
+
+
+def check_metadata(ckpt_dir: Path) -> None:
+    """Unpickle ``.metadata`` with only checkpoint-metadata classes allowed (nothing is executed)."""
+    path = ckpt_dir / ".metadata"
+    if not path.exists():
+        raise hfio.CheckpointError(f"{ckpt_dir}: no .metadata file: the checkpoint is incomplete")
+    try:
+        _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except hfio.CheckpointError as e:
+        raise hfio.CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # truncated or corrupt
+        raise hfio.CheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+
+
+def _check_torch_load_default() -> None:
+    import torch
+
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 6):
+        raise RuntimeError(f"torch {torch.__version__}: dist_checkpointing would unpickle common.pt without "
+                           f"weights_only; use torch >= 2.6")
+
+
+# ---- save / load -----------------------------------------------------------------------------------
+def save(bridge, models, out_dir, overwrite: bool = False, meta: dict | None = None, finalize_extra=None):
+    """Collective: write ``models`` as a torch_dist release checkpoint (staged, renamed when every
+    rank succeeded)."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    out_dir = Path(out_dir).absolute()
+
+    def finalize(stage: Path):
+        (stage / LATEST).write_text(RELEASE + "\n")
+        if finalize_extra is not None:
+            finalize_extra(stage)
+
+    with hfio.collective_output(out_dir, overwrite, finalize) as stage:
+        target = stage / RELEASE
+        if rt.rank() == 0:
+            target.mkdir()
+        if dist.is_initialized():
+            dist.barrier()
+        state = sharded_state(models)
+        state.update(checkpoint_version=CHECKPOINT_VERSION, iteration=0)
+        dist_checkpointing.save(state, str(target))
+    return out_dir
+
+
+def load(models, path) -> None:
+    """Collective: fill ``models`` (any layout) from a torch_dist checkpoint. Every model tensor must
+    be in the checkpoint and vice versa within the model entries; other entries (optimizer, RNG)
+    are not read."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from .plan import MappingError
+
+    _check_torch_load_default()
+    ckpt_dir = resolve(path)
+    error = None
+    try:
+        check_metadata(ckpt_dir)
+    except Exception as e:
+        error = e
+    if not rt.all_ok(error is None):
+        raise error or RuntimeError("another rank rejected the checkpoint metadata")
+    state = sharded_state(models)
+    keys = [model_key(i, len(models)) for i in range(len(models))]
+    try:
+        loaded, missing, unexpected = dist_checkpointing.load(state, str(ckpt_dir),
+                                                              strict=StrictHandling.RETURN_ALL)
+        unexpected = sorted(k for k in unexpected if k.split(".", 1)[0] in keys)
+        if missing or unexpected:
+            raise MappingError(f"{ckpt_dir}: the model's tensors and the checkpoint's differ: missing "
+                               f"{sorted(missing)[:5]}, unexpected {unexpected[:5]} (built for another model?)")
+        for i, m in enumerate(models):
+            m.load_state_dict(loaded[keys[i]], strict=True)
+    except Exception as e:
+        error = e
+    if not rt.all_ok(error is None):  # fail together: the export that follows is collective
+        raise error or RuntimeError("another rank could not load its part of the checkpoint")

@@ -1,0 +1,64 @@
+"""Deliberate fault injection, for tests only: make one rank crash, raise or hang at a known point.
+
+    MCORE_BRIDGE_FAULT=rank:<r>:<where>[:<how>][,rank:<r>:<where>[:<how>]...]
+
+``where`` names a ``maybe_fail(where)`` call site: ``load`` (start of ``Bridge.load_weights``) or
+``save`` (``Bridge.save_weights``, after the shard plan, once the staging directory exists and
+before any shard is written). ``how``: ``exit`` (default: ``os._exit(17)``, like a crash, no
+clean-up and no Python exception), ``raise`` (a RuntimeError) or ``hang`` (sleep forever, with every
+socket still open, so that the other ranks can only get out through the collective timeout,
+``MCORE_BRIDGE_TIMEOUT``). ``<r>`` is the global rank. Unset (always, outside tests), it costs one
+environment lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+ENV = "MCORE_BRIDGE_FAULT"
+WHERE = ("load", "save")
+HOW = ("exit", "raise", "hang")
+EXIT_CODE = 17
+
+
+class InjectedFault(RuntimeError):
+    """Raised by ``maybe_fail`` for ``how=raise``."""
+
+
+def parse(spec: str) -> list[tuple[int, str, str]]:
+    faults = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        fields = part.split(":")
+        if len(fields) not in (3, 4) or fields[0] != "rank" or not fields[1].isdigit():
+            raise ValueError(f"{ENV}={spec!r}: expected rank:<r>:<where>[:<how>]")
+        where, how = fields[2], fields[3] if len(fields) == 4 else "exit"
+        if where not in WHERE or how not in HOW:
+            raise ValueError(f"{ENV}={spec!r}: where is one of {WHERE}, how one of {HOW}")
+        faults.append((int(fields[1]), where, how))
+    return faults
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def maybe_fail(where: str):
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    rank = _rank()
+    for r, w, how in parse(spec):
+        if r != rank or w != where:
+            continue
+        msg = f"mcore-bridge: injected fault ({ENV}) on rank {rank} at {where}: {how}"
+        print(msg, file=sys.stderr, flush=True)
+        if how == "exit":
+            os._exit(EXIT_CODE)
+        if how == "raise":
+            raise InjectedFault(msg)
+        while True:  # hang
+            time.sleep(3600)
