@@ -110,8 +110,8 @@ class ParallelLayout:
                 raise LayoutError(f"expert intermediate size {expert_ffn_hidden_size} cannot be split over "
                                   f"etp={self.etp}: choose --etp from {_divisors(expert_ffn_hidden_size)}")
         elif self.ep > 1 or self.etp != self.tp:
-            raise LayoutError(f"--ep/--etp apply to mixture-of-experts models; this model has no experts "
-                              f"(use --ep 1 and no --etp)")
+            raise LayoutError("--ep/--etp apply to mixture-of-experts models; this model has no experts "
+                              "(use --ep 1 and no --etp)")
         self.stage_layer_counts(num_layers)  # raises on impossible pipeline splits
         if world_size is not None and world_size % self.min_world_size:
             raise LayoutError(

@@ -163,10 +163,9 @@ def te_names_export(source: str, layout: dict) -> dict:
             "te_norm_names": sum("layer_norm_weight" in k for k in te_keys)}
 
 
-def expert_reads(source: str, layout: dict) -> dict:
-    """Which expert tensors (and which rows of them) this rank read while loading."""
-    import re
-
+@contextlib.contextmanager
+def spied_reads():
+    """Record every ``HFCheckpoint.read(name, region)`` made in this process while active."""
     reads = []
     original = HFCheckpoint.read
 
@@ -176,9 +175,17 @@ def expert_reads(source: str, layout: dict) -> dict:
 
     HFCheckpoint.read = spy
     try:
-        bridge, _ = _loaded(source, layout)
+        yield reads
     finally:
         HFCheckpoint.read = original
+
+
+def expert_reads(source: str, layout: dict) -> dict:
+    """Which expert tensors (and which rows of them) this rank read while loading."""
+    import re
+
+    with spied_reads() as reads:
+        _loaded(source, layout)
     from megatron.core import parallel_state as ps
 
     experts, rows = set(), set()
@@ -238,18 +245,8 @@ def export_against(source: str, layout: dict, reference: str, expert_storage: st
 
 def stacked_reads(source: str, layout: dict) -> dict:
     """The regions of stacked expert tensors this rank read while loading."""
-    reads = []
-    original = HFCheckpoint.read
-
-    def spy(self, name, region=None):
-        reads.append((name, region))
-        return original(self, name, region)
-
-    HFCheckpoint.read = spy
-    try:
+    with spied_reads() as reads:
         _loaded(source, layout)
-    finally:
-        HFCheckpoint.read = original
     from megatron.core import parallel_state as ps
 
     experts, cols, whole = set(), set(), 0
@@ -319,7 +316,7 @@ def conversion_memory(source: str, layout: dict, work: str, bucket_bytes: int) -
     models, rises["load_hf"] = measured(load_hf)
     share = sum(t.numel() * t.element_size() for t in bridge._state(models).values())
     _, rises["save_dist"] = measured(lambda: checkpoint.save_mcore(bridge, models, work / "dist", overwrite=True))
-    del models
+    models = None  # free the first model before the second is built
     reader = checkpoint.bridge_from_mcore(work / "dist")
 
     def load_dist():

@@ -68,7 +68,7 @@ def verify(pools, zoo_model, ref_cache, model, world, layout, **kw) -> dict:
 
 
 VERIFY = [(1, L()), (2, L(ep=2)), (2, L(tp=2, sp=True, ep=2, etp=1)), (4, L(tp=2, sp=True, ep=2)),
-          (4, L(pp=2, ep=2)), (4, L(ep=4))]
+          (4, L(pp=2, ep=2)), (4, L(pp=2, vpp=2, ep=2)), (4, L(ep=4))]
 
 
 @pytest.mark.parametrize("model,world,layout", [

@@ -120,6 +120,22 @@ def test_two_node_roundtrip(zoo_model, tmp_path):
     assert (hf / "config.json").read_bytes() and not staging_dir(hf).exists()
 
 
+def test_two_node_torch_dist_read_back_by_one_process(zoo_model, tmp_path):
+    """A torch_dist checkpoint written by 2 nodes x 2 processes (tp2 x pp2, every rank writes its own
+    part into the shared directory) and read back by a single process at tp1: byte-identical."""
+    src = zoo_model("qwen3")
+    mcore, hf = tmp_path / "mcore", tmp_path / "hf"
+    run = run_nodes(tmp_path, "dist", "--model", src, "--to-mcore", "--tp", "2", "--pp", "2", "--save", mcore)
+    assert run.codes == [0, 0], run.tail()
+    assert (mcore / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
+    writers = {int(p.name.split("_")[2]) for p in (mcore / "release").glob("__*_*.distcp")}
+    assert writers == {0, 1, 2, 3}  # ranks 2, 3 live on node 1
+    r = subprocess.run([*CLI, "--load", str(mcore), "--to-hf", "--tp", "1", "--save", str(hf), "--device", "cpu"],
+                       capture_output=True, text=True, timeout=LIMIT_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_weights(src, hf)
+
+
 def assert_no_partial_output(save: Path):
     """No --save directory, and no staging directory (``.NAME.partial``) with the shards of the
     ranks that got that far: rank 0 removes it when the ranks fail together, node 0's launcher
@@ -186,7 +202,7 @@ def parse(argv, env=None, monkeypatch=None):
     (4, 3, 1, "= 3 processes"), (4, 2, 3, "6 processes"),
 ])
 def test_processes_per_node(monkeypatch, world, nnodes, nproc, expect):
-    from mcore_bridge.cli import procs_per_node
+    from mcore_bridge.launch import procs_per_node
 
     argv = ["--nnodes", str(nnodes)] + (["--nproc-per-node", str(nproc)] if nproc else [])
     args = parse(argv, monkeypatch=monkeypatch)
@@ -198,7 +214,7 @@ def test_processes_per_node(monkeypatch, world, nnodes, nproc, expect):
 
 
 def test_torchrun_command_for_two_nodes(monkeypatch):
-    from mcore_bridge.cli import procs_per_node, torchrun_command
+    from mcore_bridge.launch import procs_per_node, torchrun_command
 
     env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400",
 }

@@ -16,11 +16,11 @@ def _first(output):
 
 
 @contextlib.contextmanager
-def _hooked(targets, store: dict, to_bsh):
-    """Record ``to_bsh(output)`` of each ``(name, module)`` into ``store`` (first call wins)."""
+def _hooked(targets, store: dict, convert, pick=_first):
+    """Record ``convert(pick(output))`` of each ``(name, module)`` into ``store`` (first call wins)."""
     def hook_for(name):
         def hook(_module, _inputs, out):
-            store.setdefault(name, to_bsh(_first(out).detach()).float().cpu())
+            store.setdefault(name, convert(pick(out).detach()).cpu())
         return hook
 
     handles = [module.register_forward_hook(hook_for(name)) for name, module in targets]
@@ -38,7 +38,7 @@ def hf_probes(model, store: dict):
     targets = [("embedding", inner.embed_tokens)]
     targets += [(f"layer.{i}", layer) for i, layer in enumerate(inner.layers)]
     targets.append(("final_norm", inner.norm))
-    with _hooked(targets, store, lambda hidden: hidden), _hf_routing(inner.layers, store):
+    with _hooked(targets, store, lambda hidden: hidden.float()), _hf_routing(inner.layers, store):
         yield store
 
 
@@ -102,7 +102,7 @@ def megatron_probes(models, store: dict, sequence_parallel: bool):
     def to_bsh(hidden):
         if sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-        return hidden.transpose(0, 1)
+        return hidden.transpose(0, 1).float()
 
     routers = [(f"router.{layer.layer_number - 1}", layer.mlp.router) for chunk in models
                for layer in chunk.decoder.layers if hasattr(getattr(layer, "mlp", None), "router")]
@@ -115,27 +115,11 @@ def megatron_probes(models, store: dict, sequence_parallel: bool):
 
     @contextlib.contextmanager
     def both():
-        with _hooked(targets, store, to_bsh), _hooked_output(routers, store, 1, routing):
+        # megatron's router returns (probs, routing_map)
+        with _hooked(targets, store, to_bsh), _hooked(routers, store, routing, pick=lambda out: out[1]):
             yield store
 
     return both()
-
-
-@contextlib.contextmanager
-def _hooked_output(targets, store: dict, index: int, convert):
-    """Record ``convert(output[index])`` of each ``(name, module)`` (megatron's router returns
-    ``(probs, routing_map)``)."""
-    def hook_for(name):
-        def hook(_module, _inputs, out):
-            store.setdefault(name, convert(out[index].detach()).cpu())
-        return hook
-
-    handles = [module.register_forward_hook(hook_for(name)) for name, module in targets]
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def probe_order(num_layers: int) -> list[str]:
