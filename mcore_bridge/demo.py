@@ -76,7 +76,7 @@ def run_demo(layout: ParallelLayout, names=None, device: str = "auto") -> int:
             if rt.rank() == 0:
                 exact = ("byte-exact" if not r["mismatched"] else f"{len(r['mismatched'])} tensors differ: "
                          f"{r['mismatched'][:3]}")
-                print(f"{name:<8} HF -> megatron {layout.short():<10} -> HF: {exact} ({r['tensors']} tensors), "
+                print(f"{name:<11} HF -> megatron {layout.short():<10} -> HF: {exact} ({r['tensors']} tensors), "
                       f"logits max|diff| {r['max_diff']:.1e} (tol {TOLERANCE:.0e})  "
                       f"{'PASS' if ok else 'FAIL'}  [{r['seconds']:.1f}s]", flush=True)
     return 1 if failures else 0
