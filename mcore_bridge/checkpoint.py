@@ -90,7 +90,7 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: st
     if fmt == "torch_dist":
         from . import dist_ckpt
 
-        return dist_ckpt.save(bridge, models, out_dir, overwrite, finalize_extra=finalize)
+        return dist_ckpt.save(models, out_dir, overwrite, finalize_extra=finalize)
     layout, rank, world = bridge.layout, rt.rank(), rt.world_size()
     with hfio.collective_output(out_dir, overwrite, finalize) as stage:
         if writes_file(layout, rank, world):

@@ -116,9 +116,9 @@ def _check_torch_load_default() -> None:
 
 
 # ---- save / load -----------------------------------------------------------------------------------
-def save(bridge, models, out_dir, overwrite: bool = False, meta: dict | None = None, finalize_extra=None):
+def save(models, out_dir, overwrite: bool = False, finalize_extra=None):
     """Collective: write ``models`` as a torch_dist release checkpoint (staged, renamed when every
-    rank succeeded)."""
+    rank succeeded; ``finalize_extra(stage)`` adds files on rank 0 before that)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
