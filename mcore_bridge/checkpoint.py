@@ -61,7 +61,7 @@ def read_meta(path) -> dict:
         raise hfio.CheckpointError(f"--load {path}: not a checkpoint written by mcore-bridge "
                                    f"(no {META_NAME}); for an HF directory use --model")
     meta = json.loads(meta_file.read_text())
-    if meta.get("format") not in FORMATS:
+    if meta.get("format") not in FORMAT_NAMES.values():
         raise hfio.CheckpointError(f"{meta_file}: unknown format {meta.get('format')!r}")
     return meta
 
@@ -157,5 +157,3 @@ def load_plain(bridge: Bridge, models, path):
         for key, target in state.items():
             target.copy_(f.get_tensor(key))
 
-
-FORMATS = {PLAIN: "plain", TORCH_DIST: "torch_dist"}

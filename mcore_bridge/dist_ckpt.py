@@ -109,8 +109,7 @@ def check_metadata(ckpt_dir: Path) -> None:
 def _check_torch_load_default() -> None:
     import torch
 
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    if (major, minor) < (2, 6):
+    if torch.__version__ < hfio.MIN_TORCH_FOR_PICKLE:  # the same bar as for HF pickles
         raise RuntimeError(f"torch {torch.__version__}: dist_checkpointing would unpickle common.pt without "
                            f"weights_only; use torch >= 2.6")
 

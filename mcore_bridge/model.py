@@ -108,13 +108,14 @@ def param_views(models, family: Family, layout: ParallelLayout) -> dict:
     family tables need no second spelling. Writing into a view writes the parameter.
     """
     out = {}
+    n_local = family.num_experts // layout.ep if family.num_experts else 0
+    hidden = None
     for chunk, m in enumerate(models):
         for name, t in m.state_dict(keep_vars=True).items():
             if not isinstance(t, torch.Tensor) or name.endswith("_extra_state"):
                 continue
             if name.endswith(("mlp.experts.weight1", "mlp.experts.weight2")):
-                n_local = family.num_experts // layout.ep
-                hidden = family.model_settings()["config"]["hidden_size"]
+                hidden = hidden or family.model_settings()["config"]["hidden_size"]
                 prefix, which = name.rsplit(".", 1)
                 fc = "linear_fc1" if which == "weight1" else "linear_fc2"
                 d = t.detach()

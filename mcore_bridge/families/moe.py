@@ -7,6 +7,8 @@ choice of which layers are sparse (``decoder_sparse_step``, ``mlp_only_layers``)
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..transforms import GATED_MLP, REPLICATED, ROW
 from .base import UnsupportedConfig, rule
 from .llama import Llama
@@ -82,8 +84,9 @@ class MoEMixin:
 
     # -- weights -----------------------------------------------------------------------------
     def rules(self):
-        dense = [r for r in super().rules() if ".mlp." not in r.mcore]
-        mlp = [dataclass_replace(r, when="dense") for r in super().rules() if ".mlp." in r.mcore]
+        parent = super().rules()
+        dense = [r for r in parent if ".mlp." not in r.mcore]
+        mlp = [dataclasses.replace(r, when="dense") for r in parent if ".mlp." in r.mcore]
         gate, up, down = (H + n for n in self.expert_hf)
         moe = [rule(L + "mlp.router.weight", H + self.router_hf, REPLICATED, when="moe")]
         if self.router_bias_hf:
@@ -103,12 +106,6 @@ class MoEMixin:
                 moe.append(rule(L + "mlp.shared_experts.gate_weight", H + self.shared_gate_hf, REPLICATED,
                                 when="moe"))
         return dense + mlp + moe
-
-
-def dataclass_replace(r, **changes):
-    import dataclasses
-
-    return dataclasses.replace(r, **changes)
 
 
 class Mixtral(MoEMixin, Llama):
