@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from . import io as hfio
+from . import lora as lora_
 from . import stacked
 from .export import Exporter, ExportUnit, Groups, balanced_writers, make_buckets, nbytes
 from .families import family_for
@@ -82,6 +83,8 @@ class Bridge:
             self.family.check_tensors(hf_tensors)
             check_names(self.units, set(hf_tensors), where=str(self.source))
         self.device = None
+        self.lora: lora_.LoraSpec | None = None  # set by apply_lora / load_adapter
+        self.adapter_family = self.lora_units = self.lora_hf_tensors = None
 
     # -- runtime -----------------------------------------------------------------------------
     def setup(self, device: str = "auto") -> str:
@@ -116,24 +119,81 @@ class Bridge:
             ep_group=ep_group, pp_group=pp_group, pp_ranks=dist.get_process_group_ranks(pp_group),
             ep_ranks=dist.get_process_group_ranks(ep_group))
 
-    def _state(self, models) -> dict:
+    def _state(self, models, lora: bool = False) -> dict:
+        """(chunk, name) -> tensor: the base weights, or with ``lora`` the LoRA factors."""
         from .model import param_views
 
-        return param_views(models, self.family, self.layout)
+        return param_views(models, self.family, self.layout, lora)
 
-    def _items(self, models, state):
+    def _items(self, models, state, lora: bool = False):
         g = self._groups()
         names = [[n for (c, n) in state if c == chunk] for chunk in range(len(models))]
         if len(models) != self.layout.vpp:
             raise ValueError(f"expected {self.layout.vpp} model chunks (vpp), got {len(models)}")
-        items = local_items(self.family, self.layout, g.pp_rank, names, g.ep_rank)
+        family, units = (self.adapter_family, self.lora_units) if lora else (self.family, self.units)
+        items = local_items(family, self.layout, g.pp_rank, names, g.ep_rank)
         have = {it.unit.key for it in items}
-        lacking = [u for u in self.units if g.holds(u.owner) and u.key not in have]
+        lacking = [u for u in units if g.holds(u.owner) and u.key not in have]
         if lacking:  # a model built for another layout or config: its HF tensors would go unused
             raise MappingError(f"the model on pp rank {g.pp_rank} has no parameter for "
                                f"{len(lacking)} unit(s) this layout gives it, e.g. {lacking[0].rule.mcore} "
-                               f"(layer {lacking[0].layer}); was it built for this layout?")
+                               f"(layer {lacking[0].layer}); was it built for this layout"
+                               f"{' and with this LoRA' if lora else ''}?")
         return items
+
+    # -- LoRA --------------------------------------------------------------------------------
+    def _set_lora(self, spec: "lora_.LoraSpec"):
+        self.lora = spec
+        self.adapter_family = lora_.AdapterFamily(self.family, spec)
+        self.lora_units = inventory(self.adapter_family, self.layout)
+        self.lora_hf_tensors = {}
+        for u in self.lora_units:
+            for n in u.hf_names:
+                shape, dtype = self.hf_tensors[lora_.base_hf_name(n)]
+                self.lora_hf_tensors[n] = (lora_.factor_hf_shapes(n, spec.r, shape), dtype)
+
+    def apply_lora(self, models, spec: "lora_.LoraSpec", random_b: bool = False, freeze_base: bool = True):
+        """Wrap the targeted linears of this rank's chunks in LoRA layers (``lora.LoraLinear``).
+        The base weights keep their names for load/export; ``freeze_base``: only LoRA trains."""
+        if self.lora is not None:
+            raise lora_.AdapterError("this model already has a LoRA adapter")
+        if self.hf_tensors is None:
+            raise ValueError("apply_lora needs the HF tensor shapes: build the Bridge from an HF source")
+        self._set_lora(spec)
+        self.lora_dtype = next(models[0].parameters()).dtype
+        items = self._items(models, self._state(models))
+        lora_.apply_lora(models, self.family, items, self._groups(), self.hf_tensors, spec, random_b, freeze_base)
+        self._items(models, self._state(models, lora=True), lora=True)  # every factor has its parameter
+        return models
+
+    def load_adapter(self, models, path):
+        """Load a PEFT adapter directory into this rank's chunks (applying LoRA first if the model
+        has none). q/k/v (gate/up) with different A matrices are kept exactly: stacked A and a
+        block-structured B on the fused module."""
+        from dataclasses import replace
+
+        from .lora import peft_io
+
+        spec, ckpt = peft_io.open_adapter(path, self.family)
+        spec = replace(spec, per_projection=self._distinct_a(ckpt, spec))
+        if self.lora is None:
+            self.apply_lora(models, spec)
+        elif self.lora != spec:
+            raise lora_.AdapterError(f"{path}: adapter {spec} does not match the model's LoRA {self.lora}")
+        self._load(models, ckpt, lora=True)
+
+    def _distinct_a(self, ckpt, spec) -> bool:
+        """Whether any fused module's projections carry different A matrices in ``ckpt``."""
+        from .transforms import Shared
+
+        names = set(ckpt.names())
+        for u in inventory(lora_.AdapterFamily(self.family, spec), self.layout):
+            if isinstance(u.rule.transform, Shared) and all(n in names for n in u.hf_names):
+                first = ckpt.read(u.hf_names[0])
+                if any(ckpt.info(n).shape != ckpt.info(u.hf_names[0]).shape or not torch.equal(ckpt.read(n), first)
+                       for n in u.hf_names[1:]):
+                    return True
+        return False
 
     # -- load --------------------------------------------------------------------------------
     def load_weights(self, models, hf_dir=None):
@@ -144,12 +204,15 @@ class Bridge:
             ckpt = stacked.open_checkpoint(hfio.HFCheckpoint(resolve_source(hf_dir)), self.family)[0]
         if ckpt is None:
             raise ValueError("load_weights: this bridge has no HF checkpoint; pass hf_dir")
-        state = self._state(models)
+        self._load(models, ckpt)
+
+    def _load(self, models, ckpt, lora: bool = False):
+        state = self._state(models, lora)
         g = self._groups()
         jobs, error = [], None
         try:
-            check_names(self.units, set(ckpt.names()), where=str(ckpt.path))
-            for item in self._items(models, state):
+            check_names(self.lora_units if lora else self.units, set(ckpt.names()), where=str(ckpt.path))
+            for item in self._items(models, state, lora):
                 target = state[(item.chunk, item.param)]
                 names = item.unit.hf_names
                 shapes = [ckpt.info(n).shape for n in names]
@@ -176,18 +239,27 @@ class Bridge:
         ckpt.close()
 
     # -- export ------------------------------------------------------------------------------
-    def _exporter(self, models, dtype):
+    def _exporter(self, models, dtype, lora: bool = False, merge: bool = False):
+        """``lora``: export the LoRA factors (PEFT names); ``merge``: the base weights with the
+        LoRA delta added in fp32, shard by shard, leaving the model untouched."""
         if self.hf_tensors is None:
             raise ValueError("export needs the HF tensor shapes: build the Bridge from an HF source")
-        state = self._state(models)
+        if lora and self.lora is None:
+            raise lora_.AdapterError("the model has no LoRA adapter to export (apply_lora / load_adapter)")
+        state = self._state(models, lora)
         g = self._groups()
-        mine = {it.unit.key: it for it in self._items(models, state)}
+        mine = {it.unit.key: it for it in self._items(models, state, lora)}
+        hf_tensors = self.lora_hf_tensors if lora else self.hf_tensors
+        if lora:
+            dtype = dtype or self.lora_dtype
+        if merge and self.lora is not None:
+            state = lora_.MergedState(state, models, dtype)
         units = []
-        for u in self.units:
+        for u in self.lora_units if lora else self.units:
             if not u.rule.export:
                 continue
-            shapes = [tuple(self.hf_tensors[n][0]) for n in u.hf_names]
-            dtypes = [dtype or self.hf_tensors[n][1] for n in u.hf_names]
+            shapes = [tuple(hf_tensors[n][0]) for n in u.hf_names]
+            dtypes = [dtype or hf_tensors[n][1] for n in u.hf_names]
             units.append(ExportUnit(u, len(units), shapes, dtypes, mine.get(u.key)))
         device = next(iter(state.values())).device
         return Exporter(units, state, g, device), g
@@ -206,15 +278,17 @@ class Bridge:
         return stacked.view_table(self.family, storage), stacked.stacked_shapes(self.family, storage)
 
     def export_weights(self, models, dtype: torch.dtype | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                       all_ranks: bool = True, expert_storage: str | None = "source"
-                       ) -> Iterator[tuple[str, torch.Tensor]]:
+                       all_ranks: bool = True, expert_storage: str | None = "source", merge_lora: bool = True,
+                       peft_format: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(hf_name, tensor)`` with the checkpoint's names, shapes and (unless ``dtype``)
         dtypes. ``all_ranks``: every rank gets every tensor; else each pipeline stage yields its own.
         ``expert_storage``: see ``_stacking`` (stacking needs ``all_ranks`` or ep=1).
-        Collective: all ranks must iterate it to the end."""
-        exporter, g = self._exporter(models, dtype)
+        With a LoRA adapter: ``peft_format`` yields only the adapter's factors under HF module
+        names (``...q_proj.lora_A.weight``); otherwise the weights, merged with the adapter in fp32
+        unless ``merge_lora=False``. Collective: all ranks must iterate it to the end."""
+        exporter, g = self._exporter(models, dtype, lora=peft_format, merge=merge_lora and not peft_format)
         buckets = make_buckets(exporter.units, bucket_bytes)
-        stacking = self._stacking(expert_storage)
+        stacking = None if peft_format else self._stacking(expert_storage)
         if stacking and not all_ranks and self.layout.ep > 1:
             raise ValueError("stacked experts need every expert on the receiving rank: use all_ranks=True "
                              "or expert_storage='per_expert' with ep > 1")
@@ -224,8 +298,14 @@ class Bridge:
 
     def save_weights(self, models, out_dir, *, dtype: torch.dtype | None = None, overwrite: bool = False,
                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                     expert_storage: str | None = "source"):
+                     expert_storage: str | None = "source", merge_lora: bool = True, peft_format: bool = False,
+                     peft_experts: str = "parameters"):
         """Write HF safetensors shards + index + config (+ tokenizer files) into ``out_dir``.
+
+        With a LoRA adapter on the model: ``peft_format`` writes the adapter alone as a PEFT
+        directory (``adapter_model.safetensors`` + ``adapter_config.json``; routed experts as
+        ``peft_experts``: stacked "parameters" for transformers 5, or per-expert "modules"),
+        otherwise the weights merged with it (fp32, in the export stream) unless ``merge_lora=False``.
 
         Each tensor is written by one rank holding it: TP (or expert-TP) ranks take turns, each
         expert-parallel rank writes its own experts, data-parallel replicas other than the first
@@ -234,7 +314,9 @@ class Bridge:
         staging directory that is renamed into place only after every rank succeeded.
         """
         out_dir = Path(out_dir).absolute()
-        exporter, g = self._exporter(models, dtype)
+        if peft_format:
+            return self._save_adapter(models, out_dir, dtype, overwrite, bucket_bytes, peft_experts)
+        exporter, g = self._exporter(models, dtype, merge=merge_lora)
         world = rt.world_size()
         tp_writer = balanced_writers(exporter.units, g)
 
@@ -282,3 +364,18 @@ class Bridge:
                 raise RuntimeError(f"rank {rt.rank()}: shards never completed: {sorted(filled)}")
         return out_dir
 
+
+    def _save_adapter(self, models, out_dir: Path, dtype, overwrite: bool, bucket_bytes: int, experts: str):
+        """The adapter reaches rank 0 (it is small), which writes the PEFT directory."""
+        from .lora import peft_io
+
+        exporter, g = self._exporter(models, dtype, lora=True)
+        with hfio.collective_output(out_dir, overwrite) as stage:
+            tensors = {}
+            for name, t in exporter.iterate(make_buckets(exporter.units, bucket_bytes), all_stages=True):
+                if rt.rank() == 0:
+                    tensors[name] = t.cpu()
+            if rt.rank() == 0:
+                peft_io.write_adapter(stage, tensors, self.adapter_family, str(self.source) if self.source else None,
+                                      experts)
+        return out_dir

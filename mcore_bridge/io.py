@@ -104,19 +104,22 @@ class HFCheckpoint:
     is refused. Safetensors are always preferred: with them present, pickles are never opened.
     """
 
-    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False):
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False, *, files: list[Path] | None = None,
+                 config: dict | None = None):
+        """``files`` and ``config``: read these safetensors with this config instead of the
+        directory's model files and ``config.json`` (e.g. a PEFT adapter)."""
         self.path = Path(path)
         self.allow_pickle = bool(allow_pickle)
         if not self.path.is_dir():
             raise CheckpointError(f"--model {self.path}: not a directory")
         cfg = self.path / "config.json"
-        if not cfg.exists():
+        if config is None and not cfg.exists():
             raise CheckpointError(f"{self.path} has no config.json")
-        self.config = json.loads(cfg.read_text())
+        self.config = config if config is not None else json.loads(cfg.read_text())
         self.tensors: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor] | None] = {}  # pickle -> its mapped tensors
-        files = self._files()
+        files = files if files is not None else self._files()
         if files is None:
             self._index_pickles()
             return
@@ -242,7 +245,7 @@ class HFCheckpoint:
             handle = self._handles.get(info.file)
             if handle is None:
                 handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-            return handle.get_tensor(name) if whole else handle.get_slice(name)[region]
+            return handle.get_tensor(info.name) if whole else handle.get_slice(info.name)[region]
         return tensor if whole else tensor[region]
 
     @staticmethod

@@ -6,6 +6,7 @@ import torch
 
 from .families.base import Family
 from .layout import ParallelLayout, padded_vocab_size
+from .lora import is_lora_param
 
 ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
 
@@ -99,8 +100,9 @@ def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = tor
     return chunks
 
 
-def param_views(models, family: Family, layout: ParallelLayout) -> dict:
-    """(chunk, name) -> tensor for every weight of this rank's chunks, in local-spec names.
+def param_views(models, family: Family, layout: ParallelLayout, lora: bool = False) -> dict:
+    """(chunk, name) -> tensor for every weight of this rank's chunks, in local-spec names; with
+    ``lora`` only the LoRA factors instead (base weights of wrapped linears keep their plain names).
 
     megatron-core's legacy GroupedMLP keeps all local experts of a layer in two tensors (read by
     its forward as ``weight1.view(E_local, hidden, -1)``, ``weight2.view(E_local, -1, hidden)``);
@@ -114,6 +116,9 @@ def param_views(models, family: Family, layout: ParallelLayout) -> dict:
         for name, t in m.state_dict(keep_vars=True).items():
             if not isinstance(t, torch.Tensor) or name.endswith("_extra_state"):
                 continue
+            if is_lora_param(name) != lora:
+                continue
+            name = name.replace(".base_layer.", ".")
             if name.endswith(("mlp.experts.weight1", "mlp.experts.weight2")):
                 hidden = hidden or family.model_settings()["config"]["hidden_size"]
                 prefix, which = name.rsplit(".", 1)

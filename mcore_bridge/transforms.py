@@ -249,3 +249,103 @@ class GatedMLP(Transform):
 
 
 GATED_MLP = GatedMLP()
+
+
+# -- LoRA factors of fused modules (see ``lora``) ----------------------------------------------
+# A fused megatron linear (q/k/v, gate/up) holds one LoRA for n HF projections: A [r, in] shared by
+# all of them (``Shared``) or stacked per projection (``Stacked``, [n*r, in]); B split like the
+# weight, either directly (shared A) or block-structured (``Blocks``: projection i's rows use only
+# columns i*r:(i+1)*r).
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Shared(Transform):
+    """n identical HF tensors behind one replicated megatron tensor; loading checks they are equal."""
+
+    n: int = 2
+    tp_split = False
+
+    @property
+    def n_sources(self):
+        return self.n
+
+    def local_shape(self, hf, tp):
+        _check(all(tuple(s) == tuple(hf[0]) for s in hf), f"shapes differ: {list(hf)}")
+        return tuple(hf[0])
+
+    def slices(self, hf, local, tp, rank):
+        return [_full(s) for s in hf]
+
+    def to_mcore(self, pieces, local, tp, rank):
+        for p in pieces[1:]:
+            _check(torch.equal(p, pieces[0]), "the projections' LoRA A differ: import with one A per "
+                                              "projection (per_projection=True)")
+        return pieces[0]
+
+    def to_hf(self, shards, hf):
+        return [shards[0]] * self.n
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Stacked(Transform):
+    """n HF tensors concatenated along dim 0 into one replicated megatron tensor."""
+
+    n: int = 2
+    tp_split = False
+
+    @property
+    def n_sources(self):
+        return self.n
+
+    def local_shape(self, hf, tp):
+        _check(all(tuple(s[1:]) == tuple(hf[0][1:]) for s in hf), f"trailing dims differ: {list(hf)}")
+        return (sum(s[0] for s in hf),) + tuple(hf[0][1:])
+
+    def slices(self, hf, local, tp, rank):
+        return [_full(s) for s in hf]
+
+    def to_mcore(self, pieces, local, tp, rank):
+        return torch.cat(pieces, dim=0)
+
+    def to_hf(self, shards, hf):
+        return list(torch.split(shards[0], [s[0] for s in hf], dim=0))
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Blocks(Transform):
+    """n HF tensors ``[out_i, r]`` as one block-structured ``[out, n*r]`` tensor, split over tp by
+    ``inner`` (the transform of the weight they belong to); off-block entries are zero."""
+
+    inner: Transform = None
+    n: int = 2
+
+    @property
+    def n_sources(self):
+        return self.n
+
+    def _wide(self, hf):
+        _check(all(len(s) == 2 and s[1] == hf[0][1] for s in hf), f"expected [out, r] factors: {list(hf)}")
+        return [(s[0], s[1] * self.n) for s in hf]
+
+    def local_shape(self, hf, tp):
+        return self.inner.local_shape(self._wide(hf), tp)
+
+    def slices(self, hf, local, tp, rank):
+        return self.inner.slices(self._wide(hf), local, tp, rank)
+
+    def to_mcore(self, pieces, local, tp, rank):
+        r = pieces[0].shape[1]
+        wide = []
+        for i, p in enumerate(pieces):
+            w = p.new_zeros(p.shape[0], r * self.n)
+            w[:, i * r:(i + 1) * r] = p
+            wide.append(w)
+        return self.inner.to_mcore(wide, local, tp, rank)
+
+    def to_hf(self, shards, hf):
+        full = self.inner.to_hf(shards, self._wide(hf))
+        r = hf[0][1]
+        for i, t in enumerate(full):
+            off = torch.cat([t[:, :i * r], t[:, (i + 1) * r:]], dim=1)
+            _check(not off.any(), f"projection {i}'s LoRA B has non-zero entries outside its block")
+        return [t[:, i * r:(i + 1) * r] for i, t in enumerate(full)]
