@@ -11,7 +11,7 @@ The LoRA branch runs in the same parallel regime as the linear it wraps, with th
 (the expert-TP group for experts), so forward *and* gradients equal the unsharded computation:
 
   column (A replicated [r, in], B split by rows like the weight):
-    no SP  : h = x A^T, all-reduced in backward (copy_to)       -> y_r = h B_r^T
+    no SP  : h = x A^T, its gradient all-reduced (copy_to)       -> y_r = h B_r^T
     SP     : h_s = x_s A'^T, gathered over the sequence          -> y_r = h B_r^T   (A' : grad all-reduced)
     expert : h = x A'^T (tokens already on every expert-TP rank) -> y_r = h B_r^T   (partial dx, like the base)
   row (A split by columns like the weight, B replicated [out, r]):
@@ -137,8 +137,9 @@ class LoraLinear(nn.Module):
                 h = x @ _summed_grad(self.A, g, size).t()
             elif self.sequence_parallel:
                 h = mp.gather_from_sequence_parallel_region(x @ _summed_grad(self.A, g, size).t(), group=g)
-            else:
-                h = (mp.copy_to_tensor_model_parallel_region(x, group=g) if size > 1 else x) @ self.A.t()
+            else:  # every rank computes the same h; its gradient is the sum of the ranks' parts
+                h = x @ self.A.t()
+                h = mp.copy_to_tensor_model_parallel_region(h, group=g) if size > 1 else h
             return (h @ self.B.t()) * self.scaling
         h = x @ self.A.t()
         if self.expert_comm:

@@ -104,7 +104,8 @@ class Adapter:
         return list(self.tensors)
 
     def info(self, name):
-        return self.tensors[name]  # a tensor has the .shape the loader asks for
+        t = self.tensors[name]
+        return hfio.TensorInfo(name, self.path / WEIGHTS, t.dtype, tuple(t.shape), t.numel() * t.element_size())
 
     def read(self, name, region=None):
         t = self.tensors[name]
