@@ -66,11 +66,18 @@ def read_meta(path) -> dict:
     return meta
 
 
-def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: str = "torch_dist"):
+def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: str = "torch_dist",
+               content: str = "full"):
     """Collective. torch_dist: megatron's distributed checkpoint; plain: the first rank holding each
-    distinct part writes its file. Rank 0 writes the metadata once every rank succeeded."""
+    distinct part writes its file. Rank 0 writes the metadata once every rank succeeded.
+    ``content`` (a model with a LoRA adapter, torch_dist only): "full" (weights and factors),
+    "adapter" (the factors alone, for ``load_adapter_mcore``) or "merged" (merged weights)."""
     if fmt not in FORMAT_NAMES:
         raise ValueError(f"checkpoint format {fmt!r}: choose {', '.join(FORMAT_NAMES)}")
+    if bridge.lora is None:
+        content = "full"
+    elif fmt != "torch_dist":
+        raise ValueError("a model with a LoRA adapter is saved in the torch_dist format (--ckpt-format torch_dist)")
     out_dir = Path(out_dir).absolute()
     state = bridge._state(models)
     meta = {
@@ -81,6 +88,8 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: st
         "hf_tensors": {n: [list(s), DTYPE_NAMES[d]] for n, (s, d) in bridge.hf_tensors.items()},
         "expert_storage": bridge.expert_storage,
     }
+    if content != "merged" and bridge.lora is not None:
+        meta.update(lora=bridge.lora.to_dict(), content=content)
 
     def finalize(stage: Path):
         (stage / META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
@@ -90,7 +99,7 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: st
     if fmt == "torch_dist":
         from . import dist_ckpt
 
-        return dist_ckpt.save(models, out_dir, overwrite, finalize_extra=finalize)
+        return dist_ckpt.save(models, out_dir, overwrite, finalize_extra=finalize, content=content)
     layout, rank, world = bridge.layout, rt.rank(), rt.world_size()
     with hfio.collective_output(out_dir, overwrite, finalize) as stage:
         if writes_file(layout, rank, world):
@@ -124,13 +133,51 @@ def bridge_from_mcore(path, layout: ParallelLayout | None = None, hf_dir=None) -
 
 
 def load_mcore(bridge: Bridge, models, path):
-    """Fill this rank's chunks from a Megatron checkpoint (either format)."""
+    """Fill this rank's chunks from a Megatron checkpoint (either format); one holding a LoRA
+    adapter with the weights puts the adapter on the model first."""
     from . import dist_ckpt
 
     path = Path(path)
-    if not (path / META_NAME).exists() or read_meta(path)["format"] == TORCH_DIST:
+    if not (path / META_NAME).exists():
+        return dist_ckpt.load(models, path)
+    meta = read_meta(path)
+    if meta.get("content") == "adapter":
+        raise hfio.CheckpointError(f"--load {path} holds a LoRA adapter only: pass the base model with --model "
+                                   f"(or --load) and this directory as --adapter-load")
+    if meta.get("lora"):
+        _apply_saved_lora(bridge, models, meta, path)
+    if meta["format"] == TORCH_DIST:
         return dist_ckpt.load(models, path)
     return load_plain(bridge, models, path)
+
+
+def _apply_saved_lora(bridge: Bridge, models, meta: dict, path: Path):
+    from .lora import AdapterError, LoraSpec
+
+    spec = LoraSpec.from_dict(meta["lora"])
+    if bridge.lora is None:
+        bridge.apply_lora(models, spec)
+    elif bridge.lora != spec:
+        raise AdapterError(f"{path}: adapter {spec} differs from the model's {bridge.lora}")
+
+
+def load_adapter_mcore(bridge: Bridge, models, path):
+    """Put the LoRA adapter of a Megatron checkpoint (adapter-only, or with weights: then only the
+    factors are read) on models whose base weights are already loaded."""
+    from . import dist_ckpt
+    from .lora import AdapterError
+
+    path = Path(path)
+    meta = read_meta(path)
+    if not meta.get("lora"):
+        raise AdapterError(f"--adapter-load {path}: this checkpoint holds no LoRA adapter")
+    mismatched = sorted(n for n, (s, _) in meta["hf_tensors"].items()
+                        if n in bridge.hf_tensors and tuple(s) != tuple(bridge.hf_tensors[n][0]))
+    if meta["hf_config"].get("model_type") != bridge.hf_config.get("model_type") or mismatched:
+        raise AdapterError(f"--adapter-load {path} was made for another base model "
+                           f"({meta['hf_config'].get('model_type')}, shapes differ: {mismatched[:3]})")
+    _apply_saved_lora(bridge, models, meta, path)
+    dist_ckpt.load(models, path, content="adapter")
 
 
 def load_plain(bridge: Bridge, models, path):

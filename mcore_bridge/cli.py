@@ -19,7 +19,7 @@ from pathlib import Path
 from .launch import needs_launch, under_torchrun
 
 KNOWN_ERRORS = ("LayoutError", "MappingError", "CheckpointError", "UnsupportedConfig", "ShapeMismatch",
-                "FileExistsError", "FileNotFoundError")
+                "FileExistsError", "FileNotFoundError", "AdapterError")
 
 
 def _bool(v) -> bool:
@@ -109,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
                     const=True, default=False,
                     help="after converting, run the HF model and the megatron model side by side and "
                          "fail if they disagree beyond the dtype's thresholds")
+    lo = ex.add_argument_group("LoRA adapters")
+    lo.add_argument("--adapters", default=None,
+                    help="a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) put on "
+                         "the model after its weights are loaded")
+    lo.add_argument("--adapter-load", "--adapter_load", default=None,
+                    help="a Megatron checkpoint holding a LoRA adapter (written with --to-mcore and "
+                         "--adapters), put on the model after its weights are loaded")
+    lo.add_argument("--merge-lora", "--merge_lora", type=_bool, nargs="?", const=True, default=False,
+                    help="with an adapter: write merged weights W + scale*B@A (computed in fp32 while "
+                         "exporting; the model's weights are not modified). Default false: --to-hf writes "
+                         "the adapter as a PEFT directory, --to-mcore an adapter-only Megatron checkpoint")
+    lo.add_argument("--peft-experts", "--peft_experts", choices=("parameters", "modules"), default="parameters",
+                    help="how a PEFT adapter stores routed experts: 'parameters' (stacked, PEFT "
+                         "target_parameters on transformers 5; default) or 'modules' (one module per "
+                         "expert, as transformers 4 built them)")
     ex.add_argument("--allow-pickle", "--allow_pickle", action="store_true",
                     help="accept an HF directory that holds only pickled weights (pytorch_model.bin or its "
                          "shards + pytorch_model.bin.index.json). Refused by default: unpickling can run "
@@ -147,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--moe-grouped-gemm", "--moe_grouped_gemm", type=_bool, nargs="?", const=True, default=False,
                      help="build MoE experts as megatron's grouped-GEMM module (bf16 only on megatron-core "
                           "0.16) instead of one MLP per expert")
+    ver.add_argument("--adapters", default=None,
+                     help="a PEFT adapter directory: verify megatron with it as LoRA against HF + PeftModel")
     ver.add_argument("--baseline", default=None, help="after the run, compare against this report set")
     _add_runtime_args(ver)
 
@@ -199,6 +216,9 @@ def cmd_export(args, argv) -> int:
 
     if args.to_mcore == args.to_hf:
         raise SystemExit("mcore-bridge export: choose exactly one of --to-mcore and --to-hf")
+    if args.adapters and args.adapter_load:
+        raise SystemExit("mcore-bridge export: --adapters (PEFT) and --adapter-load (Megatron) both name an "
+                         "adapter; pass one")
     save = Path(args.save)
     if save.exists() and any(save.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--save {save} exists and is not empty; pass --overwrite to replace it")
@@ -224,18 +244,32 @@ def cmd_export(args, argv) -> int:
         checkpoint.load_mcore(bridge, models, args.load)
     else:
         bridge.load_weights(models)
+    if args.adapters:
+        bridge.load_adapter(models, args.adapters)
+    elif args.adapter_load:
+        checkpoint.load_adapter_mcore(bridge, models, args.adapter_load)
+    lora = bridge.lora is not None
+    merge = lora and args.merge_lora
     if args.to_mcore:
-        checkpoint.save_mcore(bridge, models, save, overwrite=args.overwrite, fmt=args.ckpt_format)
+        content = "merged" if merge else ("adapter" if lora and (args.adapters or args.adapter_load) else "full")
+        checkpoint.save_mcore(bridge, models, save, overwrite=args.overwrite, fmt=args.ckpt_format, content=content)
+        what = f"Megatron{', ' + content if lora else ''}"
     else:
-        bridge.save_weights(models, save, overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size))
-    _say(f"wrote {save} ({'Megatron' if args.to_mcore else 'HF'}, layout {bridge.layout.short()})")
+        bridge.save_weights(models, save, overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size),
+                            merge_lora=merge, peft_format=lora and not merge, peft_experts=args.peft_experts)
+        what = "HF" + (", merged with the adapter" if merge else ", PEFT adapter" if lora else "")
+    _say(f"wrote {save} ({what}, layout {bridge.layout.short()})")
     if args.test_convert_precision:
-        return _check_precision(bridge, models, save if args.to_hf else bridge.source, dtype)
+        hf_dir = save if args.to_hf and (merge or not lora) else bridge.source
+        adapter = save if args.to_hf and lora and not merge else None
+        return _check_precision(bridge, models, hf_dir, dtype, adapter)
     return 0
 
 
-def _check_precision(bridge, models, hf_dir, dtype) -> int:
-    """Seed's --test_convert_precision: the converted megatron model against the HF model."""
+def _check_precision(bridge, models, hf_dir, dtype, adapter=None) -> int:
+    """Seed's --test_convert_precision: the converted megatron model against the HF model (with
+    the written PEFT ``adapter`` on it; a merged export is checked as written, against the
+    megatron model that still holds the adapter unmerged)."""
     import torch
 
     from verify.run import exit_code, summary_line, verify_loaded
@@ -243,7 +277,7 @@ def _check_precision(bridge, models, hf_dir, dtype) -> int:
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
     if name is None:
         raise ValueError("--test-convert-precision supports --dtype fp32 or bf16")
-    report = verify_loaded(bridge, models, Path(hf_dir), dtype=name, name=Path(hf_dir).name)
+    report = verify_loaded(bridge, models, Path(hf_dir), dtype=name, name=Path(hf_dir).name, adapter=adapter)
     if report is not None:
         print(summary_line(report), flush=True)
         for failure in report["failures"]:
@@ -315,6 +349,8 @@ def cmd_verify(args, argv) -> int:
                     cmd += ["--control", args.control]
                 if args.moe_grouped_gemm:
                     cmd += ["--grouped-experts"]
+                if args.adapters:
+                    cmd += ["--adapters", str(Path(args.adapters).absolute())]
                 env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                            MCORE_BRIDGE_QUIET="1", PYTHONWARNINGS="ignore")
                 ran += 1

@@ -23,10 +23,13 @@ classes, so neither can run code from the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import pickle
 from pathlib import Path
+
+import torch
 
 from . import io as hfio
 from .runtime import dist as rt
@@ -41,8 +44,20 @@ def model_key(chunk: int, chunks: int) -> str:
     return "model" if chunks == 1 else f"model{chunk}"
 
 
-def sharded_state(models) -> dict:
-    return {model_key(i, len(models)): m.sharded_state_dict() for i, m in enumerate(models)}
+# What of a model with a LoRA adapter a checkpoint holds: everything (base weights and factors),
+# the factors alone (an adapter checkpoint, loaded next to base weights), or merged weights.
+FULL, ADAPTER, MERGED = "full", "adapter", "merged"
+CONTENTS = (FULL, ADAPTER, MERGED)
+
+
+def sharded_state(models, content: str = FULL) -> dict:
+    from . import lora
+
+    if content not in CONTENTS:
+        raise ValueError(f"checkpoint content {content!r}: choose {', '.join(CONTENTS)}")
+    with lora.merged_checkpoint(models) if content == MERGED else contextlib.nullcontext():
+        state = {model_key(i, len(models)): m.sharded_state_dict() for i, m in enumerate(models)}
+    return lora.only_factors(state) if content == ADAPTER else state
 
 
 def is_torch_dist(path) -> bool:
@@ -107,7 +122,6 @@ def check_metadata(ckpt_dir: Path) -> None:
 
 
 def _check_torch_load_default() -> None:
-    import torch
 
     if torch.__version__ < hfio.MIN_TORCH_FOR_PICKLE:  # the same bar as for HF pickles
         raise RuntimeError(f"torch {torch.__version__}: dist_checkpointing would unpickle common.pt without "
@@ -115,9 +129,10 @@ def _check_torch_load_default() -> None:
 
 
 # ---- save / load -----------------------------------------------------------------------------------
-def save(models, out_dir, overwrite: bool = False, finalize_extra=None):
+def save(models, out_dir, overwrite: bool = False, finalize_extra=None, content: str = FULL):
     """Collective: write ``models`` as a torch_dist release checkpoint (staged, renamed when every
-    rank succeeded; ``finalize_extra(stage)`` adds files on rank 0 before that)."""
+    rank succeeded; ``finalize_extra(stage)`` adds files on rank 0 before that). ``content``: see
+    ``CONTENTS`` (models with a LoRA adapter)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -134,19 +149,20 @@ def save(models, out_dir, overwrite: bool = False, finalize_extra=None):
             target.mkdir()
         if dist.is_initialized():
             dist.barrier()
-        state = sharded_state(models)
+        state = sharded_state(models, content)
         state.update(checkpoint_version=CHECKPOINT_VERSION, iteration=0)
         dist_checkpointing.save(state, str(target))
     return out_dir
 
 
-def load(models, path) -> None:
+def load(models, path, content: str = FULL) -> None:
     """Collective: fill ``models`` (any layout) from a torch_dist checkpoint. Every model tensor must
     be in the checkpoint and vice versa within the model entries; other entries (optimizer, RNG)
-    are not read."""
+    are not read. ``content=ADAPTER``: only the LoRA factors are read (and required)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    from . import lora
     from .plan import MappingError
 
     _check_torch_load_default()
@@ -158,17 +174,27 @@ def load(models, path) -> None:
         error = e
     if not rt.all_ok(error is None):
         raise error or RuntimeError("another rank rejected the checkpoint metadata")
-    state = sharded_state(models)
+    state = sharded_state(models, content)
     keys = [model_key(i, len(models)) for i in range(len(models))]
     try:
         loaded, missing, unexpected = dist_checkpointing.load(state, str(ckpt_dir),
                                                               strict=StrictHandling.RETURN_ALL)
         unexpected = sorted(k for k in unexpected if k.split(".", 1)[0] in keys)
+        if content == ADAPTER:  # a full checkpoint's weights are simply not read
+            unexpected = [k for k in unexpected if lora.is_lora_param(k)]
         if missing or unexpected:
             raise MappingError(f"{ckpt_dir}: the model's tensors and the checkpoint's differ: missing "
                                f"{sorted(missing)[:5]}, unexpected {unexpected[:5]} (built for another model?)")
         for i, m in enumerate(models):
-            m.load_state_dict(loaded[keys[i]], strict=True)
+            sd = m.state_dict(keep_vars=True)
+            if not any(".base_layer." in n for n in sd):  # no LoRA wrappers: megatron's own strict load
+                m.load_state_dict(loaded[keys[i]], strict=True)
+                continue
+            got = loaded[keys[i]]  # wrapped linears are saved under their unwrapped names
+            for name, t in sd.items():
+                plain = name.replace(".base_layer.", ".")
+                if isinstance(t, torch.Tensor) and plain in got and isinstance(got[plain], torch.Tensor):
+                    t.detach().copy_(got[plain])
     except Exception as e:
         error = e
     if not rt.all_ok(error is None):  # fail together: the export that follows is collective

@@ -32,13 +32,19 @@ SCHEMA = "mcore-bridge-verify/1"
 
 
 # ---- reference (transformers) ------------------------------------------------------------------
-def hf_reference(model_dir: Path, samples: list[Sample], dtype: torch.dtype, device: str) -> dict:
-    """Logits ``[S, V]`` and probes ``{name: [S, H]}`` per sample from the real HF model."""
+def hf_reference(model_dir: Path, samples: list[Sample], dtype: torch.dtype, device: str,
+                 adapter: Path | None = None) -> dict:
+    """Logits ``[S, V]`` and probes ``{name: [S, H]}`` per sample from the real HF model (with the
+    PEFT ``adapter`` on it, through PEFT itself)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).get_base_model().eval()  # LoRA layers inside
     out = {}
     with torch.no_grad():
         for s in samples:
@@ -50,27 +56,29 @@ def hf_reference(model_dir: Path, samples: list[Sample], dtype: torch.dtype, dev
     return out
 
 
-def _reference_key(model_dir: Path, samples, dtype: str) -> str:
+def _reference_key(model_dir: Path, samples, dtype: str, adapter: Path | None = None) -> str:
     h = hashlib.sha256()
-    h.update(str(Path(model_dir).resolve()).encode())
-    for f in sorted(Path(model_dir).iterdir()):
-        if f.suffix in (".json", ".safetensors"):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for d in [model_dir] + ([adapter] if adapter is not None else []):
+        h.update(str(Path(d).resolve()).encode())
+        for f in sorted(Path(d).iterdir()):
+            if f.suffix in (".json", ".safetensors"):
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     for s in samples:
         h.update(s.name.encode() + s.input_ids.numpy().tobytes())
     h.update(dtype.encode())
     return h.hexdigest()[:24]
 
 
-def reference(model_dir: Path, samples, dtype: str, device: str, cache_dir: Path | None = None) -> dict:
+def reference(model_dir: Path, samples, dtype: str, device: str, cache_dir: Path | None = None,
+              adapter: Path | None = None) -> dict:
     """``hf_reference`` memoised on disk (tensors only; loaded with ``weights_only=True``)."""
     if cache_dir is None:
-        return hf_reference(model_dir, samples, DTYPES[dtype], device)
-    path = Path(cache_dir) / f"ref-{_reference_key(model_dir, samples, dtype)}.pt"
+        return hf_reference(model_dir, samples, DTYPES[dtype], device, adapter)
+    path = Path(cache_dir) / f"ref-{_reference_key(model_dir, samples, dtype, adapter)}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
-    ref = hf_reference(model_dir, samples, DTYPES[dtype], device)
+    ref = hf_reference(model_dir, samples, DTYPES[dtype], device, adapter)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{rt.rank()}")
     torch.save(ref, tmp)
@@ -236,18 +244,22 @@ def model_name(source: str) -> str:
 
 def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device: str = "auto",
                control: str | None = None, reference_cache: Path | None = None,
-               lengths=None, grouped_experts: bool = False) -> dict | None:
+               lengths=None, grouped_experts: bool = False, adapter: str | None = None) -> dict | None:
     """Collective: convert ``source`` into ``layout`` and verify it. The report on rank 0.
-    ``grouped_experts``: MoE experts built as megatron's grouped-GEMM module (bf16 only in 0.16)."""
+    ``grouped_experts``: MoE experts built as megatron's grouped-GEMM module (bf16 only in 0.16).
+    ``adapter``: a PEFT directory put on both sides (megatron LoRA vs HF + PeftModel)."""
     t0 = time.time()
     bridge = Bridge(source, layout)
     controls.before_build(bridge, control)
     device = bridge.setup(device)
     models = bridge.build_model(DTYPES[dtype], grouped_experts=grouped_experts)
     bridge.load_weights(models)
+    if adapter:
+        bridge.load_adapter(models, adapter)
     controls.after_load(models, bridge, control)
     report = verify_loaded(bridge, models, bridge.source, dtype=dtype, name=model_name(source),
-                           reference_cache=reference_cache, lengths=lengths, load_s=time.time() - t0)
+                           reference_cache=reference_cache, lengths=lengths, load_s=time.time() - t0,
+                           adapter=Path(adapter) if adapter else None)
     if report is not None and control:
         report["control"] = control
     if report is not None and grouped_experts:  # another case than SequentialMLP experts
@@ -256,8 +268,10 @@ def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device:
 
 
 def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str,
-                  reference_cache: Path | None = None, lengths=None, load_s: float = 0.0) -> dict | None:
-    """Collective: compare loaded megatron ``models`` with the HF model in ``hf_dir``."""
+                  reference_cache: Path | None = None, lengths=None, load_s: float = 0.0,
+                  adapter: Path | None = None) -> dict | None:
+    """Collective: compare loaded megatron ``models`` with the HF model in ``hf_dir`` (plus the
+    PEFT ``adapter`` on it)."""
     t0 = time.time()
     vocab = int(bridge.hf_config["vocab_size"])
     samples = default_samples(vocab, hf_dir, **({"lengths": lengths} if lengths else {}))
@@ -267,13 +281,16 @@ def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str
         return None
     t1 = time.time()
     device = bridge.device
-    ref32 = reference(hf_dir, samples, "fp32", device, reference_cache)
-    calib = reference(hf_dir, samples, dtype, device, reference_cache) if dtype != "fp32" else None
+    ref32 = reference(hf_dir, samples, "fp32", device, reference_cache, adapter)
+    calib = reference(hf_dir, samples, dtype, device, reference_cache, adapter) if dtype != "fp32" else None
     timing = {"load_s": load_s, "megatron_forward_s": t_mg, "reference_s": time.time() - t1}
     report = build_report(bridge=bridge, layout=bridge.layout, dtype=dtype,
                           device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                           samples=samples, ref32=ref32, got=got, calib=calib, timing=timing, name=name)
     report["timing"]["total_s"] = load_s + time.time() - t0
+    if bridge.lora is not None:  # another case than the bare model: megatron LoRA vs the reference
+        report["adapter"] = {"reference": str(adapter) if adapter else f"{hf_dir} (merged)", **bridge.lora.to_dict()}
+        report["layout_id"] += "-lora"
     return report
 
 
@@ -298,10 +315,11 @@ def main(argv=None) -> int:
     ap.add_argument("--control", default=None)
     ap.add_argument("--grouped-experts", action="store_true",
                     help="MoE experts as megatron's grouped-GEMM module instead of SequentialMLP")
+    ap.add_argument("--adapters", default=None, help="PEFT adapter directory (megatron LoRA vs HF + PeftModel)")
     args = ap.parse_args(argv)
     report = run_layout(args.model, ParallelLayout(**json.loads(args.layout)), args.dtype, args.device,
                         args.control, Path(args.reference_cache) if args.reference_cache else None,
-                        grouped_experts=args.grouped_experts)
+                        grouped_experts=args.grouped_experts, adapter=args.adapters)
     if report is not None:
         if args.report:
             from .report import write_report

@@ -3,6 +3,7 @@ files (``peft_io``), and ``apply_lora`` which wraps a built model's targeted lin
 
 from __future__ import annotations
 
+import contextlib
 import re
 import zlib
 from collections.abc import Mapping
@@ -118,3 +119,27 @@ class MergedState(Mapping):
 
     def __len__(self):
         return len(self.state)
+
+
+@contextlib.contextmanager
+def merged_checkpoint(models):
+    """Within it, the chunks' ``sharded_state_dict`` holds merged weights and no LoRA factors."""
+    modules = [m for chunk in models for m in chunk.modules() if isinstance(m, LoraLinear)]
+    for m in modules:
+        m.merged_checkpoint = True
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.merged_checkpoint = False
+
+
+def only_factors(state: dict) -> dict:
+    """A (nested) sharded state dict reduced to the LoRA factors."""
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out[k] = only_factors(v)
+        elif is_lora_param(k):
+            out[k] = v
+    return out

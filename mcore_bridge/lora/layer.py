@@ -104,6 +104,8 @@ class LoraLinear(nn.Module):
         else:
             self.block_mask = None
 
+    merged_checkpoint = False  # set by ``lora.merged_checkpoint``: sharded_state_dict saves W + delta
+
     def __getattr__(self, name):  # megatron code reads attributes of the linear it built
         try:
             return super().__getattr__(name)
@@ -158,6 +160,11 @@ class LoraLinear(nn.Module):
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
         out = self.base_layer.sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.merged_checkpoint:  # the base weight with the adapter merged in, and no factors
+            with torch.no_grad():  # (a gated fc1's swiglu factory is applied by the MLP, after this)
+                out[prefix + "weight"].data = (self.base_layer.weight.float() + self.delta()).to(
+                    self.base_layer.weight.dtype)
+            return out
         for name, factor, axis in (("lora_A", self.lora_A, 1 if self.kind == "row" else None),
                                    ("lora_B", self.lora_B, 0 if self.kind == "column" else None)):
             key = f"{name}.{ADAPTER}.weight"
