@@ -306,3 +306,45 @@ def test_vocab_smaller_than_checkpoint():
 def test_vocab_hidden_mismatch():
     with pytest.raises(ShapeMismatch, match="hidden size"):
         VOCAB.slices([(100, 4)], (128, 8), 1, 0)
+
+
+# -- LoRA factors of fused modules ------------------------------------------------------------
+def _lora_b(shapes, r=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, r, generator=g) for s in shapes]
+
+
+@pytest.mark.parametrize("inner,shapes", [(QKV(8, 4, 2), [16, 8, 8]), (GATED_MLP, [12, 12])], ids=["qkv", "gate_up"])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_block_structured_lora_b_round_trips_and_rows_follow_the_weight(inner, shapes, tp):
+    from mcore_bridge.transforms import Blocks
+
+    n, r = len(shapes), 3
+    parts = _lora_b(shapes, r)
+    t = Blocks(inner, n)
+    hf = [tuple(p.shape) for p in parts]
+    local = t.local_shape(hf, tp)
+    shards = [t.split(parts, local, tp, k) for k in range(tp)]
+    assert all(tuple(s.shape) == tuple(local) and local[1] == n * r for s in shards)
+    back = t.to_hf(shards, hf)
+    assert all(torch.equal(a, b) for a, b in zip(back, parts))
+    # each local row carries only its own projection's block, in the weight's row order
+    weight_rows = inner.split([torch.full((s, 1), float(i)) for i, s in enumerate(shapes)], (local[0], 1), tp, 0)
+    for row, owner in zip(shards[0], weight_rows[:, 0].long()):
+        assert not torch.cat([row[: owner * r], row[(owner + 1) * r:]]).any()
+    shards[0][0, (int(weight_rows[0, 0]) + 1) % n * r] = 1.0  # an off-block entry: not representable
+    with pytest.raises(ShapeMismatch, match="outside its block"):
+        t.to_hf(shards, hf)
+
+
+def test_shared_and_stacked_lora_a():
+    from mcore_bridge.transforms import Shared, Stacked
+
+    a = torch.randn(4, 6)
+    assert torch.equal(Shared(3).split([a, a, a], (4, 6), 2, 1), a)
+    with pytest.raises(ShapeMismatch, match="differ"):
+        Shared(3).split([a, a, a + 1], (4, 6), 2, 1)
+    parts = [torch.randn(4, 6) for _ in range(2)]
+    stacked = Stacked(2).split(parts, (8, 6), 2, 0)
+    assert tuple(stacked.shape) == (8, 6)
+    assert all(torch.equal(x, y) for x, y in zip(Stacked(2).to_hf([stacked], [(4, 6), (4, 6)]), parts))
