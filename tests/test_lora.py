@@ -255,3 +255,24 @@ def test_lora_on_grouped_experts_is_refused(pools, zoo_model):
     results = pools.get(2).run(lora_cases.lora_error, timeout=120, source=str(zoo_model("qwen3_moe")),
                                layout=L(ep=2).to_dict(), spec=SPEC, grouped=True)
     assert all(e is not None and "grouped_experts" in e for e in results), results
+
+
+@pytest.mark.world(2)
+def test_per_expert_modules_format_runs_in_peft_and_reads_back(pools, zoo_model, tmp_path):
+    """``peft_experts="modules"``: one module per expert (transformers-4 adapters); PEFT 0.21
+    converts it for qwen3_moe on load, and the bridge reads it back byte-exact."""
+    src = zoo_model("qwen3_moe")
+    results = pools.get(2).run(lora_cases.lora_export, timeout=300, source=str(src), layout=L(ep=2).to_dict(),
+                               out_dir=str(tmp_path), spec=SPEC, peft_experts="modules")
+    got = _the(results)
+    stored = HFCheckpoint(tmp_path / "adapter", config={})
+    assert any(".mlp.experts.7.down_proj.lora_B.weight" in n for n in stored.names())
+    assert "target_parameters" not in json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    pm = _peft(src, tmp_path / "adapter")[0]
+    with torch.no_grad():
+        assert (pm(input_ids=lora_cases.input_ids(got.shape[-1])).logits - got).abs().max() < 2e-5
+    again = tmp_path / "again"
+    pools.get(2).run(lora_cases.lora_import, timeout=300, source=str(src), layout=L(ep=2).to_dict(),
+                     adapter=str(tmp_path / "adapter"), out_dir=str(again))
+    back = HFCheckpoint(again, config={})  # written in the default (stacked parameters) form
+    assert any(n.endswith("mlp.experts.base_layer.lora_A.weight") for n in back.names())

@@ -96,8 +96,9 @@ def _kinds(family: Family, targets, hf_of: dict[str, set[str]]) -> set[str]:
         owners = [k for k, names in hf_of.items() if t in names]
         if not owners:
             if t in ("router", "gate", "mlp.gate"):
-                raise AdapterError(f"target {t!r}: LoRA on the MoE router is not supported (transformers' "
-                                   f"routers are not Linear modules, so a PEFT adapter cannot hold it)")
+                raise AdapterError(f"target {t!r}: LoRA on the MoE router is not supported yet (megatron's "
+                                   f"router is not a parallel linear the LoRA layer wraps); leave it out, or "
+                                   f"merge such an adapter with PEFT before converting")
             if t in ("lm_head", "embed_tokens", "output_layer", "word_embeddings"):
                 raise AdapterError(f"target {t!r}: LoRA on embeddings / the output layer is not supported; "
                                    f"use all-linear or the layers' linear modules")
