@@ -279,22 +279,67 @@ class Bridge:
 
     def export_weights(self, models, dtype: torch.dtype | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                        all_ranks: bool = True, expert_storage: str | None = "source", merge_lora: bool = True,
-                       peft_format: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                       peft_format: bool = False, receivers=None, device=None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(hf_name, tensor)`` with the checkpoint's names, shapes and (unless ``dtype``)
-        dtypes. ``all_ranks``: every rank gets every tensor; else each pipeline stage yields its own.
-        ``expert_storage``: see ``_stacking`` (stacking needs ``all_ranks`` or ep=1).
+        dtypes -- what vLLM's ``model.load_weights`` takes. ``receivers`` (see ``sync``): "all"
+        ranks, one rank per "node", one global "rank" (0, or an int) or a list of ranks; the
+        others yield nothing. Without it, ``all_ranks=False`` makes each pipeline stage yield its
+        own tensors. ``device``: move tensors there (e.g. "cpu"); default: the model's device.
+        ``expert_storage``: see ``_stacking`` (stacking needs every expert on the receiver).
         With a LoRA adapter: ``peft_format`` yields only the adapter's factors under HF module
         names (``...q_proj.lora_A.weight``); otherwise the weights, merged with the adapter in fp32
         unless ``merge_lora=False``. Collective: all ranks must iterate it to the end."""
-        exporter, g = self._exporter(models, dtype, lora=peft_format, merge=merge_lora and not peft_format)
-        buckets = make_buckets(exporter.units, bucket_bytes)
+        exporter, recv, buckets = self._sync_plan(models, dtype, bucket_bytes, all_ranks, merge_lora, peft_format,
+                                                  receivers)
         stacking = None if peft_format else self._stacking(expert_storage)
-        if stacking and not all_ranks and self.layout.ep > 1:
+        if stacking and recv is None and self.layout.ep > 1:
             raise ValueError("stacked experts need every expert on the receiving rank: use all_ranks=True "
                              "or expert_storage='per_expert' with ep > 1")
         with torch.no_grad():
-            stream = exporter.iterate(buckets, all_ranks)
+            stream = (nt for _, ts, _ in self._bucket_stream(exporter, buckets, recv) if ts for nt in ts)
+            if device is not None:
+                stream = ((n, t.to(device)) for n, t in stream)
             yield from stacked.restack(stream, *stacking) if stacking else stream
+
+    def export_buckets(self, models, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None,
+                       receivers="all", device=None, merge_lora: bool = True, peft_format: bool = False):
+        """Yield ``sync.Bucket`` (a flat uint8 buffer + names/shapes/dtypes/offsets) on the
+        receiving ranks, for transport to an engine process (CUDA IPC, NCCL broadcast); there
+        ``sync.unpack_bucket`` restores ``(name, tensor)``. Experts stay one tensor per expert.
+        At most one bucket is in flight per rank. Collective: every rank iterates to the end."""
+        from . import sync
+
+        exporter, recv, buckets = self._sync_plan(models, dtype, bucket_bytes, True, merge_lora, peft_format,
+                                                  receivers)
+        with torch.no_grad():
+            yield from sync.buckets_from(self._bucket_stream(exporter, buckets, recv), device)
+
+    def _sync_plan(self, models, dtype, bucket_bytes, all_ranks, merge_lora, peft_format, receivers):
+        from . import sync
+
+        exporter, _ = self._exporter(models, dtype, lora=peft_format, merge=merge_lora and not peft_format)
+        recv = sync.resolve_receivers(receivers, rt.world_size()) if receivers is not None else (
+            "all" if all_ranks else None)
+        return exporter, recv, make_buckets(exporter.units, bucket_bytes)
+
+    def _bucket_stream(self, exporter, buckets, recv):
+        world = rt.world_size()
+        if isinstance(recv, list) and world == 1:
+            recv = "all"
+
+        def owner_rank(owner):
+            stage, ep_owner = owner
+            if ep_owner is None:
+                return self.layout.stage_rank(world, stage)
+            return self.layout.expert_rank(world, stage, ep=ep_owner)
+
+        leaders = None
+        if isinstance(recv, list) and len(recv) > 1:
+            groups = self.__dict__.setdefault("_leader_groups", {})
+            if tuple(recv) not in groups:  # collective: every rank creates it, once per set
+                groups[tuple(recv)] = dist.new_group(recv)
+            leaders = groups[tuple(recv)]
+        return exporter.iterate_buckets(buckets, recv, owner_rank=owner_rank, leaders=leaders)
 
     def save_weights(self, models, out_dir, *, dtype: torch.dtype | None = None, overwrite: bool = False,
                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, bucket_bytes: int = DEFAULT_BUCKET_BYTES,

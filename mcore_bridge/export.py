@@ -164,35 +164,73 @@ class Exporter:
 
     def broadcast(self, bucket: list[ExportUnit], tensors, group, src: int):
         """Deliver a bucket's HF tensors from the rank holding them (global rank ``src``) to the
-        rest of ``group``."""
-        specs = [(s, d) for u in bucket for s, d in zip(u.hf_shapes, u.out_dtypes)]
-        names = [n for u in bucket for n in u.unit.hf_names]
-        if tensors is not None:
-            buf = pack([t for _, t in tensors], self.device)
-        else:
-            buf = torch.empty(sum(_padded(nbytes(s, d)) for s, d in specs), dtype=torch.uint8,
-                              device=self.device)
+        rest of ``group``: ``(named tensors, packed buffer)``."""
+        buf = pack([t for _, t in tensors], self.device) if tensors is not None else self._empty(bucket)
         dist.broadcast(buf, src=src, group=group)
-        return list(zip(names, unpack(buf, specs)))
+        return self._named(bucket, buf), buf
 
     def iterate(self, buckets, all_stages: bool, writer: dict | None = None
                 ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(hf_name, tensor)``. ``all_stages``: every rank receives every tensor (EP and
         PP broadcasts); otherwise each owner yields only its own tensors, and with ``writer``
         (unit index -> rank in the splitting group) only to that rank of the first replica."""
-        g = self.g
-        for bucket in buckets:
-            stage, ep_owner = owner = bucket[0].unit.owner
-            dst = writer[bucket[0].index] if writer else None
-            tensors = None
-            if g.holds(owner) and (writer is None or g.first_replica(owner)):
-                tensors = self.gather(bucket, dst)
-            if all_stages and ep_owner is not None and g.ep > 1 and stage == g.pp_rank:
-                tensors = self.broadcast(bucket, tensors, g.ep_group, g.ep_ranks[ep_owner])
-            if all_stages and len(g.pp_ranks) > 1:
-                tensors = self.broadcast(bucket, tensors, g.pp_group, g.pp_ranks[stage])
+        for _, tensors, _ in self.iterate_buckets(buckets, "all" if all_stages else None, writer):
             if tensors is not None:
                 yield from tensors
+
+    def iterate_buckets(self, buckets, receivers, writer: dict | None = None, owner_rank=None, leaders=None):
+        """Per bucket ``(bucket, [(hf_name, tensor)] or None, packed buffer or None)``; the buffer
+        (the tensors packed as ``pack`` lays them out) when the last hop delivered one.
+
+        ``receivers``: "all" (EP and PP broadcasts reach every rank), None (each owner keeps its
+        own, see ``iterate``), or a sorted list of global ranks: the owner's first replica gathers
+        onto its TP rank 0 (global rank ``owner_rank(owner)``), sends the packed bucket to the
+        first receiver, which broadcasts it over ``leaders`` (a group of all receivers) if several."""
+        g = self.g
+        me = dist.get_rank() if dist.is_initialized() else 0
+        for bucket in buckets:
+            stage, ep_owner = owner = bucket[0].unit.owner
+            tensors, buf = None, None
+            if isinstance(receivers, list):
+                dst = 0
+            else:
+                dst = writer[bucket[0].index] if writer else None
+            if g.holds(owner) and (dst is None or g.first_replica(owner)):
+                tensors = self.gather(bucket, dst) or None  # [] on the splitting group's other ranks
+            if receivers == "all":
+                if ep_owner is not None and g.ep > 1 and stage == g.pp_rank:
+                    tensors, buf = self.broadcast(bucket, tensors, g.ep_group, g.ep_ranks[ep_owner])
+                if len(g.pp_ranks) > 1:
+                    tensors, buf = self.broadcast(bucket, tensors, g.pp_group, g.pp_ranks[stage])
+            elif isinstance(receivers, list):
+                src, first = owner_rank(owner), receivers[0]
+                if src != first and me in (src, first):
+                    tensors, buf = self.send(bucket, tensors, src, first)
+                if len(receivers) > 1 and me in receivers:
+                    tensors, buf = self.broadcast(bucket, tensors, leaders, first)
+                if me not in receivers:
+                    tensors, buf = None, None
+            yield bucket, tensors, buf
+
+    def send(self, bucket: list[ExportUnit], tensors, src: int, dst: int):
+        """Point to point: the bucket's HF tensors from global rank ``src`` to ``dst``."""
+        if tensors is not None:
+            buf = pack([t for _, t in tensors], self.device)
+            dist.send(buf, dst)
+            return None, None
+        buf = self._empty(bucket)
+        dist.recv(buf, src)
+        return self._named(bucket, buf), buf
+
+    def _specs(self, bucket):
+        return [(s, d) for u in bucket for s, d in zip(u.hf_shapes, u.out_dtypes)]
+
+    def _empty(self, bucket) -> torch.Tensor:
+        return torch.empty(sum(_padded(nbytes(s, d)) for s, d in self._specs(bucket)), dtype=torch.uint8,
+                           device=self.device)
+
+    def _named(self, bucket, buf):
+        return list(zip([n for u in bucket for n in u.unit.hf_names], unpack(buf, self._specs(bucket))))
 
 
 def balanced_writers(units: list[ExportUnit], groups: Groups) -> dict[int, int]:
