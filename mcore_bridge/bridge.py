@@ -296,9 +296,12 @@ class Bridge:
             raise ValueError("stacked experts need every expert on the receiving rank: use all_ranks=True "
                              "or expert_storage='per_expert' with ep > 1")
         with torch.no_grad():
-            stream = (nt for _, ts, _ in self._bucket_stream(exporter, buckets, recv) if ts for nt in ts)
+            stream = self._bucket_stream(exporter, buckets, recv)
             if device is not None:
-                stream = ((n, t.to(device)) for n, t in stream)
+                from . import sync
+
+                stream = sync.to_device(stream, device)
+            stream = (nt for _, ts, _ in stream if ts for nt in ts)
             yield from stacked.restack(stream, *stacking) if stacking else stream
 
     def export_buckets(self, models, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None,
@@ -312,7 +315,8 @@ class Bridge:
         exporter, recv, buckets = self._sync_plan(models, dtype, bucket_bytes, True, merge_lora, peft_format,
                                                   receivers)
         with torch.no_grad():
-            yield from sync.buckets_from(self._bucket_stream(exporter, buckets, recv), device)
+            stream = self._bucket_stream(exporter, buckets, recv)
+            yield from sync.buckets_from(sync.to_device(stream, device) if device is not None else stream)
 
     def _sync_plan(self, models, dtype, bucket_bytes, all_ranks, merge_lora, peft_format, receivers):
         from . import sync

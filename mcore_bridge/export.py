@@ -65,13 +65,19 @@ def make_buckets(units: list[ExportUnit], bucket_bytes: int, writer=None) -> lis
 
 
 def pack(tensors: list[torch.Tensor], device) -> torch.Tensor:
-    total = sum(_padded(t.numel() * t.element_size()) for t in tensors)
-    buf = torch.empty(total, dtype=torch.uint8, device=device)
-    off = 0
+    """One flat uint8 buffer holding ``tensors`` back to back, each padded to ``ALIGN`` bytes --
+    written by a single concatenation (one kernel for the bucket, not one copy per tensor)."""
+    pieces, total = [], 0
     for t in tensors:
         n = t.numel() * t.element_size()
-        buf[off:off + n].copy_(t.contiguous().reshape(-1).view(torch.uint8))
-        off += _padded(n)
+        pieces.append(t.contiguous().reshape(-1).view(torch.uint8))
+        pad = _padded(n) - n
+        if pad:
+            pieces.append(torch.zeros(pad, dtype=torch.uint8, device=t.device))
+        total += n + pad
+    buf = torch.empty(total, dtype=torch.uint8, device=device)
+    if pieces:
+        torch.cat([p.to(device) for p in pieces], out=buf)
     return buf
 
 
@@ -133,27 +139,42 @@ class Exporter:
         """On the owning ranks: full HF tensors of a bucket, one collective for all split units.
         ``dst`` (a rank of the splitting group): only it receives and rebuilds them; the others
         return []."""
+        return self._finish(self._start(bucket, dst))
+
+    def _start(self, bucket, dst):
+        """Pack this rank's shards of the bucket's split units and start their collective
+        (asynchronous: the next bucket's transfer overlaps the current one's reassembly)."""
         group, size, rank = self.g.split(bucket[0].unit.rule)
         split = [u for u in bucket if u.unit.rule.transform.tp_split and size > 1]
-        shards: dict[int, list[torch.Tensor]] = {}
         receiving = dst is None or dst == rank
+        state = {"bucket": bucket, "split": split, "receiving": receiving, "work": None}
         if split:
             local = [self._local(u) for u in split]
             buf = pack(local, self.device)
-            bufs = [torch.empty_like(buf) for _ in range(size)] if receiving else None
+            state["specs"] = [(tuple(t.shape), t.dtype) for t in local]
             if dst is None:
-                dist.all_gather(bufs, buf, group=group)
+                out = torch.empty(size * buf.numel(), dtype=torch.uint8, device=buf.device)
+                state["work"] = dist.all_gather_into_tensor(out, buf, group=group, async_op=True)
+                state["bufs"] = list(out.chunk(size))
             else:
-                dist.gather(buf, bufs, group=group, group_dst=dst)
-        if not receiving:
+                bufs = [torch.empty_like(buf) for _ in range(size)] if receiving else None
+                state["work"] = dist.gather(buf, bufs, group=group, group_dst=dst, async_op=True)
+                state["bufs"] = bufs
+            state["keep"] = buf  # alive until the collective completes
+        return state
+
+    def _finish(self, state) -> list[tuple[str, torch.Tensor]]:
+        if state["work"] is not None:
+            state["work"].wait()
+        if not state["receiving"]:
             return []
-        if split:
-            specs = [(tuple(t.shape), t.dtype) for t in local]
-            per_rank = [unpack(b, specs) for b in bufs]
-            for i, u in enumerate(split):
+        shards: dict[int, list[torch.Tensor]] = {}
+        if state["split"]:
+            per_rank = [unpack(b, state["specs"]) for b in state["bufs"]]
+            for i, u in enumerate(state["split"]):
                 shards[u.index] = [r[i] for r in per_rank]
         out = []
-        for u in bucket:
+        for u in state["bucket"]:
             parts = shards.get(u.index) or [self._local(u)]
             hf = u.unit.rule.transform.to_hf(parts, u.hf_shapes)
             for name, t, shape, dtype in zip(u.unit.hf_names, hf, u.hf_shapes, u.out_dtypes):
@@ -188,15 +209,20 @@ class Exporter:
         first receiver, which broadcasts it over ``leaders`` (a group of all receivers) if several."""
         g = self.g
         me = dist.get_rank() if dist.is_initialized() else 0
-        for bucket in buckets:
+
+        def start(i):  # the owner's gather of bucket i, or None on ranks not taking part
+            bucket = buckets[i]
+            dst = 0 if isinstance(receivers, list) else (writer[bucket[0].index] if writer else None)
+            if g.holds(bucket[0].unit.owner) and (dst is None or g.first_replica(bucket[0].unit.owner)):
+                return self._start(bucket, dst)
+            return None
+
+        pending = start(0) if buckets else None
+        for i, bucket in enumerate(buckets):
             stage, ep_owner = owner = bucket[0].unit.owner
-            tensors, buf = None, None
-            if isinstance(receivers, list):
-                dst = 0
-            else:
-                dst = writer[bucket[0].index] if writer else None
-            if g.holds(owner) and (dst is None or g.first_replica(owner)):
-                tensors = self.gather(bucket, dst) or None  # [] on the splitting group's other ranks
+            current, pending = pending, (start(i + 1) if i + 1 < len(buckets) else None)  # two in flight
+            tensors = (self._finish(current) or None) if current is not None else None  # [] off the dst
+            buf = None
             if receivers == "all":
                 if ep_owner is not None and g.ep > 1 and stage == g.pp_rank:
                     tensors, buf = self.broadcast(bucket, tensors, g.ep_group, g.ep_ranks[ep_owner])

@@ -97,9 +97,32 @@ def resolve_receivers(receivers, world: int) -> str | list[int]:
     raise ValueError(f"receivers={receivers!r}: choose 'all', 'node', 'rank', a global rank or a list of ranks")
 
 
-def buckets_from(stream, device) -> Iterator[Bucket]:
-    """``Exporter.iterate_buckets`` output -> ``Bucket`` objects on ``device`` (re-packed only when
-    the last hop did not already deliver the bucket packed)."""
+def to_device(stream, device):
+    """Move each bucket of an ``Exporter.iterate_buckets`` stream to ``device`` as one packed copy
+    (host memory: pinned, from torch's caching host allocator), tensors re-pointed into it."""
+    from .export import pack
+
+    device = torch.device(device)
+    for bucket, tensors, buf in stream:
+        if tensors is None:
+            yield bucket, tensors, buf
+            continue
+        meta = meta_of(tensors)
+        if buf is None or buf.numel() != meta.nbytes:
+            buf = pack([t for _, t in tensors], tensors[0][1].device)
+        if buf.device != device:
+            pinned = device.type == "cpu" and buf.is_cuda
+            moved = torch.empty(buf.numel(), dtype=torch.uint8, device=device, pin_memory=pinned)
+            moved.copy_(buf, non_blocking=pinned)
+            if pinned:
+                torch.cuda.current_stream(buf.device).synchronize()
+            buf = moved
+        yield bucket, unpack_bucket(buf, meta), buf
+
+
+def buckets_from(stream) -> Iterator[Bucket]:
+    """``Exporter.iterate_buckets`` output -> ``Bucket`` objects (re-packed only when the last hop
+    did not already deliver the bucket packed)."""
     from .export import pack
 
     for _, tensors, buf in stream:
@@ -108,6 +131,4 @@ def buckets_from(stream, device) -> Iterator[Bucket]:
         meta = meta_of(tensors)
         if buf is None or buf.numel() != meta.nbytes:
             buf = pack([t for _, t in tensors], tensors[0][1].device)
-        if device is not None:
-            buf = buf.to(device)
         yield Bucket(buf, meta)

@@ -109,7 +109,7 @@ class Split(Transform):
         return pieces[0]
 
     def to_hf(self, shards, hf):
-        return [torch.cat(shards, dim=self.dim)]
+        return [torch.cat(shards, dim=self.dim) if len(shards) > 1 else shards[0]]
 
     def __repr__(self):
         return "Column" if self.dim == 0 else "Row"
@@ -153,7 +153,7 @@ class Vocab(Transform):
         out[n:].zero_()
 
     def to_hf(self, shards, hf):
-        return [torch.cat(shards, dim=0)[: hf[0][0]]]
+        return [(torch.cat(shards, dim=0) if len(shards) > 1 else shards[0])[: hf[0][0]]]
 
 
 VOCAB = Vocab()
@@ -212,7 +212,7 @@ class QKV(Transform):
             grouped[:, rows].copy_(piece.reshape(g, rows.stop - rows.start, *piece.shape[1:]))
 
     def to_hf(self, shards, hf):
-        full = torch.cat(shards, dim=0)
+        full = torch.cat(shards, dim=0) if len(shards) > 1 else shards[0]
         d, rest = self.head_dim, tuple(full.shape[1:])
         grouped = full.reshape(self.groups, (self.q_per_group + 2) * d, *rest)
         q, k, v = torch.split(grouped, [self.q_per_group * d, d, d], dim=1)
@@ -245,6 +245,8 @@ class GatedMLP(Transform):
 
     def to_hf(self, shards, hf):
         halves = [torch.chunk(s, 2, dim=0) for s in shards]
+        if len(halves) == 1:  # views, no copy
+            return list(halves[0])
         return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
 
 

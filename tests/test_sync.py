@@ -21,6 +21,7 @@ CASES = [
     ("qwen3", 2, L(pp=2, vpp=2), 1, {}),
     ("llama", 4, L(tp=2, pp=2), "node", {"local_world_size": 2}),  # two "nodes" of two ranks
     ("qwen3", 2, L(tp=2, sp=True), "all", {"buckets": True, "bucket_bytes": 1 << 16}),
+    ("qwen3", 2, L(tp=2), "all", {"device": "cpu"}),
     ("qwen3", 4, L(tp=2, pp=2), "rank", {"buckets": True}),
     ("qwen3", 4, L(tp=2, pp=2), "rank", {"lora": True}),
     ("qwen3_moe", 2, L(ep=2), "all", {"expert_storage": "out_in"}),
