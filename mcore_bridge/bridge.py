@@ -143,6 +143,7 @@ class Bridge:
 
     # -- LoRA --------------------------------------------------------------------------------
     def _set_lora(self, spec: "lora_.LoraSpec"):
+        self.__dict__.pop("_plans", None)  # the model's modules change: plan anew
         self.lora = spec
         self.adapter_family = lora_.AdapterFamily(self.family, spec)
         self.lora_units = inventory(self.adapter_family, self.layout)
@@ -319,12 +320,21 @@ class Bridge:
             yield from sync.buckets_from(sync.to_device(stream, device) if device is not None else stream)
 
     def _sync_plan(self, models, dtype, bucket_bytes, all_ranks, merge_lora, peft_format, receivers):
+        """(exporter, receivers, buckets), planned once per model and options: an RL loop syncing
+        every step pays for the plan only on its first step."""
         from . import sync
 
-        exporter, _ = self._exporter(models, dtype, lora=peft_format, merge=merge_lora and not peft_format)
         recv = sync.resolve_receivers(receivers, rt.world_size()) if receivers is not None else (
             "all" if all_ranks else None)
-        return exporter, recv, make_buckets(exporter.units, bucket_bytes)
+        merge = merge_lora and not peft_format
+        key = (tuple(id(m) for m in models), dtype, peft_format, merge, bucket_bytes)
+        plans = self.__dict__.setdefault("_plans", {})
+        if key not in plans:
+            exporter, _ = self._exporter(models, dtype, lora=peft_format, merge=merge)
+            plans.clear()  # one plan kept: models are rebuilt rarely, options change rarely
+            plans[key] = exporter, make_buckets(exporter.units, bucket_bytes)
+        exporter, buckets = plans[key]
+        return exporter, recv, buckets
 
     def _bucket_stream(self, exporter, buckets, recv):
         world = rt.world_size()

@@ -12,6 +12,7 @@ so mixed dtypes share a bucket.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Iterator, Optional
 
 import torch
@@ -30,7 +31,7 @@ class ExportUnit:
     out_dtypes: list[torch.dtype]
     local: Optional[LocalItem] = None  # set on ranks of the owning stage
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return sum(_padded(nbytes(s, d)) for s, d in zip(self.hf_shapes, self.out_dtypes))
 
@@ -40,7 +41,7 @@ def nbytes(shape, dtype) -> int:
     n = 1
     for d in shape:
         n *= d
-    return n * torch.empty((), dtype=dtype).element_size()
+    return n * dtype.itemsize
 
 
 def _padded(n: int) -> int:

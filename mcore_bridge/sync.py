@@ -61,7 +61,7 @@ def unpack_bucket(buffer: torch.Tensor, meta: BucketMeta | dict) -> list[tuple[s
     out = []
     for name, shape, dtype, off in zip(meta.names, meta.shapes, meta.dtypes, meta.offsets):
         dt = getattr(torch, dtype)
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
+        n = torch.Size(shape).numel() * dt.itemsize
         out.append((name, buffer[off:off + n].view(dt).view(shape)))
     return out
 
