@@ -32,6 +32,10 @@ class ExportUnit:
     local: Optional[LocalItem] = None  # set on ranks of the owning stage
 
     @functools.cached_property
+    def names(self) -> tuple[str, ...]:
+        return self.unit.hf_names
+
+    @functools.cached_property
     def nbytes(self) -> int:
         return sum(_padded(nbytes(s, d)) for s, d in zip(self.hf_shapes, self.out_dtypes))
 
@@ -71,14 +75,14 @@ def pack(tensors: list[torch.Tensor], device) -> torch.Tensor:
     pieces, total = [], 0
     for t in tensors:
         n = t.numel() * t.element_size()
-        pieces.append(t.contiguous().reshape(-1).view(torch.uint8))
+        pieces.append((t.view(-1) if t.is_contiguous() else t.reshape(-1)).view(torch.uint8))
         pad = _padded(n) - n
         if pad:
             pieces.append(torch.zeros(pad, dtype=torch.uint8, device=t.device))
         total += n + pad
     buf = torch.empty(total, dtype=torch.uint8, device=device)
     if pieces:
-        torch.cat([p.to(device) for p in pieces], out=buf)
+        torch.cat([p if p.device == buf.device else p.to(device) for p in pieces], out=buf)
     return buf
 
 
@@ -178,10 +182,10 @@ class Exporter:
         for u in state["bucket"]:
             parts = shards.get(u.index) or [self._local(u)]
             hf = u.unit.rule.transform.to_hf(parts, u.hf_shapes)
-            for name, t, shape, dtype in zip(u.unit.hf_names, hf, u.hf_shapes, u.out_dtypes):
-                if tuple(t.shape) != tuple(shape):
+            for name, t, shape, dtype in zip(u.names, hf, u.hf_shapes, u.out_dtypes):
+                if t.shape != shape:
                     raise RuntimeError(f"export of {name}: rebuilt shape {tuple(t.shape)} != {shape}")
-                out.append((name, t.to(dtype)))
+                out.append((name, t if t.dtype == dtype else t.to(dtype)))
         return out
 
     def broadcast(self, bucket: list[ExportUnit], tensors, group, src: int):
@@ -257,7 +261,7 @@ class Exporter:
                            device=self.device)
 
     def _named(self, bucket, buf):
-        return list(zip([n for u in bucket for n in u.unit.hf_names], unpack(buf, self._specs(bucket))))
+        return list(zip([n for u in bucket for n in u.names], unpack(buf, self._specs(bucket))))
 
 
 def balanced_writers(units: list[ExportUnit], groups: Groups) -> dict[int, int]:
