@@ -52,6 +52,10 @@ def _padded(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def _padded_total(bucket) -> int:
+    return sum(u.nbytes for u in bucket)
+
+
 def make_buckets(units: list[ExportUnit], bucket_bytes: int, writer=None) -> list[list[ExportUnit]]:
     """Consecutive units of one owner (and, when ``writer`` is given, one writer) up to the size."""
     def key(u):
@@ -214,19 +218,28 @@ class Exporter:
         first receiver, which broadcasts it over ``leaders`` (a group of all receivers) if several."""
         g = self.g
         me = dist.get_rank() if dist.is_initialized() else 0
+        steps = self._steps(buckets) if receivers == "all" else [[b] for b in buckets]
 
-        def start(i):  # the owner's gather of bucket i, or None on ranks not taking part
-            bucket = buckets[i]
+        def start(i):  # this rank's gather for step i, or None when it takes no part
+            step = steps[i]
+            if len(step) > 1:  # an EP round: each rank of the stage holds one of its buckets
+                mine = [b for b in step if g.holds(b[0].unit.owner)]
+                return self._start(mine[0], None) if mine else None
+            bucket = step[0]
             dst = 0 if isinstance(receivers, list) else (writer[bucket[0].index] if writer else None)
             if g.holds(bucket[0].unit.owner) and (dst is None or g.first_replica(bucket[0].unit.owner)):
                 return self._start(bucket, dst)
             return None
 
-        pending = start(0) if buckets else None
-        for i, bucket in enumerate(buckets):
-            stage, ep_owner = owner = bucket[0].unit.owner
-            current, pending = pending, (start(i + 1) if i + 1 < len(buckets) else None)  # two in flight
+        pending = start(0) if steps else None
+        for i, step in enumerate(steps):
+            current, pending = pending, (start(i + 1) if i + 1 < len(steps) else None)  # two in flight
             tensors = (self._finish(current) or None) if current is not None else None  # [] off the dst
+            if len(step) > 1:
+                yield from self._round(step, tensors)
+                continue
+            bucket = step[0]
+            stage, ep_owner = owner = bucket[0].unit.owner
             buf = None
             if receivers == "all":
                 if ep_owner is not None and g.ep > 1 and stage == g.pp_rank:
@@ -242,6 +255,47 @@ class Exporter:
                 if me not in receivers:
                     tensors, buf = None, None
             yield bucket, tensors, buf
+
+    def _steps(self, buckets) -> list[list]:
+        """Buckets grouped into the steps of an every-rank export. Expert buckets of one layer come
+        as one run per expert-parallel rank, mirror images of each other (same units, same bytes):
+        their k-th buckets form a round, exchanged by a single all-gather over the EP group, every
+        link busy both ways, instead of one broadcast per owner."""
+        g, steps, i = self.g, [], 0
+        while i < len(buckets):
+            stage, ep_owner = buckets[i][0].unit.owner
+            if ep_owner is None or g.ep == 1:
+                steps.append([buckets[i]])
+                i += 1
+                continue
+            layer, j = buckets[i][0].unit.layer, i
+            while (j < len(buckets) and buckets[j][0].unit.owner[1] is not None
+                   and buckets[j][0].unit.owner[0] == stage and buckets[j][0].unit.layer == layer):
+                j += 1
+            per = [[b for b in buckets[i:j] if b[0].unit.owner[1] == r] for r in range(g.ep)]
+            mirrored = all(len(p) == len(per[0]) for p in per) and all(
+                [u.nbytes for u in p[k]] == [u.nbytes for u in per[0][k]] for p in per for k in range(len(p)))
+            steps += [list(r) for r in zip(*per)] if mirrored else [[b] for b in buckets[i:j]]
+            i = j
+        return steps
+
+    def _round(self, step, tensors):
+        """One EP round: this rank's bucket (``tensors``, on the owning stage) all-gathered over the
+        EP group, then the whole round broadcast over the pipeline group."""
+        g = self.g
+        stage = step[0][0].unit.owner[0]
+        size = _padded_total(step[0])
+        out = None
+        if stage == g.pp_rank:
+            out = torch.empty(size * len(step), dtype=torch.uint8, device=self.device)
+            dist.all_gather_into_tensor(out, pack([t for _, t in tensors], self.device), group=g.ep_group)
+        if len(g.pp_ranks) > 1:
+            if out is None:
+                out = torch.empty(size * len(step), dtype=torch.uint8, device=self.device)
+            dist.broadcast(out, src=g.pp_ranks[stage], group=g.pp_group)
+        for k, bucket in enumerate(step):
+            chunk = out[k * size:(k + 1) * size]
+            yield bucket, self._named(bucket, chunk), chunk
 
     def send(self, bucket: list[ExportUnit], tensors, src: int, dst: int):
         """Point to point: the bucket's HF tensors from global rank ``src`` to ``dst``."""
