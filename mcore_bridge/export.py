@@ -19,6 +19,10 @@ import torch
 import torch.distributed as dist
 
 from .plan import LocalItem, Unit
+from .transforms import GatedMLP, Replicated, Split
+
+# transforms whose HF tensors, from a single shard, are the parameter's bytes in order
+AS_STORED = (Replicated, Split, GatedMLP)
 
 ALIGN = 16  # byte alignment of tensors packed in a bucket (dtype views need aligned offsets)
 
@@ -91,6 +95,11 @@ def pack(tensors: list[torch.Tensor], device) -> torch.Tensor:
 
 
 def unpack(buf: torch.Tensor, specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    dtype = specs[0][1] if specs else None
+    if all(d == dtype and nbytes(sh, d) % ALIGN == 0 for sh, d in specs):  # no padding: one split
+        numels = [nbytes(sh, d) // d.itemsize for sh, d in specs]
+        flat = buf[: sum(numels) * dtype.itemsize].view(dtype)
+        return [p.view(sh) for p, (sh, _) in zip(flat.split(numels), specs)]
     out, off = [], 0
     for shape, dtype in specs:
         n = nbytes(shape, dtype)
@@ -140,6 +149,7 @@ class Exporter:
 
     def __init__(self, units: list[ExportUnit], state: dict, groups: Groups, device):
         self.units, self.state, self.g, self.device = units, state, groups, device
+        self._stored: dict[int, bool] = {}
 
     def _local(self, u: ExportUnit) -> torch.Tensor:
         return self.state[(u.local.chunk, u.local.param)].detach()
@@ -224,6 +234,8 @@ class Exporter:
             step = steps[i]
             if len(step) > 1:  # an EP round: each rank of the stage holds one of its buckets
                 mine = [b for b in step if g.holds(b[0].unit.owner)]
+                if mine and self._as_stored(mine[0]):  # packed straight from the parameters
+                    return {"as_stored": mine[0]}
                 return self._start(mine[0], None) if mine else None
             bucket = step[0]
             dst = 0 if isinstance(receivers, list) else (writer[bucket[0].index] if writer else None)
@@ -234,9 +246,12 @@ class Exporter:
         pending = start(0) if steps else None
         for i, step in enumerate(steps):
             current, pending = pending, (start(i + 1) if i + 1 < len(steps) else None)  # two in flight
+            if current is not None and "as_stored" in current:
+                yield from self._round(step, [self._local(u) for u in current["as_stored"]])
+                continue
             tensors = (self._finish(current) or None) if current is not None else None  # [] off the dst
             if len(step) > 1:
-                yield from self._round(step, tensors)
+                yield from self._round(step, [t for _, t in tensors] if tensors else None)
                 continue
             bucket = step[0]
             stage, ep_owner = owner = bucket[0].unit.owner
@@ -279,16 +294,30 @@ class Exporter:
             i = j
         return steps
 
-    def _round(self, step, tensors):
-        """One EP round: this rank's bucket (``tensors``, on the owning stage) all-gathered over the
-        EP group, then the whole round broadcast over the pipeline group."""
+    def _as_stored(self, bucket) -> bool:
+        """Whether the bucket's HF tensors are its parameters' bytes as they lie (no TP split,
+        no reordering, no cast: e.g. whole experts, whose fc1 rows are [gate; up])."""
+        key = id(bucket)
+        if key not in self._stored:  # decided once per plan
+            _, size, _ = self.g.split(bucket[0].unit.rule)
+            raw = getattr(self.state, "state", self.state)  # a MergedState's own weights
+            self._stored[key] = all(
+                (size == 1 or not u.unit.rule.transform.tp_split) and isinstance(u.unit.rule.transform, AS_STORED)
+                and all(d == raw[(u.local.chunk, u.local.param)].dtype and nbytes(s, d) % ALIGN == 0
+                        for s, d in zip(u.hf_shapes, u.out_dtypes)) for u in bucket)
+        return self._stored[key]
+
+    def _round(self, step, payload):
+        """One EP round: this rank's bucket (``payload``: its HF tensors, or its parameters when
+        stored as HF lays them out) all-gathered over the EP group, then the whole round broadcast
+        over the pipeline group."""
         g = self.g
         stage = step[0][0].unit.owner[0]
         size = _padded_total(step[0])
         out = None
         if stage == g.pp_rank:
             out = torch.empty(size * len(step), dtype=torch.uint8, device=self.device)
-            dist.all_gather_into_tensor(out, pack([t for _, t in tensors], self.device), group=g.ep_group)
+            dist.all_gather_into_tensor(out, pack(payload, self.device), group=g.ep_group)
         if len(g.pp_ranks) > 1:
             if out is None:
                 out = torch.empty(size * len(step), dtype=torch.uint8, device=self.device)
