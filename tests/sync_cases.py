@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from mcore_bridge.lora import LoraSpec
 from mcore_bridge.runtime import dist as rt
 from mcore_bridge.sync import unpack_bucket

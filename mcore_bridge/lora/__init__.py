@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 
 from .layer import ADAPTER, LoraLinear
-from .spec import AdapterError, AdapterFamily, LoraSpec, factor_transforms, leaf
+from .spec import AdapterError, AdapterFamily, LoraSpec, factor_transforms
 
 __all__ = ["ADAPTER", "AdapterError", "AdapterFamily", "LoraLinear", "LoraSpec", "MergedState", "apply_lora",
            "factor_hf_shapes", "is_lora_param", "base_hf_name"]

@@ -80,6 +80,8 @@ class LoraLinear(nn.Module):
         kind = linear_kind(base)
         if kind is None:
             raise TypeError(f"LoRA wraps megatron Column/RowParallelLinear, not {type(base).__name__}")
+        if kind == "column" and getattr(base, "gather_output", False):
+            raise TypeError("LoRA on a column-parallel linear with gather_output=True is not supported")
         self.base_layer = base
         self.kind, self.r, self.blocks, self.swiglu = kind, r, blocks, swiglu
         self.scaling = alpha / (math.sqrt(r) if rslora else r)

@@ -19,7 +19,7 @@ import dataclasses
 import re
 
 from ..families.base import Family, Rule, UnsupportedConfig
-from ..transforms import REPLICATED, ROW, Blocks, Shared, Split, Stacked
+from ..transforms import COLUMN, QKV, REPLICATED, ROW, Blocks, GatedMLP, Shared, Stacked
 from .layer import ADAPTER
 
 ALL_LINEAR = "all-linear"
@@ -158,7 +158,7 @@ def factor_transforms(r: Rule, per_projection: bool):
         return ROW, REPLICATED
     if t is REPLICATED:
         return REPLICATED, REPLICATED
-    if isinstance(t, Split) or t.n_sources == n:  # column-parallel: COLUMN, QKV, GATED_MLP
+    if t == COLUMN or isinstance(t, (QKV, GatedMLP)):  # column-parallel
         if n == 1:
             return REPLICATED, t
         return (Stacked(n), Blocks(t, n)) if per_projection else (Shared(n), t)
