@@ -57,7 +57,9 @@ def sharded_state(models, content: str = FULL) -> dict:
         raise ValueError(f"checkpoint content {content!r}: choose {', '.join(CONTENTS)}")
     with lora.merged_checkpoint(models) if content == MERGED else contextlib.nullcontext():
         state = {model_key(i, len(models)): m.sharded_state_dict() for i, m in enumerate(models)}
-    return lora.only_factors(state) if content == ADAPTER else state
+    if content == ADAPTER:
+        return lora.only_factors(state)
+    return lora.only_factors(state, keep=False) if content == MERGED else state
 
 
 def is_torch_dist(path) -> bool:

@@ -60,12 +60,20 @@ def _the(results, key="logits"):
     return got[0]
 
 
-@pytest.mark.parametrize("model,world,layout", _params(DENSE, DENSE_LAYOUTS) + _params(MOE, MOE_LAYOUTS))
-def test_megatron_lora_exports_a_peft_adapter_that_peft_runs_identically(model, world, layout, pools, zoo_model,
+ROUTER_SPEC = {**SPEC, "targets": ["all-linear", "router"]}
+ROUTER_CASES = [pytest.param(m, w, lay, ROUTER_SPEC, id=case_id(m, w, lay) + "-router", marks=pytest.mark.world(w))
+                for m, w, lay in [("qwen3_moe", 2, L(tp=2, sp=True, ep=2, etp=1)), ("mixtral", 4, L(pp=2, ep=2)),
+                                  ("deepseek_v3", 2, L(ep=2))]]
+
+
+@pytest.mark.parametrize("model,world,layout,spec", [
+    pytest.param(*p.values, SPEC, id=p.id, marks=p.marks) for p in _params(DENSE, DENSE_LAYOUTS) + _params(MOE, MOE_LAYOUTS)
+] + ROUTER_CASES)
+def test_megatron_lora_exports_a_peft_adapter_that_peft_runs_identically(model, world, layout, spec, pools, zoo_model,
                                                                          tmp_path):
     src = zoo_model(model)
     results = pools.get(world).run(lora_cases.lora_export, timeout=300, source=str(src), layout=layout.to_dict(),
-                                   out_dir=str(tmp_path), spec=SPEC)
+                                   out_dir=str(tmp_path), spec=spec)
     assert all(r["unchanged"] for r in results)  # merging never wrote into the model
     got = _the(results)
     pm, missing, unexpected, key_warnings = _peft(src, tmp_path / "adapter")
@@ -92,7 +100,7 @@ def _peft_targets(model: str) -> dict:
     attention = ATTENTION.get(model, ["q_proj", "k_proj", "v_proj", "o_proj"])
     if model in DENSE:
         return {"target_modules": attention + MLP}
-    params = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    params = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"]  # routers too
     if model in ("qwen2_moe", "deepseek_v3"):  # shared experts / dense layers
         params += [f"{m}.weight" for m in MLP]
     return {"target_modules": attention, "target_parameters": params}
@@ -150,6 +158,7 @@ def test_peft_adapter_imports_and_exports_byte_exact(model, world, layout, pools
 GRAD_CASES = [("qwen3", 2, L(tp=2)), ("qwen3", 2, L(tp=2, sp=True)), ("qwen3_moe", 2, L(tp=2, sp=True)),
               ("qwen3_moe", 2, L(tp=2, sp=True, ep=2, etp=1)), ("qwen2_moe", 2, L(tp=2, sp=True, ep=2, etp=1)),
               ("mixtral", 2, L(tp=2, sp=True))]
+GRAD_SPEC = {"qwen3": SPEC}  # MoE models: the routers too
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +169,7 @@ def single_process_grads(pools, zoo_model, tmp_path_factory):
         if model not in done:
             out = tmp_path_factory.mktemp(f"grads-{model}")
             pools.get(1).run(lora_cases.lora_grads, timeout=300, source=str(zoo_model(model)),
-                             layout=L().to_dict(), out_dir=str(out), spec=SPEC)
+                             layout=L().to_dict(), out_dir=str(out), spec=GRAD_SPEC.get(model, ROUTER_SPEC))
             done[model] = HFCheckpoint(out, config={})
         return done[model]
 
@@ -173,7 +182,7 @@ def test_lora_gradients_match_the_single_process_ones(model, world, layout, pool
                                                       single_process_grads):
     ref = single_process_grads(model)  # first: it runs on the 1-process pool
     results = pools.get(world).run(lora_cases.lora_grads, timeout=300, source=str(zoo_model(model)),
-                                   layout=layout.to_dict(), out_dir=str(tmp_path), spec=SPEC)
+                                   layout=layout.to_dict(), out_dir=str(tmp_path), spec=GRAD_SPEC.get(model, ROUTER_SPEC))
     assert all(r["frozen_with_grad"] == [] for r in results)  # only the adapter trains
     got = HFCheckpoint(tmp_path, config={})
     assert sorted(got.names()) == sorted(ref.names())
@@ -181,6 +190,8 @@ def test_lora_gradients_match_the_single_process_ones(model, world, layout, pool
                 for n in ref.names())
     assert worst < 1e-4, worst
     assert any(float(ref.read(n).abs().max()) > 0 for n in ref.names() if "lora_A" in n)
+    if model != "qwen3":  # the router's factors were trained too
+        assert any(".mlp.gate.lora_A" in n and float(ref.read(n).abs().max()) > 0 for n in ref.names())
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -241,12 +252,14 @@ def test_adapter_missing_a_tensor_is_refused(pools, zoo_model, peft_adapter, tmp
 
 
 @pytest.mark.world(2)
-@pytest.mark.parametrize("targets,expect", [
-    (["router"], "router"), (["lm_head"], "embeddings"), (["q_proj"], "megatron fuses"),
+@pytest.mark.parametrize("model,targets,expect", [
+    ("qwen3", ["router"], "has no MoE router"), ("qwen3_moe", ["lm_head"], "embeddings"),
+    ("qwen3_moe", ["q_proj"], "megatron fuses"),
 ])
-def test_bad_targets_are_refused(targets, expect, pools, zoo_model):
-    results = pools.get(2).run(lora_cases.lora_error, timeout=120, source=str(zoo_model("qwen3_moe")),
-                               layout=L(ep=2).to_dict(), spec={"r": 4, "targets": targets})
+def test_bad_targets_are_refused(model, targets, expect, pools, zoo_model):
+    results = pools.get(2).run(lora_cases.lora_error, timeout=120, source=str(zoo_model(model)),
+                               layout=(L(ep=2) if "moe" in model else L(tp=2)).to_dict(),
+                               spec={"r": 4, "targets": targets})
     assert all(e is not None and expect in e for e in results), results
 
 
@@ -276,3 +289,18 @@ def test_per_expert_modules_format_runs_in_peft_and_reads_back(pools, zoo_model,
                      adapter=str(tmp_path / "adapter"), out_dir=str(again))
     back = HFCheckpoint(again, config={})  # written in the default (stacked parameters) form
     assert any(n.endswith("mlp.experts.base_layer.lora_A.weight") for n in back.names())
+
+
+def test_targets_resolve_in_both_namings(zoo_model):
+    """Which megatron kinds a target list selects (no process group needed)."""
+    import json as _json
+
+    from mcore_bridge.families import family_for
+    from mcore_bridge.lora.spec import target_kinds
+
+    moe = family_for(_json.loads((zoo_model("qwen3_moe") / "config.json").read_text()))
+    every = {"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"}
+    assert target_kinds(moe, ["all-linear"]) == every
+    assert target_kinds(moe, ["all-linear", "router"]) == every | {"router"}
+    assert target_kinds(moe, ["q_proj", "k_proj", "v_proj", "gate"]) == {"linear_qkv", "router"}
+    assert target_kinds(moe, ["linear_fc2", "down_proj"]) == {"linear_fc2"}

@@ -16,7 +16,7 @@ from tests.test_cli import assert_nothing_written, run_cli
 
 @pytest.fixture(scope="module")
 def adapter(zoo_model, tmp_path_factory):
-    """A PEFT adapter for qwen2_moe made by PEFT (dense layer, shared expert, routed experts)."""
+    """A PEFT adapter for qwen2_moe made by PEFT (dense layer, shared expert, routed experts, router)."""
     import peft
     import transformers
 
@@ -24,7 +24,7 @@ def adapter(zoo_model, tmp_path_factory):
     hf = transformers.AutoModelForCausalLM.from_pretrained(zoo_model("qwen2_moe"), dtype=torch.float32)
     cfg = peft.LoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight",
                                              "gate_proj.weight", "up_proj.weight", "down_proj.weight"])
     out = tmp_path_factory.mktemp("peft-qwen2_moe")
     peft.get_peft_model(hf, cfg).save_pretrained(out)

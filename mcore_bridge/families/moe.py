@@ -32,6 +32,9 @@ class MoEMixin:
     shared_hf = "mlp.shared_expert."  # HF module of the shared expert(s)
     shared_gate_hf = "mlp.shared_expert_gate.weight"  # sigmoid gate on the shared expert, or None
     router_bias_hf = None  # routing-only bias (DeepSeek's e_score_correction_bias)
+    # module paths transformers 5 builds under other names than the checkpoint's (PEFT adapters
+    # name modules as built): on-disk prefix -> in-memory prefix
+    hf_module_renames: dict[str, str] = {}
 
     # -- config ------------------------------------------------------------------------------
     @property
@@ -112,6 +115,7 @@ class Mixtral(MoEMixin, Llama):
     model_types = ("mixtral",)
     name = "mixtral"
     router_hf = "block_sparse_moe.gate.weight"
+    hf_module_renames = {".block_sparse_moe.gate.": ".mlp.gate."}
     expert_hf = ("block_sparse_moe.experts.{E}.w1.weight", "block_sparse_moe.experts.{E}.w3.weight",
                  "block_sparse_moe.experts.{E}.w2.weight")
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .layer import ADAPTER, LoraLinear
+from .layer import ADAPTER, LoraLinear, RouterLora
 from .spec import AdapterError, AdapterFamily, LoraSpec, factor_transforms
 
 __all__ = ["ADAPTER", "AdapterError", "AdapterFamily", "LoraLinear", "LoraSpec", "MergedState", "apply_lora",
@@ -38,6 +38,27 @@ def _init(seed_key: str, shape, bound: float) -> torch.Tensor:
     return (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1).mul_(bound).float()
 
 
+def _init_factors(module, rule, item, groups, hf_tensors, spec, random_b, per_projection):
+    """Seeded factors in HF space, sharded like the parameters (see ``apply_lora``)."""
+    _, tp, tp_rank = groups.split(rule)
+    base_shapes = [tuple(hf_tensors[n][0]) for n in item.unit.hf_names]
+    a_t, b_t = factor_transforms(rule, per_projection)
+    names = [n_.replace(".weight", "") for n_ in item.unit.hf_names]
+    params = (module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight) if isinstance(module, LoraLinear) \
+        else (module.A, module.B)  # the raw factors (a LoraLinear's B property is masked)
+    with torch.no_grad():
+        for param, t, which in ((params[0], a_t, "A"), (params[1], b_t, "B")):
+            pieces = []
+            for m, s in zip(names, base_shapes):
+                shape = (spec.r, s[1]) if which == "A" else (s[0], spec.r)
+                key = names[0] if which == "A" and not per_projection else m  # shared A: one seed
+                if which == "B" and not random_b:
+                    pieces.append(torch.zeros(shape))
+                else:
+                    pieces.append(_init(f"{key}.lora_{which}", shape, shape[1] ** -0.5))
+            param.copy_(t.split(pieces, tuple(param.shape), tp, tp_rank))
+
+
 def apply_lora(models, family, items, groups, hf_tensors: dict, spec: LoraSpec, random_b: bool = False,
                freeze_base: bool = True) -> list[LoraLinear]:
     """Wrap this rank's targeted linears in ``LoraLinear``. ``items``: this rank's ``plan.LocalItem``
@@ -56,6 +77,11 @@ def apply_lora(models, family, items, groups, hf_tensors: dict, spec: LoraSpec, 
         if rule.mcore not in targeted:
             continue
         per_projection = spec.per_projection and not rule.expert  # experts: one A (see peft_io)
+        if module_path.endswith("mlp.router"):
+            module = RouterLora(models[item.chunk].get_submodule(module_path), spec.r, spec.alpha, spec.rslora)
+            _init_factors(module, rule, item, groups, hf_tensors, spec, random_b, False)
+            wrapped.append(module)
+            continue
         try:
             base = models[item.chunk].get_submodule(module_path)
         except AttributeError:
@@ -72,20 +98,7 @@ def apply_lora(models, family, items, groups, hf_tensors: dict, spec: LoraSpec, 
         module = LoraLinear(base, spec.r, spec.alpha, spec.dropout, spec.rslora, blocks,
                             block_rows.to(base.weight.device) if block_rows is not None else None,
                             swiglu=isinstance(rule.transform, GatedMLP))
-        a_t, b_t = factor_transforms(rule, per_projection)
-        names = [n_.replace(".weight", "") for n_ in item.unit.hf_names]
-        with torch.no_grad():
-            for param, t, which in ((module.lora_A[ADAPTER].weight, a_t, "A"),
-                                    (module.lora_B[ADAPTER].weight, b_t, "B")):
-                pieces = []
-                for i, (m, s) in enumerate(zip(names, base_shapes)):
-                    shape = (spec.r, s[1]) if which == "A" else (s[0], spec.r)
-                    key = names[0] if which == "A" and not per_projection else m  # shared A: one seed
-                    if which == "B" and not random_b:
-                        pieces.append(torch.zeros(shape))
-                    else:
-                        pieces.append(_init(f"{key}.lora_{which}", shape, shape[1] ** -0.5))
-                param.copy_(t.split(pieces, tuple(param.shape), tp, tp_rank))
+        _init_factors(module, rule, item, groups, hf_tensors, spec, random_b, per_projection)
         parent_path, _, name = module_path.rpartition(".")
         setattr(models[item.chunk].get_submodule(parent_path), name, module)
         wrapped.append(module)
@@ -103,8 +116,8 @@ class MergedState(Mapping):
 
     def __init__(self, state: dict, models, dtype: torch.dtype | None = None):
         self.state, self.dtype = state, dtype
-        self.modules = {(c, f"{name}.weight"): mod for c, m in enumerate(models)
-                        for name, mod in m.named_modules() if isinstance(mod, LoraLinear)}
+        self.modules = {(c, f"{name}.weight"): lora_of(mod) for c, m in enumerate(models)
+                        for name, mod in m.named_modules() if lora_of(mod) is not None}
 
     def __getitem__(self, key):
         t = self.state[key]
@@ -121,25 +134,49 @@ class MergedState(Mapping):
         return len(self.state)
 
 
+def lora_of(module):
+    """The LoRA that modifies ``module``'s weight: the module itself (``LoraLinear``), a router's
+    ``RouterLora``, or None."""
+    return module if isinstance(module, LoraLinear) else getattr(module, "_lora", None)
+
+
 @contextlib.contextmanager
 def merged_checkpoint(models):
-    """Within it, the chunks' ``sharded_state_dict`` holds merged weights and no LoRA factors."""
+    """Within it, the chunks' ``sharded_state_dict`` holds merged weights (new tensors; the factors
+    are left out by the caller): nothing is added to or subtracted from the model's weights."""
     modules = [m for chunk in models for m in chunk.modules() if isinstance(m, LoraLinear)]
+    routers = [m for chunk in models for m in chunk.modules() if isinstance(getattr(m, "_lora", None), RouterLora)]
     for m in modules:
         m.merged_checkpoint = True
+    for r in routers:
+        r.sharded_state_dict = _merged_router_state(r)  # an instance attribute, deleted below
     try:
         yield
     finally:
         for m in modules:
             m.merged_checkpoint = False
+        for r in routers:
+            del r.sharded_state_dict
 
 
-def only_factors(state: dict) -> dict:
-    """A (nested) sharded state dict reduced to the LoRA factors."""
+def _merged_router_state(router):
+    plain = type(router).sharded_state_dict.__get__(router)
+
+    def sharded_state_dict(prefix="", sharded_offsets=(), metadata=None):
+        out = plain(prefix, sharded_offsets, metadata)
+        with torch.no_grad():
+            out[prefix + "weight"].data = (router.weight.float() + router._lora.delta()).to(router.weight.dtype)
+        return out
+
+    return sharded_state_dict
+
+
+def only_factors(state: dict, keep: bool = True) -> dict:
+    """A (nested) sharded state dict reduced to the LoRA factors (``keep=False``: without them)."""
     out = {}
     for k, v in state.items():
         if isinstance(v, dict):
-            out[k] = only_factors(v)
-        elif is_lora_param(k):
+            out[k] = only_factors(v, keep)
+        elif is_lora_param(k) == keep:
             out[k] = v
     return out

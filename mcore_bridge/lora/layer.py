@@ -180,3 +180,47 @@ class LoraLinear(nn.Module):
                 sd[full] = apply_swiglu_sharded_factory(sd[full], sharded_offsets)
             out.update(sd)
         return out
+
+
+class RouterLora:
+    """LoRA on megatron's MoE router (``TopKRouter``), whose weight is used by its ``gating``
+    method rather than by a parallel linear: the factors become the router's submodules
+    (``mlp.router.lora_A.default.weight``) and ``gating`` adds ``scale * (x A^T) B^T`` to the
+    logits before top-k. The router and its factors are replicated; under sequence parallelism
+    each rank routes its own tokens, so the factors' gradients are summed over the TP group."""
+
+    def __init__(self, router: nn.Module, r: int, alpha: float, rslora: bool = False):
+        from megatron.core import parallel_state as ps
+
+        weight = router.weight
+        kw = dict(dtype=weight.dtype, device=weight.device)
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        router.lora_A = nn.ModuleDict({ADAPTER: nn.Linear(weight.shape[1], r, bias=False, **kw)})
+        router.lora_B = nn.ModuleDict({ADAPTER: nn.Linear(r, weight.shape[0], bias=False, **kw)})
+        nn.init.kaiming_uniform_(router.lora_A[ADAPTER].weight, a=math.sqrt(5))
+        nn.init.zeros_(router.lora_B[ADAPTER].weight)
+        self.router = router
+        sp = bool(router.config.sequence_parallel)
+        self.group = ps.get_tensor_model_parallel_group() if sp else None
+        self.group_size = self.group.size() if self.group is not None else 1
+        original = router.gating
+
+        def gating(x):
+            logits = original(x)
+            a = _summed_grad(self.A, self.group, self.group_size)
+            b = _summed_grad(self.B, self.group, self.group_size)
+            return logits + ((x.to(a.dtype) @ a.t()) @ b.t() * self.scaling).to(logits.dtype)
+
+        router.gating = gating
+        object.__setattr__(router, "_lora", self)  # not a submodule: its factors are the router's
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.router.lora_A[ADAPTER].weight
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.router.lora_B[ADAPTER].weight
+
+    def delta(self) -> torch.Tensor:
+        return (self.B.float() @ self.A.float()) * self.scaling

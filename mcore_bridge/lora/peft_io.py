@@ -120,6 +120,7 @@ def open_adapter(path, base_family) -> tuple[LoraSpec, Adapter]:
     from .spec import AdapterFamily
 
     adapter = _read(path)
+    adapter.tensors = _renamed(adapter.tensors, base_family, to_file=False)
     spec = spec_from_config(adapter.config)
     if spec.expert_targets is None and not any(_PER_EXPERT.search(n) for n in adapter.names()):
         spec = dataclasses.replace(spec, expert_targets=())  # a transformers-5 adapter without experts
@@ -211,6 +212,20 @@ def unstack_experts(tensors: dict[str, torch.Tensor], family) -> dict[str, torch
     return out
 
 
+def _renamed(tensors: dict, base_family, to_file: bool) -> dict:
+    """Checkpoint module names <-> the module names transformers 5 builds (``hf_module_renames``)."""
+    pairs = getattr(base_family, "hf_module_renames", {}).items()
+    if not pairs:
+        return tensors
+    out = {}
+    for name, t in tensors.items():
+        for disk, built in pairs:
+            a, b = (disk, built) if to_file else (built, disk)
+            name = name.replace(a, b)
+        out[name] = t
+    return out
+
+
 def peft_targets(family, experts: str) -> tuple[list[str], list[str]]:
     """(target_modules, target_parameters) naming what ``family`` (an ``AdapterFamily``) covers."""
     modules, params = set(), set()
@@ -218,7 +233,9 @@ def peft_targets(family, experts: str) -> tuple[list[str], list[str]]:
     for r in family.targeted():
         kind = r.mcore[: -len(".weight")].rsplit(".", 1)[-1]
         leaves = {n[: -len(".weight")].rsplit(".", 1)[-1] for n in r.hf}
-        if r.expert and experts == PARAMETERS:
+        if kind == "router":  # a parameter for PEFT in every form (routers are not Linear modules)
+            params.add("mlp.gate.weight")
+        elif r.expert and experts == PARAMETERS:
             params.add(family.base.stacked_hf[0 if kind == "linear_fc1" else 1])
         elif moe and experts == PARAMETERS and kind in MLP_KINDS:
             params.update(f"{x}.weight" for x in leaves)
@@ -235,6 +252,7 @@ def write_adapter(stage: Path, tensors: dict[str, torch.Tensor], family, base_mo
     spec = family.spec
     if experts == PARAMETERS:
         tensors = stack_experts(tensors, family)
+    tensors = _renamed(tensors, family.base, to_file=True)
     hfio.write_shard(stage / WEIGHTS, {PREFIX + n: t.clone() for n, t in tensors.items()})  # shared A: own copies
     modules, params = peft_targets(family, experts)
     config = {

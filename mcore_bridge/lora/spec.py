@@ -70,13 +70,18 @@ def leaf(module_path: str) -> str:
     return module_path.rsplit(".", 1)[-1]
 
 
+ROUTER = "router"  # megatron's MoE router: a target only when named (not part of all-linear)
+
+
 def linear_rules(family: Family) -> list[Rule]:
-    """The family's rules for the weights of megatron linears LoRA can wrap (``*.linear_*.weight``)."""
-    return [r for r in family.rules() if r.export and re.search(r"(^|\.)linear_\w+\.weight$", r.mcore)]
+    """The family's rules for the weights LoRA can modify: megatron linears (``*.linear_*.weight``)
+    and the MoE router (``mlp.router.weight``)."""
+    return [r for r in family.rules()
+            if r.export and re.search(r"(^|\.)(linear_\w+|mlp\.router)\.weight$", r.mcore)]
 
 
 def target_kinds(family: Family, targets) -> set[str]:
-    """The megatron linear kinds (``linear_qkv`` ...) ``targets`` select in this family."""
+    """The megatron kinds (``linear_qkv`` ..., ``router``) ``targets`` select in this family."""
     rules = linear_rules(family)
     hf_of: dict[str, set[str]] = {}  # megatron kind -> HF module names behind it
     for r in rules:
@@ -86,19 +91,19 @@ def target_kinds(family: Family, targets) -> set[str]:
 
 
 def _kinds(family: Family, targets, hf_of: dict[str, set[str]]) -> set[str]:
-    if ALL_LINEAR in targets:
-        return set(hf_of)
     kinds, hf_named = set(), set()
+    if ALL_LINEAR in targets:
+        kinds = set(hf_of) - {ROUTER}
     for t in targets:
+        if t == ALL_LINEAR:
+            continue
         if t in hf_of:
             kinds.add(t)
             continue
         owners = [k for k, names in hf_of.items() if t in names]
         if not owners:
-            if t in ("router", "gate", "mlp.gate"):
-                raise AdapterError(f"target {t!r}: LoRA on the MoE router is not supported yet (megatron's "
-                                   f"router is not a parallel linear the LoRA layer wraps); leave it out, or "
-                                   f"merge such an adapter with PEFT before converting")
+            if t in ("router", "gate"):
+                raise AdapterError(f"target {t!r}: {family.name} has no MoE router")
             if t in ("lm_head", "embed_tokens", "output_layer", "word_embeddings"):
                 raise AdapterError(f"target {t!r}: LoRA on embeddings / the output layer is not supported; "
                                    f"use all-linear or the layers' linear modules")
