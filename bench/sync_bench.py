@@ -144,6 +144,7 @@ def main(argv=None):
         sweep[mb] = {"s": t, "wire_gbs": wire / t / 1e9, "delivered_gbs": model_bytes / t / 1e9}
     res["export_weights"] = sweep
     best = min(sweep, key=lambda k: sweep[k]["s"])
+    drain(bridge.export_weights(models, bucket_bytes=best << 20))  # plan for the best size (cached)
     sync()  # where the time goes at the best size: the host loop alone vs until the GPUs finish
     t0 = time.perf_counter()
     drain(bridge.export_weights(models, bucket_bytes=best << 20))

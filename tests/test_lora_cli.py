@@ -96,7 +96,7 @@ def test_adapter_errors_leave_nothing(zoo_model, adapter, tmp_path):
     r = run_cli("export", "--model", zoo_model("qwen3"), "--adapters", adapter, "--to-hf", "--save", save,
                 "--device", "cpu")
     out = r.stderr + r.stdout
-    assert r.returncode != 0 and "unexpected tensor(s)" in out and "mlp.experts.lora_A.weight" in out, out[-3000:]
+    assert r.returncode != 0 and "qwen3 has no MoE router" in out, out[-3000:]  # a MoE adapter on a dense model
     assert_nothing_written(save)
     r = run_cli("export", "--model", zoo_model("qwen3"), "--adapters", adapter, "--adapter-load", adapter,
                 "--to-hf", "--save", save, "--device", "cpu")
