@@ -261,8 +261,8 @@ GATED_MLP = GatedMLP()
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Shared(Transform):
-    """n identical HF tensors behind one replicated megatron tensor; loading checks they are equal."""
+class _WholeSources(Transform):
+    """Base: one replicated megatron tensor from ``n`` HF tensors, each read whole."""
 
     n: int = 2
     tp_split = False
@@ -271,12 +271,17 @@ class Shared(Transform):
     def n_sources(self):
         return self.n
 
+    def slices(self, hf, local, tp, rank):
+        return [_full(s) for s in hf]
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Shared(_WholeSources):
+    """n identical HF tensors behind one replicated megatron tensor; loading checks they are equal."""
+
     def local_shape(self, hf, tp):
         _check(all(tuple(s) == tuple(hf[0]) for s in hf), f"shapes differ: {list(hf)}")
         return tuple(hf[0])
-
-    def slices(self, hf, local, tp, rank):
-        return [_full(s) for s in hf]
 
     def to_mcore(self, pieces, local, tp, rank):
         for p in pieces[1:]:
@@ -289,22 +294,12 @@ class Shared(Transform):
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Stacked(Transform):
+class Stacked(_WholeSources):
     """n HF tensors concatenated along dim 0 into one replicated megatron tensor."""
-
-    n: int = 2
-    tp_split = False
-
-    @property
-    def n_sources(self):
-        return self.n
 
     def local_shape(self, hf, tp):
         _check(all(tuple(s[1:]) == tuple(hf[0][1:]) for s in hf), f"trailing dims differ: {list(hf)}")
         return (sum(s[0] for s in hf),) + tuple(hf[0][1:])
-
-    def slices(self, hf, local, tp, rank):
-        return [_full(s) for s in hf]
 
     def to_mcore(self, pieces, local, tp, rank):
         return torch.cat(pieces, dim=0)
