@@ -69,9 +69,9 @@ def linear_kind(module) -> str | None:
 class LoraLinear(nn.Module):
     """Wraps one megatron Column/RowParallelLinear; returns ``(base + lora, bias)`` like it.
 
-    ``row_blocks``: for fused modules with per-projection factors, the local output rows of each
-    block (one list entry per projection, in local row order: e.g. qkv interleaved per group) --
-    ``None`` for a single shared A.
+    ``blocks`` > 1 (fused modules with one A per projection): ``block_rows[i]`` is the projection
+    that local output row i belongs to, in the weight's local row order (q/k/v interleaved per
+    query group); None for a single shared A.
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
