@@ -49,21 +49,16 @@ def _consumer_logits(src, tensors: dict, ids):
 
     config = transformers.AutoConfig.from_pretrained(src)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    state = {}
-    for name, t in tensors.items():
-        state[name.replace(".block_sparse_moe.", ".mlp.")] = t  # Mixtral's on-disk module name
-    if getattr(config, "tie_word_embeddings", False):
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    if any(".experts.0." in n for n in state):  # per-expert names: stack as transformers holds them
-        from mcore_bridge.stacked import OUT_IN, restack, stacked_shapes, view_table
+    stream = iter(tensors.items())
+    if any(".experts.0." in n for n in tensors):  # per-expert names: stack as transformers holds them
         from mcore_bridge.families import family_for
+        from mcore_bridge.stacked import OUT_IN, restack, stacked_shapes, view_table
 
         fam = family_for(config.to_dict())
-        raw = {n: t for n, t in tensors.items()}
-        state = {n.replace(".block_sparse_moe.", ".mlp."): t for n, t in
-                 restack(iter(raw.items()), view_table(fam, OUT_IN), stacked_shapes(fam, OUT_IN))}
-        if getattr(config, "tie_word_embeddings", False):
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        stream = restack(stream, view_table(fam, OUT_IN), stacked_shapes(fam, OUT_IN))
+    state = {n.replace(".block_sparse_moe.", ".mlp."): t for n, t in stream}  # Mixtral's on-disk module name
+    if getattr(config, "tie_word_embeddings", False):
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True)
     with torch.no_grad():
         return model(input_ids=ids).logits
