@@ -69,6 +69,8 @@ class Bridge:
         else:
             self.source, self.hf = Path(source) if source else None, None
         self.family = family_for(hf_config)
+        if hf_tensors is not None and hasattr(self.family, "adapt"):  # the checkpoint's naming
+            self.family.adapt(hf_tensors)
         if self.hf is not None:  # stacked experts: from here on seen as one tensor per expert
             self.hf, expert_storage = stacked.open_checkpoint(self.hf, self.family)
             hf_tensors = {n: (i.shape, i.dtype) for n, i in self.hf.tensors.items()}

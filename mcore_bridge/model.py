@@ -78,6 +78,12 @@ def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = tor
     block = spec_kw.pop("block", False)
     model_kw = dict(settings["model"])
     model_kw["vocab_size"] = padded_vocab_size(model_kw["vocab_size"], layout.tp)
+    model_class = GPTModel
+    if "vision" in settings:  # vision-language: GPT + the transformers vision tower (first stage)
+        from .multimodal import VisionLanguageGPT
+
+        model_class = VisionLanguageGPT
+        model_kw.update(vision=settings["vision"], hf_config=family.full_config)
     pp_rank = ps.get_pipeline_model_parallel_rank()
     chunks = []
     for vp in range(layout.vpp):
@@ -86,7 +92,7 @@ def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = tor
                                               vp_stage=vp if layout.vpp > 1 else None, pp_rank=pp_rank)
         else:
             spec = get_gpt_layer_local_spec(normalization="RMSNorm", **spec_kw)
-        chunk = GPTModel(config, spec, pre_process=layout.is_first(pp_rank, vp),
+        chunk = model_class(config, spec, pre_process=layout.is_first(pp_rank, vp),
                          post_process=layout.is_last(pp_rank, vp), parallel_output=parallel_output,
                          vp_stage=vp if layout.vpp > 1 else None, **model_kw)
         if device == "cuda":

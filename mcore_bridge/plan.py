@@ -21,6 +21,8 @@ class MappingError(ValueError):
 
 # HF tensors that carry no weights (buffers some old checkpoints saved).
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+# Non-layer parameters held by the first pipeline stage (the rest belong to the last one).
+FIRST_STAGE = ("embedding.", "visual.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +51,7 @@ class Unit:
 
 
 def inventory(family: Family, layout: ParallelLayout) -> list[Unit]:
-    """All units of the model in HF order: embedding, layers in order (experts in index order
+    """All units of the model in HF order: embedding (and vision tower), layers in order (experts in index order
     within a layer), final norm, output."""
     n = family.num_layers
     first, last = (0, 0), (layout.pp - 1, layout.vpp - 1)
@@ -58,7 +60,7 @@ def inventory(family: Family, layout: ParallelLayout) -> list[Unit]:
     for r in rules:
         if r.per_layer:
             continue
-        if r.mcore.startswith("embedding."):
+        if r.mcore.startswith(FIRST_STAGE):
             head.append(Unit(r, None, *first))
         else:
             tail.append(Unit(r, None, *last))

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ZOO_VERSION = 3
+ZOO_VERSION = 3  # bump when an existing entry changes (new entries need no bump)
 
 _COMMON = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
@@ -54,9 +54,43 @@ ZOO = {
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
+# Vision-language: text and vision towers small, 4 language layers (pp 2 keeps the deepstack
+# layers on the first stage), 3 vision blocks; image/video ids inside the vocabulary; MoE experts
+# of width 48 so neither 2F nor F equals the hidden size (a transposed stack would be ambiguous).
+_VL_TEXT = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                bos_token_id=1, eos_token_id=2, pad_token_id=2)
+_VL_IDS = dict(image_token_id=996, video_token_id=997, vision_start_token_id=998, vision_end_token_id=999)
+_VIT = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+            spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+_Q3_ROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [6, 5, 5],
+            "mrope_interleaved": True}
+ZOO.update({
+    "qwen2_vl": dict(model_type="qwen2_vl", tie_word_embeddings=False, **_VL_IDS,
+                     text_config=dict(_VL_TEXT, use_sliding_window=False, rope_parameters={
+                         "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}),
+                     vision_config=dict(depth=3, embed_dim=32, num_heads=4, mlp_ratio=2, hidden_size=64,
+                                        patch_size=14, spatial_merge_size=2, temporal_patch_size=2)),
+    "qwen2_5_vl": dict(model_type="qwen2_5_vl", tie_word_embeddings=True, **_VL_IDS,
+                       text_config=dict(_VL_TEXT, use_sliding_window=False, rope_parameters={
+                           "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}),
+                       vision_config=dict(_VIT, patch_size=14, window_size=56, fullatt_block_indexes=[2],
+                                          tokens_per_second=2)),
+    "qwen3_vl": dict(model_type="qwen3_vl", tie_word_embeddings=False, **_VL_IDS,
+                     text_config=dict(_VL_TEXT, head_dim=32, rope_parameters=_Q3_ROPE),
+                     vision_config=dict(_VIT, patch_size=16, num_position_embeddings=64,
+                                        deepstack_visual_indexes=[1, 2])),
+    "qwen3_vl_moe": dict(model_type="qwen3_vl_moe", tie_word_embeddings=False, **_VL_IDS,
+                         text_config=dict(_VL_TEXT, head_dim=32, rope_parameters=_Q3_ROPE, num_experts=8,
+                                          num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[0]),
+                         vision_config=dict(_VIT, patch_size=16, num_position_embeddings=64,
+                                            deepstack_visual_indexes=[1, 2])),
+})
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
-DENSE = [n for n in ZOO if n not in MOE]
+MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+DENSE = [n for n in ZOO if n not in MOE + MULTIMODAL]
+TEXT = DENSE + MOE
 
 
 def names() -> list[str]:
@@ -114,20 +148,56 @@ def build(name: str, out: Path, seed: int = 0):
 
     spec = dict(ZOO[name])
     shard = spec.pop("max_shard_size", "50GB")
-    cfg = AutoConfig.for_model(**{**_COMMON, **spec})
+    multimodal = "vision_config" in spec
+    cfg = AutoConfig.for_model(**(spec if multimodal else {**_COMMON, **spec}))
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if multimodal:
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname or pname.endswith("bias"):  # not all ones/zeros: a swap must show
                 p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.1 * torch.randn_like(p))
             elif _is_router(pname):  # clear routing margins: fp32 noise must not flip a top-k choice
                 p.mul_(5.0 if cfg.model_type == "deepseek_v3" else 25.0)  # sigmoid scores saturate sooner
+            if multimodal and _is_query_key(pname):
+                # Sharp attention: with the default init, attention is near uniform and positions
+                # barely matter, so a wrong multimodal RoPE split would hide below fp32 noise.
+                p.mul_(QK_SHARPEN)
         for bname, b in model.named_buffers():
             if bname.endswith("e_score_correction_bias"):  # a routing bias that changes choices
                 b.copy_(0.05 * torch.randn_like(b))
     model.save_pretrained(out, max_shard_size=shard)
-    tokenizer(cfg.vocab_size).save_pretrained(out)
+    tokenizer(cfg.get_text_config().vocab_size).save_pretrained(out)
+    if multimodal:
+        image_processor(cfg).save_pretrained(out)
+
+
+def image_processor(cfg):
+    """The real Qwen-VL image processor (PIL backend: no torchvision needed) for a vision config;
+    it accepts any image whose sides are multiples of patch x merge up to 16 x 16 such tiles."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    v = cfg.vision_config
+    tile = v.patch_size * v.spatial_merge_size
+    kw = dict(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
+              size={"shortest_edge": tile * tile, "longest_edge": 256 * tile * tile})
+    if cfg.model_type.startswith("qwen3"):
+        kw.update(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return Qwen2VLImageProcessorPil(**kw)
+
+
+QK_SHARPEN = 4.0
+
+
+def _is_query_key(pname: str) -> bool:
+    """Language-model query/key scales: the q/k norms where the model has them, else q/k_proj."""
+    if "language_model" not in pname or "self_attn" not in pname:
+        return False
+    return any(k in pname for k in ("q_norm", "k_norm", "q_proj", "k_proj"))
 
 
 def _is_router(pname: str) -> bool:

@@ -15,7 +15,7 @@ CASES = [
     param("mistral", 2, L(pp=2, vpp=2)),
     param("qwen2", 2, L(tp=2, sp=True)),
     param("qwen3", 4, L(tp=4, sp=True)),
-] + [param(m, 1, L()) for m in zoo.names()]  # dense and MoE
+] + [param(m, 1, L()) for m in zoo.TEXT]  # dense and MoE (vision-language: test_multimodal)
 
 
 @pytest.mark.parametrize("model,world,layout", CASES)

@@ -3,22 +3,29 @@ harness catches them and points at the right place. Used by the tests and by
 ``mcore-bridge verify --control``:
 
   scale:<megatron param with global layer>:<factor>   e.g. scale:decoder.layers.2.mlp.linear_fc2.weight:1.01
+                                                       or a vision weight: scale:visual.blocks.1.mlp.fc1.weight:1.01
   swap_qk:<layer>                                      q and k rows swapped in that layer's fused QKV
   rope_base:<factor>                                   the megatron model built with rotary_base x factor
   zero:<megatron param or buffer with global layer>    e.g. zero:decoder.layers.1.mlp.router.expert_bias
                                                        (a dropped router bias / shared-expert gate)
   swap_experts:<layer>:<a>:<b>                         two experts' weights exchanged in that layer
                                                        (both on one expert-parallel rank)
+  mrope_section:<t>,<h>,<w>                            the model built with another multimodal RoPE
+                                                       split (vision-language models)
+  mrope_contiguous                                     Qwen3-VL's interleaved t/h/w frequencies laid
+                                                       out in contiguous sections (megatron's default)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-KINDS = ("scale", "swap_qk", "rope_base", "zero", "swap_experts")
+KINDS = ("scale", "swap_qk", "rope_base", "zero", "swap_experts", "mrope_section", "mrope_contiguous")
+BUILD_KINDS = ("rope_base", "mrope_section", "mrope_contiguous")
 
 
 def parse(spec: str | None) -> tuple[str, list[str]] | None:
@@ -31,17 +38,24 @@ def parse(spec: str | None) -> tuple[str, list[str]] | None:
 
 
 def before_build(bridge, spec: str | None):
-    """Controls that change how the model is built (rope_base)."""
+    """Controls that change how the model is built (rope_base, mrope_section)."""
     parsed = parse(spec)
-    if not parsed or parsed[0] != "rope_base":
+    if not parsed or parsed[0] not in BUILD_KINDS:
         return
-    factor = float(parsed[1][0])
+    kind, args = parsed
     family = bridge.family
     original = family.model_settings
 
     def settings():
         s = original()
-        s["model"] = dict(s["model"], rotary_base=s["model"]["rotary_base"] * factor)
+        if kind == "rope_base":
+            s["model"] = dict(s["model"], rotary_base=s["model"]["rotary_base"] * float(args[0]))
+        elif "mrope_section" not in s["config"]:
+            raise ValueError(f"control {kind}: {family.name} has no multimodal RoPE")
+        elif kind == "mrope_section":
+            s["config"] = dict(s["config"], mrope_section=[int(x) for x in args[0].split(",")])
+        else:
+            s["vision"] = dataclasses.replace(s["vision"], mrope_interleaved=False)
         return s
 
     family.model_settings = settings
@@ -57,6 +71,26 @@ def _layer_param(models, layer: int, rest: str):
                                      f"{', '.join(sorted(tensors)[:6])})")
                 return tensors[rest]
     return None  # another pipeline stage holds it
+
+
+def _vision_param(models, name: str):
+    """A vision-tower tensor (first pipeline stage; None elsewhere)."""
+    for chunk in models:
+        visual = getattr(chunk, "visual", None)
+        if visual is not None:
+            tensors = dict(visual.named_parameters())
+            rest = name[len("visual."):]
+            if rest not in tensors:
+                raise ValueError(f"control: the vision tower has no {rest!r} (has e.g. "
+                                 f"{', '.join(sorted(tensors)[:6])})")
+            return tensors[rest]
+    return None
+
+
+def _param(models, spec_name: str):
+    if spec_name.startswith("visual."):
+        return _vision_param(models, spec_name)
+    return _layer_param(models, *_named(spec_name))
 
 
 def _named(spec_name: str):
@@ -97,16 +131,16 @@ def _swap_experts(models, bridge, layer: int, a: int, b: int):
 def after_load(models, bridge, spec: str | None):
     """Controls that change loaded weights (scale, swap_qk); ranks not holding the layer skip."""
     parsed = parse(spec)
-    if not parsed or parsed[0] == "rope_base":
+    if not parsed or parsed[0] in BUILD_KINDS:
         return
     kind, args = parsed
     with torch.no_grad():
         if kind == "scale":
-            p = _layer_param(models, *_named(args[0]))
+            p = _param(models, args[0])
             if p is not None:
                 p.mul_(float(args[1]))
         elif kind == "zero":
-            p = _layer_param(models, *_named(args[0]))
+            p = _param(models, args[0])
             if p is not None:
                 p.zero_()
         elif kind == "swap_experts":

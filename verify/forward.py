@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 
 
-def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int, position_ids: torch.Tensor | None = None,
+                    vision: dict | None = None) -> torch.Tensor | None:
     """Full-vocabulary logits ``[B, S, vocab]`` of a sharded megatron model, on the last pipeline
-    stage (``None`` elsewhere). Runs megatron's own pipeline schedule, one sample per micro-batch."""
+    stage (``None`` elsewhere). Runs megatron's own pipeline schedule, one sample per micro-batch.
+    Vision-language models take 3-D ``position_ids [3, B, S]`` and the ``vision`` inputs
+    (``pixel_values``, ``image_grid_thw``) of a one-sample batch."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -15,12 +18,17 @@ def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int) -> torch.T
     batch, seq = input_ids.shape
     device = next(models[0].parameters()).device
     input_ids = input_ids.to(device)
-    position_ids = torch.arange(seq, device=device).unsqueeze(0)
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(batch, -1)
+    position_ids = position_ids.to(device)
+    extra = {k: v.to(device) for k, v in (vision or {}).items()}
+    if extra and batch != 1:
+        raise ValueError("vision inputs are given for one sample at a time")
     collected = []
 
     def step(data_iterator, model):
-        sample = next(data_iterator)
-        out = model(sample, position_ids, None)
+        sample, pos = next(data_iterator)
+        out = model(sample, pos, None, **extra)
 
         def loss_func(logits):
             collected.append(gather_from_tensor_model_parallel_region(logits)[..., :vocab_size].float())
@@ -28,7 +36,7 @@ def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int) -> torch.T
 
         return out, loss_func
 
-    samples = [input_ids[i:i + 1] for i in range(batch)]
+    samples = [(input_ids[i:i + 1], position_ids[..., i:i + 1, :]) for i in range(batch)]
     if len(models) > 1:  # the interleaved schedule wants at least pp micro-batches: repeat the last
         samples += samples[-1:] * max(0, ps.get_pipeline_model_parallel_world_size() - batch)
     iters = [iter(samples) for _ in models]
@@ -42,12 +50,35 @@ def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int) -> torch.T
     return torch.cat(collected[:batch], dim=0).cpu()
 
 
-def hf_logits(hf_dir, input_ids: torch.Tensor, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """Logits of the real transformers model (the reference), returned on the CPU in fp32."""
-    from transformers import AutoModelForCausalLM
+def hf_model(hf_dir, dtype=torch.float32, device="cpu"):
+    """The real transformers model in ``hf_dir`` (the reference): a causal LM, or the
+    image-text-to-text model of a vision-language checkpoint."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    cls = AutoModelForImageTextToText if "vision_config" in config else AutoModelForCausalLM
+    return cls.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+
+
+def hf_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+               vision: dict | None = None) -> torch.Tensor:
+    """Logits of ``model`` for ``input_ids [B, S]`` (+ 3-D ``position_ids [3, B, S]`` and vision
+    inputs for vision-language models)."""
+    device = next(model.parameters()).device
+    kw = {k: v.to(device) for k, v in (vision or {}).items()}
+    if position_ids is not None:
+        kw["position_ids"] = position_ids.to(device)
+    return model(input_ids=input_ids.to(device), use_cache=False, **kw).logits
+
+
+def hf_logits(hf_dir, input_ids: torch.Tensor, dtype=torch.float32, device="cpu", position_ids=None,
+              vision=None) -> torch.Tensor:
+    """Logits of the real transformers model (the reference), returned on the CPU in fp32."""
+    model = hf_model(hf_dir, dtype, device)
     with torch.no_grad():
-        return model(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
+        return hf_forward(model, input_ids, position_ids, vision).float().cpu()

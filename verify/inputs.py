@@ -25,13 +25,18 @@ class Sample:
     name: str
     input_ids: torch.Tensor  # [S] int64
     labels: torch.Tensor  # [S], -100 where no loss
+    position_ids: torch.Tensor | None = None  # [3, S] multimodal RoPE ids (vision-language models)
+    vision: dict = dataclasses.field(default_factory=dict)  # pixel_values, image_grid_thw
 
     @property
     def loss_tokens(self) -> int:
         return int((self.labels[1:] != -100).sum())
 
     def describe(self) -> dict:
-        return {"name": self.name, "tokens": int(self.input_ids.numel()), "loss_tokens": self.loss_tokens}
+        out = {"name": self.name, "tokens": int(self.input_ids.numel()), "loss_tokens": self.loss_tokens}
+        if "image_grid_thw" in self.vision:
+            out["images"] = self.vision["image_grid_thw"].tolist()
+        return out
 
 
 def random_sample(vocab: int, length: int, seed: int, prompt_fraction: float = 0.375) -> Sample:
@@ -76,3 +81,63 @@ def default_samples(vocab: int, model_dir: Path | None = None, lengths=LENGTHS) 
     samples = [random_sample(vocab, n, seed=1000 + n) for n in lengths]
     chat = chat_sample(model_dir, vocab) if model_dir is not None else None
     return samples + ([chat] if chat is not None else [])
+
+
+# ---- vision-language models ----------------------------------------------------------------------
+# Images as (rows, cols) of patch x merge tiles: one image, then two of different shapes.
+IMAGE_SAMPLES = {"image": [(3, 4)], "images-2": [(2, 5), (4, 2)]}
+
+
+def multimodal_samples(family, model_dir: Path | None, lengths=LENGTHS[:2], seed: int = 7) -> list[Sample]:
+    """Image samples (synthetic pixels through the model's real image processor; loss only on the
+    text after the last image) and text-only samples, all with transformers' 3-D position ids."""
+    from mcore_bridge.families.qwen_vl import hf_config
+    from mcore_bridge.multimodal import mrope_position_ids
+
+    cfg = hf_config(family.full_config)
+    vision = family.vision_settings()
+    processor = image_processor(cfg, model_dir)
+    text_vocab = min(int(family.cfg.require("vocab_size")), vision.image_token_id, vision.video_token_id,
+                     int(cfg.vision_start_token_id), int(cfg.vision_end_token_id))
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for name, images in IMAGE_SAMPLES.items():
+        pixels = [_image(processor, cfg, rows, cols, seed + i) for i, (rows, cols) in enumerate(images)]
+        ids, answer_from = [], 0
+        for out in pixels:
+            n_tokens = int(out["image_grid_thw"].prod()) // processor.merge_size ** 2
+            ids += torch.randint(5, text_vocab, (5,), generator=g).tolist()
+            ids += [cfg.vision_start_token_id] + [vision.image_token_id] * n_tokens + [cfg.vision_end_token_id]
+            answer_from = len(ids)
+        ids += torch.randint(5, text_vocab, (24 + (-len(ids) - 24) % ALIGN,), generator=g).tolist()
+        input_ids = torch.tensor(ids)
+        labels = input_ids.clone()
+        labels[:answer_from + 4] = -100  # image and prompt tokens carry no loss
+        grid = torch.cat([p["image_grid_thw"] for p in pixels])
+        vis = {"pixel_values": torch.cat([p["pixel_values"] for p in pixels]), "image_grid_thw": grid}
+        samples.append(Sample(name, input_ids, labels, None, vis))
+    samples += [random_sample(text_vocab, n, seed=1000 + n) for n in lengths]
+    for s in samples:
+        s.position_ids = mrope_position_ids(family, s.input_ids[None], s.vision.get("image_grid_thw"))[:, 0]
+    return samples
+
+
+def image_processor(cfg, model_dir: Path | None):
+    """The model's image processor from its ``preprocessor_config.json`` (the PIL class: no
+    torchvision needed), else one built from the vision config (``zoo.image_processor``)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    if model_dir is not None and (Path(model_dir) / "preprocessor_config.json").exists():
+        return Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+    from mcore_bridge.zoo import image_processor as built
+
+    return built(cfg)
+
+
+def _image(processor, cfg, rows: int, cols: int, seed: int) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    tile = cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(rows * tile, cols * tile, 3), dtype=np.uint8)
+    return processor(images=[Image.fromarray(pixels)], return_tensors="pt")

@@ -14,7 +14,10 @@ import torch.nn.functional as F
 
 LOWER_IS_BETTER = ("token_mean_diff_mean", "token_mean_diff_max", "mean_diff", "max_diff",
                    "mean_diff_with_loss", "max_diff_with_loss", "kl_hf_mg")
-HIGHER_IS_BETTER = ("top1_agreement", "cosine_mean", "cosine_min", "router_agreement")
+HIGHER_IS_BETTER = ("top1_agreement", "top1_agreement_with_loss", "cosine_mean", "cosine_min", "router_agreement")
+# Vision-language models gate on the loss tokens only (image and prompt logits differ more and
+# train nothing); the metrics over all tokens are reported, not gated.
+UNMASKED = ("mean_diff", "max_diff", "kl_hf_mg")
 
 # fp32: both sides compute the same math; only summation order differs between layouts.
 FP32_THRESHOLDS = {"mean_diff": 1e-5, "max_diff": 1e-3, "mean_diff_with_loss": 1e-5,
@@ -66,6 +69,8 @@ def compare_logits(ref: torch.Tensor, got: torch.Tensor, labels: torch.Tensor) -
         "mean_diff_with_loss": masked.mean().item() if masked.numel() else float("nan"),
         "max_diff_with_loss": masked.max().item() if masked.numel() else float("nan"),
         "top1_agreement": (ref.argmax(-1) == got.argmax(-1)).double().mean().item(),
+        "top1_agreement_with_loss": ((ref[mask].argmax(-1) == got[mask].argmax(-1)).double().mean().item()
+                                     if mask.any() else float("nan")),
         "kl_hf_mg": kl.mean().item(),
         "cosine_mean": cos.mean().item(),
         "cosine_min": cos.min().item(),
@@ -106,8 +111,18 @@ def routing_agreement(ref: torch.Tensor, got: torch.Tensor) -> float:
     return (ref == got).all(dim=-1).double().mean().item()
 
 
-def thresholds(dtype: str, calibration: dict | None = None, moe: bool = False) -> dict:
-    """Pass/fail limits. fp32: fixed. bf16: ``BF16_FACTOR`` x HF's own bf16-vs-fp32 drift."""
+def thresholds(dtype: str, calibration: dict | None = None, moe: bool = False, gate: str = "all") -> dict:
+    """Pass/fail limits. fp32: fixed. bf16: ``BF16_FACTOR`` x HF's own bf16-vs-fp32 drift.
+    ``gate="with_loss"``: only the loss-token metrics (and top-1 over loss tokens) are limited."""
+    out = _thresholds(dtype, calibration, moe)
+    if gate == "with_loss":
+        out = {k: v for k, v in out.items() if k not in UNMASKED}
+    elif gate != "all":
+        raise ValueError(f"gate={gate!r}: choose all or with_loss")
+    return out
+
+
+def _thresholds(dtype: str, calibration: dict | None, moe: bool) -> dict:
     if dtype == "fp32":
         out = dict(FP32_THRESHOLDS)
         if moe:
@@ -118,16 +133,18 @@ def thresholds(dtype: str, calibration: dict | None = None, moe: bool = False) -
     out = {k: max(BF16_FACTOR * calibration[k], floor) for k, floor in BF16_FLOORS.items()
            if k in calibration}
     out["top1_agreement_min"] = calibration["top1_agreement"] - BF16_TOP1_SLACK
+    if not math.isnan(calibration.get("top1_agreement_with_loss", float("nan"))):
+        out["top1_agreement_with_loss_min"] = calibration["top1_agreement_with_loss"] - BF16_TOP1_SLACK
     out["layer_rel_drift"] = BF16_FLOORS["layer_rel_drift"]
     if moe:
         out["router_agreement_min"] = calibration.get("router_agreement", 1.0) - BF16_ROUTER_SLACK
     return out
 
 
-def failures(metrics: dict, limits: dict) -> list[str]:
+def failures(metrics: dict, limits: dict, gate: str = "all") -> list[str]:
     out = []
     for k, limit in limits.items():
-        if k in ("top1_agreement_min", "layer_rel_drift", "router_agreement_min"):
+        if k in ("top1_agreement_min", "top1_agreement_with_loss_min", "layer_rel_drift", "router_agreement_min"):
             continue
         v = metrics.get(k)
         if v is None:
@@ -137,8 +154,10 @@ def failures(metrics: dict, limits: dict) -> list[str]:
                 out.append(f"{k} is NaN")
         elif v > limit:
             out.append(f"{k} {v:.2e} > {limit:.1e}")
-    if not metrics["top1_agreement"] >= limits["top1_agreement_min"]:  # also catches NaN
-        out.append(f"top1_agreement {metrics['top1_agreement']:.4f} < {limits['top1_agreement_min']:.4f}")
+    top1 = "top1_agreement_with_loss" if gate == "with_loss" else "top1_agreement"
+    limit = limits.get(top1 + "_min", limits["top1_agreement_min"])
+    if not metrics[top1] >= limit:  # also catches NaN
+        out.append(f"{top1} {metrics[top1]:.4f} < {limit:.4f}")
     if "router_agreement_min" in limits and not metrics.get("router_agreement", 0.0) >= limits["router_agreement_min"]:
         out.append(f"router_agreement {metrics.get('router_agreement', float('nan')):.4f} < "
                    f"{limits['router_agreement_min']:.4f}")

@@ -1,8 +1,9 @@
 """Per-layer probes: hidden states after the embedding, after every decoder layer and after the
 final norm, captured with forward hooks on the real modules of both models.
 
-Probe names are shared by both sides: ``embedding``, ``layer.{i}`` (global index), ``final_norm``.
-All captured tensors are ``[B, S, H]`` fp32 on the CPU. MoE layers add ``router.{i}``: the experts
+Probe names are shared by both sides: ``embedding``, ``layer.{i}`` (global index), ``final_norm``;
+vision-language models add ``vision.block.{i}``, ``vision.merger`` and ``vision.deepstack.{k}``.
+Captured tensors are ``[B, S, H]`` fp32 on the CPU (vision ones ``[1, tokens, W]``). MoE layers add ``router.{i}``: the experts
 each token was sent to, as a boolean ``[B*S, E]`` map (so routing is compared as sets).
 """
 
@@ -17,13 +18,15 @@ def _first(output):
 
 @contextlib.contextmanager
 def _hooked(targets, store: dict, convert, pick=_first):
-    """Record ``convert(pick(output))`` of each ``(name, module)`` into ``store`` (first call wins)."""
+    """Record ``convert(pick(output))`` of each ``(name, module)`` into ``store`` (first call wins).
+    The hooks run before any hook the model itself registered (megatron's deepstack additions),
+    so a layer's probe is its own output, as on the HF side."""
     def hook_for(name):
         def hook(_module, _inputs, out):
             store.setdefault(name, convert(pick(out).detach()).cpu())
         return hook
 
-    handles = [module.register_forward_hook(hook_for(name)) for name, module in targets]
+    handles = [module.register_forward_hook(hook_for(name), prepend=True) for name, module in targets]
     try:
         yield store
     finally:
@@ -31,14 +34,36 @@ def _hooked(targets, store: dict, convert, pick=_first):
             h.remove()
 
 
+def vision_targets(visual) -> list:
+    """Probes of a transformers vision tower: every block, the merger, the deepstack mergers.
+    Their outputs are ``[patches or tokens, W]`` (no batch dimension)."""
+    if visual is None:
+        return []
+    targets = [(f"vision.block.{i}", block) for i, block in enumerate(visual.blocks)]
+    targets.append(("vision.merger", visual.merger))
+    targets += [(f"vision.deepstack.{k}", m) for k, m in enumerate(getattr(visual, "deepstack_merger_list", []))]
+    return targets
+
+
+def vision_probe_names(visual) -> list[str]:
+    return [name for name, _ in vision_targets(visual)]
+
+
+def _unbatched(hidden):
+    return hidden.float()[None]
+
+
 @contextlib.contextmanager
 def hf_probes(model, store: dict):
-    """Hooks on a transformers causal LM (``model.model.{embed_tokens,layers,norm}``)."""
-    inner = model.model
+    """Hooks on a transformers causal LM (``model.model.{embed_tokens,layers,norm}``) or on a
+    vision-language model (its ``language_model`` and ``visual``)."""
+    inner = getattr(model.model, "language_model", model.model)
     targets = [("embedding", inner.embed_tokens)]
     targets += [(f"layer.{i}", layer) for i, layer in enumerate(inner.layers)]
     targets.append(("final_norm", inner.norm))
-    with _hooked(targets, store, lambda hidden: hidden.float()), _hf_routing(inner.layers, store):
+    vision = vision_targets(getattr(model.model, "visual", None))
+    with _hooked(targets, store, lambda hidden: hidden.float()), _hooked(vision, store, _unbatched), \
+            _hf_routing(inner.layers, store):
         yield store
 
 
@@ -91,16 +116,19 @@ def megatron_probes(models, store: dict, sequence_parallel: bool):
     SP, gathered here inside the tensor-parallel group: every TP rank runs the hook)."""
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-    targets = []
+    targets, whole, vision = [], [], []
     for chunk in models:
         if getattr(chunk, "pre_process", False):
-            targets.append(("embedding", chunk.embedding))
+            # vision-language models scatter the sequence only after the vision features went in
+            sharded = getattr(chunk.embedding, "scatter_to_sequence_parallel", True)
+            (targets if sharded else whole).append(("embedding", chunk.embedding))
+            vision += vision_targets(getattr(chunk, "visual", None))
         targets += [(f"layer.{layer.layer_number - 1}", layer) for layer in chunk.decoder.layers]
         if getattr(chunk, "post_process", False) and chunk.decoder.final_layernorm is not None:
             targets.append(("final_norm", chunk.decoder.final_layernorm))
 
-    def to_bsh(hidden):
-        if sequence_parallel:
+    def to_bsh(hidden, gather=sequence_parallel):
+        if gather:
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         return hidden.transpose(0, 1).float()
 
@@ -116,14 +144,16 @@ def megatron_probes(models, store: dict, sequence_parallel: bool):
     @contextlib.contextmanager
     def both():
         # megatron's router returns (probs, routing_map)
-        with _hooked(targets, store, to_bsh), _hooked(routers, store, routing, pick=lambda out: out[1]):
+        with _hooked(targets, store, to_bsh), _hooked(whole, store, lambda h: to_bsh(h, False)), \
+                _hooked(vision, store, _unbatched), _hooked(routers, store, routing, pick=lambda out: out[1]):
             yield store
 
     return both()
 
 
-def probe_order(num_layers: int) -> list[str]:
-    return ["embedding"] + [f"layer.{i}" for i in range(num_layers)] + ["final_norm"]
+def probe_order(num_layers: int, vision: list[str] = ()) -> list[str]:
+    """Probes in forward order: the vision tower's (vision-language models) first."""
+    return list(vision) + ["embedding"] + [f"layer.{i}" for i in range(num_layers)] + ["final_norm"]
 
 
 def probe_layer(name: str):

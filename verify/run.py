@@ -24,8 +24,8 @@ from mcore_bridge.layout import ParallelLayout
 from mcore_bridge.runtime import dist as rt
 
 from . import controls, metrics
-from .forward import megatron_logits
-from .inputs import Sample, default_samples
+from .forward import hf_forward, hf_model, megatron_logits
+from .inputs import Sample, default_samples, multimodal_samples
 from .probes import hf_probes, megatron_probes, probe_layer, probe_order
 
 SCHEMA = "mcore-bridge-verify/1"
@@ -36,11 +36,7 @@ def hf_reference(model_dir: Path, samples: list[Sample], dtype: torch.dtype, dev
                  adapter: Path | None = None) -> dict:
     """Logits ``[S, V]`` and probes ``{name: [S, H]}`` per sample from the real HF model (with the
     PEFT ``adapter`` on it, through PEFT itself)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = hf_model(model_dir, dtype, device)
     if adapter is not None:
         from peft import PeftModel
 
@@ -49,8 +45,9 @@ def hf_reference(model_dir: Path, samples: list[Sample], dtype: torch.dtype, dev
     with torch.no_grad():
         for s in samples:
             store = {}
+            pos = None if s.position_ids is None else s.position_ids[:, None]
             with hf_probes(model, store):
-                logits = model(input_ids=s.input_ids[None].to(device), use_cache=False).logits
+                logits = hf_forward(model, s.input_ids[None], pos, s.vision)
             out[s.name] = {"logits": logits[0].float().cpu(), "probes": {k: v[0] for k, v in store.items()}}
     del model
     return out
@@ -66,6 +63,9 @@ def _reference_key(model_dir: Path, samples, dtype: str, adapter: Path | None = 
                 h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     for s in samples:
         h.update(s.name.encode() + s.input_ids.numpy().tobytes())
+        for t in [s.position_ids] + [s.vision[k] for k in sorted(s.vision)]:
+            if t is not None:
+                h.update(t.numpy().tobytes())
     h.update(dtype.encode())
     return h.hexdigest()[:24]
 
@@ -95,8 +95,9 @@ def megatron_outputs(models, samples, vocab: int, sequence_parallel: bool) -> di
     keep = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     for s in samples:
         store = {}
+        pos = None if s.position_ids is None else s.position_ids[:, None]
         with megatron_probes(models, store, sequence_parallel):
-            logits = megatron_logits(models, s.input_ids[None], vocab)
+            logits = megatron_logits(models, s.input_ids[None], vocab, pos, s.vision)
         if keep:
             mine[s.name] = {"logits": None if logits is None else logits[0],
                             "probes": {k: v[0] for k, v in store.items()}}
@@ -124,12 +125,25 @@ def compare(samples, ref: dict, got: dict) -> tuple[dict, dict]:
     return metrics.combine(per_input, weights), per_input
 
 
-def layer_drift(samples, ref: dict, got: dict, num_layers: int) -> dict[str, dict]:
-    """Worst drift per probe over all samples."""
+def probes_of(samples, ref: dict, num_layers: int) -> list[str]:
+    """Probe names in forward order; vision probes as the reference recorded them (vision-language
+    models, samples with images)."""
+    vision = []
+    for s in samples:
+        vision += [n for n in ref[s.name]["probes"] if n.startswith("vision.") and n not in vision]
+    return probe_order(num_layers, vision)
+
+
+def layer_drift(samples, ref: dict, got: dict, probes: list[str]) -> dict[str, dict]:
+    """Worst drift per probe over all samples (vision probes: over the samples with images)."""
     out = {}
-    for name in probe_order(num_layers):
+    for name in probes:
         worst = {"rel_mean_diff": 0.0, "max_diff": 0.0}
         for s in samples:
+            if name not in ref[s.name]["probes"] and name.startswith("vision."):
+                if name in got[s.name]["probes"]:
+                    raise RuntimeError(f"megatron ran vision probe {name} on sample {s.name}, HF did not")
+                continue  # a text-only sample
             if name not in got[s.name]["probes"]:
                 raise RuntimeError(f"megatron probe {name} missing for sample {s.name}")
             d = metrics.probe_drift(ref[s.name]["probes"][name], got[s.name]["probes"][name])
@@ -161,6 +175,8 @@ def layer_params(bridge: Bridge, probe: str) -> tuple[list[str], list[str]]:
     layer = probe_layer(probe)
     if layer is not None:
         units = [u for u in bridge.units if u.layer == layer]
+    elif probe.startswith("vision."):
+        units = [u for u in bridge.units if u.rule.mcore.startswith(vision_prefixes(probe))]
     elif probe == "embedding":
         units = [u for u in bridge.units if u.rule.mcore.startswith("embedding.")]
     else:
@@ -170,8 +186,20 @@ def layer_params(bridge: Bridge, probe: str) -> tuple[list[str], list[str]]:
     return hf, mc
 
 
+def vision_prefixes(probe: str) -> tuple[str, ...]:
+    """Megatron parameter prefixes behind a vision probe; the first block also owns what comes
+    before it (patch embedding, learned position embedding)."""
+    _, kind, *index = probe.split(".")
+    if kind == "block":
+        own = (f"visual.blocks.{index[0]}.",)
+        return own + (("visual.patch_embed.", "visual.pos_embed.") if index[0] == "0" else ())
+    return (f"visual.deepstack_merger_list.{index[0]}.",) if kind == "deepstack" else ("visual.merger.",)
+
+
 def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=None, timing, name) -> dict:
     num_layers = bridge.family.num_layers
+    probes = probes_of(samples, ref32, num_layers)
+    multimodal = getattr(bridge.family, "multimodal", False)
     overall, per_input = compare(samples, ref32, got)
     routed = routing(samples, ref32, got, num_layers)
     if routed:
@@ -179,16 +207,17 @@ def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=No
     calibration = None
     if dtype != "fp32":
         cal_overall, _ = compare(samples, ref32, calib)
-        cal_layers = layer_drift(samples, ref32, calib, num_layers)
+        cal_layers = layer_drift(samples, ref32, calib, probes)
         cal_routed = routing(samples, ref32, calib, num_layers) if routed else {}
         if cal_routed:
             cal_overall["router_agreement"] = min(cal_routed.values())
         calibration = {"hf_bf16_vs_fp32": cal_overall,
-                       "layers": [cal_layers[p]["rel_mean_diff"] for p in probe_order(num_layers)]}
-    limits = metrics.thresholds(dtype, calibration and calibration["hf_bf16_vs_fp32"], moe=bool(routed))
-    drift = layer_drift(samples, ref32, got, num_layers)
+                       "layers": [cal_layers[p]["rel_mean_diff"] for p in probes]}
+    gate = "with_loss" if multimodal else "all"  # image and prompt tokens carry no loss
+    limits = metrics.thresholds(dtype, calibration and calibration["hf_bf16_vs_fp32"], moe=bool(routed), gate=gate)
+    drift = layer_drift(samples, ref32, got, probes)
     layers, first = [], None
-    for i, probe in enumerate(probe_order(num_layers)):
+    for i, probe in enumerate(probes):
         limit = limits["layer_rel_drift"]
         if calibration is not None:
             limit = max(limit, metrics.BF16_FACTOR * calibration["layers"][i])
@@ -209,7 +238,7 @@ def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=No
             if not routing_ok:
                 first["router_agreement"] = routed[entry["layer"]]
             first_limit = limit
-    fails = metrics.failures(overall, limits)
+    fails = metrics.failures(overall, limits, gate)
     if first is not None:
         if first["cause"] == "routing":
             fails.append(f"{first['probe']} routing: {first['router_agreement']:.3f} of tokens reach the "
@@ -221,7 +250,7 @@ def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=No
         "layout": layout.to_dict(), "layout_id": layout.short(), "dtype": dtype, "device": device,
         "world_size": rt.world_size(), "versions": versions(), "timing": timing,
         "inputs": [s.describe() for s in samples], "metrics": overall, "per_input": per_input,
-        "thresholds": limits, "layers": layers, "first_diverging": first, "calibration": calibration,
+        "thresholds": limits, "gate": gate, "layers": layers, "first_diverging": first, "calibration": calibration,
         "failures": fails, "verdict": "fail" if fails else "pass",
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
@@ -273,8 +302,11 @@ def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str
     """Collective: compare loaded megatron ``models`` with the HF model in ``hf_dir`` (plus the
     PEFT ``adapter`` on it)."""
     t0 = time.time()
-    vocab = int(bridge.hf_config["vocab_size"])
-    samples = default_samples(vocab, hf_dir, **({"lengths": lengths} if lengths else {}))
+    vocab = int(bridge.family.cfg.require("vocab_size"))
+    if getattr(bridge.family, "multimodal", False):
+        samples = multimodal_samples(bridge.family, hf_dir, **({"lengths": lengths} if lengths else {}))
+    else:
+        samples = default_samples(vocab, hf_dir, **({"lengths": lengths} if lengths else {}))
     got = megatron_outputs(models, samples, vocab, bridge.layout.sp)
     t_mg = time.time() - t0
     if rt.rank() != 0:

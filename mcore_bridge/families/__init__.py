@@ -7,9 +7,11 @@ from .deepseek import DeepSeekV3
 from .llama import Llama
 from .moe import Mixtral, Qwen2MoE, Qwen3MoE
 from .qwen import Qwen2, Qwen3
+from .qwen_vl import Qwen2VL, Qwen3VL, Qwen3VLMoE, Qwen25VL
 
 FAMILIES: dict[str, type[Family]] = {}
-for _cls in (Llama, Qwen2, Qwen3, Mixtral, Qwen2MoE, Qwen3MoE, DeepSeekV3):
+for _cls in (Llama, Qwen2, Qwen3, Mixtral, Qwen2MoE, Qwen3MoE, DeepSeekV3, Qwen2VL, Qwen25VL, Qwen3VL,
+             Qwen3VLMoE):
     for _t in _cls.model_types:
         FAMILIES[_t] = _cls
 
