@@ -80,6 +80,8 @@ class Bridge:
         self.side_files = side_files
         self.layout = layout
         layout.validate(**self.family.layout_dims())
+        if hasattr(self.family, "check_layout"):  # model-specific placement constraints
+            self.family.check_layout(layout)
         self.units = inventory(self.family, layout)
         if hf_tensors is not None:
             self.family.check_tensors(hf_tensors)
@@ -144,6 +146,12 @@ class Bridge:
         return items
 
     # -- LoRA --------------------------------------------------------------------------------
+    def _check_lora_support(self):
+        if getattr(self.family, "multimodal", False):
+            raise lora_.AdapterError(f"LoRA on vision-language models ({self.family.name}) is not supported yet: "
+                                     f"PEFT names their modules under model.language_model / model.visual, which "
+                                     f"the adapter tables do not map; merge the adapter with PEFT first")
+
     def _set_lora(self, spec: "lora_.LoraSpec"):
         self.__dict__.pop("_plans", None)  # the model's modules change: plan anew
         self.lora = spec
@@ -158,6 +166,7 @@ class Bridge:
     def apply_lora(self, models, spec: "lora_.LoraSpec", random_b: bool = False, freeze_base: bool = True):
         """Wrap the targeted linears of this rank's chunks in LoRA layers (``lora.LoraLinear``).
         The base weights keep their names for load/export; ``freeze_base``: only LoRA trains."""
+        self._check_lora_support()
         if self.lora is not None:
             raise lora_.AdapterError("this model already has a LoRA adapter")
         if self.hf_tensors is None:
@@ -177,6 +186,7 @@ class Bridge:
 
         from .lora import peft_io
 
+        self._check_lora_support()
         spec, ckpt = peft_io.open_adapter(path, self.family)
         spec = replace(spec, per_projection=self._distinct_a(ckpt, spec))
         if self.lora is None:

@@ -42,11 +42,19 @@ def roundtrip_one(name: str, layout: ParallelLayout, device: str, work: Path) ->
     checkpoint.load_mcore(back, fresh, mcore_dir)
     hf_out = back.save_weights(fresh, work / f"{name}-hf", overwrite=True)
 
-    ids = torch.randint(0, bridge.hf_config["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(0))
-    logits = megatron_logits(fresh, ids, bridge.hf_config["vocab_size"])
+    vocab = int(bridge.family.cfg.require("vocab_size"))
+    pos = vision = None
+    if getattr(bridge.family, "multimodal", False):  # one sample with an image, 3-D positions
+        from verify.inputs import multimodal_samples
+
+        sample = multimodal_samples(bridge.family, bridge.source)[0]
+        ids, pos, vision = sample.input_ids[None], sample.position_ids[:, None], sample.vision
+    else:
+        ids = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(0))
+    logits = megatron_logits(fresh, ids, vocab, pos, vision)
     diff = -1.0
     if logits is not None:
-        diff = (logits - hf_logits(bridge.source, ids)).abs().max().item()
+        diff = (logits - hf_logits(bridge.source, ids, position_ids=pos, vision=vision)).abs().max().item()
     diff = _max_over_ranks(diff)
 
     mismatched, total = [], 0

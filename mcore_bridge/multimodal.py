@@ -61,7 +61,7 @@ class VisionLanguageGPT(GPTModel):
             raise LayoutError(
                 f"{vision.model_type} adds deepstack vision features into language layers 0-"
                 f"{vision.deepstack_layers - 1}, but the first pipeline stage holds {len(self.decoder.layers)}: "
-                f"put at least {vision.deepstack_layers} layers on it (--first-stage-layers) or use fewer "
+                f"put at least {vision.deepstack_layers} layers on it (--decoder-first-pipeline-num-layers) or use fewer "
                 f"pipeline stages")
         for k in range(vision.deepstack_layers):
             self.decoder.layers[k].register_forward_hook(self._deepstack_hook(k))

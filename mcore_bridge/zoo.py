@@ -166,7 +166,8 @@ def build(name: str, out: Path, seed: int = 0):
             if multimodal and _is_query_key(pname):
                 # Sharp attention: with the default init, attention is near uniform and positions
                 # barely matter, so a wrong multimodal RoPE split would hide below fp32 noise.
-                p.mul_(QK_SHARPEN)
+                # (q/k norms scale both factors of every score already: a milder factor.)
+                p.mul_(QK_SHARPEN ** 0.5 if "_norm" in pname else QK_SHARPEN)
         for bname, b in model.named_buffers():
             if bname.endswith("e_score_correction_bias"):  # a routing bias that changes choices
                 b.copy_(0.05 * torch.randn_like(b))

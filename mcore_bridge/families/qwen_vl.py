@@ -131,6 +131,18 @@ class VisionLanguageMixin:
         return VisionSettings(raw["model_type"], self.vision_class, int(raw["image_token_id"]),
                               int(raw["video_token_id"]), deepstack, self.mrope_interleaved)
 
+    def check_layout(self, layout) -> None:
+        """Deepstack features enter the first language layers, next to the vision tower."""
+        from ..layout import LayoutError
+
+        need = self.vision_settings().deepstack_layers
+        first = len(layout.chunk_layers(self.num_layers, 0, 0))
+        if need > first:
+            raise LayoutError(
+                f"{self.name} adds deepstack vision features into language layers 0-{need - 1}, which must "
+                f"sit on the first pipeline stage with the vision tower; this layout puts {first} there: "
+                f"use --decoder-first-pipeline-num-layers {need} or more (first_stage_layers), or fewer pipeline stages")
+
     def model_settings(self) -> dict:
         settings = super().model_settings()
         settings["config"]["mrope_section"] = self.mrope_section
