@@ -1,4 +1,5 @@
-"""MoE on GPUs (NCCL, bf16): round trip and verification of a real-shaped checkpoint per layout.
+"""MoE and vision-language models on GPUs (NCCL, bf16): round trip and verification of a
+real-shaped checkpoint per layout.
 
     python bench/make_checkpoint.py --config qwen3-30b-a3b --out /tmp/q30 --layers 8
     torchrun --nproc-per-node 2 bench/gpu_moe.py /tmp/q30 --layouts ep=2 tp=2,sp=1,ep=2,etp=1 \\
@@ -98,9 +99,11 @@ def run_case(src: Path, layout: ParallelLayout, args) -> dict:
                    "bad": bad[:5], "tensors": exported, "export_gb": nbytes / 1e9, "build_s": t_build,
                    "load_s_per_rank": loads, "export_all_ranks_s": t_export, "save_s": t_save,
                    "verdict": report["verdict"], "failures": report["failures"],
-                   "metrics": {k: report["metrics"][k] for k in ("mean_diff", "max_diff", "mean_diff_with_loss",
+                   "gate": report["gate"],
+                   "metrics": {k: report["metrics"].get(k) for k in ("mean_diff", "max_diff", "mean_diff_with_loss",
                                                                   "max_diff_with_loss", "top1_agreement",
-                                                                  "router_agreement", "kl_hf_mg")},
+                                                                  "top1_agreement_with_loss", "router_agreement",
+                                                                  "kl_hf_mg")},
                    "thresholds": report["thresholds"],
                    "hf_bf16_vs_fp32": {k: report["calibration"]["hf_bf16_vs_fp32"].get(k)
                                        for k in ("mean_diff", "max_diff", "top1_agreement", "router_agreement")},

@@ -1,4 +1,5 @@
-"""Write a random-weight HF checkpoint with published shapes (Qwen3-8B, Qwen3-30B-A3B) and fewer layers.
+"""Write a random-weight HF checkpoint with published shapes (Qwen3-8B, Qwen3-30B-A3B, Qwen3-VL-8B,
+Qwen3-VL-30B-A3B) and fewer (language) layers.
 
     python bench/make_checkpoint.py --out /tmp/qwen3-8b-l4 --layers 4
     python bench/make_checkpoint.py --config qwen3-30b-a3b --out /tmp/qwen3-30b-a3b-l4 --layers 4
@@ -38,15 +39,47 @@ QWEN3_30B_A3B = dict(
     use_sliding_window=False, sliding_window=None, attention_bias=False, hidden_act="silu",
     bos_token_id=151643, eos_token_id=151645, router_aux_loss_coef=0.001,
 )
+# Published Qwen3-VL-8B-Instruct / Qwen3-VL-30B-A3B-Instruct config.json, minus the language
+# model's num_hidden_layers (36 / 48 there); the vision tower keeps its full depth (27 blocks).
+_QWEN3_VL_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                        deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh", in_channels=3)
+_QWEN3_VL_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                     vision_end_token_id=151653, tie_word_embeddings=False)
+_QWEN3_VL_ROPE = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                  "mrope_interleaved": True}
+QWEN3_VL_8B = dict(
+    text_config=dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, vocab_size=151936, rms_norm_eps=1e-6, max_position_embeddings=262144,
+                     hidden_act="silu", attention_bias=False, rope_parameters=_QWEN3_VL_ROPE,
+                     bos_token_id=151643, eos_token_id=151645),
+    vision_config=dict(_QWEN3_VL_VISION, out_hidden_size=4096), **_QWEN3_VL_IDS)
+QWEN3_VL_30B_A3B = dict(
+    text_config=dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                     num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[], num_attention_heads=32,
+                     num_key_value_heads=4, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6,
+                     max_position_embeddings=262144, hidden_act="silu", attention_bias=False,
+                     rope_parameters=_QWEN3_VL_ROPE, bos_token_id=151643, eos_token_id=151645),
+    vision_config=dict(_QWEN3_VL_VISION, out_hidden_size=2048), **_QWEN3_VL_IDS)
 CONFIGS = {"qwen3-8b": ("Qwen3ForCausalLM", "qwen3", QWEN3_8B),
-           "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", "qwen3_moe", QWEN3_30B_A3B)}
+           "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", "qwen3_moe", QWEN3_30B_A3B),
+           # vision-language: written as transformers 5.24 writes them (experts stacked [E, 2F, H])
+           "qwen3-vl-8b": ("Qwen3VLForConditionalGeneration", "qwen3_vl", QWEN3_VL_8B),
+           "qwen3-vl-30b-a3b": ("Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe", QWEN3_VL_30B_A3B)}
 
 
 def make_config(name: str, layers: int):
+    import copy
+
     from transformers import AutoConfig
 
     arch, model_type, fields = CONFIGS[name]
-    cfg = AutoConfig.for_model(model_type, num_hidden_layers=layers, **fields)
+    fields = copy.deepcopy(fields)
+    if "text_config" in fields:
+        fields["text_config"]["num_hidden_layers"] = layers
+        cfg = AutoConfig.for_model(model_type, **fields)
+    else:
+        cfg = AutoConfig.for_model(model_type, num_hidden_layers=layers, **fields)
     cfg.dtype = torch.bfloat16
     cfg.architectures = [arch]
     return cfg
@@ -56,10 +89,13 @@ def tensor_shapes(cfg, stacked: bool = False) -> list[tuple[str, tuple[int, ...]
     """(name, shape) of every tensor ``save_pretrained`` would write, in its order. transformers 5
     keeps MoE experts stacked in memory (``experts.gate_up_proj [E, 2F, H]``, ``down_proj [E, H, F]``)
     and writes one tensor per expert; ``stacked`` keeps the in-memory form instead."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    multimodal = hasattr(cfg, "vision_config")
+    stacked = stacked or multimodal
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model = (AutoModelForImageTextToText if multimodal else AutoModelForCausalLM).from_config(
+            cfg, dtype=torch.bfloat16)
     tied = getattr(model, "_tied_weights_keys", None) or {}
     skip = set(tied) if cfg.tie_word_embeddings else set()  # dict (transformers 5) or list (4.x)
     out = []

@@ -95,3 +95,30 @@ def test_nan_logits_fail():
     got[3, 4] = float("nan")
     fails = metrics.failures(metrics.compare_logits(ref, got, _labels(8, 2)), metrics.thresholds("fp32"))
     assert any("NaN" in f for f in fails)
+
+
+def test_top1_slack_widens_only_for_few_tokens():
+    assert metrics.top1_slack(0.97, None) == metrics.BF16_TOP1_SLACK
+    assert metrics.top1_slack(0.97, 100_000) == metrics.BF16_TOP1_SLACK  # many tokens: the fixed slack
+    few = metrics.top1_slack(0.967, 145)  # 3 sigma of a binomial with p=0.033, n=145
+    assert few == pytest.approx(3 * (0.033 * 0.967 / 145) ** 0.5) and few > 0.04
+    calib = {"mean_diff": 0.1, "max_diff": 1.0, "mean_diff_with_loss": 0.1, "max_diff_with_loss": 1.0,
+             "kl_hf_mg": 1e-3, "top1_agreement": 0.967, "top1_agreement_with_loss": 0.967}
+    t = metrics.thresholds("bf16", calib, gate="with_loss", tokens=(1_000_000, 145))
+    assert t["top1_agreement_with_loss_min"] == pytest.approx(0.967 - few) and "top1_agreement_min" not in t
+    t = metrics.thresholds("bf16", calib, tokens=(1_000_000, 145))
+    assert t["top1_agreement_min"] == pytest.approx(0.967 - 0.02) and "top1_agreement_with_loss_min" not in t
+
+
+def test_loss_masked_gate_drops_unmasked_limits_and_uses_masked_top1():
+    t = metrics.thresholds("fp32", gate="with_loss")
+    assert not set(metrics.UNMASKED) & set(t) and "mean_diff_with_loss" in t
+    assert "top1_agreement_min" not in t and t["top1_agreement_with_loss_min"] == 0.99
+    ok = {"mean_diff": 5.0, "max_diff": 5.0, "kl_hf_mg": 1.0, "mean_diff_with_loss": 1e-7,
+          "max_diff_with_loss": 1e-6, "top1_agreement": 0.5, "top1_agreement_with_loss": 1.0}
+    assert metrics.failures(ok, t, "with_loss") == []  # image/prompt logits are reported, not gated
+    bad = dict(ok, top1_agreement_with_loss=0.9)
+    assert metrics.failures(bad, t, "with_loss") == ["top1_agreement_with_loss 0.9000 < 0.9900"]
+    assert "mean_diff 5.00e+00 > 1.0e-05" in metrics.failures(ok, metrics.thresholds("fp32"))
+    with pytest.raises(ValueError, match="gate"):
+        metrics.thresholds("fp32", gate="images")

@@ -88,7 +88,7 @@ def default_samples(vocab: int, model_dir: Path | None = None, lengths=LENGTHS) 
 IMAGE_SAMPLES = {"image": [(3, 4)], "images-2": [(2, 5), (4, 2)]}
 
 
-def multimodal_samples(family, model_dir: Path | None, lengths=LENGTHS[:2], seed: int = 7) -> list[Sample]:
+def multimodal_samples(family, model_dir: Path | None, lengths=LENGTHS, seed: int = 7) -> list[Sample]:
     """Image samples (synthetic pixels through the model's real image processor; loss only on the
     text after the last image) and text-only samples, all with transformers' 3-D position ids."""
     from mcore_bridge.families.qwen_vl import hf_config

@@ -361,10 +361,13 @@ def render_markdown(report: dict) -> str:
         ("timing", _md(", ".join(f"{k} {v:.2f}" if _is_number(v) else f"{k} {v}"
                                  for k, v in timing.items()) or "—")),
         ("inputs", _md(", ".join(f"{i.get('name')} ({i.get('tokens', '?')} tokens, "
-                                 f"{i.get('loss_tokens', '?')} loss tokens)"
+                                 f"{i.get('loss_tokens', '?')} loss tokens"
+                                 f"{', images ' + str(i['images']) if i.get('images') else ''})"
                                  for i in r.get("inputs") or []) or "—")),
         ("created", _md(r.get("created", "—"))),
-    ] + ([("control", _md(control))] if control else [])
+    ] + ([("control", _md(control))] if control else []) + (
+        [("gate", "loss tokens only: image and prompt logits are reported, not gated")]
+        if r.get("gate") == "with_loss" else [])
     out += _table(["", ""], [[k, v] for k, v in info]) + [""]
 
     calib = (r.get("calibration") or {}).get("hf_bf16_vs_fp32") or {}

@@ -214,7 +214,9 @@ def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=No
         calibration = {"hf_bf16_vs_fp32": cal_overall,
                        "layers": [cal_layers[p]["rel_mean_diff"] for p in probes]}
     gate = "with_loss" if multimodal else "all"  # image and prompt tokens carry no loss
-    limits = metrics.thresholds(dtype, calibration and calibration["hf_bf16_vs_fp32"], moe=bool(routed), gate=gate)
+    tokens = (sum(s.input_ids.numel() for s in samples), sum(s.loss_tokens for s in samples))
+    limits = metrics.thresholds(dtype, calibration and calibration["hf_bf16_vs_fp32"], moe=bool(routed), gate=gate,
+                                tokens=tokens)
     drift = layer_drift(samples, ref32, got, probes)
     layers, first = [], None
     for i, probe in enumerate(probes):

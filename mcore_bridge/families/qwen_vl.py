@@ -126,7 +126,7 @@ class VisionLanguageMixin:
         raw = self.full_config
         vision = raw.get("vision_config") or {}
         deepstack = len(vision.get("deepstack_visual_indexes") or [])
-        if deepstack > self.num_layers:
+        if deepstack > self.num_layers:  # transformers would fail on them too
             raise UnsupportedConfig(f"{deepstack} deepstack features for {self.num_layers} language layers")
         return VisionSettings(raw["model_type"], self.vision_class, int(raw["image_token_id"]),
                               int(raw["video_token_id"]), deepstack, self.mrope_interleaved)
