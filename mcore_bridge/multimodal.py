@@ -63,6 +63,11 @@ class VisionLanguageGPT(GPTModel):
                 f"{vision.deepstack_layers - 1}, but the first pipeline stage holds {len(self.decoder.layers)}: "
                 f"put at least {vision.deepstack_layers} layers on it (--decoder-first-pipeline-num-layers) or use fewer "
                 f"pipeline stages")
+        if vision.deepstack_layers and config.recompute_granularity is not None:
+            # the hooks read this forward's features; a recomputed layer would run without them
+            raise ValueError(f"{vision.model_type}: deepstack features are added by forward hooks, which "
+                             f"activation recomputation (recompute_granularity="
+                             f"{config.recompute_granularity!r}) would replay without them: turn it off")
         for k in range(vision.deepstack_layers):
             self.decoder.layers[k].register_forward_hook(self._deepstack_hook(k))
 
