@@ -69,7 +69,7 @@ class Bridge:
         else:
             self.source, self.hf = Path(source) if source else None, None
         self.family = family_for(hf_config)
-        if hf_tensors is not None and hasattr(self.family, "adapt"):  # the checkpoint's naming
+        if hf_tensors is not None:  # the checkpoint's naming, where a family allows several
             self.family.adapt(hf_tensors)
         if self.hf is not None:  # stacked experts: from here on seen as one tensor per expert
             self.hf, expert_storage = stacked.open_checkpoint(self.hf, self.family)
@@ -80,8 +80,7 @@ class Bridge:
         self.side_files = side_files
         self.layout = layout
         layout.validate(**self.family.layout_dims())
-        if hasattr(self.family, "check_layout"):  # model-specific placement constraints
-            self.family.check_layout(layout)
+        self.family.check_layout(layout)
         self.units = inventory(self.family, layout)
         if hf_tensors is not None:
             self.family.check_tensors(hf_tensors)
@@ -147,7 +146,7 @@ class Bridge:
 
     # -- LoRA --------------------------------------------------------------------------------
     def _check_lora_support(self):
-        if getattr(self.family, "multimodal", False):
+        if self.family.multimodal:
             raise lora_.AdapterError(f"LoRA on vision-language models ({self.family.name}) is not supported yet: "
                                      f"PEFT names their modules under model.language_model / model.visual, which "
                                      f"the adapter tables do not map; merge the adapter with PEFT first")

@@ -44,7 +44,7 @@ def roundtrip_one(name: str, layout: ParallelLayout, device: str, work: Path) ->
 
     vocab = int(bridge.family.cfg.require("vocab_size"))
     pos = vision = None
-    if getattr(bridge.family, "multimodal", False):  # one sample with an image, 3-D positions
+    if bridge.family.multimodal:  # one sample with an image, 3-D positions
         from verify.inputs import multimodal_samples
 
         sample = multimodal_samples(bridge.family, bridge.source)[0]

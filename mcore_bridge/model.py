@@ -73,6 +73,7 @@ def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = tor
 
     settings = family.model_settings()
     layout.validate(**family.layout_dims())
+    family.check_layout(layout)
     config = transformer_config(family, layout, dtype, device, grouped_experts)
     spec_kw = dict(settings["spec"])
     block = spec_kw.pop("block", False)

@@ -17,7 +17,6 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import (Multimo
 from megatron.core.models.gpt import GPTModel
 
 from .families.qwen_vl import VisionSettings, build_vision
-from .layout import LayoutError
 
 
 class InterleavedMRoPE(MultimodalRotaryEmbedding):
@@ -56,13 +55,8 @@ class VisionLanguageGPT(GPTModel):
         self._deepstack = None
         if not self.pre_process:
             return
+        # deepstack layers sit on this (first) stage: ``Family.check_layout`` refused other layouts
         self.visual = build_vision(vision.model_type, vision.vision_class, hf_config).to(config.params_dtype)
-        if vision.deepstack_layers > len(self.decoder.layers):
-            raise LayoutError(
-                f"{vision.model_type} adds deepstack vision features into language layers 0-"
-                f"{vision.deepstack_layers - 1}, but the first pipeline stage holds {len(self.decoder.layers)}: "
-                f"put at least {vision.deepstack_layers} layers on it (--decoder-first-pipeline-num-layers) or use fewer "
-                f"pipeline stages")
         if vision.deepstack_layers and config.recompute_granularity is not None:
             # the hooks read this forward's features; a recomputed layer would run without them
             raise ValueError(f"{vision.model_type}: deepstack features are added by forward hooks, which "

@@ -85,6 +85,23 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
 
 
+def check_roundtrip(results: list[dict], src, out) -> list[str]:
+    """In the test process, on ``roundtrip``'s results: every rank received every tensor of ``src``
+    once, byte-identical, and the checkpoint saved into ``out`` holds the same bytes. Returns the
+    source's tensor names (sorted)."""
+    source = HFCheckpoint(src)
+    expected = sorted(source.names())
+    for r in results:
+        assert r["mismatches"] == [], f"rank {r['rank']}"
+        assert r["names"] == expected, f"rank {r['rank']}"
+        assert r["count"] == len(expected), f"rank {r['rank']}: duplicates in the export"
+    saved = HFCheckpoint(out)
+    assert sorted(saved.names()) == expected
+    for name in expected:
+        assert same_bytes(saved.read(name), source.read(name)), name
+    return expected
+
+
 def roundtrip(source: str, layout: dict, out_dir: str | None = None, broken: str | None = None,
               grouped: bool = False) -> dict:
     """Load the HF directory ``source``, export every tensor (all ranks receive all) and compare

@@ -45,10 +45,6 @@ def vision_targets(visual) -> list:
     return targets
 
 
-def vision_probe_names(visual) -> list[str]:
-    return [name for name, _ in vision_targets(visual)]
-
-
 def _unbatched(hidden):
     return hidden.float()[None]
 

@@ -199,7 +199,6 @@ def vision_prefixes(probe: str) -> tuple[str, ...]:
 def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=None, timing, name) -> dict:
     num_layers = bridge.family.num_layers
     probes = probes_of(samples, ref32, num_layers)
-    multimodal = getattr(bridge.family, "multimodal", False)
     overall, per_input = compare(samples, ref32, got)
     routed = routing(samples, ref32, got, num_layers)
     if routed:
@@ -213,7 +212,7 @@ def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=No
             cal_overall["router_agreement"] = min(cal_routed.values())
         calibration = {"hf_bf16_vs_fp32": cal_overall,
                        "layers": [cal_layers[p]["rel_mean_diff"] for p in probes]}
-    gate = "with_loss" if multimodal else "all"  # image and prompt tokens carry no loss
+    gate = "with_loss" if bridge.family.multimodal else "all"  # image and prompt tokens carry no loss
     tokens = (sum(s.input_ids.numel() for s in samples), sum(s.loss_tokens for s in samples))
     limits = metrics.thresholds(dtype, calibration and calibration["hf_bf16_vs_fp32"], moe=bool(routed), gate=gate,
                                 tokens=tokens)
@@ -305,7 +304,7 @@ def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str
     PEFT ``adapter`` on it)."""
     t0 = time.time()
     vocab = int(bridge.family.cfg.require("vocab_size"))
-    if getattr(bridge.family, "multimodal", False):
+    if bridge.family.multimodal:
         samples = multimodal_samples(bridge.family, hf_dir, **({"lengths": lengths} if lengths else {}))
     else:
         samples = default_samples(vocab, hf_dir, **({"lengths": lengths} if lengths else {}))

@@ -111,6 +111,7 @@ class Family:
 
     model_types: tuple[str, ...] = ()
     name: str = ""
+    multimodal = False  # vision-language families (``qwen_vl``) say True
 
     def __init__(self, raw_config: dict):
         self.cfg = HFConfig(raw_config)
@@ -143,6 +144,13 @@ class Family:
     def check_tensors(self, names) -> None:
         """Refuse checkpoint contents this family knows it cannot convert (before strict accounting
         would call them merely unexpected)."""
+
+    def adapt(self, hf_names) -> None:
+        """Follow naming choices of the checkpoint at hand (``hf_names``) where a family allows
+        several; the rules then produce those names, so export writes them back."""
+
+    def check_layout(self, layout) -> None:
+        """Refuse layouts this model cannot run on beyond what ``layout_dims`` expresses."""
 
     def layer_kind(self, layer: int) -> str:
         return "moe" if self.is_moe_layer(layer) else "dense"
