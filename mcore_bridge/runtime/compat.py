@@ -153,7 +153,13 @@ def _gmm(a, b, batch_sizes, trans_b=False):
 
 def _grouped_gemm_fallback():
     """no_grouped_gemm: the legacy GroupedMLP asserts the CUDA-only ``grouped_gemm`` package at
-    construction and calls ``ops.gmm`` in its forward; give it the torch version above."""
+    construction and calls ``ops.gmm`` in its forward; give it the torch version above.
+    Feature-detected: megatron-core 0.16 has ``moe.grouped_gemm_util``; 0.19 removed it (and the
+    legacy GroupedMLP with it), so there is nothing to adapt there."""
+    import importlib.util
+
+    if importlib.util.find_spec("megatron.core.transformer.moe.grouped_gemm_util") is None:
+        return
     from megatron.core.transformer.moe import grouped_gemm_util as gg
 
     if gg.grouped_gemm is None:
