@@ -241,13 +241,13 @@ def cmd_export(args, argv) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else _source_dtype(bridge)
     models = bridge.build_model(dtype)
     if args.load:
-        checkpoint.load_mcore(bridge, models, args.load)
+        _say(checkpoint.load_mcore(bridge, models, args.load))
     else:
         bridge.load_weights(models)
     if args.adapters:
         bridge.load_adapter(models, args.adapters)
     elif args.adapter_load:
-        checkpoint.load_adapter_mcore(bridge, models, args.adapter_load)
+        _say(checkpoint.load_adapter_mcore(bridge, models, args.adapter_load))
     lora = bridge.lora is not None
     merge = lora and args.merge_lora
     if args.to_mcore:
@@ -405,7 +405,7 @@ def cmd_zoo(args, argv) -> int:
 def _say(msg: str):
     from .runtime.dist import rank
 
-    if rank() == 0:
+    if rank() == 0 and msg:
         print(msg, flush=True)
 
 
