@@ -73,11 +73,46 @@ def _add_runtime_args(p: argparse.ArgumentParser):
                    help="with --nnodes > 1: a free port on node 0 (env MASTER_PORT)")
 
 
+def version_line() -> str:
+    """``mcore-bridge X (megatron-core Y, torch Z, transformers W)``, from the installed packages'
+    metadata (imports none of them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{name} {installed(name)}" for name in ("megatron-core", "torch", "transformers"))
+    return f"mcore-bridge {__version__} ({deps})"
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
+def _header():
+    """The version line at the top of a command's output, from rank 0 only (torch.distributed is
+    not set up yet: torchrun's RANK tells)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(version_line(), flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcore-bridge",
         description="Convert Hugging Face safetensors checkpoints to and from megatron-core models "
                     "sharded by tensor/pipeline parallelism, on CPU (gloo) or GPU (NCCL).")
+    parser.add_argument("--version", action=_Version,
+                        help="print the versions of mcore-bridge, megatron-core, torch and transformers")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     ex = sub.add_parser(
@@ -236,6 +271,7 @@ def cmd_export(args, argv) -> int:
     code = needs_launch(args, bridge.layout.min_world_size, argv)
     if code is not None:
         return code
+    _header()  # here, not before the launch: one line, from the process that does the work
 
     bridge.setup(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else _source_dtype(bridge)
@@ -316,7 +352,7 @@ def cmd_verify(args, argv) -> int:
     import json
     import subprocess
 
-    from verify.matrix import expand
+    from verify.matrix import applicable, expand, matrix_text
     from verify.run import model_name
 
     from . import zoo
@@ -328,7 +364,8 @@ def cmd_verify(args, argv) -> int:
         if d not in ("fp32", "bf16"):
             raise ValueError(f"--dtype {d!r}: choose fp32 and/or bf16")
     report_dir = Path(args.report)
-    failed, ran = [], 0
+    _header()
+    plans, unplanned = [], 0
     for model in models:
         family = Bridge(model).family  # fails early on unknown architectures / bad checkpoints
         layouts, skipped = expand(args.matrix, family.layout_dims())
@@ -338,6 +375,16 @@ def cmd_verify(args, argv) -> int:
         for reason, cases in by_reason.items():
             what = cases[0] if len(cases) == 1 else f"{len(cases)} layouts"
             print(f"{model_name(model):<12} skip {what}: {reason}", flush=True)
+        if not layouts:
+            unplanned += 1
+            print(f"mcore-bridge verify: no layout of --matrix \"{args.matrix}\" applies to {model} (each is "
+                  f"skipped above); layouts that do: --matrix \"{matrix_text(applicable(family.layout_dims()))}\" "
+                  f"(each axis checked alone, values up to 8)", file=sys.stderr, flush=True)
+        plans.append((model, layouts))
+    if unplanned:  # a usage error: nothing is run, no report written
+        return 2
+    failed, ran = [], 0
+    for model, layouts in plans:
         for layout in layouts:
             for dtype in dtypes:
                 nproc = args.nproc_per_node or layout.min_world_size
@@ -350,7 +397,7 @@ def cmd_verify(args, argv) -> int:
                 if args.moe_grouped_gemm:
                     cmd += ["--grouped-experts"]
                 if args.adapters:
-                    cmd += ["--adapters", str(Path(args.adapters).absolute())]
+                    cmd += ["--adapters", args.adapters]  # as given (it lands in the report); same cwd
                 env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                            MCORE_BRIDGE_QUIET="1", PYTHONWARNINGS="ignore")
                 ran += 1
