@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .launch import needs_launch, under_torchrun
+from .versions import VersionAction, print_header
 
 KNOWN_ERRORS = ("LayoutError", "MappingError", "CheckpointError", "UnsupportedConfig", "ShapeMismatch",
                 "FileExistsError", "FileNotFoundError", "AdapterError")
@@ -73,45 +74,12 @@ def _add_runtime_args(p: argparse.ArgumentParser):
                    help="with --nnodes > 1: a free port on node 0 (env MASTER_PORT)")
 
 
-def version_line() -> str:
-    """``mcore-bridge X (megatron-core Y, torch Z, transformers W)``, from the installed packages'
-    metadata (imports none of them)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from . import __version__
-
-    def installed(name):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    deps = ", ".join(f"{name} {installed(name)}" for name in ("megatron-core", "torch", "transformers"))
-    return f"mcore-bridge {__version__} ({deps})"
-
-
-class _Version(argparse.Action):
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(version_line())
-        parser.exit()
-
-
-def _header():
-    """The version line at the top of a command's output, from rank 0 only (torch.distributed is
-    not set up yet: torchrun's RANK tells)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(version_line(), flush=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcore-bridge",
         description="Convert Hugging Face safetensors checkpoints to and from megatron-core models "
                     "sharded by tensor/pipeline parallelism, on CPU (gloo) or GPU (NCCL).")
-    parser.add_argument("--version", action=_Version,
+    parser.add_argument("--version", action=VersionAction,
                         help="print the versions of mcore-bridge, megatron-core, torch and transformers")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -271,7 +239,7 @@ def cmd_export(args, argv) -> int:
     code = needs_launch(args, bridge.layout.min_world_size, argv)
     if code is not None:
         return code
-    _header()  # here, not before the launch: one line, from the process that does the work
+    print_header()  # here, not before the launch: one line, from the process that does the work
 
     bridge.setup(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else _source_dtype(bridge)
@@ -364,7 +332,7 @@ def cmd_verify(args, argv) -> int:
         if d not in ("fp32", "bf16"):
             raise ValueError(f"--dtype {d!r}: choose fp32 and/or bf16")
     report_dir = Path(args.report)
-    _header()
+    print_header()
     plans, unplanned = [], 0
     for model in models:
         family = Bridge(model).family  # fails early on unknown architectures / bad checkpoints
