@@ -180,7 +180,7 @@ def load(models, path, content: str = FULL) -> str | None:
     except Exception as e:
         error = e
     if not rt.all_ok(error is None):
-        raise error or RuntimeError("another rank rejected the checkpoint metadata")
+        raise error or hfio.CheckpointError("another rank rejected the checkpoint metadata")
     state = sharded_state(models, content)
     keys = [model_key(i, len(models)) for i in range(len(models))]
     note = None
@@ -216,7 +216,7 @@ def load(models, path, content: str = FULL) -> str | None:
     except Exception as e:
         error = e
     if not rt.all_ok(error is None):  # fail together: the export that follows is collective
-        raise error or RuntimeError("another rank could not load its part of the checkpoint")
+        raise error or hfio.CheckpointError("another rank could not load its part of the checkpoint")
     return note
 
 
