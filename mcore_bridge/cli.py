@@ -110,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "only at the same layout)")
     ex.add_argument("--test-convert-precision", "--test_convert_precision", type=_bool, nargs="?",
                     const=True, default=False,
-                    help="after converting, run the HF model and the megatron model side by side and "
-                         "fail if they disagree beyond the dtype's thresholds")
+                    help="after converting, check what was written: --to-mcore loads a fresh megatron "
+                         "model from the written checkpoint and runs it beside the HF model; --to-hf runs "
+                         "the megatron model beside the HF model loaded from the written directory. Fails "
+                         "if they disagree beyond the dtype's thresholds")
     lo = ex.add_argument_group("LoRA adapters")
     lo.add_argument("--adapters", default=None,
                     help="a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) put on "
@@ -222,6 +224,9 @@ def cmd_export(args, argv) -> int:
     if args.adapters and args.adapter_load:
         raise SystemExit("mcore-bridge export: --adapters (PEFT) and --adapter-load (Megatron) both name an "
                          "adapter; pass one")
+    if args.test_convert_precision and args.to_mcore and args.adapter_load:
+        raise SystemExit("mcore-bridge export: --test-convert-precision with --to-mcore compares against HF + a "
+                         "PEFT adapter: pass the adapter as --adapters (PEFT), or check --adapter-load with --to-hf")
     save = Path(args.save)
     if save.exists() and any(save.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--save {save} exists and is not empty; pass --overwrite to replace it")
@@ -264,10 +269,37 @@ def cmd_export(args, argv) -> int:
         what = "HF" + (", merged with the adapter" if merge else ", PEFT adapter" if lora else "")
     _say(f"wrote {save} ({what}, layout {bridge.layout.short()})")
     if args.test_convert_precision:
-        hf_dir = save if args.to_hf and (merge or not lora) else bridge.source
-        adapter = save if args.to_hf and lora and not merge else None
+        if args.to_mcore:  # what was written, not the model that was converted
+            models.clear()
+            return _check_written_mcore(bridge, save, dtype, args)
+        # the megatron model against HF loaded from what was written (weights or PEFT adapter)
+        hf_dir = save if merge or not lora else bridge.source
+        adapter = save if lora and not merge else None
         return _check_precision(bridge, models, hf_dir, dtype, adapter)
     return 0
+
+
+def _check_written_mcore(bridge, save: Path, dtype, args) -> int:
+    """--test-convert-precision after --to-mcore: a fresh model loaded from the checkpoint just
+    written (an adapter-only one on the HF source's base weights) against the HF source, with the
+    PEFT adapter on it when there is one."""
+    from . import checkpoint
+    from .bridge import Bridge
+
+    adapter_only = checkpoint.read_meta(save).get("content") == "adapter"
+    if adapter_only:
+        reader = Bridge(bridge.source, bridge.layout, allow_pickle=args.allow_pickle)
+    else:
+        reader = checkpoint.bridge_from_mcore(save, bridge.layout)
+    reader.device = bridge.device  # the same layout: the parallel state is already set up
+    models = reader.build_model(dtype)
+    if adapter_only:
+        reader.load_weights(models)
+        checkpoint.load_adapter_mcore(reader, models, save)
+    else:
+        checkpoint.load_mcore(reader, models, save)
+    _say(f"precision check: a model loaded back from {save}")
+    return _check_precision(reader, models, bridge.source, dtype, Path(args.adapters) if args.adapters else None)
 
 
 def _check_precision(bridge, models, hf_dir, dtype, adapter=None) -> int:

@@ -180,7 +180,7 @@ def load(models, path, content: str = FULL) -> str | None:
     except Exception as e:
         error = e
     if not rt.all_ok(error is None):
-        raise error or RuntimeError("another rank rejected the checkpoint metadata")
+        raise error or hfio.CheckpointError("another rank rejected the checkpoint metadata")
     state = sharded_state(models, content)
     keys = [model_key(i, len(models)) for i in range(len(models))]
     note = None
@@ -192,8 +192,10 @@ def load(models, path, content: str = FULL) -> str | None:
         except CheckpointingException as e:  # e.g. a tensor of another shape than the model's
             raise MappingError(f"{ckpt_dir}: {e}") from None
         except pickle.UnpicklingError as e:  # common.pt holding objects beyond torch's weights-only set
-            raise hfio.CheckpointError(f"{ckpt_dir / 'common.pt'}: refused by torch.load(weights_only=True): "
-                                       f"{str(e).splitlines()[-1][:300]}") from None
+            why = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e)[:300])
+            raise hfio.CheckpointError(f"{ckpt_dir / 'common.pt'}: refused by torch.load(weights_only=True), "
+                                       f"which builds only tensors, containers and classes megatron-core "
+                                       f"registers as safe: {why[:300]}") from None
         needed = sorted(k for k in absent if not _is_extra_state(k))
         if needed:
             raise MappingError(f"{ckpt_dir}: the checkpoint lacks {len(needed)} tensor(s) this model needs: "
@@ -214,7 +216,7 @@ def load(models, path, content: str = FULL) -> str | None:
     except Exception as e:
         error = e
     if not rt.all_ok(error is None):  # fail together: the export that follows is collective
-        raise error or RuntimeError("another rank could not load its part of the checkpoint")
+        raise error or hfio.CheckpointError("another rank could not load its part of the checkpoint")
     return note
 
 
@@ -243,10 +245,10 @@ def _classify_unasked(unasked, content: str) -> tuple[dict, list]:
     groups, extra = {}, []
     for key in sorted(unasked):
         group = next((g for g, pattern in _NON_MODEL if pattern.search(key)), None)
-        if group is None and _is_extra_state(key):
-            group = "_extra_state"
         if group is None and content == ADAPTER and not lora.is_lora_param(key):
             continue  # a full checkpoint read as an adapter: its base weights are not read
+        if group is None and _is_extra_state(key):
+            group = "_extra_state"
         if group is None:
             extra.append(key)
         else:

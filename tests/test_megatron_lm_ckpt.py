@@ -8,6 +8,7 @@ as an adapter source; a LoRA model whose tensor was not filled is refused."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 
 import pytest
@@ -71,6 +72,16 @@ def test_training_checkpoint_converts_and_mismatches_are_named(pools, zoo_model,
     assert r.returncode == 2, r.stderr[-3000:]
     assert "does not have: ['decoder.layers.self_attention.q_layernorm.weight']" in r.stderr
     assert "Traceback" not in r.stderr
+    assert_nothing_written(save)
+
+    # common.pt with an object torch.load(weights_only=True) refuses (megatron-core reads it so)
+    path = tmp_path / "extra" / "iter_0000005" / "common.pt"
+    common["args"].started = datetime.datetime(2026, 1, 1)
+    torch.save(common, path)
+    save = tmp_path / "hf-unsafe"
+    r = _convert(tmp_path / "extra", src, save)
+    assert r.returncode == 2 and "common.pt: refused by torch.load(weights_only=True)" in r.stderr, r.stderr[-3000:]
+    assert "datetime.datetime" in r.stderr and "Traceback" not in r.stderr
     assert_nothing_written(save)
 
 
