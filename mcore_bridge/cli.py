@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="inject a known error to check the harness (see verify/controls.py), e.g. "
                           "scale:decoder.layers.1.mlp.linear_fc2.weight:1.01")
     ver.add_argument("--moe-grouped-gemm", "--moe_grouped_gemm", type=_bool, nargs="?", const=True, default=False,
-                     help="build MoE experts as megatron's grouped-GEMM module (bf16 only on megatron-core "
-                          "0.16) instead of one MLP per expert")
+                     help="build MoE experts as megatron's grouped-GEMM module (bf16 only; megatron-core "
+                          "0.16's local spec -- refused where it has none, e.g. 0.19) instead of one MLP per expert")
     ver.add_argument("--adapters", default=None,
                      help="a PEFT adapter directory: verify megatron with it as LoRA against HF + PeftModel")
     ver.add_argument("--baseline", default=None, help="after the run, compare against this report set")

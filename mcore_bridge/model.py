@@ -62,11 +62,48 @@ def moe_runtime(kw: dict, layout: ParallelLayout, grouped: bool) -> dict:
                 moe_permute_fusion=False, moe_expert_capacity_factor=None)
 
 
+def local_grouped_experts_available() -> bool:
+    """Whether megatron-core's local (non-TransformerEngine) spec can build grouped-GEMM experts.
+
+    megatron-core 0.16 builds its legacy ``GroupedMLP`` for ``moe_grouped_gemm=True``. Later
+    releases (0.19.2 measured) removed that class: their local spec ignores the flag and always
+    builds ``SequentialMLP`` (grouped experts there are ``TEGroupedMLP``, TransformerEngine only).
+    Feature-detected by the class, not by a version string."""
+    from megatron.core.transformer.moe import experts
+
+    return hasattr(experts, "GroupedMLP")
+
+
+def _check_grouped_experts(family: Family, grouped: bool) -> None:
+    if grouped and family.num_experts and not local_grouped_experts_available():
+        import megatron.core
+
+        raise ValueError(
+            f"grouped_experts=True: megatron-core {getattr(megatron.core, '__version__', '?')} has no "
+            f"grouped-GEMM experts without TransformerEngine (its local spec has no legacy GroupedMLP and "
+            f"would silently build SequentialMLP); build with grouped_experts=False (CLI: drop "
+            f"--moe-grouped-gemm), or use megatron-core 0.16")
+
+
+def _check_experts_built(chunk, grouped: bool) -> None:
+    """What megatron built is what was asked for: a spec that ignores ``moe_grouped_gemm`` must not
+    pass for grouped experts (the weights would load and verify, testing nothing grouped)."""
+    for layer in chunk.decoder.layers:
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        if experts is None:
+            continue
+        is_sequential = hasattr(experts, "local_experts")
+        if is_sequential == grouped:
+            raise RuntimeError(f"layer {layer.layer_number}: megatron built {type(experts).__name__} "
+                               f"experts, asked for {'grouped' if grouped else 'sequential'} experts")
+
+
 def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = torch.float32,
                 device: str = "cpu", parallel_output: bool = True, grouped_experts: bool = False) -> list:
     """This rank's model chunks (one per virtual pipeline stage). Needs ``runtime.dist.setup``.
     ``grouped_experts``: MoE experts as one grouped-GEMM module per layer instead of SequentialMLP
-    (megatron-core 0.16's legacy GroupedMLP in the local spec)."""
+    (megatron-core 0.16's legacy GroupedMLP in the local spec; refused where the local spec has none,
+    see ``local_grouped_experts_available``)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
@@ -74,6 +111,7 @@ def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = tor
     settings = family.model_settings()
     layout.validate(**family.layout_dims())
     family.check_layout(layout)
+    _check_grouped_experts(family, grouped_experts)
     config = transformer_config(family, layout, dtype, device, grouped_experts)
     spec_kw = dict(settings["spec"])
     block = spec_kw.pop("block", False)
@@ -103,6 +141,7 @@ def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = tor
         if actual != expected:
             raise RuntimeError(f"megatron placed layers {actual} on pp={pp_rank} vpp={vp}, the bridge "
                                f"expected {expected}: layout arithmetic disagrees with this megatron-core")
+        _check_experts_built(chunk, grouped_experts)
         chunks.append(chunk.eval())
     return chunks
 

@@ -79,6 +79,23 @@ def _loaded(source: str, layout: dict, grouped: bool = False, dtype=torch.float3
     return bridge, models
 
 
+def build_error(source: str, layout: dict, grouped: bool = False, skip_refusal: bool = False) -> str | None:
+    """The error building the model raises (type and message), or None. ``skip_refusal`` lifts the
+    up-front grouped-experts refusal, so the check of what megatron actually built must catch it."""
+    from mcore_bridge import model
+
+    saved = model.local_grouped_experts_available
+    if skip_refusal:
+        model.local_grouped_experts_available = lambda: True
+    try:
+        _loaded(source, layout, grouped)
+    except Exception as e:  # noqa: BLE001 -- the test inspects it
+        return f"{type(e).__name__}: {e}"
+    finally:
+        model.local_grouped_experts_available = saved
+    return None
+
+
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False

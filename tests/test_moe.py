@@ -9,10 +9,21 @@ import pytest
 from mcore_bridge import ParallelLayout as L
 from mcore_bridge import zoo
 from mcore_bridge.io import HFCheckpoint
+from mcore_bridge.model import local_grouped_experts_available
 from tests import cases, verify_cases
 from tests.matrix import case_id
 
 MOE = zoo.MOE
+# megatron-core 0.16's local spec builds grouped-GEMM experts (legacy GroupedMLP); 0.19's has none
+# without TransformerEngine, so there the grouped cases check that the bridge refuses them.
+GROUPED = local_grouped_experts_available()
+
+
+def assert_grouped_refused(pools, world, source, layout):
+    errors = pools.get(world).run(cases.build_error, timeout=300, source=str(source), layout=layout.to_dict(),
+                                  grouped=True)
+    assert all(e and e.startswith("ValueError: grouped_experts=True") and "SequentialMLP" in e
+               for e in errors), errors
 # (world size, layout, grouped experts)
 LAYOUTS = [
     (1, L(), False),
@@ -39,6 +50,8 @@ def _param(model, world, layout, grouped):
 @pytest.mark.parametrize("model,world,layout,grouped", [_param(m, *c) for c in LAYOUTS for m in MOE])
 def test_moe_roundtrip_is_byte_exact(model, world, layout, grouped, pools, zoo_model, tmp_path):
     src = zoo_model(model)
+    if grouped and not GROUPED:
+        return assert_grouped_refused(pools, world, src, layout)
     out = tmp_path / "converted"
     results = pools.get(world).run(cases.roundtrip, timeout=300, source=str(src), layout=layout.to_dict(),
                                    out_dir=str(out), grouped=grouped)
@@ -80,9 +93,23 @@ def test_moe_verifies_fp32_with_full_router_agreement(model, world, layout, pool
 @pytest.mark.parametrize("model", ["mixtral", "qwen3_moe"])
 def test_grouped_experts_verify_in_bf16(model, pools, zoo_model, ref_cache):
     """megatron-core's grouped-GEMM experts run only in bf16: checked against HF's own bf16 drift."""
+    if not GROUPED:
+        return assert_grouped_refused(pools, 2, zoo_model(model), L(ep=2))
     r = verify(pools, zoo_model, ref_cache, model, 2, L(ep=2), dtype="bf16", grouped=True)
     assert r["verdict"] == "pass", r["failures"]
     assert r["metrics"]["router_agreement"] >= r["thresholds"]["router_agreement_min"]
+
+
+@pytest.mark.world(1)
+def test_built_experts_are_the_kind_asked_for(pools, zoo_model):
+    """With the up-front refusal lifted, a spec that ignores ``moe_grouped_gemm`` (0.19) is still
+    caught by checking what megatron built; where grouped experts exist (0.16) they build."""
+    errors = pools.get(1).run(cases.build_error, timeout=300, source=str(zoo_model("qwen3_moe")),
+                              layout=L().to_dict(), grouped=True, skip_refusal=True)
+    if GROUPED:
+        assert errors == [None]
+    else:
+        assert "megatron built SequentialMLP experts, asked for grouped experts" in errors[0], errors
 
 
 CONTROLS = [  # (model, world, layout, control, probe named first, cause)
