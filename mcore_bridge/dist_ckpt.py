@@ -16,15 +16,15 @@ layout loads at any other (TP/PP/VPP/EP/ETP). Checkpoints written by Megatron-LM
 directory for the config (``--model``).
 
 Untrusted input: ``common.pt`` is read by ``torch.load`` with torch's default ``weights_only=True``
-(torch >= 2.6; checked below), and the ``.metadata`` pickle that torch.distributed.checkpoint reads
-with plain ``pickle`` is first checked with an unpickler that admits only the checkpoint-metadata
-classes, so neither can run code from the checkpoint.
+(torch >= 2.6; checked below); the ``.metadata`` pickle and the byte items that
+torch.distributed.checkpoint unpickles without restriction are first checked by
+:func:`mcore_bridge.untrusted.check_dcp_metadata` (an explicit allow-list of classes), so none of
+them can run code from the checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import pickle
 import re
@@ -34,6 +34,7 @@ import torch
 
 from . import io as hfio
 from .runtime import dist as rt
+from .untrusted import check_dcp_metadata
 
 FORMAT = "torch_dist"
 LATEST = "latest_checkpointed_iteration.txt"
@@ -89,39 +90,8 @@ def resolve(path) -> Path:
     return target
 
 
-# ---- untrusted pickles ---------------------------------------------------------------------------
-# Classes (not functions) of these modules may be instantiated: the metadata dataclasses.
-_SAFE_MODULES = ("torch.distributed.checkpoint.", "megatron.core.dist_checkpointing.")
-_SAFE_GLOBALS = {("torch", "Size"), ("torch", "float32"), ("torch", "bfloat16"), ("torch", "float16"),
-                 ("torch", "float64"), ("torch", "int64"), ("torch", "int32"), ("torch", "int8"),
-                 ("torch", "uint8"), ("torch", "bool"), ("torch", "device"), ("torch", "strided"),
-                 ("torch", "contiguous_format"), ("collections", "OrderedDict"), ("builtins", "set"),
-                 ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "complex"),
-                 ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        if module.startswith(_SAFE_MODULES):
-            obj = super().find_class(module, name)
-            if isinstance(obj, type):
-                return obj
-        raise hfio.CheckpointError(f"refusing to unpickle {module}.{name}: not checkpoint metadata")
-
-
-def check_metadata(ckpt_dir: Path) -> None:
-    """Unpickle ``.metadata`` with only checkpoint-metadata classes allowed (nothing is executed)."""
-    path = ckpt_dir / ".metadata"
-    if not path.exists():
-        raise hfio.CheckpointError(f"{ckpt_dir}: no .metadata file: the checkpoint is incomplete")
-    try:
-        _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
-    except hfio.CheckpointError as e:
-        raise hfio.CheckpointError(f"{path}: {e}") from None
-    except Exception as e:  # truncated or corrupt
-        raise hfio.CheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+# ---- untrusted pickles: see untrusted.py ---------------------------------------------------------
+check_metadata = check_dcp_metadata
 
 
 def _check_torch_load_default() -> None:
