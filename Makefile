@@ -13,7 +13,8 @@ PYTEST_ARGS ?= -n 2
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first and pinned: this takes the local CPU wheel instead of a multi-GB CUDA build
+	# torch first and pinned, from wherever pip finds it first (a local CPU wheel where pip's find-links
+	# offers one; PyPI's CUDA build otherwise): README "Set-up" says how to get the CPU build elsewhere
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)

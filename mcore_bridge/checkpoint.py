@@ -132,9 +132,11 @@ def bridge_from_mcore(path, layout: ParallelLayout | None = None, hf_dir=None) -
                   expert_storage=meta.get("expert_storage"))
 
 
-def load_mcore(bridge: Bridge, models, path):
+def load_mcore(bridge: Bridge, models, path) -> str | None:
     """Fill this rank's chunks from a Megatron checkpoint (either format); one holding a LoRA
-    adapter with the weights puts the adapter on the model first."""
+    adapter with the weights puts the adapter on the model first. Returns a line naming the
+    non-model entries that were left unread (a Megatron-LM training checkpoint's optimizer and
+    RNG state, ...), or None."""
     from . import dist_ckpt
 
     path = Path(path)
@@ -161,9 +163,10 @@ def _apply_saved_lora(bridge: Bridge, models, meta: dict, path: Path):
         raise AdapterError(f"{path}: adapter {spec} differs from the model's {bridge.lora}")
 
 
-def load_adapter_mcore(bridge: Bridge, models, path):
+def load_adapter_mcore(bridge: Bridge, models, path) -> str | None:
     """Put the LoRA adapter of a Megatron checkpoint (adapter-only, or with weights: then only the
-    factors are read) on models whose base weights are already loaded."""
+    factors are read) on models whose base weights are already loaded. Returns what
+    ``dist_ckpt.load`` returns."""
     from . import dist_ckpt
     from .lora import AdapterError
 
@@ -177,7 +180,7 @@ def load_adapter_mcore(bridge: Bridge, models, path):
         raise AdapterError(f"--adapter-load {path} was made for another base model "
                            f"({meta['hf_config'].get('model_type')}, shapes differ: {mismatched[:3]})")
     _apply_saved_lora(bridge, models, meta, path)
-    dist_ckpt.load(models, path, content="adapter")
+    return dist_ckpt.load(models, path, content="adapter")
 
 
 def load_plain(bridge: Bridge, models, path):

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .launch import needs_launch, under_torchrun
+from .versions import VersionAction, print_header
 
 KNOWN_ERRORS = ("LayoutError", "MappingError", "CheckpointError", "UnsupportedConfig", "ShapeMismatch",
                 "FileExistsError", "FileNotFoundError", "AdapterError")
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mcore-bridge",
         description="Convert Hugging Face safetensors checkpoints to and from megatron-core models "
                     "sharded by tensor/pipeline parallelism, on CPU (gloo) or GPU (NCCL).")
+    parser.add_argument("--version", action=VersionAction,
+                        help="print the versions of mcore-bridge, megatron-core, torch and transformers")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     ex = sub.add_parser(
@@ -236,18 +239,19 @@ def cmd_export(args, argv) -> int:
     code = needs_launch(args, bridge.layout.min_world_size, argv)
     if code is not None:
         return code
+    print_header()  # here, not before the launch: one line, from the process that does the work
 
     bridge.setup(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else _source_dtype(bridge)
     models = bridge.build_model(dtype)
     if args.load:
-        checkpoint.load_mcore(bridge, models, args.load)
+        _say(checkpoint.load_mcore(bridge, models, args.load))
     else:
         bridge.load_weights(models)
     if args.adapters:
         bridge.load_adapter(models, args.adapters)
     elif args.adapter_load:
-        checkpoint.load_adapter_mcore(bridge, models, args.adapter_load)
+        _say(checkpoint.load_adapter_mcore(bridge, models, args.adapter_load))
     lora = bridge.lora is not None
     merge = lora and args.merge_lora
     if args.to_mcore:
@@ -316,7 +320,7 @@ def cmd_verify(args, argv) -> int:
     import json
     import subprocess
 
-    from verify.matrix import expand
+    from verify.matrix import applicable, expand, matrix_text
     from verify.run import model_name
 
     from . import zoo
@@ -328,7 +332,8 @@ def cmd_verify(args, argv) -> int:
         if d not in ("fp32", "bf16"):
             raise ValueError(f"--dtype {d!r}: choose fp32 and/or bf16")
     report_dir = Path(args.report)
-    failed, ran = [], 0
+    print_header()
+    plans, unplanned = [], 0
     for model in models:
         family = Bridge(model).family  # fails early on unknown architectures / bad checkpoints
         layouts, skipped = expand(args.matrix, family.layout_dims())
@@ -338,6 +343,16 @@ def cmd_verify(args, argv) -> int:
         for reason, cases in by_reason.items():
             what = cases[0] if len(cases) == 1 else f"{len(cases)} layouts"
             print(f"{model_name(model):<12} skip {what}: {reason}", flush=True)
+        if not layouts:
+            unplanned += 1
+            print(f"mcore-bridge verify: no layout of --matrix \"{args.matrix}\" applies to {model} (each is "
+                  f"skipped above); layouts that do: --matrix \"{matrix_text(applicable(family.layout_dims()))}\" "
+                  f"(each axis checked alone, values up to 8)", file=sys.stderr, flush=True)
+        plans.append((model, layouts))
+    if unplanned:  # a usage error: nothing is run, no report written
+        return 2
+    failed, ran = [], 0
+    for model, layouts in plans:
         for layout in layouts:
             for dtype in dtypes:
                 nproc = args.nproc_per_node or layout.min_world_size
@@ -350,7 +365,7 @@ def cmd_verify(args, argv) -> int:
                 if args.moe_grouped_gemm:
                     cmd += ["--grouped-experts"]
                 if args.adapters:
-                    cmd += ["--adapters", str(Path(args.adapters).absolute())]
+                    cmd += ["--adapters", args.adapters]  # as given (it lands in the report); same cwd
                 env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                            MCORE_BRIDGE_QUIET="1", PYTHONWARNINGS="ignore")
                 ran += 1
@@ -405,7 +420,7 @@ def cmd_zoo(args, argv) -> int:
 def _say(msg: str):
     from .runtime.dist import rank
 
-    if rank() == 0:
+    if rank() == 0 and msg:
         print(msg, flush=True)
 
 

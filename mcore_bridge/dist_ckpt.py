@@ -27,6 +27,7 @@ import contextlib
 import io
 import json
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -157,14 +158,18 @@ def save(models, out_dir, overwrite: bool = False, finalize_extra=None, content:
     return out_dir
 
 
-def load(models, path, content: str = FULL) -> None:
-    """Collective: fill ``models`` (any layout) from a torch_dist checkpoint. Every model tensor must
-    be in the checkpoint and vice versa within the model entries; other entries (optimizer, RNG)
-    are not read. ``content=ADAPTER``: only the LoRA factors are read (and required)."""
+def load(models, path, content: str = FULL) -> str | None:
+    """Collective: fill ``models`` (any layout) from a torch_dist checkpoint, ours or Megatron-LM's.
+
+    Every tensor the model needs must be in the checkpoint, and every model tensor of the
+    checkpoint must be one the model has; entries that are not model weights (optimizer state,
+    RNG state, Megatron-LM's ``args``/scheduler/counters in ``common.pt``) are not read, and the
+    returned line lists them (None when there are none). ``content=ADAPTER``: only the LoRA
+    factors are read (and required); a full checkpoint's base weights are left unread."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from . import lora
     from .plan import MappingError
 
     _check_torch_load_default()
@@ -178,26 +183,107 @@ def load(models, path, content: str = FULL) -> None:
         raise error or RuntimeError("another rank rejected the checkpoint metadata")
     state = sharded_state(models, content)
     keys = [model_key(i, len(models)) for i in range(len(models))]
+    note = None
     try:
-        loaded, missing, unexpected = dist_checkpointing.load(state, str(ckpt_dir),
-                                                              strict=StrictHandling.RETURN_ALL)
-        unexpected = sorted(k for k in unexpected if k.split(".", 1)[0] in keys)
-        if content == ADAPTER:  # a full checkpoint's weights are simply not read
-            unexpected = [k for k in unexpected if lora.is_lora_param(k)]
-        if missing or unexpected:
-            raise MappingError(f"{ckpt_dir}: the model's tensors and the checkpoint's differ: missing "
-                               f"{sorted(missing)[:5]}, unexpected {unexpected[:5]} (built for another model?)")
+        try:
+            # megatron's names (validation.py): "unexpected" = asked for by this rank's sharded state
+            # dict but absent from the checkpoint; "missing" = in the checkpoint, asked for by no rank
+            loaded, unasked, absent = dist_checkpointing.load(state, str(ckpt_dir), strict=StrictHandling.RETURN_ALL)
+        except CheckpointingException as e:  # e.g. a tensor of another shape than the model's
+            raise MappingError(f"{ckpt_dir}: {e}") from None
+        except pickle.UnpicklingError as e:  # common.pt holding objects beyond torch's weights-only set
+            raise hfio.CheckpointError(f"{ckpt_dir / 'common.pt'}: refused by torch.load(weights_only=True): "
+                                       f"{str(e).splitlines()[-1][:300]}") from None
+        needed = sorted(k for k in absent if not _is_extra_state(k))
+        if needed:
+            raise MappingError(f"{ckpt_dir}: the checkpoint lacks {len(needed)} tensor(s) this model needs: "
+                               f"{_few(needed)} (written for another model or configuration, e.g. tied vs "
+                               f"untied embeddings? check --model)")
+        groups, extra = _classify_unasked(unasked, content)
+        if extra:
+            raise MappingError(f"{ckpt_dir}: the checkpoint holds {len(extra)} model tensor(s) this model does "
+                               f"not have: {_few(extra)} (written for another model or configuration? check "
+                               f"--model)")
+        common = sorted(k for k in loaded if k not in keys and k not in _OWN_COMMON and k not in groups)
+        if groups or common:
+            count = sum(groups.values()) + len(common)
+            listed = [f"{g} ({n})" for g, n in sorted(groups.items())] + common
+            note = f"ignored {count} non-model entries of {ckpt_dir.name}: {', '.join(listed)}"
         for i, m in enumerate(models):
-            sd = m.state_dict(keep_vars=True)
-            if not any(".base_layer." in n for n in sd):  # no LoRA wrappers: megatron's own strict load
-                m.load_state_dict(loaded[keys[i]], strict=True)
-                continue
-            got = loaded[keys[i]]  # wrapped linears are saved under their unwrapped names
-            for name, t in sd.items():
-                plain = name.replace(".base_layer.", ".")
-                if isinstance(t, torch.Tensor) and plain in got and isinstance(got[plain], torch.Tensor):
-                    t.detach().copy_(got[plain])
+            _fill(m, loaded.get(keys[i], {}), content, ckpt_dir, keys[i])
     except Exception as e:
         error = e
     if not rt.all_ok(error is None):  # fail together: the export that follows is collective
         raise error or RuntimeError("another rank could not load its part of the checkpoint")
+    return note
+
+
+# ---- what a checkpoint holds besides the model --------------------------------------------------
+# Top-level entries of common.pt that mcore-bridge itself writes (not reported as ignored).
+_OWN_COMMON = ("checkpoint_version", "iteration")
+# Sharded entries of a Megatron-LM checkpoint that are not model weights, by megatron's key:
+# optimizer state ("optimizer.state.exp_avg.<param>", the distributed optimizer's
+# "optimizer.distributed.*", "chained_<i>.optimizer.*" from a ChainedOptimizer written without
+# chained_optim_avoid_prefix), RNG state ("[prefix]rng_state") and the rerun state machine.
+_NON_MODEL = (("optimizer", re.compile(r"^(chained_\d+\.)?optimizer\.")),
+              ("rng_state", re.compile(r"^[^./]*rng_state$")),
+              ("rerun_state_machine", re.compile(r"^rerun_state_machine_state$")))
+
+
+def _is_extra_state(key: str) -> bool:
+    """megatron's per-module ``_extra_state`` (TransformerEngine's FP8 metadata; None for local
+    layers): no weight, so neither required nor refused."""
+    return key.rsplit(".", 1)[-1] == "_extra_state"
+
+
+def _classify_unasked(unasked, content: str) -> tuple[dict, list]:
+    """Checkpoint keys no rank asked for -> ({non-model group: count}, [model keys the model lacks])."""
+    from . import lora
+
+    groups, extra = {}, []
+    for key in sorted(unasked):
+        group = next((g for g, pattern in _NON_MODEL if pattern.search(key)), None)
+        if group is None and _is_extra_state(key):
+            group = "_extra_state"
+        if group is None and content == ADAPTER and not lora.is_lora_param(key):
+            continue  # a full checkpoint read as an adapter: its base weights are not read
+        if group is None:
+            extra.append(key)
+        else:
+            groups[group] = groups.get(group, 0) + 1
+    return groups, extra
+
+
+def _few(names, n: int = 8) -> str:
+    names = list(names)
+    return str(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _fill(chunk, got: dict, content: str, ckpt_dir: Path, key: str) -> None:
+    """Copy the loaded tensors into ``chunk`` and check that every tensor it needs was filled
+    (models are built without initialisation: an unfilled tensor would be garbage)."""
+    from . import lora
+    from .plan import MappingError
+
+    sd = chunk.state_dict(keep_vars=True)
+    if not any(".base_layer." in n for n in sd):  # no LoRA wrappers: torch's own load, strict but
+        result = chunk.load_state_dict(got, strict=False)  # for _extra_state (no weight)
+        unfilled = [k for k in result.missing_keys if not _is_extra_state(k)]
+        if unfilled or result.unexpected_keys:
+            raise MappingError(f"{ckpt_dir}: {key}: not filled from the checkpoint: {_few(unfilled)}; "
+                               f"not in the model: {_few(result.unexpected_keys)}")
+        return
+    unfilled = []  # wrapped linears are saved under their unwrapped names
+    for name, t in sd.items():
+        if not isinstance(t, torch.Tensor) or _is_extra_state(name):
+            continue
+        if content == ADAPTER and not lora.is_lora_param(name):
+            continue  # base weights come from elsewhere
+        plain = name.replace(".base_layer.", ".")
+        if isinstance(got.get(plain), torch.Tensor):
+            t.detach().copy_(got[plain])
+        else:
+            unfilled.append(plain)
+    if unfilled:
+        raise MappingError(f"{ckpt_dir}: {key}: {len(unfilled)} tensor(s) of the model were not filled from "
+                           f"the checkpoint: {_few(unfilled)}")

@@ -172,6 +172,7 @@ def test_verify_reports_and_regression(zoo_model, tmp_path):
     for case in ("tp1-pp1-fp32", "tp2-pp1-fp32", "tp2-pp1-sp-fp32"):
         report = json.loads((good / "qwen2-tiny" / f"{case}.json").read_text())
         assert report["verdict"] == "pass" and report["versions"]["megatron_core"]
+        assert report["source"] == "builtin:qwen2"  # as given, not the zoo's cache directory
     assert "qwen2-tiny" in (good / "index.html").read_text()
 
     r = run_cli("verify", "--model", "builtin:qwen2", "--matrix", "tp=2", "--report", bad, "--device", "cpu",

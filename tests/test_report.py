@@ -92,7 +92,7 @@ def test_model_page_table_plots_and_verdicts(report_dir):
     assert page.startswith("<!DOCTYPE html>") and "<style>" in page
     assert not re.search(r'(src|href)="https?://', page)  # self-contained
     pngs = _pngs(page)
-    assert len(pngs) == 6 and all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
+    assert len(pngs) == 7 and all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)  # overlay + 6 cases
     table = page.split("<tbody>", 1)[1].split("</tbody>", 1)[0]  # DataFrame.to_html's body
     rows = re.findall(r"<tr>.*?</tr>", table, flags=re.S)
     assert len(rows) == 6
@@ -136,7 +136,7 @@ def test_bf16_plot_and_edge_cases_render(tmp_path):
     write_report(make_report("m", "tp2-pp1", "bf16", calibration=None), tmp_path)
     write_report(make_report("m", "tp4-pp1", "fp32", layers=[], first_diverging=None), tmp_path)
     page = render_model_page(tmp_path, "m").read_text()
-    assert len(_pngs(page)) == 2
+    assert len(_pngs(page)) == 3  # the overlay of both cases with probes, and each one
     assert "no per-layer probes recorded" in page
     assert '<span class="nan">NAN</span>' in page
     assert "| mean_diff_with_loss | nan | ≤ 2.00e-02 | NaN |" in (tmp_path / "m" / "tp1-pp1-bf16.md").read_text()

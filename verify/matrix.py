@@ -52,6 +52,28 @@ def expand(text: str, dims: dict | None = None) -> tuple[list[ParallelLayout], l
     return valid, skipped
 
 
+def applicable(dims: dict, up_to: int = 8) -> dict[str, list[int]]:
+    """Per axis (tp, pp, and ep for a model with experts), the values ``1..up_to`` that a layout
+    may take on the model of ``dims`` (``Family.layout_dims()``), the other axes left at 1: what
+    to suggest when no layout of a matrix applies (tp=1 pp=1 always does)."""
+    keys = ["tp", "pp"] + (["ep"] if dims.get("num_experts") else [])
+    out = {}
+    for key in keys:
+        out[key] = []
+        for value in range(1, up_to + 1):
+            try:
+                ParallelLayout(**{AXES[key][0]: value}).validate(**dims)
+            except LayoutError:
+                continue
+            out[key].append(value)
+    return out
+
+
+def matrix_text(axes: dict[str, list]) -> str:
+    """``{"tp": [1, 2], "pp": [1]}`` -> ``"tp=1,2 pp=1"`` (the ``--matrix`` syntax)."""
+    return " ".join(f"{key}={','.join(str(v) for v in values)}" for key, values in axes.items())
+
+
 def case_id(model: str, layout: ParallelLayout) -> str:
     return f"{model}[{layout.short()}]"
 

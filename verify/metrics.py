@@ -128,6 +128,17 @@ def thresholds(dtype: str, calibration: dict | None = None, moe: bool = False, g
     return out
 
 
+def gated_metrics(dtype: str = "fp32", gate: str = "all", moe: bool = False) -> list[str]:
+    """The overall metrics a verdict is gated on for a model kind (``gate``: "all" for text
+    models, "with_loss" for vision-language ones; ``moe``: routed experts), in threshold order:
+    the keys of :func:`thresholds`, less ``_min``, less the per-probe ``layer_rel_drift``."""
+    calibration = None
+    if dtype != "fp32":  # bf16 limits scale HF's own drift; which metrics are limited does not depend on it
+        calibration = {**dict.fromkeys(BF16_FLOORS, 0.0), "top1_agreement": 1.0, "top1_agreement_with_loss": 1.0}
+    limits = thresholds(dtype, calibration, moe=moe, gate=gate)
+    return [k.removesuffix("_min") for k in limits if k != "layer_rel_drift"]
+
+
 def _thresholds(dtype: str, calibration: dict | None, moe: bool, tokens) -> dict:
     if dtype == "fp32":
         out = dict(FP32_THRESHOLDS)

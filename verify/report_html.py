@@ -108,6 +108,67 @@ def drift_plot_png(report: dict) -> bytes | None:
     return buf.getvalue()
 
 
+def overlay_plot_png(model: str, reports: list[dict]) -> bytes | None:
+    """PNG of the per-layer drift of every case of one model on one axis (log y), a line and a
+    legend entry per case (``layout · dtype``), each dtype's threshold dashed: which layout drifts,
+    at a glance. Negative controls (meant to fail) are left out. ``None`` without probes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
+    cases = [r for r in reports if not r.get("control") and r["layers"]]
+    if not cases:
+        return None
+    probes = list(dict.fromkeys(str(layer["probe"]) for r in cases for layer in r["layers"]))
+    where = {p: i for i, p in enumerate(probes)}
+
+    def number(v):
+        return v if _is_number(v) else math.nan
+
+    lines = []  # (label, xs, values, style); earlier cases (drawn under) with larger markers: overlaps show
+    for k, r in enumerate(cases):
+        xs = [where[str(layer["probe"])] for layer in r["layers"]]
+        lines.append((f"{r['layout_id']} · {r['dtype']}", xs, [number(l.get("rel_mean_diff")) for l in r["layers"]],
+                      dict(marker="osD^v<>ph*"[k % 10], ms=max(3, 8 - k), lw=1.3, color=f"C{k % 10}",
+                           ls="-" if k < 10 else "-.")))
+    for dtype in dict.fromkeys(r["dtype"] for r in cases):
+        first = next(r for r in cases if r["dtype"] == dtype)
+        thresh = [number(layer.get("threshold")) for layer in first["layers"]]
+        if all(math.isnan(t) for t in thresh):
+            thresh = [number(first["thresholds"].get("layer_rel_drift"))] * len(thresh)
+        lines.append((f"threshold · {dtype}", [where[str(layer["probe"])] for layer in first["layers"]], thresh,
+                      dict(color="0.35" if dtype == "fp32" else "tab:orange", ls="--", lw=1.1,
+                           drawstyle="steps-mid")))
+    finite_pos = [v for _, _, values, _ in lines for v in values if math.isfinite(v) and v > 0]
+    floor = min(finite_pos) / 10 if finite_pos else 1e-12
+    top = max(finite_pos) * 10 if finite_pos else 1.0
+
+    legend_in = 2.4
+    width, height = max(8.0, min(18.0, 0.32 * len(probes) + 3.0 + legend_in)), 4.4
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=0.8 / width, right=1 - (legend_in + 0.1) / width, top=1 - 0.35 / height,
+                        bottom=min(0.45, (0.25 + 0.055 * max(len(p) for p in probes)) / height))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    for label, xs, values, style in lines:  # 0 drawn at the floor (log axis), NaN/inf left as gaps
+        ax.plot(xs, [max(v, floor) if math.isfinite(v) else math.nan for v in values], label=label, **style)
+    ax.set_ylim(floor / 2, top * 2)
+    step = max(1, math.ceil(len(probes) / 40))
+    ax.set_xticks(list(range(len(probes)))[::step])
+    ax.set_xticklabels(probes[::step], rotation=60, ha="right", fontsize=7)
+    ax.set_xlim(-0.5, len(probes) - 0.5)
+    ax.set_ylabel("relative mean |Δ|")
+    ax.set_title(f"{model} · per-layer drift, every case (0 drawn at {floor:.0e})", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
 # ------------------------------------------------------------------------------------------ HTML
 
 _CSS = """
@@ -124,6 +185,8 @@ code { font-size: 0.9em; }
 .case { border-top: 1px solid #ddd; margin-top: 2em; }
 .meta { color: #555; font-size: 0.9em; }
 img { max-width: 100%; }
+table.cases { display: block; overflow-x: auto; }
+table.cases td { white-space: nowrap; }
 """
 
 
@@ -150,10 +213,24 @@ def _anchor(report: dict) -> str:
     return "case-" + report_path(".", report).stem
 
 
+def summary_metrics(reports: list[dict]) -> list[str]:
+    """Columns of a model's case table: ``KEY_METRICS`` and every metric the verdicts of these
+    cases are gated on (``verify.metrics.gated_metrics`` of each case's dtype, gate and routing:
+    router agreement for MoE models, top-1 over loss tokens for vision-language ones)."""
+    from .metrics import gated_metrics
+
+    out = list(KEY_METRICS)
+    for r in reports:
+        moe = "router_agreement" in r["metrics"] or "router_agreement_min" in r["thresholds"]
+        out += [m for m in gated_metrics(r["dtype"], r.get("gate", "all"), moe) if m not in out]
+    return out
+
+
 def _case_frame(reports: list[dict]):
     """pandas DataFrame of a model's cases (already HTML-safe strings, one row per case)."""
     import pandas as pd
 
+    columns = summary_metrics(reports)
     rows = []
     for r in reports:
         row = {
@@ -162,7 +239,7 @@ def _case_frame(reports: list[dict]):
             "device": _e(r.get("device", "—")),
             "world": _e(r.get("world_size", "—")),
         }
-        for m in KEY_METRICS:
+        for m in columns:
             row[m] = _e(fmt(r["metrics"].get(m), m))
         row["first diverging"] = _e(_first_probe(r) or "—")
         row["failures"] = _e(len(r["failures"]))
@@ -170,7 +247,10 @@ def _case_frame(reports: list[dict]):
         if any(x.get("control") for x in reports):
             row["control"] = _e(r.get("control") or "")
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    # long metric names may wrap at their underscores: the table fits the page
+    frame.columns = [c.replace("_", "_<wbr>") for c in frame.columns]
+    return frame
 
 
 def _case_section(path_name: str, r: dict) -> list[str]:
@@ -244,8 +324,12 @@ def render_model_page(report_dir, model: str) -> Path:
             f"{s['cases']} cases: <span class=\"pass\">{s['pass']} pass</span>, "
             f"<span class=\"fail\">{s['fail']} fail</span>"
             + (f" · negative controls caught: {s['controls_caught']} of {s['controls']}" if s["controls"] else "")
-            + "</p>",
-            _case_frame(reports).to_html(index=False, escape=False, border=0, classes="cases")]
+            + "</p>"]
+    overlay = overlay_plot_png(model, reports)  # first: which layout drifts, at a glance
+    if overlay:
+        body.append(f'<img alt="per-layer drift of every case of {_e(model)}" '
+                    f'src="data:image/png;base64,{base64.b64encode(overlay).decode("ascii")}">')
+    body.append(_case_frame(reports).to_html(index=False, escape=False, border=0, classes="cases"))
     for path, r in pairs:
         body += _case_section(path.name, r)
     out = directory / "index.html"

@@ -196,7 +196,10 @@ def vision_prefixes(probe: str) -> tuple[str, ...]:
     return (f"visual.deepstack_merger_list.{index[0]}.",) if kind == "deepstack" else ("visual.merger.",)
 
 
-def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=None, timing, name) -> dict:
+def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=None, timing, name,
+                 source: str | None = None) -> dict:
+    """``source``: the model as the user named it (``builtin:NAME`` or the path as given), never
+    the resolved cache directory: reports are shared, a machine's home directory is not."""
     num_layers = bridge.family.num_layers
     probes = probes_of(samples, ref32, num_layers)
     overall, per_input = compare(samples, ref32, got)
@@ -247,7 +250,7 @@ def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=No
         else:
             fails.append(f"{first['probe']} drift {first['rel_mean_diff']:.2e} > {first_limit:.1e}")
     return {
-        "schema": SCHEMA, "model": name, "source": str(bridge.source), "family": bridge.family.name,
+        "schema": SCHEMA, "model": name, "source": source or str(bridge.source), "family": bridge.family.name,
         "layout": layout.to_dict(), "layout_id": layout.short(), "dtype": dtype, "device": device,
         "world_size": rt.world_size(), "versions": versions(), "timing": timing,
         "inputs": [s.describe() for s in samples], "metrics": overall, "per_input": per_input,
@@ -289,7 +292,7 @@ def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device:
     controls.after_load(models, bridge, control)
     report = verify_loaded(bridge, models, bridge.source, dtype=dtype, name=model_name(source),
                            reference_cache=reference_cache, lengths=lengths, load_s=time.time() - t0,
-                           adapter=Path(adapter) if adapter else None)
+                           adapter=Path(adapter) if adapter else None, source=str(source))
     if report is not None and control:
         report["control"] = control
     if report is not None and grouped_experts:  # another case than SequentialMLP experts
@@ -299,7 +302,7 @@ def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device:
 
 def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str,
                   reference_cache: Path | None = None, lengths=None, load_s: float = 0.0,
-                  adapter: Path | None = None) -> dict | None:
+                  adapter: Path | None = None, source: str | None = None) -> dict | None:
     """Collective: compare loaded megatron ``models`` with the HF model in ``hf_dir`` (plus the
     PEFT ``adapter`` on it)."""
     t0 = time.time()
@@ -319,10 +322,11 @@ def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str
     timing = {"load_s": load_s, "megatron_forward_s": t_mg, "reference_s": time.time() - t1}
     report = build_report(bridge=bridge, layout=bridge.layout, dtype=dtype,
                           device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                          samples=samples, ref32=ref32, got=got, calib=calib, timing=timing, name=name)
+                          samples=samples, ref32=ref32, got=got, calib=calib, timing=timing, name=name,
+                          source=source)
     report["timing"]["total_s"] = load_s + time.time() - t0
     if bridge.lora is not None:  # another case than the bare model: megatron LoRA vs the reference
-        report["adapter"] = {"reference": str(adapter) if adapter else f"{hf_dir} (merged)", **bridge.lora.to_dict()}
+        report["adapter"] = {"reference": str(adapter) if adapter else f"{source or hf_dir} (merged)", **bridge.lora.to_dict()}
         report["layout_id"] += "-lora"
     return report
 
