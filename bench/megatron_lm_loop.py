@@ -134,7 +134,7 @@ def skip_helper_compile():
 
 def train(a):
     from megatron.core.enums import ModelType
-    from megatron.training import get_args, pretrain
+    from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
@@ -162,7 +162,6 @@ def train(a):
     t0 = time.time()
     pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
     t_train = time.time() - t0
-    args = get_args()
 
     # megatron-core's own forward on the trained weights: the trained bf16 chunk itself, and the
     # same weights in an fp32 model built the same way (for a compare free of bf16 rounding).
@@ -184,7 +183,7 @@ def train(a):
                 "first_batch": RECORD["first_batch"]}, a.tensors)
     result = {"megatron_core": megatron.core.__version__, "torch": torch.__version__,
               "device": torch.cuda.get_device_name(), "distributed_optimizer": a.dist_opt,
-              "argv": sys.argv[1:], "helpers": helper_note, "iterations": args.iteration,
+              "argv": sys.argv[1:], "helpers": helper_note,
               "step_losses": RECORD["step_losses"], "train_s": round(t_train, 1),
               "vocab": vocab, "padded_vocab": trained.embedding.word_embeddings.weight.shape[0]}
     Path(a.result).write_text(json.dumps(result, indent=1) + "\n")
