@@ -199,18 +199,17 @@ def checkpoint_contents(save: Path) -> dict:
 
     tag = (save / "latest_checkpointed_iteration.txt").read_text().strip()
     it_dir = save / f"iter_{int(tag):07d}"
-    common = torch.load(it_dir / "common.pt", map_location="cpu", weights_only=False)
     md = FileSystemReader(str(it_dir)).read_metadata()
     groups: dict[str, int] = {}
     for k in md.state_dict_metadata:
-        head = k.split(".", 1)[0] if not k.startswith("optimizer") else ".".join(k.split(".")[:3])
+        head = k.split(".", 1)[0] if not k.startswith("optimizer") else ".".join(k.split(".")[:2])
         groups[head] = groups.get(head, 0) + 1
-    args = common.get("args")
-    return {"tracker": tag, "dir": it_dir.name, "common_keys": sorted(common),
-            "iteration": common.get("iteration"), "has_args": args is not None,
-            "args_use_distributed_optimizer": getattr(args, "use_distributed_optimizer", None),
-            "sharded_key_groups": groups,
-            "bytes": sum(f.stat().st_size for f in it_dir.iterdir() if f.is_file())}
+    out = {"tracker": tag, "dir": it_dir.name, "files": sorted(f.name for f in it_dir.iterdir()),
+           "sharded_key_groups": groups, "bytes": sum(f.stat().st_size for f in it_dir.iterdir() if f.is_file())}
+    if (it_dir / "common.pt").exists():  # older megatron-core; 0.19 keeps the common state in the DCP files
+        common = torch.load(it_dir / "common.pt", map_location="cpu", weights_only=False)
+        out.update(common_keys=sorted(common), iteration=common.get("iteration"))
+    return out
 
 
 def check(a):
