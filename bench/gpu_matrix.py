@@ -79,13 +79,20 @@ def run_case(name: str, layout: ParallelLayout, out_root: Path, device: str) -> 
             bad.append("saved names differ")
         bad += [f"saved:{n}" for n in source.names() if n in saved.tensors
                 and not same_bytes(saved.read(n), source.read(n))]
-    vocab = bridge.hf_config["vocab_size"]
-    ids = torch.randint(0, vocab, (2, 128), generator=torch.Generator().manual_seed(0))
-    got = megatron_logits(models, ids, vocab)
+    vocab = int(bridge.family.cfg.require("vocab_size"))  # nested text_config for vision-language
+    pos = vision = None
+    if bridge.family.multimodal:  # one sample with an image, 3-D positions (as the demo does)
+        from verify.inputs import multimodal_samples
+
+        sample = multimodal_samples(bridge.family, bridge.source)[0]
+        ids, pos, vision = sample.input_ids[None], sample.position_ids[:, None], sample.vision
+    else:
+        ids = torch.randint(0, vocab, (2, 128), generator=torch.Generator().manual_seed(0))
+    got = megatron_logits(models, ids, vocab, pos, vision)
     diffs = torch.zeros(4, dtype=torch.float64, device=device)
     if got is not None:
-        ref16 = hf_logits(src, ids, torch.bfloat16, device=device).cpu()
-        ref32 = hf_logits(src, ids, torch.float32, device=device).cpu()
+        ref16 = hf_logits(src, ids, torch.bfloat16, device=device, position_ids=pos, vision=vision).cpu()
+        ref32 = hf_logits(src, ids, torch.float32, device=device, position_ids=pos, vision=vision).cpu()
         diffs = torch.tensor([(got - ref16).abs().max(), (got - ref16).abs().mean(),
                               (got - ref32).abs().max(), (ref16 - ref32).abs().max()],
                              dtype=torch.float64, device=device)
