@@ -12,8 +12,10 @@ The state dict is what Megatron-LM saves for a model: ``{"model": chunk.sharded_
 (``model0``..``modelN`` under virtual pipeline parallelism) plus ``checkpoint_version`` and
 ``iteration``. Because dist_checkpointing stores global tensors, a checkpoint written at one
 layout loads at any other (TP/PP/VPP/EP/ETP). Checkpoints written by Megatron-LM itself load too
-(``iter_NNNNNNN/`` or ``release/``; optimizer and RNG entries are left unread), given the HF
-directory for the config (``--model``).
+(``iter_NNNNNNN/`` or ``release/``; optimizer, RNG and other non-model entries are left unread and
+listed in one line), given the HF directory for the config (``--model``). A tensor the model needs
+that the checkpoint lacks, or a model tensor of the checkpoint that the model does not have, is an
+error naming it.
 
 Untrusted input: ``common.pt`` is read by ``torch.load`` with torch's default ``weights_only=True``
 (torch >= 2.6; checked below); the ``.metadata`` pickle and the byte items that
@@ -139,6 +141,7 @@ def load(models, path, content: str = FULL) -> str | None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from .plan import MappingError
 
@@ -159,8 +162,11 @@ def load(models, path, content: str = FULL) -> str | None:
             # megatron's names (validation.py): "unexpected" = asked for by this rank's sharded state
             # dict but absent from the checkpoint; "missing" = in the checkpoint, asked for by no rank
             loaded, unasked, absent = dist_checkpointing.load(state, str(ckpt_dir), strict=StrictHandling.RETURN_ALL)
-        except CheckpointingException as e:  # e.g. a tensor of another shape than the model's
+        except CheckpointingException as e:
             raise MappingError(f"{ckpt_dir}: {e}") from None
+        except CheckpointException as e:  # torch's (a BaseException): e.g. a tensor of another shape
+            rank, (first, _) = next(iter(e.failures.items()))
+            raise MappingError(f"{ckpt_dir}: {first} (rank {rank}; built for another model? check --model)") from None
         except pickle.UnpicklingError as e:  # common.pt holding objects beyond torch's weights-only set
             why = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e)[:300])
             raise hfio.CheckpointError(f"{ckpt_dir / 'common.pt'}: refused by torch.load(weights_only=True), "
@@ -176,7 +182,8 @@ def load(models, path, content: str = FULL) -> str | None:
             raise MappingError(f"{ckpt_dir}: the checkpoint holds {len(extra)} model tensor(s) this model does "
                                f"not have: {_few(extra)} (written for another model or configuration? check "
                                f"--model)")
-        common = sorted(k for k in loaded if k not in keys and k not in _OWN_COMMON and k not in groups)
+        common = sorted(k for k in loaded if not re.fullmatch(r"model\d*", k) and k not in _OWN_COMMON
+                        and k not in groups)  # model<i> of another virtual-pipeline split: no entry
         if groups or common:
             count = sum(groups.values()) + len(common)
             listed = [f"{g} ({n})" for g, n in sorted(groups.items())] + common

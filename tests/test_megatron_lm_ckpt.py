@@ -74,6 +74,13 @@ def test_training_checkpoint_converts_and_mismatches_are_named(pools, zoo_model,
     assert "Traceback" not in r.stderr
     assert_nothing_written(save)
 
+    # read as another model whose tensors have other shapes
+    save = tmp_path / "hf-shapes"
+    r = _convert(tmp_path / "good", zoo_model("qwen3"), save)
+    assert r.returncode == 2 and "Global shape mismatch" in r.stderr and "for key decoder." in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert_nothing_written(save)
+
     # common.pt with an object torch.load(weights_only=True) refuses (megatron-core reads it so)
     path = tmp_path / "extra" / "iter_0000005" / "common.pt"
     common["args"].started = datetime.datetime(2026, 1, 1)
