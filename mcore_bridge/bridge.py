@@ -196,11 +196,9 @@ class Bridge:
 
     def _distinct_a(self, ckpt, spec) -> bool:
         """Whether any fused module's projections carry different A matrices in ``ckpt``."""
-        from .transforms import Shared
-
         names = set(ckpt.names())
         for u in inventory(lora_.AdapterFamily(self.family, spec), self.layout):
-            if isinstance(u.rule.transform, Shared) and all(n in names for n in u.hf_names):
+            if u.rule.transform.identical_sources and all(n in names for n in u.hf_names):
                 first = ckpt.read(u.hf_names[0])
                 if any(ckpt.info(n).shape != ckpt.info(u.hf_names[0]).shape or not torch.equal(ckpt.read(n), first)
                        for n in u.hf_names[1:]):
