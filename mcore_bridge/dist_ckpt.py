@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from . import io as hfio
+from .errors import UsageError
 from .runtime import dist as rt
 
 FORMAT = "torch_dist"
@@ -55,7 +56,7 @@ def sharded_state(models, content: str = FULL) -> dict:
     from . import lora
 
     if content not in CONTENTS:
-        raise ValueError(f"checkpoint content {content!r}: choose {', '.join(CONTENTS)}")
+        raise UsageError(f"checkpoint content {content!r}: choose {', '.join(CONTENTS)}")
     with lora.merged_checkpoint(models) if content == MERGED else contextlib.nullcontext():
         state = {model_key(i, len(models)): m.sharded_state_dict() for i, m in enumerate(models)}
     if content == ADAPTER:
@@ -82,7 +83,7 @@ def resolve(path) -> Path:
     target = path / (RELEASE if tag == RELEASE else f"iter_{int(tag):07d}")
     if not (target / "metadata.json").exists():
         raise hfio.CheckpointError(f"{path}: {LATEST} names {tag!r} but {target} holds no checkpoint")
-    meta = json.loads((target / "metadata.json").read_text())
+    meta = hfio.read_json(target / "metadata.json")
     if meta.get("sharded_backend") != FORMAT:
         raise hfio.CheckpointError(f"{target}: sharded_backend {meta.get('sharded_backend')!r}, only "
                                    f"{FORMAT!r} is read")

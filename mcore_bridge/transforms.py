@@ -15,12 +15,14 @@ from typing import Sequence
 
 import torch
 
+from .errors import MappingError
+
 Shape = tuple[int, ...]
 Region = tuple[slice, ...]
 
 
-class ShapeMismatch(ValueError):
-    pass
+class ShapeMismatch(MappingError):
+    """HF tensor shapes that the transform cannot turn into the model's shard (or back)."""
 
 
 def _rows(start: int, stop: int, ndim: int) -> Region:

@@ -14,11 +14,8 @@ import dataclasses
 import re
 from typing import Any, Optional, Sequence
 
+from ..errors import UnsupportedConfig  # noqa: F401  (re-exported: its home before errors.py)
 from ..transforms import Transform
-
-
-class UnsupportedConfig(ValueError):
-    """The HF config holds a setting megatron-core cannot express (so a conversion would be wrong)."""
 
 
 @dataclasses.dataclass(frozen=True)

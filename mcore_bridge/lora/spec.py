@@ -24,8 +24,7 @@ from .layer import ADAPTER
 ALL_LINEAR = "all-linear"
 
 
-class AdapterError(ValueError):
-    """An adapter that cannot be represented or does not fit the base model."""
+from ..errors import AdapterError  # noqa: F401  (re-exported: its home before errors.py)
 
 
 @dataclasses.dataclass(frozen=True)
