@@ -46,21 +46,17 @@ def before_build(bridge, spec: str | None):
         return
     kind, args = parsed
     family = bridge.family
-    original = family.model_settings
-
-    def settings():
-        s = original()
-        if kind == "rope_base":
-            s["model"] = dict(s["model"], rotary_base=s["model"]["rotary_base"] * float(args[0]))
-        elif "mrope_section" not in s["config"]:
-            raise UsageError(f"control {kind}: {family.name} has no multimodal RoPE")
-        elif kind == "mrope_section":
-            s["config"] = dict(s["config"], mrope_section=[int(x) for x in args[0].split(",")])
-        else:
-            s["vision"] = dataclasses.replace(s["vision"], mrope_interleaved=False)
-        return s
-
-    family.model_settings = settings
+    arch = family.architecture
+    config, model = arch.config, arch.model
+    if kind == "rope_base":
+        model = dict(model, rotary_base=model["rotary_base"] * float(args[0]))
+    elif "mrope_section" not in config:
+        raise UsageError(f"control {kind}: {family.name} has no multimodal RoPE")
+    elif kind == "mrope_section":
+        config = dict(config, mrope_section=[int(x) for x in args[0].split(",")])
+    else:
+        model = dict(model, vision=dataclasses.replace(model["vision"], mrope_interleaved=False))
+    family.architecture = dataclasses.replace(arch, config=config, model=model)  # this bridge's family only
 
 
 def _layer_param(models, layer: int, rest: str):
@@ -151,7 +147,7 @@ def after_load(models, bridge, spec: str | None):
             layer = int(args[0])
             p = _layer_param(models, layer, "self_attention.linear_qkv.weight")
             if p is not None:
-                s = bridge.family.model_settings()["config"]
+                s = bridge.family.architecture.config
                 heads, groups, d = s["num_attention_heads"], s["num_query_groups"], s["kv_channels"]
                 local_groups = groups // bridge.layout.tp
                 per_group = (heads // groups + 2) * d

@@ -11,8 +11,10 @@ rank arithmetic is not here: it lives in ``layout`` and ``plan``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from typing import Any, Optional, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ..errors import UnsupportedConfig  # noqa: F401  (re-exported: its home before errors.py)
 from ..transforms import Transform
@@ -103,8 +105,27 @@ class HFConfig:
         return params
 
 
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """Everything megatron-core needs to build a family's model, declared by the family and built
+    once per family instance (``Family.architecture``). ``model.build_model`` only calls it:
+
+        config = config_class()(**config, <layout and runtime settings>)
+        spec   = layer_spec(config, vp_stage, pp_rank)
+        chunk  = model_class()(config, spec, <pipeline placement>, **model)   # vocab padded for TP
+    """
+
+    config: Mapping[str, Any]  # megatron config fields that describe the model (no layout, no runtime)
+    model: Mapping[str, Any]  # the model class's keyword arguments; vocab_size before TP padding
+    config_class: Callable[[], type]  # -> TransformerConfig or a subclass (imported when called)
+    layer_spec: Callable[[Any, Optional[int], int], Any]  # (config, vp_stage, pp_rank) -> layer/block spec
+    model_class: Callable[[], type]  # -> GPTModel or a subclass (imported when called)
+
+
 class Family:
-    """Base class. Subclasses set ``model_types`` and implement ``model_settings`` and ``rules``."""
+    """Base class. Subclasses set ``model_types`` and implement ``model_settings`` and ``rules``;
+    they override ``layer_spec`` / ``megatron_config_class`` / ``megatron_model_class`` where the
+    model is not a dense GPT (see README.md in this directory)."""
 
     model_types: tuple[str, ...] = ()
     name: str = ""
@@ -115,8 +136,34 @@ class Family:
 
     # -- to override --------------------------------------------------------------------------
     def model_settings(self) -> dict:
-        """``{"config": TransformerConfig kwargs, "model": GPTModel kwargs, "spec": spec kwargs}``."""
+        """``{"config": megatron config kwargs, "model": model class kwargs}``, read from the HF
+        config; refuses (``UnsupportedConfig``) what megatron-core cannot express. Called once,
+        by ``architecture``: everything else reads that."""
         raise NotImplementedError
+
+    def megatron_config_class(self) -> type:
+        from megatron.core.transformer import TransformerConfig
+
+        return TransformerConfig
+
+    def megatron_model_class(self) -> type:
+        from megatron.core.models.gpt import GPTModel
+
+        return GPTModel
+
+    def layer_spec(self, config, vp_stage: Optional[int], pp_rank: int):
+        """The local (no TransformerEngine) spec of a GPT layer, the same for every layer."""
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        c = self.architecture.config
+        return get_gpt_layer_local_spec(normalization=c["normalization"], qk_layernorm=c["qk_layernorm"])
+
+    @functools.cached_property
+    def architecture(self) -> Architecture:
+        s = self.model_settings()
+        return Architecture(config=MappingProxyType(dict(s["config"])), model=MappingProxyType(dict(s["model"])),
+                            config_class=self.megatron_config_class, layer_spec=self.layer_spec,
+                            model_class=self.megatron_model_class)
 
     def rules(self) -> list[Rule]:
         raise NotImplementedError
@@ -154,7 +201,7 @@ class Family:
 
     def layout_dims(self) -> dict:
         """What the layout validator needs to know about this model."""
-        s = self.model_settings()["config"]
+        s = self.architecture.config
         dense = any(not self.is_moe_layer(i) for i in range(self.num_layers))
         return dict(num_layers=s["num_layers"], num_attention_heads=s["num_attention_heads"],
                     num_query_groups=s.get("num_query_groups") or s["num_attention_heads"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..transforms import GATED_MLP, QKV, REPLICATED, ROW, VOCAB
 from .base import Family, UnsupportedConfig, rule
 
@@ -73,7 +75,7 @@ class Llama(Family):
             normalization="RMSNorm",
             layernorm_epsilon=float(c.get("rms_norm_eps", default=1e-6)),
             gated_linear_unit=True,
-            activation="silu",
+            activation_func=torch.nn.functional.silu,
             add_bias_linear=False,
             add_qkv_bias=self.qkv_bias,
             qk_layernorm=self.qk_norm,
@@ -85,7 +87,7 @@ class Llama(Family):
             share_embeddings_and_output_weights=self.tied,
             **self.rope_settings(),
         )
-        return {"config": config, "model": model, "spec": {"qk_layernorm": self.qk_norm}}
+        return {"config": config, "model": model}
 
     # -- weights -----------------------------------------------------------------------------
     def rules(self):
@@ -121,6 +123,6 @@ class Llama(Family):
                      rule(L + "self_attention.k_layernorm.weight", H + "self_attn.k_norm.weight", REPLICATED)]
         return rows
 
-    def settings_config(self) -> dict:
-        return self.model_settings()["config"]
+    def settings_config(self):
+        return self.architecture.config
 

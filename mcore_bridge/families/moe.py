@@ -82,8 +82,15 @@ class MoEMixin:
         if not any(self.is_moe_layer(i) for i in range(self.num_layers)):
             raise UnsupportedConfig("no layer of this MoE config is sparse (decoder_sparse_step / "
                                     "mlp_only_layers): convert it as a dense model")
-        settings["spec"] = {"block": True}  # per-layer dense/MoE specs from moe_layer_freq
         return settings
+
+    def layer_spec(self, config, vp_stage, pp_rank):
+        """Per-layer specs: dense and MoE layers mixed, from ``config.moe_layer_freq``."""
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=False,
+                                          normalization=self.architecture.config["normalization"],
+                                          vp_stage=vp_stage, pp_rank=pp_rank)
 
     # -- weights -----------------------------------------------------------------------------
     def rules(self):

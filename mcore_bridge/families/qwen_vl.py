@@ -155,8 +155,14 @@ class VisionLanguageMixin:
         settings = super().model_settings()
         settings["config"]["mrope_section"] = self.mrope_section
         settings["model"]["position_embedding_type"] = "mrope"
-        settings["vision"] = self.vision_settings()
+        # the vision tower (transformers' own module) runs inside the model, on the first stage
+        settings["model"].update(vision=self.vision_settings(), hf_config=self.full_config)
         return settings
+
+    def megatron_model_class(self) -> type:
+        from ..multimodal import VisionLanguageGPT
+
+        return VisionLanguageGPT
 
     # -- weights -----------------------------------------------------------------------------
     def vision_names(self) -> tuple[str, ...]:

@@ -137,6 +137,10 @@ class AdapterFamily(Family):
     def model_settings(self) -> dict:
         return self.base.model_settings()
 
+    @property
+    def architecture(self):
+        return self.base.architecture
+
     def targeted(self) -> list[Rule]:
         """The base family's rules of the linears this adapter covers."""
         return [r for r in linear_rules(self.base)
