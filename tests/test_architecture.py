@@ -85,3 +85,21 @@ def test_model_module_names_no_architecture():
     for word in ("RMSNorm", "LayerNorm", "silu", "gelu", "multi_latent", "MLATransformerConfig", "vision",
                  "VisionLanguage", "get_gpt_layer_local_spec", "get_gpt_decoder_block_spec", "block"):
         assert not re.search(word, source, re.IGNORECASE), f"model.py decides {word!r}"
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_rules_are_typed_and_composed_by_hooks(name):
+    from mcore_bridge.families.base import Layers, rule
+    from mcore_bridge.families.llama import Llama
+    from mcore_bridge.families.moe import MoEMixin
+
+    fam = family_for(raw(name))
+    rules = fam.rules()
+    assert all(isinstance(r.when, Layers) for r in rules)
+    lm_names = [n for r in rules if not r.mcore.startswith("visual.") for n in r.hf if n != "lm_head.weight"]
+    assert all(n.startswith(fam.hf_prefix) for n in lm_names)  # one prefix, declared once
+    if isinstance(fam, MoEMixin):  # the dense MLP of the parent, on dense layers only
+        dense = [r for r in rules if r.when == Layers.DENSE]
+        assert [r.mcore for r in dense] == [r.mcore for r in Llama.mlp_rules(fam)]
+    with pytest.raises(ValueError):
+        rule("x.weight", "y.weight", rules[0].transform, when="sparse")

@@ -11,6 +11,7 @@ rank arithmetic is not here: it lives in ``layout`` and ``plan``.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import re
 from types import MappingProxyType
@@ -20,13 +21,21 @@ from ..errors import UnsupportedConfig  # noqa: F401  (re-exported: its home bef
 from ..transforms import Transform
 
 
+class Layers(enum.StrEnum):
+    """The layers a rule applies to (compares equal to its value, as ``Family.layer_kind`` returns)."""
+
+    ALL = "all"
+    DENSE = "dense"
+    MOE = "moe"
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     mcore: str
     hf: tuple[str, ...]
     transform: Transform
     export: bool = True  # False: load-only copy (tied output layer on the last pipeline stage)
-    when: str = "all"  # layers it applies to: "all", "dense" or "moe"
+    when: Layers = Layers.ALL  # layers it applies to
 
     @property
     def per_layer(self) -> bool:
@@ -42,8 +51,8 @@ class Rule:
 
 
 def rule(mcore: str, hf: str | Sequence[str], transform: Transform, export: bool = True,
-         when: str = "all") -> Rule:
-    return Rule(mcore, (hf,) if isinstance(hf, str) else tuple(hf), transform, export, when)
+         when: Layers = Layers.ALL) -> Rule:
+    return Rule(mcore, (hf,) if isinstance(hf, str) else tuple(hf), transform, export, Layers(when))
 
 
 # TransformerEngine specs fuse the pre-attention / pre-MLP norms into the following linear; the
@@ -130,6 +139,12 @@ class Family:
     model_types: tuple[str, ...] = ()
     name: str = ""
     multimodal = False  # vision-language families (``qwen_vl``) say True
+    hf_prefix = "model."  # HF prefix of the language model's tensors (embeddings, layers, final norm)
+
+    @property
+    def hf_layer_prefix(self) -> str:
+        """HF prefix of a decoder layer's tensors, ``{L}`` standing for the layer."""
+        return self.hf_prefix + "layers.{L}."
 
     def __init__(self, raw_config: dict):
         self.cfg = HFConfig(raw_config)
@@ -196,8 +211,8 @@ class Family:
     def check_layout(self, layout) -> None:
         """Refuse layouts this model cannot run on beyond what ``layout_dims`` expresses."""
 
-    def layer_kind(self, layer: int) -> str:
-        return "moe" if self.is_moe_layer(layer) else "dense"
+    def layer_kind(self, layer: int) -> Layers:
+        return Layers.MOE if self.is_moe_layer(layer) else Layers.DENSE
 
     def layout_dims(self) -> dict:
         """What the layout validator needs to know about this model."""

@@ -18,9 +18,7 @@ from .llama import Llama
 from .moe import MoEMixin
 
 L = "decoder.layers.{L}."
-H = "model.layers.{L}."
 A = L + "self_attention."
-HA = H + "self_attn."
 HF_LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps
 
 
@@ -73,7 +71,7 @@ class DeepSeekV3(MoEMixin, Llama):
 
     def check_tensors(self, names) -> None:
         """The MTP layer is stored after the last decoder layer (``model.layers.{num_layers}.*``)."""
-        prefix = f"model.layers.{self.num_layers}."
+        prefix = self.hf_layer_prefix.replace("{L}", str(self.num_layers))
         mtp = sorted(n for n in names if n.startswith(prefix))
         if mtp:
             raise UnsupportedConfig(
@@ -157,6 +155,7 @@ class DeepSeekV3(MoEMixin, Llama):
 
     # -- weights -----------------------------------------------------------------------------
     def attention_rules(self):
+        HA = self.hf_layer_prefix + "self_attn."
         if self.q_lora:
             q = [rule(A + "linear_q_down_proj.weight", HA + "q_a_proj.weight", COLUMN),
                  rule(A + "q_layernorm.weight", HA + "q_a_layernorm.weight", REPLICATED),
