@@ -14,6 +14,7 @@ import torch.distributed as dist
 from . import io as hfio
 from . import lora as lora_
 from . import stacked
+from .errors import UsageError
 from .export import Exporter, ExportUnit, Groups, balanced_writers, make_buckets, nbytes
 from .families import family_for
 from .layout import ParallelLayout
@@ -132,7 +133,7 @@ class Bridge:
         g = self._groups()
         names = [[n for (c, n) in state if c == chunk] for chunk in range(len(models))]
         if len(models) != self.layout.vpp:
-            raise ValueError(f"expected {self.layout.vpp} model chunks (vpp), got {len(models)}")
+            raise UsageError(f"expected {self.layout.vpp} model chunks (vpp), got {len(models)}")
         family, units = (self.adapter_family, self.lora_units) if lora else (self.family, self.units)
         items = local_items(family, self.layout, g.pp_rank, names, g.ep_rank)
         have = {it.unit.key for it in items}
@@ -169,7 +170,7 @@ class Bridge:
         if self.lora is not None:
             raise lora_.AdapterError("this model already has a LoRA adapter")
         if self.hf_tensors is None:
-            raise ValueError("apply_lora needs the HF tensor shapes: build the Bridge from an HF source")
+            raise UsageError("apply_lora needs the HF tensor shapes: build the Bridge from an HF source")
         self._set_lora(spec)
         self.lora_dtype = next(models[0].parameters()).dtype
         items = self._items(models, self._state(models))
@@ -196,11 +197,9 @@ class Bridge:
 
     def _distinct_a(self, ckpt, spec) -> bool:
         """Whether any fused module's projections carry different A matrices in ``ckpt``."""
-        from .transforms import Shared
-
         names = set(ckpt.names())
         for u in inventory(lora_.AdapterFamily(self.family, spec), self.layout):
-            if isinstance(u.rule.transform, Shared) and all(n in names for n in u.hf_names):
+            if u.rule.transform.identical_sources and all(n in names for n in u.hf_names):
                 first = ckpt.read(u.hf_names[0])
                 if any(ckpt.info(n).shape != ckpt.info(u.hf_names[0]).shape or not torch.equal(ckpt.read(n), first)
                        for n in u.hf_names[1:]):
@@ -215,7 +214,7 @@ class Bridge:
         if hf_dir is not None:
             ckpt = stacked.open_checkpoint(hfio.HFCheckpoint(resolve_source(hf_dir)), self.family)[0]
         if ckpt is None:
-            raise ValueError("load_weights: this bridge has no HF checkpoint; pass hf_dir")
+            raise UsageError("load_weights: this bridge has no HF checkpoint; pass hf_dir")
         self._load(models, ckpt)
 
     def _load(self, models, ckpt, lora: bool = False):
@@ -255,7 +254,7 @@ class Bridge:
         """``lora``: export the LoRA factors (PEFT names); ``merge``: the base weights with the
         LoRA delta added in fp32, shard by shard, leaving the model untouched."""
         if self.hf_tensors is None:
-            raise ValueError("export needs the HF tensor shapes: build the Bridge from an HF source")
+            raise UsageError("export needs the HF tensor shapes: build the Bridge from an HF source")
         if lora and self.lora is None:
             raise lora_.AdapterError("the model has no LoRA adapter to export (apply_lora / load_adapter)")
         state = self._state(models, lora)
@@ -283,10 +282,10 @@ class Bridge:
         if storage in (None, "per_expert"):
             return None
         if storage not in stacked.ORIENTATIONS:
-            raise ValueError(f"expert_storage={expert_storage!r}: choose source, per_expert, "
+            raise UsageError(f"expert_storage={expert_storage!r}: choose source, per_expert, "
                              f"{', '.join(stacked.ORIENTATIONS)}")
         if not self.family.num_experts:
-            raise ValueError(f"expert_storage={storage!r}: {self.family.name} has no experts to stack")
+            raise UsageError(f"expert_storage={storage!r}: {self.family.name} has no experts to stack")
         return stacked.view_table(self.family, storage), stacked.stacked_shapes(self.family, storage)
 
     def export_weights(self, models, dtype: torch.dtype | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -305,7 +304,7 @@ class Bridge:
                                                   receivers)
         stacking = None if peft_format else self._stacking(expert_storage)
         if stacking and recv is None and self.layout.ep > 1:
-            raise ValueError("stacked experts need every expert on the receiving rank: use all_ranks=True "
+            raise UsageError("stacked experts need every expert on the receiving rank: use all_ranks=True "
                              "or expert_storage='per_expert' with ep > 1")
         with torch.no_grad():
             stream = self._bucket_stream(exporter, buckets, recv)

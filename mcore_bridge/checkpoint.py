@@ -19,6 +19,7 @@ import torch
 
 from . import io as hfio
 from .bridge import Bridge
+from .errors import UsageError
 from .layout import LayoutError, ParallelLayout
 from .plan import MappingError
 from .runtime import dist as rt
@@ -60,7 +61,7 @@ def read_meta(path) -> dict:
     if not meta_file.exists():
         raise hfio.CheckpointError(f"--load {path}: not a checkpoint written by mcore-bridge "
                                    f"(no {META_NAME}); for an HF directory use --model")
-    meta = json.loads(meta_file.read_text())
+    meta = hfio.read_json(meta_file)
     if meta.get("format") not in FORMAT_NAMES.values():
         raise hfio.CheckpointError(f"{meta_file}: unknown format {meta.get('format')!r}")
     return meta
@@ -73,11 +74,11 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: st
     ``content`` (a model with a LoRA adapter, torch_dist only): "full" (weights and factors),
     "adapter" (the factors alone, for ``load_adapter_mcore``) or "merged" (merged weights)."""
     if fmt not in FORMAT_NAMES:
-        raise ValueError(f"checkpoint format {fmt!r}: choose {', '.join(FORMAT_NAMES)}")
+        raise UsageError(f"checkpoint format {fmt!r}: choose {', '.join(FORMAT_NAMES)}")
     if bridge.lora is None:
         content = "full"
     elif fmt != "torch_dist":
-        raise ValueError("a model with a LoRA adapter is saved in the torch_dist format (--ckpt-format torch_dist)")
+        raise UsageError("a model with a LoRA adapter is saved in the torch_dist format (--ckpt-format torch_dist)")
     out_dir = Path(out_dir).absolute()
     state = bridge._state(models)
     meta = {

@@ -16,11 +16,13 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import BridgeError, OutputExists, UsageError
 from .launch import needs_launch, under_torchrun
 from .versions import VersionAction, print_header
 
-KNOWN_ERRORS = ("LayoutError", "MappingError", "CheckpointError", "UnsupportedConfig", "ShapeMismatch",
-                "FileExistsError", "FileNotFoundError", "AdapterError")
+# Errors shown as one line (exit 2): the library's own (``errors.BridgeError``) and a path the user
+# gave that is missing or not accessible. Anything else is a bug and keeps its traceback (exit 1).
+USER_ERRORS = (BridgeError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def _bool(v) -> bool:
@@ -229,7 +231,7 @@ def cmd_export(args, argv) -> int:
                          "PEFT adapter: pass the adapter as --adapters (PEFT), or check --adapter-load with --to-hf")
     save = Path(args.save)
     if save.exists() and any(save.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"--save {save} exists and is not empty; pass --overwrite to replace it")
+        raise OutputExists(f"--save {save} exists and is not empty; pass --overwrite to replace it")
     if args.load:
         if args.to_mcore:
             raise SystemExit("mcore-bridge export: --load reads a Megatron checkpoint; use --to-hf")
@@ -312,7 +314,7 @@ def _check_precision(bridge, models, hf_dir, dtype, adapter=None) -> int:
 
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
     if name is None:
-        raise ValueError("--test-convert-precision supports --dtype fp32 or bf16")
+        raise UsageError("--test-convert-precision supports --dtype fp32 or bf16")
     report = verify_loaded(bridge, models, Path(hf_dir), dtype=name, name=Path(hf_dir).name, adapter=adapter)
     if report is not None:
         print(summary_line(report), flush=True)
@@ -362,7 +364,7 @@ def cmd_verify(args, argv) -> int:
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     for d in dtypes:
         if d not in ("fp32", "bf16"):
-            raise ValueError(f"--dtype {d!r}: choose fp32 and/or bf16")
+            raise UsageError(f"--dtype {d!r}: choose fp32 and/or bf16")
     report_dir = Path(args.report)
     print_header()
     plans, unplanned = [], 0
@@ -480,9 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                "report": cmd_report}[args.command]
     try:
         return handler(args, argv)
-    except Exception as e:
-        if type(e).__name__ not in KNOWN_ERRORS and not isinstance(e, (ValueError, OSError)):
-            raise
+    except USER_ERRORS as e:
         prefix = "mcore-bridge: error"
         if under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             prefix += f" [rank {os.environ.get('RANK')}]"

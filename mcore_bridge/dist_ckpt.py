@@ -27,7 +27,6 @@ them can run code from the checkpoint.
 from __future__ import annotations
 
 import contextlib
-import json
 import pickle
 import re
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 
 from . import io as hfio
+from .errors import UsageError
 from .runtime import dist as rt
 from .untrusted import check_dcp_metadata
 
@@ -58,7 +58,7 @@ def sharded_state(models, content: str = FULL) -> dict:
     from . import lora
 
     if content not in CONTENTS:
-        raise ValueError(f"checkpoint content {content!r}: choose {', '.join(CONTENTS)}")
+        raise UsageError(f"checkpoint content {content!r}: choose {', '.join(CONTENTS)}")
     with lora.merged_checkpoint(models) if content == MERGED else contextlib.nullcontext():
         state = {model_key(i, len(models)): m.sharded_state_dict() for i, m in enumerate(models)}
     if content == ADAPTER:
@@ -85,7 +85,7 @@ def resolve(path) -> Path:
     target = path / (RELEASE if tag == RELEASE else f"iter_{int(tag):07d}")
     if not (target / "metadata.json").exists():
         raise hfio.CheckpointError(f"{path}: {LATEST} names {tag!r} but {target} holds no checkpoint")
-    meta = json.loads((target / "metadata.json").read_text())
+    meta = hfio.read_json(target / "metadata.json")
     if meta.get("sharded_backend") != FORMAT:
         raise hfio.CheckpointError(f"{target}: sharded_backend {meta.get('sharded_backend')!r}, only "
                                    f"{FORMAT!r} is read")

@@ -19,10 +19,6 @@ import torch
 import torch.distributed as dist
 
 from .plan import LocalItem, Unit
-from .transforms import GatedMLP, Replicated, Split
-
-# transforms whose HF tensors, from a single shard, are the parameter's bytes in order
-AS_STORED = (Replicated, Split, GatedMLP)
 
 ALIGN = 16  # byte alignment of tensors packed in a bucket (dtype views need aligned offsets)
 
@@ -302,7 +298,7 @@ class Exporter:
             _, size, _ = self.g.split(bucket[0].unit.rule)
             raw = getattr(self.state, "state", self.state)  # a MergedState's own weights
             self._stored[key] = all(
-                (size == 1 or not u.unit.rule.transform.tp_split) and isinstance(u.unit.rule.transform, AS_STORED)
+                (size == 1 or not u.unit.rule.transform.tp_split) and u.unit.rule.transform.as_stored
                 and all(d == raw[(u.local.chunk, u.local.param)].dtype and nbytes(s, d) % ALIGN == 0
                         for s, d in zip(u.hf_shapes, u.out_dtypes)) for u in bucket)
         return self._stored[key]

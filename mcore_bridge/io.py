@@ -32,6 +32,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import CheckpointError, OutputExists  # noqa: F401  (CheckpointError re-exported)
+
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -49,10 +51,6 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as asked: missing, truncated, or not safetensors."""
-
-
 # Tensors smaller than this are read with one pread into a private buffer instead of being mapped:
 # cheaper for norms and biases, and a caller holding thousands of them holds no mappings.
 MAP_MIN_BYTES = 1 << 20
@@ -67,6 +65,14 @@ class TensorInfo:
 
     def __repr__(self):
         return f"TensorInfo({self.name}, {self.dtype}, {self.shape})"
+
+
+def read_json(path: Path):
+    """A JSON file of a checkpoint; ``CheckpointError`` naming it when it is unreadable or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"{path} cannot be read as JSON: {e}") from None
 
 
 def read_header(path: Path) -> dict:
@@ -115,7 +121,7 @@ class HFCheckpoint:
         cfg = self.path / "config.json"
         if config is None and not cfg.exists():
             raise CheckpointError(f"{self.path} has no config.json")
-        self.config = config if config is not None else json.loads(cfg.read_text())
+        self.config = config if config is not None else read_json(cfg)
         self.tensors: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor] | None] = {}  # pickle -> its mapped tensors
@@ -137,7 +143,7 @@ class HFCheckpoint:
         """The safetensors files, or None for a pickle-only directory that ``allow_pickle`` admits."""
         index = self.path / INDEX_NAME
         if index.exists():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            weight_map = read_json(index).get("weight_map", {})
             files = sorted({self.path / f for f in weight_map.values()})
             missing = [str(f.name) for f in files if not f.exists()]
             if missing:
@@ -409,7 +415,7 @@ def staging_dir(dest: Path) -> Path:
 def prepare_destination(dest: Path, overwrite: bool) -> Path:
     """Check ``dest`` may be written and return a fresh, empty staging directory."""
     if dest.exists() and any(dest.iterdir()) and not overwrite:
-        raise FileExistsError(f"--save {dest} exists and is not empty; pass --overwrite to replace it")
+        raise OutputExists(f"--save {dest} exists and is not empty; pass --overwrite to replace it")
     stage = staging_dir(dest)
     if stage.exists():
         shutil.rmtree(stage)

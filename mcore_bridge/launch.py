@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .errors import UsageError
+
 def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
@@ -20,14 +22,14 @@ def procs_per_node(args, world: int) -> int:
     processes of all nodes (nnodes x nproc) a multiple of ``world``, what the layout needs."""
     nnodes = args.nnodes
     if nnodes < 1:
-        raise ValueError(f"--nnodes {nnodes}: need at least 1 node")
+        raise UsageError(f"--nnodes {nnodes}: need at least 1 node")
     if not 0 <= args.node_rank < nnodes:
-        raise ValueError(f"--node-rank {args.node_rank} (env NODE_RANK) is not one of 0..{nnodes - 1} "
+        raise UsageError(f"--node-rank {args.node_rank} (env NODE_RANK) is not one of 0..{nnodes - 1} "
                          f"for --nnodes {nnodes}")
     least = world // math.gcd(world, nnodes)
     nproc = args.nproc_per_node or least
     if nproc < 1 or (nproc * nnodes) % world:
-        raise ValueError(f"{nnodes} node(s) x {nproc} process(es) per node = {nnodes * nproc} processes "
+        raise UsageError(f"{nnodes} node(s) x {nproc} process(es) per node = {nnodes * nproc} processes "
                          f"cannot form this layout, which needs a multiple of {world}: choose "
                          f"--nproc-per-node from multiples of {least}")
     return nproc
@@ -44,7 +46,7 @@ def torchrun_command(nproc: int, args: argparse.Namespace) -> list[str]:
     missing = [name for name, value in (("MASTER_ADDR", args.master_addr), ("MASTER_PORT", args.master_port))
                if value is None]
     if missing:
-        raise ValueError(f"--nnodes {args.nnodes}: set {' and '.join(missing)} (or --master-addr / "
+        raise UsageError(f"--nnodes {args.nnodes}: set {' and '.join(missing)} (or --master-addr / "
                          f"--master-port), the same on every node: node 0's address, reachable from the "
                          f"others, and a free port on it")
     from .runtime.dist import DEFAULT_TIMEOUT_S

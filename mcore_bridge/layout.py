@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-
-class LayoutError(ValueError):
-    """A parallel layout that cannot hold the model; the message names the constraint and the fix."""
+from .errors import LayoutError  # noqa: F401  (re-exported: its home before errors.py)
 
 
 @dataclasses.dataclass(frozen=True)

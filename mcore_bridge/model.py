@@ -8,23 +8,17 @@ from .families.base import Family
 from .layout import ParallelLayout, padded_vocab_size
 from .lora import is_lora_param
 
-ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
-
 
 def transformer_config(family: Family, layout: ParallelLayout, dtype: torch.dtype, device: str,
                        grouped: bool = False):
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.transformer_config import MLATransformerConfig
-
-    kw = dict(family.model_settings()["config"])
-    config_class = MLATransformerConfig if kw.get("multi_latent_attention") else TransformerConfig
-    kw["activation_func"] = ACTIVATIONS[kw.pop("activation")]
+    arch = family.architecture
+    kw = dict(arch.config)
     first, last = layout.first_stage_layers, layout.last_stage_layers
     if layout.pp == 2 and first is not None and last is not None:
         # Same split (validated: first + last == num_layers), but megatron-core's layer offset
         # divides by the number of middle stages (0 here) under vpp: pass only the first size.
         last = None
-    return config_class(
+    return arch.config_class()(
         **kw,
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
@@ -105,32 +99,19 @@ def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = tor
     (megatron-core 0.16's legacy GroupedMLP in the local spec; refused where the local spec has none,
     see ``local_grouped_experts_available``)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
-    settings = family.model_settings()
+    arch = family.architecture
     layout.validate(**family.layout_dims())
     family.check_layout(layout)
     _check_grouped_experts(family, grouped_experts)
     config = transformer_config(family, layout, dtype, device, grouped_experts)
-    spec_kw = dict(settings["spec"])
-    block = spec_kw.pop("block", False)
-    model_kw = dict(settings["model"])
+    model_kw = dict(arch.model)
     model_kw["vocab_size"] = padded_vocab_size(model_kw["vocab_size"], layout.tp)
-    model_class = GPTModel
-    if "vision" in settings:  # vision-language: GPT + the transformers vision tower (first stage)
-        from .multimodal import VisionLanguageGPT
-
-        model_class = VisionLanguageGPT
-        model_kw.update(vision=settings["vision"], hf_config=family.full_config)
+    model_class = arch.model_class()
     pp_rank = ps.get_pipeline_model_parallel_rank()
     chunks = []
     for vp in range(layout.vpp):
-        if block:  # per-layer specs (dense and MoE layers mixed, from config.moe_layer_freq)
-            spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
-                                              vp_stage=vp if layout.vpp > 1 else None, pp_rank=pp_rank)
-        else:
-            spec = get_gpt_layer_local_spec(normalization="RMSNorm", **spec_kw)
+        spec = arch.layer_spec(config, vp if layout.vpp > 1 else None, pp_rank)
         chunk = model_class(config, spec, pre_process=layout.is_first(pp_rank, vp),
                          post_process=layout.is_last(pp_rank, vp), parallel_output=parallel_output,
                          vp_stage=vp if layout.vpp > 1 else None, **model_kw)
@@ -166,7 +147,7 @@ def param_views(models, family: Family, layout: ParallelLayout, lora: bool = Fal
                 continue
             name = name.replace(".base_layer.", ".")
             if name.endswith(("mlp.experts.weight1", "mlp.experts.weight2")):
-                hidden = hidden or family.model_settings()["config"]["hidden_size"]
+                hidden = hidden or family.architecture.config["hidden_size"]
                 prefix, which = name.rsplit(".", 1)
                 fc = "linear_fc1" if which == "weight1" else "linear_fc2"
                 d = t.detach()

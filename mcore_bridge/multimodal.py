@@ -16,6 +16,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import (Multimo
                                                                          get_pos_emb_on_this_cp_rank)
 from megatron.core.models.gpt import GPTModel
 
+from .errors import UsageError
 from .families.qwen_vl import VisionSettings, build_vision
 
 
@@ -59,7 +60,7 @@ class VisionLanguageGPT(GPTModel):
         self.visual = build_vision(vision.model_type, vision.vision_class, hf_config).to(config.params_dtype)
         if vision.deepstack_layers and config.recompute_granularity is not None:
             # the hooks read this forward's features; a recomputed layer would run without them
-            raise ValueError(f"{vision.model_type}: deepstack features are added by forward hooks, which "
+            raise UsageError(f"{vision.model_type}: deepstack features are added by forward hooks, which "
                              f"activation recomputation (recompute_granularity="
                              f"{config.recompute_granularity!r}) would replay without them: turn it off")
         for k in range(vision.deepstack_layers):
@@ -97,13 +98,13 @@ class VisionLanguageGPT(GPTModel):
             mask = input_ids == token
             if pixels is None:
                 if mask.any():
-                    raise ValueError(f"input_ids hold {int(mask.sum())} {kind} tokens but no {kind} pixels were given")
+                    raise UsageError(f"input_ids hold {int(mask.sum())} {kind} tokens but no {kind} pixels were given")
                 continue
             out = self.visual(pixels.to(emb.device, self.visual.dtype), grid_thw=grid.to(emb.device),
                               return_dict=True)
             feats = out.pooler_output
             if int(mask.sum()) != feats.shape[0]:
-                raise ValueError(f"{kind} tokens ({int(mask.sum())}) and {kind} features ({feats.shape[0]}) "
+                raise UsageError(f"{kind} tokens ({int(mask.sum())}) and {kind} features ({feats.shape[0]}) "
                                  f"do not match: the inputs were built for another vision config")
             where = mask[..., None].expand_as(emb)
             emb = emb.masked_scatter(where, feats.to(emb.dtype))

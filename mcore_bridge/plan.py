@@ -11,12 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from .errors import MappingError  # noqa: F401  (re-exported: its home before errors.py)
 from .families.base import Family, Rule, canonical_param_name
 from .layout import ParallelLayout
-
-
-class MappingError(ValueError):
-    """Checkpoint and model disagree: missing, unexpected or mis-shaped tensors, unmapped params."""
 
 
 # HF tensors that carry no weights (buffers some old checkpoints saved).

@@ -59,7 +59,7 @@ def _resolve(region, shape) -> tuple[slice, slice]:
 
 def view_table(family, orientation: str) -> dict[str, ExpertView]:
     """Per-expert HF name (the family's spelling) -> its place in the stacked tensors."""
-    s = family.model_settings()["config"]
+    s = family.architecture.config
     hidden, ffn, experts = s["hidden_size"], s["moe_ffn_hidden_size"], family.num_experts
     gate, up, down = family.expert_hf
     gate_up, down_stacked = family.stacked_hf

@@ -22,6 +22,8 @@ from typing import Iterator
 
 import torch
 
+from .errors import UsageError
+
 ALIGN = 16
 
 
@@ -87,14 +89,14 @@ def resolve_receivers(receivers, world: int) -> str | list[int]:
         return list(range(0, world, per_node))
     if isinstance(receivers, int):
         if not 0 <= receivers < world:
-            raise ValueError(f"receivers={receivers}: not a rank of this world of {world}")
+            raise UsageError(f"receivers={receivers}: not a rank of this world of {world}")
         return [receivers]
     if isinstance(receivers, (list, tuple)) and receivers and all(isinstance(r, int) for r in receivers):
         bad = [r for r in receivers if not 0 <= r < world]
         if bad:
-            raise ValueError(f"receivers {bad}: not ranks of this world of {world}")
+            raise UsageError(f"receivers {bad}: not ranks of this world of {world}")
         return sorted(set(receivers))
-    raise ValueError(f"receivers={receivers!r}: choose 'all', 'node', 'rank', a global rank or a list of ranks")
+    raise UsageError(f"receivers={receivers!r}: choose 'all', 'node', 'rank', a global rank or a list of ranks")
 
 
 def to_device(stream, device):

@@ -15,12 +15,14 @@ from typing import Sequence
 
 import torch
 
+from .errors import MappingError
+
 Shape = tuple[int, ...]
 Region = tuple[slice, ...]
 
 
-class ShapeMismatch(ValueError):
-    pass
+class ShapeMismatch(MappingError):
+    """HF tensor shapes that the transform cannot turn into the model's shard (or back)."""
 
 
 def _rows(start: int, stop: int, ndim: int) -> Region:
@@ -37,11 +39,38 @@ def _check(cond: bool, msg: str):
 
 
 class Transform:
-    """Base: subclasses define ``split_dim`` semantics through the three methods below."""
+    """Base: subclasses define ``split_dim`` semantics through the three methods below.
+
+    What a transform means beyond loading is a property of the transform too, so core modules
+    (export, LoRA) never test transform classes: ``parallel_mode``, ``as_stored``, ``swiglu`` and
+    ``lora_factor_transforms``. The defaults are the conservative ones (the slow export path, no
+    LoRA mapping); every transform in this module states its own (``tests/test_transforms.py``).
+    """
 
     #: whether shards differ between TP ranks (replicated tensors need no gather on export)
     tp_split = True
     n_sources = 1
+    #: how TP shards relate to the HF tensors: "column" (split along output rows), "row" (split
+    #: along input columns) or "replicated" (every rank holds the whole tensor)
+    parallel_mode = "column"
+    #: whether the HF tensors rebuilt from a single (unsplit) shard are the parameter's bytes in
+    #: order (no reordering, no padding, no copies), so export may send the parameter as it lies
+    as_stored = False
+    #: the megatron module applies a gated (SwiGLU) activation to this fused [gate; up] output
+    swiglu = False
+    #: its HF tensors are n copies of one tensor (a shared LoRA A), which loading checks
+    identical_sources = False
+
+    def lora_factor_transforms(self, n: int, per_projection: bool):
+        """(A transform, B transform) for the LoRA factors of a linear mapped by this transform
+        from ``n`` HF projections, or None when LoRA cannot be mapped onto it."""
+        return None
+
+    def _column_factors(self, n: int, per_projection: bool):
+        """Column-parallel linears: A replicated, B split like the weight (see ``lora.spec``)."""
+        if n == 1:
+            return REPLICATED, self
+        return (Stacked(n), Blocks(self, n)) if per_projection else (Shared(n), self)
 
     def local_shape(self, hf: Sequence[Shape], tp: int) -> Shape:  # expected megatron shard shape
         raise NotImplementedError
@@ -73,6 +102,11 @@ class Replicated(Transform):
     """Same tensor on every rank (norms, routers, biases of row-parallel layers)."""
 
     tp_split = False
+    parallel_mode = "replicated"
+    as_stored = True
+
+    def lora_factor_transforms(self, n, per_projection):
+        return REPLICATED, REPLICATED
 
     def local_shape(self, hf, tp):
         return hf[0]
@@ -92,6 +126,16 @@ class Split(Transform):
     """Even split along ``dim``: 0 for column-parallel outputs, 1 for row-parallel inputs."""
 
     dim: int = 0
+    as_stored = True
+
+    @property
+    def parallel_mode(self):
+        return "column" if self.dim == 0 else "row"
+
+    def lora_factor_transforms(self, n, per_projection):
+        if self.dim == 1:
+            return ROW, REPLICATED
+        return self._column_factors(n, per_projection) if self.dim == 0 else None
 
     def local_shape(self, hf, tp):
         s = list(hf[0])
@@ -126,6 +170,9 @@ class Vocab(Transform):
     The padded size is read off the megatron parameter (``local[0] * tp``); padding rows are zero
     on load and dropped on export.
     """
+
+    parallel_mode = "column"
+    as_stored = False  # export drops the padding rows
 
     def local_shape(self, hf, tp):
         return None  # depends on the padding megatron chose; checked in slices()
@@ -169,6 +216,11 @@ class QKV(Transform):
     groups: int
     head_dim: int
     n_sources = 3
+    parallel_mode = "column"
+    as_stored = False  # megatron interleaves q/k/v per query group
+
+    def lora_factor_transforms(self, n, per_projection):
+        return self._column_factors(n, per_projection)
 
     @property
     def q_per_group(self):
@@ -224,6 +276,12 @@ class GatedMLP(Transform):
     """gate and up projections, each split over tp, concatenated per rank as ``[gate_r; up_r]``."""
 
     n_sources = 2
+    parallel_mode = "column"
+    as_stored = True  # one shard holds [gate; up], the HF tensors in order
+    swiglu = True
+
+    def lora_factor_transforms(self, n, per_projection):
+        return self._column_factors(n, per_projection)
 
     def local_shape(self, hf, tp):
         gate, up = hf
@@ -266,6 +324,7 @@ class _WholeSources(Transform):
 
     n: int = 2
     tp_split = False
+    parallel_mode = "replicated"
 
     @property
     def n_sources(self):
@@ -278,6 +337,9 @@ class _WholeSources(Transform):
 @dataclasses.dataclass(frozen=True, repr=False)
 class Shared(_WholeSources):
     """n identical HF tensors behind one replicated megatron tensor; loading checks they are equal."""
+
+    as_stored = False  # export repeats the one tensor n times
+    identical_sources = True
 
     def local_shape(self, hf, tp):
         _check(all(tuple(s) == tuple(hf[0]) for s in hf), f"shapes differ: {list(hf)}")
@@ -297,6 +359,8 @@ class Shared(_WholeSources):
 class Stacked(_WholeSources):
     """n HF tensors concatenated along dim 0 into one replicated megatron tensor."""
 
+    as_stored = False  # (the bytes are in order; LoRA factors are small: kept on the general path)
+
     def local_shape(self, hf, tp):
         _check(all(tuple(s[1:]) == tuple(hf[0][1:]) for s in hf), f"trailing dims differ: {list(hf)}")
         return (sum(s[0] for s in hf),) + tuple(hf[0][1:])
@@ -315,10 +379,15 @@ class Blocks(Transform):
 
     inner: Transform = None
     n: int = 2
+    as_stored = False  # the off-block zeros are dropped on export
 
     @property
     def n_sources(self):
         return self.n
+
+    @property
+    def parallel_mode(self):
+        return self.inner.parallel_mode
 
     def _wide(self, hf):
         _check(all(len(s) == 2 and s[1] == hf[0][1] for s in hf), f"expected [out, r] factors: {list(hf)}")

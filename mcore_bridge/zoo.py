@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .errors import UsageError
+
 ZOO_VERSION = 3  # bump when an existing entry changes (new entries need no bump)
 
 _COMMON = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -104,7 +106,7 @@ def cache_root() -> Path:
 def materialize(name: str) -> Path:
     """Path of the built-in model ``name``, building it on first use."""
     if name not in ZOO:
-        raise ValueError(f"unknown built-in model {name!r}; choose from: {', '.join(ZOO)}")
+        raise UsageError(f"unknown built-in model {name!r}; choose from: {', '.join(ZOO)}")
     dest = cache_root() / "zoo" / f"{name}-v{ZOO_VERSION}"
     if (dest / "config.json").exists():
         return dest

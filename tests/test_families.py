@@ -37,8 +37,8 @@ def raw(model_type, **kw):
 @pytest.mark.parametrize("model_type", TYPES)
 def test_settings_carried_over(model_type):
     cfg = hf_config(model_type, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    s = family_for(cfg.to_dict()).model_settings()
-    c, m = s["config"], s["model"]
+    arch = family_for(cfg.to_dict()).architecture
+    c, m = arch.config, arch.model
     assert c["num_layers"] == cfg.num_hidden_layers
     assert c["hidden_size"] == cfg.hidden_size
     assert c["num_attention_heads"] == cfg.num_attention_heads
@@ -47,11 +47,11 @@ def test_settings_carried_over(model_type):
     # qwen3 defaults to head_dim=128, unrelated to hidden/heads; qwen2 configs have no head_dim
     assert c["kv_channels"] == (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     assert c["layernorm_epsilon"] == cfg.rms_norm_eps
-    assert c["normalization"] == "RMSNorm" and c["gated_linear_unit"] and c["activation"] == "silu"
+    assert c["normalization"] == "RMSNorm" and c["gated_linear_unit"]
+    assert c["activation_func"] is torch.nn.functional.silu
     assert c["add_bias_linear"] is False
     assert c["add_qkv_bias"] is (model_type == "qwen2")
     assert c["qk_layernorm"] is (model_type == "qwen3")
-    assert s["spec"]["qk_layernorm"] is (model_type == "qwen3")
     assert m["vocab_size"] == cfg.vocab_size
     assert m["max_sequence_length"] == cfg.max_position_embeddings
     assert m["share_embeddings_and_output_weights"] is False

@@ -23,6 +23,8 @@ import re
 
 import torch
 
+from mcore_bridge.errors import UsageError
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 KINDS = ("scale", "swap_qk", "rope_base", "zero", "swap_experts", "mrope_section", "mrope_contiguous")
 BUILD_KINDS = ("rope_base", "mrope_section", "mrope_contiguous")
@@ -33,7 +35,7 @@ def parse(spec: str | None) -> tuple[str, list[str]] | None:
         return None
     kind, *args = spec.split(":")
     if kind not in KINDS:
-        raise ValueError(f"--control {spec!r}: unknown kind {kind!r} ({', '.join(KINDS)})")
+        raise UsageError(f"--control {spec!r}: unknown kind {kind!r} ({', '.join(KINDS)})")
     return kind, args
 
 
@@ -44,21 +46,17 @@ def before_build(bridge, spec: str | None):
         return
     kind, args = parsed
     family = bridge.family
-    original = family.model_settings
-
-    def settings():
-        s = original()
-        if kind == "rope_base":
-            s["model"] = dict(s["model"], rotary_base=s["model"]["rotary_base"] * float(args[0]))
-        elif "mrope_section" not in s["config"]:
-            raise ValueError(f"control {kind}: {family.name} has no multimodal RoPE")
-        elif kind == "mrope_section":
-            s["config"] = dict(s["config"], mrope_section=[int(x) for x in args[0].split(",")])
-        else:
-            s["vision"] = dataclasses.replace(s["vision"], mrope_interleaved=False)
-        return s
-
-    family.model_settings = settings
+    arch = family.architecture
+    config, model = arch.config, arch.model
+    if kind == "rope_base":
+        model = dict(model, rotary_base=model["rotary_base"] * float(args[0]))
+    elif "mrope_section" not in config:
+        raise UsageError(f"control {kind}: {family.name} has no multimodal RoPE")
+    elif kind == "mrope_section":
+        config = dict(config, mrope_section=[int(x) for x in args[0].split(",")])
+    else:
+        model = dict(model, vision=dataclasses.replace(model["vision"], mrope_interleaved=False))
+    family.architecture = dataclasses.replace(arch, config=config, model=model)  # this bridge's family only
 
 
 def _layer_param(models, layer: int, rest: str):
@@ -67,7 +65,7 @@ def _layer_param(models, layer: int, rest: str):
             if module.layer_number - 1 == layer:
                 tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
                 if rest not in tensors:
-                    raise ValueError(f"control: layer {layer} has no {rest!r} (has e.g. "
+                    raise UsageError(f"control: layer {layer} has no {rest!r} (has e.g. "
                                      f"{', '.join(sorted(tensors)[:6])})")
                 return tensors[rest]
     return None  # another pipeline stage holds it
@@ -81,7 +79,7 @@ def _vision_param(models, name: str):
             tensors = dict(visual.named_parameters())
             rest = name[len("visual."):]
             if rest not in tensors:
-                raise ValueError(f"control: the vision tower has no {rest!r} (has e.g. "
+                raise UsageError(f"control: the vision tower has no {rest!r} (has e.g. "
                                  f"{', '.join(sorted(tensors)[:6])})")
             return tensors[rest]
     return None
@@ -96,7 +94,7 @@ def _param(models, spec_name: str):
 def _named(spec_name: str):
     m = _LAYER.match(spec_name)
     if not m:
-        raise ValueError(f"control needs a decoder.layers.<i>.* name, got {spec_name!r}")
+        raise UsageError(f"control needs a decoder.layers.<i>.* name, got {spec_name!r}")
     return int(m.group(1)), m.group(2)
 
 
@@ -106,7 +104,7 @@ def _swap_experts(models, bridge, layer: int, a: int, b: int):
     owner_a, local_a = bridge.layout.expert_owner(bridge.family.num_experts, a)
     owner_b, local_b = bridge.layout.expert_owner(bridge.family.num_experts, b)
     if owner_a != owner_b:
-        raise ValueError(f"swap_experts: experts {a} and {b} live on expert-parallel ranks {owner_a} and "
+        raise UsageError(f"swap_experts: experts {a} and {b} live on expert-parallel ranks {owner_a} and "
                          f"{owner_b}; pick two experts of one rank")
     from megatron.core import parallel_state as ps
 
@@ -149,7 +147,7 @@ def after_load(models, bridge, spec: str | None):
             layer = int(args[0])
             p = _layer_param(models, layer, "self_attention.linear_qkv.weight")
             if p is not None:
-                s = bridge.family.model_settings()["config"]
+                s = bridge.family.architecture.config
                 heads, groups, d = s["num_attention_heads"], s["num_query_groups"], s["kv_channels"]
                 local_groups = groups // bridge.layout.tp
                 per_group = (heads // groups + 2) * d

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mcore_bridge.errors import UsageError
+
 
 def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int, position_ids: torch.Tensor | None = None,
                     vision: dict | None = None) -> torch.Tensor | None:
@@ -23,7 +25,7 @@ def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int, position_i
     position_ids = position_ids.to(device)
     extra = {k: v.to(device) for k, v in (vision or {}).items()}
     if extra and batch != 1:
-        raise ValueError("vision inputs are given for one sample at a time")
+        raise UsageError("vision inputs are given for one sample at a time")
     collected = []
 
     def step(data_iterator, model):

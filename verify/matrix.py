@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 
+from mcore_bridge.errors import UsageError
+
 from mcore_bridge.layout import LayoutError, ParallelLayout
 
 AXES = {  # matrix key -> (ParallelLayout field, parser)
@@ -25,10 +27,10 @@ def parse(text: str) -> list[dict]:
     axes = []
     for part in text.split():
         if "=" not in part:
-            raise ValueError(f"--matrix: expected key=values, got {part!r} (keys: {', '.join(AXES)})")
+            raise UsageError(f"--matrix: expected key=values, got {part!r} (keys: {', '.join(AXES)})")
         key, values = part.split("=", 1)
         if key not in AXES:
-            raise ValueError(f"--matrix: unknown axis {key!r} (known: {', '.join(AXES)})")
+            raise UsageError(f"--matrix: unknown axis {key!r} (known: {', '.join(AXES)})")
         field, conv = AXES[key]
         axes.append([(field, conv(v)) for v in values.split(",") if v])
     return [dict(combo) for combo in itertools.product(*axes)]

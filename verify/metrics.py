@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mcore_bridge.errors import UsageError, VerificationError
+
 LOWER_IS_BETTER = ("token_mean_diff_mean", "token_mean_diff_max", "mean_diff", "max_diff",
                    "mean_diff_with_loss", "max_diff_with_loss", "kl_hf_mg")
 HIGHER_IS_BETTER = ("top1_agreement", "top1_agreement_with_loss", "cosine_mean", "cosine_min", "router_agreement")
@@ -107,7 +109,7 @@ def probe_drift(ref: torch.Tensor, got: torch.Tensor) -> dict:
 def routing_agreement(ref: torch.Tensor, got: torch.Tensor) -> float:
     """Fraction of tokens whose expert sets match; ``ref``/``got`` are boolean ``[tokens, E]``."""
     if ref.shape != got.shape:
-        raise ValueError(f"routing maps differ in shape: {tuple(ref.shape)} vs {tuple(got.shape)}")
+        raise VerificationError(f"routing maps differ in shape: {tuple(ref.shape)} vs {tuple(got.shape)}")
     return (ref == got).all(dim=-1).double().mean().item()
 
 
@@ -124,7 +126,7 @@ def thresholds(dtype: str, calibration: dict | None = None, moe: bool = False, g
     elif gate == "all":
         out.pop("top1_agreement_with_loss_min", None)
     else:
-        raise ValueError(f"gate={gate!r}: choose all or with_loss")
+        raise UsageError(f"gate={gate!r}: choose all or with_loss")
     return out
 
 
@@ -146,7 +148,7 @@ def _thresholds(dtype: str, calibration: dict | None, moe: bool, tokens) -> dict
             out["router_agreement_min"] = FP32_ROUTER_AGREEMENT_MIN
         return out
     if calibration is None:
-        raise ValueError(f"{dtype} thresholds need HF's {dtype}-vs-fp32 calibration")
+        raise UsageError(f"{dtype} thresholds need HF's {dtype}-vs-fp32 calibration")
     out = {k: max(BF16_FACTOR * calibration[k], floor) for k, floor in BF16_FLOORS.items()
            if k in calibration}
     out["top1_agreement_min"] = calibration["top1_agreement"] - top1_slack(calibration["top1_agreement"], tokens[0])

@@ -49,6 +49,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mcore_bridge.errors import UsageError
 from verify.report import ReportError, case_key, case_sort_key, canonical_json, fmt, load_reports
 
 LOWER_IS_BETTER = ("token_mean_diff_mean", "token_mean_diff_max", "mean_diff", "max_diff",
@@ -273,7 +274,7 @@ def compare(baseline_dir, current_dir, rel_tol: float = 0.5, abs_tol=None, drop_
     metrics. Raises :class:`verify.report.ReportError` for a missing directory or a malformed
     report."""
     if rel_tol < 0:
-        raise ValueError(f"rel_tol must be >= 0, got {rel_tol}")
+        raise UsageError(f"rel_tol must be >= 0, got {rel_tol}")
     base = {case_key(r): r for r in load_reports(baseline_dir)}
     cur = {case_key(r): r for r in load_reports(current_dir)}
     floors, drops = _tolerances(abs_tol, drop_tol, {k[2] for k in base} | {k[2] for k in cur})

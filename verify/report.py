@@ -18,7 +18,7 @@ side, see verify/controls.py) is its own case, ``<layout_id>-<dtype>-control-<sp
 never replaces the real one; pages mark it "caught" when it fails, and the index counts controls
 apart from the pass/fail counts.
 
-Errors: :class:`ReportError` (a ``ValueError``), its message starting with the offending file.
+Errors: :class:`ReportError` (a ``mcore_bridge.errors.VerificationError``, so a ``ValueError``), its message starting with the offending file.
 
 Files: the model's name and the case's ``<layout_id>-<dtype>`` become file names with every
 character outside ``[A-Za-z0-9._-]`` replaced by ``_`` (so ``Qwen/Qwen3-8B`` lives in
@@ -41,6 +41,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from mcore_bridge.errors import VerificationError
+
 SCHEMA = "mcore-bridge-verify/1"
 SCHEMA_FAMILY = "mcore-bridge-verify/"
 
@@ -61,7 +63,7 @@ _REQUIRED_METRICS = ("mean_diff", "max_diff")
 _VERDICTS = ("pass", "fail")
 
 
-class ReportError(ValueError):
+class ReportError(VerificationError):
     """A report file or dict that cannot be used; the message names the file."""
 
 

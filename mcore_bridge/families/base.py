@@ -11,14 +11,22 @@ rank arithmetic is not here: it lives in ``layout`` and ``plan``.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import re
-from typing import Any, Optional, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, Sequence
 
+from ..errors import UnsupportedConfig  # noqa: F401  (re-exported: its home before errors.py)
 from ..transforms import Transform
 
 
-class UnsupportedConfig(ValueError):
-    """The HF config holds a setting megatron-core cannot express (so a conversion would be wrong)."""
+class Layers(enum.StrEnum):
+    """The layers a rule applies to (compares equal to its value, as ``Family.layer_kind`` returns)."""
+
+    ALL = "all"
+    DENSE = "dense"
+    MOE = "moe"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +35,7 @@ class Rule:
     hf: tuple[str, ...]
     transform: Transform
     export: bool = True  # False: load-only copy (tied output layer on the last pipeline stage)
-    when: str = "all"  # layers it applies to: "all", "dense" or "moe"
+    when: Layers = Layers.ALL  # layers it applies to
 
     @property
     def per_layer(self) -> bool:
@@ -43,8 +51,8 @@ class Rule:
 
 
 def rule(mcore: str, hf: str | Sequence[str], transform: Transform, export: bool = True,
-         when: str = "all") -> Rule:
-    return Rule(mcore, (hf,) if isinstance(hf, str) else tuple(hf), transform, export, when)
+         when: Layers = Layers.ALL) -> Rule:
+    return Rule(mcore, (hf,) if isinstance(hf, str) else tuple(hf), transform, export, Layers(when))
 
 
 # TransformerEngine specs fuse the pre-attention / pre-MLP norms into the following linear; the
@@ -106,20 +114,71 @@ class HFConfig:
         return params
 
 
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """Everything megatron-core needs to build a family's model, declared by the family and built
+    once per family instance (``Family.architecture``). ``model.build_model`` only calls it:
+
+        config = config_class()(**config, <layout and runtime settings>)
+        spec   = layer_spec(config, vp_stage, pp_rank)
+        chunk  = model_class()(config, spec, <pipeline placement>, **model)   # vocab padded for TP
+    """
+
+    config: Mapping[str, Any]  # megatron config fields that describe the model (no layout, no runtime)
+    model: Mapping[str, Any]  # the model class's keyword arguments; vocab_size before TP padding
+    config_class: Callable[[], type]  # -> TransformerConfig or a subclass (imported when called)
+    layer_spec: Callable[[Any, Optional[int], int], Any]  # (config, vp_stage, pp_rank) -> layer/block spec
+    model_class: Callable[[], type]  # -> GPTModel or a subclass (imported when called)
+
+
 class Family:
-    """Base class. Subclasses set ``model_types`` and implement ``model_settings`` and ``rules``."""
+    """Base class. Subclasses set ``model_types`` and implement ``model_settings`` and ``rules``;
+    they override ``layer_spec`` / ``megatron_config_class`` / ``megatron_model_class`` where the
+    model is not a dense GPT (see README.md in this directory)."""
 
     model_types: tuple[str, ...] = ()
     name: str = ""
     multimodal = False  # vision-language families (``qwen_vl``) say True
+    hf_prefix = "model."  # HF prefix of the language model's tensors (embeddings, layers, final norm)
+
+    @property
+    def hf_layer_prefix(self) -> str:
+        """HF prefix of a decoder layer's tensors, ``{L}`` standing for the layer."""
+        return self.hf_prefix + "layers.{L}."
 
     def __init__(self, raw_config: dict):
         self.cfg = HFConfig(raw_config)
 
     # -- to override --------------------------------------------------------------------------
     def model_settings(self) -> dict:
-        """``{"config": TransformerConfig kwargs, "model": GPTModel kwargs, "spec": spec kwargs}``."""
+        """``{"config": megatron config kwargs, "model": model class kwargs}``, read from the HF
+        config; refuses (``UnsupportedConfig``) what megatron-core cannot express. Called once,
+        by ``architecture``: everything else reads that."""
         raise NotImplementedError
+
+    def megatron_config_class(self) -> type:
+        from megatron.core.transformer import TransformerConfig
+
+        return TransformerConfig
+
+    def megatron_model_class(self) -> type:
+        from megatron.core.models.gpt import GPTModel
+
+        return GPTModel
+
+    def layer_spec(self, config, vp_stage: Optional[int], pp_rank: int):
+        """The local (no TransformerEngine) spec of a GPT layer, the same for every layer."""
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        c = self.architecture.config
+        return get_gpt_layer_local_spec(normalization=c["normalization"], qk_layernorm=c["qk_layernorm"])
+
+    @functools.cached_property
+    def architecture(self) -> Architecture:
+        s = self.model_settings()
+        return Architecture(config=MappingProxyType(dict(s["config"])), model=MappingProxyType(dict(s["model"])),
+                            config_class=self.megatron_config_class, layer_spec=self.layer_spec,
+                            model_class=self.megatron_model_class)
 
     def rules(self) -> list[Rule]:
         raise NotImplementedError
@@ -152,12 +211,12 @@ class Family:
     def check_layout(self, layout) -> None:
         """Refuse layouts this model cannot run on beyond what ``layout_dims`` expresses."""
 
-    def layer_kind(self, layer: int) -> str:
-        return "moe" if self.is_moe_layer(layer) else "dense"
+    def layer_kind(self, layer: int) -> Layers:
+        return Layers.MOE if self.is_moe_layer(layer) else Layers.DENSE
 
     def layout_dims(self) -> dict:
         """What the layout validator needs to know about this model."""
-        s = self.model_settings()["config"]
+        s = self.architecture.config
         dense = any(not self.is_moe_layer(i) for i in range(self.num_layers))
         return dict(num_layers=s["num_layers"], num_attention_heads=s["num_attention_heads"],
                     num_query_groups=s.get("num_query_groups") or s["num_attention_heads"],

@@ -10,15 +10,15 @@ MTP (next-token prediction) layer, which transformers does not build either.
 
 from __future__ import annotations
 
+import torch
+
 from ..transforms import COLUMN, REPLICATED, ROW
 from .base import UnsupportedConfig, rule
 from .llama import Llama
 from .moe import MoEMixin
 
 L = "decoder.layers.{L}."
-H = "model.layers.{L}."
 A = L + "self_attention."
-HA = H + "self_attn."
 HF_LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps
 
 
@@ -71,7 +71,7 @@ class DeepSeekV3(MoEMixin, Llama):
 
     def check_tensors(self, names) -> None:
         """The MTP layer is stored after the last decoder layer (``model.layers.{num_layers}.*``)."""
-        prefix = f"model.layers.{self.num_layers}."
+        prefix = self.hf_layer_prefix.replace("{L}", str(self.num_layers))
         mtp = sorted(n for n in names if n.startswith(prefix))
         if mtp:
             raise UnsupportedConfig(
@@ -114,7 +114,7 @@ class DeepSeekV3(MoEMixin, Llama):
             num_attention_heads=heads, num_query_groups=heads,
             ffn_hidden_size=int(c.require("intermediate_size")),
             normalization="RMSNorm", layernorm_epsilon=float(c.get("rms_norm_eps", default=1e-6)),
-            gated_linear_unit=True, activation="silu", add_bias_linear=False, add_qkv_bias=False,
+            gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=False,
             qk_layernorm=True,  # the q/kv latent norms
             multi_latent_attention=True, q_lora_rank=self.q_lora, kv_lora_rank=int(c.require("kv_lora_rank")),
             qk_head_dim=int(c.require("qk_nope_head_dim")), qk_pos_emb_head_dim=int(c.require("qk_rope_head_dim")),
@@ -137,10 +137,15 @@ class DeepSeekV3(MoEMixin, Llama):
                      max_sequence_length=int(c.get("max_position_embeddings", default=4096)),
                      position_embedding_type="rope",  # MLA builds its own (yarn) rotary from config
                      rotary_base=rope["rotary_base"], share_embeddings_and_output_weights=self.tied)
-        return {"config": config, "model": model, "spec": {"block": True}}
+        return {"config": config, "model": model}
+
+    def megatron_config_class(self) -> type:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        return MLATransformerConfig
 
     def layout_dims(self) -> dict:
-        s = self.model_settings()["config"]
+        s = self.architecture.config
         dims = super().layout_dims()
         # column-split latent projections: their widths must divide over tp as well
         dims["tp_split_dims"] = {"kv_lora_rank + qk_rope_head_dim": s["kv_lora_rank"] + s["qk_pos_emb_head_dim"]}
@@ -150,6 +155,7 @@ class DeepSeekV3(MoEMixin, Llama):
 
     # -- weights -----------------------------------------------------------------------------
     def attention_rules(self):
+        HA = self.hf_layer_prefix + "self_attn."
         if self.q_lora:
             q = [rule(A + "linear_q_down_proj.weight", HA + "q_a_proj.weight", COLUMN),
                  rule(A + "q_layernorm.weight", HA + "q_a_layernorm.weight", REPLICATED),

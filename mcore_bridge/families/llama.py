@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..transforms import GATED_MLP, QKV, REPLICATED, ROW, VOCAB
 from .base import Family, UnsupportedConfig, rule
 
@@ -10,7 +12,6 @@ MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                         "original_max_position_embeddings": 8192}
 
 L = "decoder.layers.{L}."
-H = "model.layers.{L}."
 
 
 class Llama(Family):
@@ -73,7 +74,7 @@ class Llama(Family):
             normalization="RMSNorm",
             layernorm_epsilon=float(c.get("rms_norm_eps", default=1e-6)),
             gated_linear_unit=True,
-            activation="silu",
+            activation_func=torch.nn.functional.silu,
             add_bias_linear=False,
             add_qkv_bias=self.qkv_bias,
             qk_layernorm=self.qk_norm,
@@ -85,27 +86,35 @@ class Llama(Family):
             share_embeddings_and_output_weights=self.tied,
             **self.rope_settings(),
         )
-        return {"config": config, "model": model, "spec": {"qk_layernorm": self.qk_norm}}
+        return {"config": config, "model": model}
 
     # -- weights -----------------------------------------------------------------------------
     def rules(self):
+        """Embeddings, final norm and output, then per layer: its norms, ``attention_rules`` and
+        ``mlp_rules`` (the two hooks subclasses override)."""
+        p, H = self.hf_prefix, self.hf_layer_prefix
         rows = [
-            rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB),
-            rule("decoder.final_layernorm.weight", "model.norm.weight", REPLICATED),
+            rule("embedding.word_embeddings.weight", p + "embed_tokens.weight", VOCAB),
+            rule("decoder.final_layernorm.weight", p + "norm.weight", REPLICATED),
             # Tied: the last pipeline stage keeps its own copy of the embedding as output layer.
-            rule("output_layer.weight", "model.embed_tokens.weight" if self.tied else "lm_head.weight",
+            rule("output_layer.weight", p + "embed_tokens.weight" if self.tied else "lm_head.weight",
                  VOCAB, export=not self.tied),
             rule(L + "input_layernorm.weight", H + "input_layernorm.weight", REPLICATED),
         ]
         rows += self.attention_rules()
-        rows += [
-            rule(L + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight", REPLICATED),
+        rows.append(rule(L + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight", REPLICATED))
+        rows += self.mlp_rules()
+        return rows
+
+    def mlp_rules(self):
+        H = self.hf_layer_prefix
+        return [
             rule(L + "mlp.linear_fc1.weight", [H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"], GATED_MLP),
             rule(L + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight", ROW),
         ]
-        return rows
 
     def attention_rules(self):
+        H = self.hf_layer_prefix
         c = self.settings_config()
         qkv = QKV(c["num_attention_heads"], c["num_query_groups"], c["kv_channels"])
         qkv_names = [H + f"self_attn.{p}_proj.weight" for p in "qkv"]
@@ -121,6 +130,6 @@ class Llama(Family):
                      rule(L + "self_attention.k_layernorm.weight", H + "self_attn.k_norm.weight", REPLICATED)]
         return rows
 
-    def settings_config(self) -> dict:
-        return self.model_settings()["config"]
+    def settings_config(self):
+        return self.architecture.config
 

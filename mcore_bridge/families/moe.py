@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 
 from ..transforms import GATED_MLP, REPLICATED, ROW
-from .base import UnsupportedConfig, rule
+from .base import Layers, UnsupportedConfig, rule
 from .llama import Llama
 from .qwen import Qwen2, Qwen3
 
 L = "decoder.layers.{L}."
-H = "model.layers.{L}."
 EXPERT = L + "mlp.experts.local_experts.{E}."
 
 
@@ -27,7 +26,6 @@ class MoEMixin:
                  "mlp.experts.{E}.down_proj.weight")
     # the same experts stacked [E, ...] (see ``stacked``): gate_up_proj and down_proj
     stacked_hf = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-    hf_layer_prefix = H
     shared_expert = False
     shared_hf = "mlp.shared_expert."  # HF module of the shared expert(s)
     shared_gate_hf = "mlp.shared_expert_gate.weight"  # sigmoid gate on the shared expert, or None
@@ -82,33 +80,40 @@ class MoEMixin:
         if not any(self.is_moe_layer(i) for i in range(self.num_layers)):
             raise UnsupportedConfig("no layer of this MoE config is sparse (decoder_sparse_step / "
                                     "mlp_only_layers): convert it as a dense model")
-        settings["spec"] = {"block": True}  # per-layer dense/MoE specs from moe_layer_freq
         return settings
 
+    def layer_spec(self, config, vp_stage, pp_rank):
+        """Per-layer specs: dense and MoE layers mixed, from ``config.moe_layer_freq``."""
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=False,
+                                          normalization=self.architecture.config["normalization"],
+                                          vp_stage=vp_stage, pp_rank=pp_rank)
+
     # -- weights -----------------------------------------------------------------------------
-    def rules(self):
-        parent = super().rules()
-        dense = [r for r in parent if ".mlp." not in r.mcore]
-        mlp = [dataclasses.replace(r, when="dense") for r in parent if ".mlp." in r.mcore]
+    def mlp_rules(self):
+        """The parent's dense MLP on dense layers; router, experts and shared experts on MoE layers."""
+        H, moe_ = self.hf_layer_prefix, Layers.MOE
+        dense = [dataclasses.replace(r, when=Layers.DENSE) for r in super().mlp_rules()]
         gate, up, down = (H + n for n in self.expert_hf)
-        moe = [rule(L + "mlp.router.weight", H + self.router_hf, REPLICATED, when="moe")]
+        moe = [rule(L + "mlp.router.weight", H + self.router_hf, REPLICATED, when=moe_)]
         if self.router_bias_hf:
-            moe.append(rule(L + "mlp.router.expert_bias", H + self.router_bias_hf, REPLICATED, when="moe"))
+            moe.append(rule(L + "mlp.router.expert_bias", H + self.router_bias_hf, REPLICATED, when=moe_))
         moe += [
-            rule(EXPERT + "linear_fc1.weight", [gate, up], GATED_MLP, when="moe"),
-            rule(EXPERT + "linear_fc2.weight", down, ROW, when="moe"),
+            rule(EXPERT + "linear_fc1.weight", [gate, up], GATED_MLP, when=moe_),
+            rule(EXPERT + "linear_fc2.weight", down, ROW, when=moe_),
         ]
         if self.shared_expert:
             s = H + self.shared_hf
             moe += [
                 rule(L + "mlp.shared_experts.linear_fc1.weight", [s + "gate_proj.weight", s + "up_proj.weight"],
-                     GATED_MLP, when="moe"),
-                rule(L + "mlp.shared_experts.linear_fc2.weight", s + "down_proj.weight", ROW, when="moe"),
+                     GATED_MLP, when=moe_),
+                rule(L + "mlp.shared_experts.linear_fc2.weight", s + "down_proj.weight", ROW, when=moe_),
             ]
             if self.shared_gate_hf:
                 moe.append(rule(L + "mlp.shared_experts.gate_weight", H + self.shared_gate_hf, REPLICATED,
-                                when="moe"))
-        return dense + mlp + moe
+                                when=moe_))
+        return dense + moe
 
 
 class Mixtral(MoEMixin, Llama):

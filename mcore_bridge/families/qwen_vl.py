@@ -107,8 +107,8 @@ class VisionLanguageMixin:
                 return
 
     @property
-    def hf_layer_prefix(self) -> str:
-        return self.spelling[0] + "layers.{L}."
+    def hf_prefix(self) -> str:
+        return self.spelling[0]
 
     # -- config ------------------------------------------------------------------------------
     @property
@@ -155,8 +155,14 @@ class VisionLanguageMixin:
         settings = super().model_settings()
         settings["config"]["mrope_section"] = self.mrope_section
         settings["model"]["position_embedding_type"] = "mrope"
-        settings["vision"] = self.vision_settings()
+        # the vision tower (transformers' own module) runs inside the model, on the first stage
+        settings["model"].update(vision=self.vision_settings(), hf_config=self.full_config)
         return settings
+
+    def megatron_model_class(self) -> type:
+        from ..multimodal import VisionLanguageGPT
+
+        return VisionLanguageGPT
 
     # -- weights -----------------------------------------------------------------------------
     def vision_names(self) -> tuple[str, ...]:
@@ -166,13 +172,9 @@ class VisionLanguageMixin:
         return _vision_names(raw["model_type"], self.vision_class, json.dumps(raw, sort_keys=True))
 
     def rules(self):
-        lm, vision = self.spelling
-        rows = []
-        for r in super().rules():
-            hf = tuple(lm + n[len("model."):] if n.startswith("model.") else n for n in r.hf)
-            rows.append(dataclasses.replace(r, hf=hf))
-        rows += [rule(VISION + n, vision + n, REPLICATED) for n in self.vision_names()]
-        return rows
+        """The text family's rules (under ``hf_prefix``) and the vision tower's, one per tensor."""
+        vision = self.spelling[1]
+        return super().rules() + [rule(VISION + n, vision + n, REPLICATED) for n in self.vision_names()]
 
 
 class Qwen2VL(VisionLanguageMixin, Qwen2):

@@ -67,8 +67,6 @@ def apply_lora(models, family, items, groups, hf_tensors: dict, spec: LoraSpec, 
     Factors are initialised in HF space from a seed per tensor and then sharded, so every layout
     starts from the same adapter: A uniform in +-1/sqrt(in) (PEFT's default), B zero (or, with
     ``random_b``, uniform in +-1/sqrt(r): a non-trivial adapter for tests)."""
-    from ..transforms import GatedMLP
-
     targeted = {r.mcore for r in AdapterFamily(family, spec).targeted()}
     wrapped = []
     for item in items:
@@ -77,7 +75,7 @@ def apply_lora(models, family, items, groups, hf_tensors: dict, spec: LoraSpec, 
         if rule.mcore not in targeted:
             continue
         per_projection = spec.per_projection and not rule.expert  # experts: one A (see peft_io)
-        if module_path.endswith("mlp.router"):
+        if rule.transform.parallel_mode == "replicated":  # a replicated weight (the MoE router)
             module = RouterLora(models[item.chunk].get_submodule(module_path), spec.r, spec.alpha, spec.rslora)
             _init_factors(module, rule, item, groups, hf_tensors, spec, random_b, False)
             wrapped.append(module)
@@ -97,7 +95,7 @@ def apply_lora(models, family, items, groups, hf_tensors: dict, spec: LoraSpec, 
             blocks = n
         module = LoraLinear(base, spec.r, spec.alpha, spec.dropout, spec.rslora, blocks,
                             block_rows.to(base.weight.device) if block_rows is not None else None,
-                            swiglu=isinstance(rule.transform, GatedMLP))
+                            swiglu=rule.transform.swiglu)
         _init_factors(module, rule, item, groups, hf_tensors, spec, random_b, per_projection)
         parent_path, _, name = module_path.rpartition(".")
         setattr(models[item.chunk].get_submodule(parent_path), name, module)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import io as hfio
+from ..errors import UsageError
 from .spec import ALL_LINEAR, AdapterError, LoraSpec
 
 PARAMETERS, MODULES = "parameters", "modules"
@@ -55,7 +56,7 @@ def read_config(path) -> dict:
     file = path / CONFIG
     if not file.exists():
         raise AdapterError(f"--adapters {path}: no {CONFIG} (not a PEFT adapter directory)")
-    cfg = json.loads(file.read_text())
+    cfg = hfio.read_json(file)
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise AdapterError(f"{file}: peft_type={cfg.get('peft_type')!r}; only LoRA adapters convert")
     for key, what in _REFUSED.items():
@@ -248,7 +249,7 @@ def write_adapter(stage: Path, tensors: dict[str, torch.Tensor], family, base_mo
                   experts: str = PARAMETERS):
     """Write ``tensors`` (the bridge's HF names) and a config PEFT's ``from_pretrained`` loads as is."""
     if experts not in EXPERT_FORMATS:
-        raise ValueError(f"peft experts format {experts!r}: choose {', '.join(EXPERT_FORMATS)}")
+        raise UsageError(f"peft experts format {experts!r}: choose {', '.join(EXPERT_FORMATS)}")
     spec = family.spec
     if experts == PARAMETERS:
         tensors = stack_experts(tensors, family)

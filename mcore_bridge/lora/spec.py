@@ -19,14 +19,12 @@ import dataclasses
 import re
 
 from ..families.base import Family, Rule, UnsupportedConfig
-from ..transforms import COLUMN, QKV, REPLICATED, ROW, Blocks, GatedMLP, Shared, Stacked
 from .layer import ADAPTER
 
 ALL_LINEAR = "all-linear"
 
 
-class AdapterError(ValueError):
-    """An adapter that cannot be represented or does not fit the base model."""
+from ..errors import AdapterError  # noqa: F401  (re-exported: its home before errors.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +137,10 @@ class AdapterFamily(Family):
     def model_settings(self) -> dict:
         return self.base.model_settings()
 
+    @property
+    def architecture(self):
+        return self.base.architecture
+
     def targeted(self) -> list[Rule]:
         """The base family's rules of the linears this adapter covers."""
         return [r for r in linear_rules(self.base)
@@ -158,13 +160,8 @@ class AdapterFamily(Family):
 
 def factor_transforms(r: Rule, per_projection: bool):
     """(A transform, B transform) for the LoRA factors of the linear mapped by ``r``."""
-    t, n = r.transform, len(r.hf)
-    if t == ROW:
-        return ROW, REPLICATED
-    if t is REPLICATED:
-        return REPLICATED, REPLICATED
-    if t == COLUMN or isinstance(t, (QKV, GatedMLP)):  # column-parallel
-        if n == 1:
-            return REPLICATED, t
-        return (Stacked(n), Blocks(t, n)) if per_projection else (Shared(n), t)
+    t = r.transform
+    factors = t.lora_factor_transforms(len(r.hf), per_projection)
+    if factors is not None:
+        return factors
     raise UnsupportedConfig(f"no LoRA mapping for {r.mcore} ({t!r})")

@@ -17,6 +17,8 @@ import os
 import sys
 import time
 
+from ..errors import UsageError
+
 ENV = "MCORE_BRIDGE_FAULT"
 WHERE = ("load", "save")
 HOW = ("exit", "raise", "hang")
@@ -32,10 +34,10 @@ def parse(spec: str) -> list[tuple[int, str, str]]:
     for part in filter(None, (p.strip() for p in spec.split(","))):
         fields = part.split(":")
         if len(fields) not in (3, 4) or fields[0] != "rank" or not fields[1].isdigit():
-            raise ValueError(f"{ENV}={spec!r}: expected rank:<r>:<where>[:<how>]")
+            raise UsageError(f"{ENV}={spec!r}: expected rank:<r>:<where>[:<how>]")
         where, how = fields[2], fields[3] if len(fields) == 4 else "exit"
         if where not in WHERE or how not in HOW:
-            raise ValueError(f"{ENV}={spec!r}: where is one of {WHERE}, how one of {HOW}")
+            raise UsageError(f"{ENV}={spec!r}: where is one of {WHERE}, how one of {HOW}")
         faults.append((int(fields[1]), where, how))
     return faults
 
