@@ -4,9 +4,12 @@ Written in Megatron-LM's resume layout, as a weights-only release (so a trainer 
 optimizer state nor checks iteration counters)::
 
     DIR/latest_checkpointed_iteration.txt    "release"
-    DIR/release/                             metadata.json, common.pt, .metadata, __<rank>_<n>.distcp
+    DIR/release/                             metadata.json, common.pt*, .metadata, __<rank>_<n>.distcp
     DIR/mcore_bridge.json                    HF config, tensor shapes/dtypes, the layout it was written at
     DIR/hf/                                  the source's tokenizer / generation files
+
+    * megatron-core 0.16 writes the non-tensor entries to ``common.pt``; 0.19 keeps them inside the
+      torch_dist files (a ``common_state`` object) and still reads a ``common.pt`` if present.
 
 The state dict is what Megatron-LM saves for a model: ``{"model": chunk.sharded_state_dict()}``
 (``model0``..``modelN`` under virtual pipeline parallelism) plus ``checkpoint_version`` and
@@ -17,9 +20,9 @@ listed in one line), given the HF directory for the config (``--model``). A tens
 that the checkpoint lacks, or a model tensor of the checkpoint that the model does not have, is an
 error naming it.
 
-Untrusted input: ``common.pt`` is read by ``torch.load`` with torch's default ``weights_only=True``
-(torch >= 2.6; checked below); the ``.metadata`` pickle and the byte items that
-torch.distributed.checkpoint unpickles without restriction are first checked by
+Untrusted input: ``common.pt`` (and 0.19's ``common_state`` bytes) is read by ``torch.load`` with
+torch's default ``weights_only=True`` (torch >= 2.6; checked below); the ``.metadata`` pickle and the
+byte items that torch.distributed.checkpoint unpickles without restriction are first checked by
 :func:`mcore_bridge.untrusted.check_dcp_metadata` (an explicit allow-list of classes), so none of
 them can run code from the checkpoint.
 """

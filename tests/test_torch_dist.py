@@ -64,7 +64,11 @@ def test_megatron_lm_layout_and_foreign_checkpoints(pools, zoo_model, tmp_path):
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
     meta = json.loads((ckpt / "release" / "metadata.json").read_text())
     assert meta["sharded_backend"] == "torch_dist"
-    common = torch.load(ckpt / "release" / "common.pt", weights_only=True)
+    # megatron-core 0.16 writes common.pt, 0.19 a "common_state" object inside the torch_dist files:
+    # read through megatron's own entry point, which knows both
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    common = load_common_state_dict(str(ckpt / "release"))
     assert common["checkpoint_version"] == 3.0 and common["iteration"] == 0
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -105,11 +109,12 @@ def test_code_in_checkpoint_pickles_is_never_run(tmp_path):
         dist_ckpt.check_metadata(dist_ckpt.resolve(ckpt))
     assert not marker.exists()
     # common.pt: dist_checkpointing reads it with torch.load, whose default is weights_only=True
+    # (0.16 through TorchCommonLoadStrategy, 0.19 as a legacy file next to the torch_dist files)
     torch.save({"checkpoint_version": 3.0, "evil": _Payload(str(marker))}, ckpt / "release" / "common.pt")
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
-        TorchCommonLoadStrategy().load_common(ckpt / "release")
+        load_common_state_dict(str(ckpt / "release"))
     assert not marker.exists()
 
 

@@ -66,9 +66,10 @@ def _cpu_rng_tracker():
 
 
 def _torch_norm_sequence_parallel():
-    """no_te: the local spec's WrappedTorchNorm asserts ``not sequence_parallel`` although a
-    per-token norm is correct on sequence-sharded activations; build it without the flag and tag
-    its parameters ``sequence_parallel`` so training reduces their grads as TE's norm would."""
+    """no_te (megatron-core 0.16 and 0.19.2): the local spec's WrappedTorchNorm asserts
+    ``not sequence_parallel`` although a per-token norm is correct on sequence-sharded activations;
+    build it without the flag and tag its parameters ``sequence_parallel`` so training reduces their
+    grads as TE's norm would."""
     from megatron.core.transformer import torch_norm
 
     original_new = torch_norm.WrappedTorchNorm.__new__
@@ -107,7 +108,8 @@ def _cpu_cuda_stubs():
 
 def _router_gemm_without_te():
     """no_te: megatron-core 0.16's router GEMM tests ``te_general_gemm is not None``, a name only
-    bound when TransformerEngine imports -- every MoE forward dies with NameError (GPU too)."""
+    bound when TransformerEngine imports -- every MoE forward dies with NameError (GPU too).
+    Feature-detected: 0.19 binds the name to None itself, so nothing is set there."""
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
@@ -116,7 +118,8 @@ def _router_gemm_without_te():
 
 def _mla_without_te():
     """no_te: multi_latent_attention's ``HAVE_TE`` is true when TransformerEngine is absent (its
-    extension module imports against a mock), so an ``isinstance(..., TELinear)`` check crashes."""
+    extension module imports against a mock), so an ``isinstance(..., TELinear)`` check crashes.
+    megatron-core 0.16 needs it; 0.19 already computes ``HAVE_TE = False`` (setting it is a no-op)."""
     from megatron.core.transformer import multi_latent_attention
 
     multi_latent_attention.HAVE_TE = False
@@ -125,7 +128,8 @@ def _mla_without_te():
 def _local_attention_for_mla():
     """no_te: MLA passes ``k_channels`` / ``v_channels`` to the core attention; the local
     DotProductAttention takes neither and sizes its output as kv_channels x heads, while MLA's
-    output is v_head_dim x heads. Accept them and size the output by ``v_channels``."""
+    output is v_head_dim x heads. Accept them and size the output by ``v_channels``.
+    Needed on megatron-core 0.16 and 0.19.2 alike (neither local DotProductAttention takes them)."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     original = DotProductAttention.__init__
