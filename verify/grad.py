@@ -73,14 +73,10 @@ def megatron_backward(ddp, samples, vocab: int, total: int) -> float | None:
         m.zero_grad_buffer()
         m.train()  # as in training: megatron's training-only checks apply (dropout is 0 in these models)
     device = next(ddp[0].parameters()).device
-    batches = [(s, 1.0) for s in samples]
-    if len(ddp) > 1:  # the interleaved schedule wants >= pp micro-batches: pad with weightless ones
-        batches += [(samples[-1], 0.0)] * max(0, ps.get_pipeline_model_parallel_world_size() - len(samples))
-    n = len(batches)
     sums = []
 
     def step(data_iterator, model):
-        s, weight = next(data_iterator)
+        s, weight, n = next(data_iterator)
         seq = s.input_ids.numel()
         pos = (torch.arange(seq)[None] if s.position_ids is None else s.position_ids[:, None]).to(device)
         extra = {k: v.to(device) for k, v in s.vision.items()}
@@ -95,12 +91,18 @@ def megatron_backward(ddp, samples, vocab: int, total: int) -> float | None:
 
         return out, loss_func
 
-    iters = [iter(batches) for _ in ddp]
-    seq = max(s.input_ids.numel() for s in samples)
-    get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iters if len(ddp) > 1 else iters[0],
-        model=ddp if len(ddp) > 1 else ddp[0], num_microbatches=n, seq_length=seq, micro_batch_size=1,
-        forward_only=False)
+    # One schedule call per sample (pipeline stages exchange activations of one fixed length); the
+    # gradients accumulate in the DDP buffers and are reduced once, by finalize_model_grads.
+    for s in samples:
+        batches = [(s, 1.0)]
+        if len(ddp) > 1:  # the interleaved schedule wants >= pp micro-batches: pad with weightless ones
+            batches += [(s, 0.0)] * max(0, ps.get_pipeline_model_parallel_world_size() - 1)
+        batches = [(b, w, len(batches)) for b, w in batches]
+        iters = [iter(batches) for _ in ddp]
+        get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iters if len(ddp) > 1 else iters[0],
+            model=ddp if len(ddp) > 1 else ddp[0], num_microbatches=len(batches), seq_length=s.input_ids.numel(),
+            micro_batch_size=1, forward_only=False)
     finalize_model_grads(ddp)
     for m in ddp:
         m.eval()
@@ -369,5 +371,5 @@ def summary(report: dict) -> str:
     if t:
         out += f"  train[{t['steps']}] max_rel {t['max_rel_err']:.1e} {t['verdict'].upper()}"
         if t["first_diverging"]:
-            out += f" at {t['first_diverging']['name']}"
+            out += f" worst {t['worst']['name']}"
     return out
