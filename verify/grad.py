@@ -327,6 +327,20 @@ def run_grad(bridge, models, ddp, samples, hf_dir: Path, adapter: Path | None = 
             "timing": {"megatron_s": t_mg, "hf_s": time.time() - t0 - t_mg}}
 
 
+def freeze_expert_bias(models) -> str | None:
+    """megatron's trainer moves the router's expert bias after every step (aux-loss-free balancing,
+    inside ``finalize_model_grads``); transformers has no such update, so it is switched off here
+    (``moe_router_bias_update_rate = 0``) and the report says so."""
+    configs = {id(m.config): m.config for m in models}
+    if not any(getattr(c, "moe_router_enable_expert_bias", False) for c in configs.values()):
+        return None
+    rate = next(iter(configs.values())).moe_router_bias_update_rate
+    for c in configs.values():
+        c.moe_router_bias_update_rate = 0.0
+    return (f"held fixed: megatron's aux-loss-free expert-bias update (rate {rate}) is off in this comparison, "
+            f"as transformers has none")
+
+
 def run_checks(report: dict | None, bridge, models, samples, hf_dir: Path, *, grad: bool = False,
                train_steps: int = 0, adapter: Path | None = None, control: str | None = None) -> dict | None:
     """Collective, after verify's forward comparison: the ``grad`` and ``train`` sections added to
@@ -335,6 +349,7 @@ def run_checks(report: dict | None, bridge, models, samples, hf_dir: Path, *, gr
     from . import controls
     from .train import run_train
 
+    frozen = freeze_expert_bias(models)
     ddp = wrap_ddp(models)
     sections = {}
     if grad:
@@ -344,6 +359,9 @@ def run_checks(report: dict | None, bridge, models, samples, hf_dir: Path, *, gr
                                       exclude=controls.optimizer_exclusion(control))
     if report is None:
         return None
+    for sec in sections.values():
+        if frozen:
+            sec["router_expert_bias"] = frozen
     known = (sections.get("grad") or {}).get("known_defect")
     for key, sec in sections.items():
         report[key] = sec

@@ -23,7 +23,8 @@ from mcore_bridge.runtime import dist as rt
 
 from . import grad
 
-REL_MAX = 1e-2  # relative error of a parameter's update after a few Adam steps (fp32; clean: <= 1.3e-3 measured)
+REL_MAX = 2e-2  # relative error of a parameter's update after a few Adam steps (fp32; clean: <= 4.8e-3 measured,
+# the worst a key bias, whose near-zero gradient Adam's normalisation amplifies)
 LOSS_REL_MAX = 1e-5
 
 
