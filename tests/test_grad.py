@@ -63,21 +63,24 @@ def test_clean_layouts_align(model, layout, steps, pools, zoo_model):
 
 @pytest.mark.world(2)
 def test_lora_factor_gradients_align_with_peft(pools, zoo_model, tmp_path):
+    """A PEFT adapter on attention (q/k/v with different A), the routed experts (PEFT's stacked
+    parameters) and the router: megatron's factor gradients and updates against PEFT's."""
     import peft
     import torch
     import transformers
 
     torch.manual_seed(3)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(zoo_model("qwen3"), dtype=torch.float32)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,  # A and B random: q/k/v differ
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(zoo_model("qwen3_moe"), dtype=torch.float32)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"])
     peft.get_peft_model(hf, cfg).save_pretrained(tmp_path)
-    r = run(pools, zoo_model, "qwen3", L(tp=2, sp=True), adapter=str(tmp_path), train_steps=2)
+    r = run(pools, zoo_model, "qwen3_moe", L(tp=2, sp=True, ep=2, etp=1), adapter=str(tmp_path), train_steps=2)
     assert r["verdict"] == "pass", r["failures"]
     g = r["grad"]
     _clean(g)
     names = [p["name"] for p in g["params"]]
     assert len(names) == 4 * 7 * 2 and all(".lora_A." in n or ".lora_B." in n for n in names)  # factors only
+    assert "model.layers.3.mlp.experts.base_layer.lora_B.weight" in names and "model.layers.0.self_attn.v_proj.lora_A.weight" in names
     assert r["train"]["verdict"] == "pass" and r["train"]["max_rel_err"] < 2e-2
 
 

@@ -141,7 +141,18 @@ def megatron_grads(bridge, models, lora: bool = False) -> dict | None:
                                          merge_lora=False, device="cpu"):
         if rt.rank() == 0:
             out[name] = t.clone()
-    return out if rt.rank() == 0 else None
+    if rt.rank() != 0:
+        return None
+    return peft_layout(bridge, out) if lora else out
+
+
+def peft_layout(bridge, factors: dict) -> dict:
+    """LoRA factors in the bridge's HF names -> as PEFT lays an adapter out on transformers 5
+    (routed experts' factors stacked, module renames), the names PEFT's ``save_pretrained`` writes."""
+    from mcore_bridge.lora import peft_io
+
+    return peft_io._renamed(peft_io.stack_experts(factors, bridge.adapter_family), bridge.adapter_family.base,
+                            to_file=True)
 
 
 # ---- HF side -----------------------------------------------------------------------------------------

@@ -84,7 +84,9 @@ def megatron_train(bridge, models, ddp, samples, steps: int, hp: AdamW, exclude=
                                          device="cpu"):
         if rt.rank() == 0:
             weights[name] = t.clone()
-    return losses, (weights if rt.rank() == 0 else None)
+    if rt.rank() != 0:
+        return losses, None
+    return losses, (grad.peft_layout(bridge, weights) if lora else weights)
 
 
 def _drop_from_optimizer(opt, models, name: str) -> int:
