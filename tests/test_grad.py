@@ -161,3 +161,12 @@ def test_cli_verify_grad_and_train_steps(zoo_model, tmp_path):
     assert {p["name"] for p in report["grad"]["params"] if not p["ok"]} == {
         "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"}
     assert report["train"]["steps"] == 1 and len(report["train"]["losses"]) == 1
+
+
+@pytest.mark.world(2)
+def test_moe_at_tp_without_sp_is_skipped_with_the_reason(pools, zoo_model):
+    """megatron-core refuses to train MoE at TP > 1 without sequence parallel: the sections say so."""
+    r = run(pools, zoo_model, "qwen2_moe", L(tp=2), train_steps=1)
+    assert r["verdict"] == "pass"  # the forward comparison still ran
+    for key in ("grad", "train"):
+        assert r[key]["verdict"] == "skipped" and "sequence parallel" in r[key]["reason"]

@@ -360,6 +360,14 @@ def run_checks(report: dict | None, bridge, models, samples, hf_dir: Path, *, gr
     from . import controls
     from .train import run_train
 
+    if bridge.family.num_experts and bridge.layout.tp > 1 and not bridge.layout.sp:
+        # megatron's MoE layer refuses to train so ("During training, performance may degrade if
+        # MoE and tensor parallelism are enabled without also enabling sequence parallelism")
+        if report is not None:
+            why = "megatron-core does not train MoE at tp > 1 without sequence parallel: verify this layout with sp"
+            for key in ("grad",) * grad + ("train",) * bool(train_steps):
+                report[key] = {"verdict": "skipped", "reason": why}
+        return report
     frozen = freeze_expert_bias(models)
     ddp = wrap_ddp(models)
     sections = {}
@@ -390,6 +398,8 @@ def summary(report: dict) -> str:
     """The grad/train part of the one-line summary."""
     out = ""
     g, t = report.get("grad"), report.get("train")
+    if (g or t or {}).get("verdict") == "skipped":
+        return f"  grad/train SKIPPED: {(g or t)['reason']}"
     if g:
         out += f"  grad max_rel {g['max_rel_err']:.1e} {g['verdict'].upper()}"
         where = g["origin"] or g["first_diverging"]
