@@ -62,8 +62,8 @@ def wrap_ddp(models) -> list:
 
 
 def megatron_backward(ddp, samples, vocab: int, total: int) -> float | None:
-    """One forward/backward over all ``samples`` (one per micro-batch) with megatron's schedule,
-    then ``finalize_model_grads``. Returns the loss on rank 0 (None elsewhere)."""
+    """The gradient of the mean loss over all ``samples`` (megatron's schedule, one call per
+    sample), then ``finalize_model_grads``. Returns the loss on rank 0 (None elsewhere)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -133,9 +133,6 @@ def grad_of(param: torch.Tensor) -> torch.Tensor:
 def megatron_grads(bridge, models, lora: bool = False) -> dict | None:
     """Gradients named and shaped like the HF tensors (the LoRA factors under PEFT's names with
     ``lora``), through the bridge's export plan; on rank 0 (None elsewhere)."""
-    if any(n.endswith(("experts.weight1", "experts.weight2")) for m in models for n, _ in m.named_parameters()):
-        raise ValueError("--grad: grouped-GEMM experts keep every expert in one parameter; run without "
-                         "--grouped-experts")
     out = {}
     for name, t in bridge.export_weights(models, dtype=torch.float32, tensor_of=grad_of, peft_format=lora,
                                          merge_lora=False, device="cpu"):
@@ -360,6 +357,9 @@ def run_checks(report: dict | None, bridge, models, samples, hf_dir: Path, *, gr
     from . import controls
     from .train import run_train
 
+    if any(n.endswith(("experts.weight1", "experts.weight2")) for m in models for n, _ in m.named_parameters()):
+        raise ValueError("--grad / --train-steps: grouped-GEMM experts keep every expert in one parameter, which "
+                         "the gradient export does not split; run without --grouped-experts")
     if bridge.family.num_experts and bridge.layout.tp > 1 and not bridge.layout.sp:
         # megatron's MoE layer refuses to train so ("During training, performance may degrade if
         # MoE and tensor parallelism are enabled without also enabling sequence parallelism")
