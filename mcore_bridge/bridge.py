@@ -250,14 +250,17 @@ class Bridge:
         ckpt.close()
 
     # -- export ------------------------------------------------------------------------------
-    def _exporter(self, models, dtype, lora: bool = False, merge: bool = False):
+    def _exporter(self, models, dtype, lora: bool = False, merge: bool = False, tensor_of=None):
         """``lora``: export the LoRA factors (PEFT names); ``merge``: the base weights with the
-        LoRA delta added in fp32, shard by shard, leaving the model untouched."""
+        LoRA delta added in fp32, shard by shard, leaving the model untouched. ``tensor_of``:
+        exports ``tensor_of(param)`` (same shape) instead of each parameter, e.g. its gradient."""
         if self.hf_tensors is None:
             raise UsageError("export needs the HF tensor shapes: build the Bridge from an HF source")
         if lora and self.lora is None:
             raise lora_.AdapterError("the model has no LoRA adapter to export (apply_lora / load_adapter)")
         state = self._state(models, lora)
+        if tensor_of is not None:
+            state = {k: tensor_of(t) for k, t in state.items()}
         g = self._groups()
         mine = {it.unit.key: it for it in self._items(models, state, lora)}
         hf_tensors = self.lora_hf_tensors if lora else self.hf_tensors
@@ -290,7 +293,8 @@ class Bridge:
 
     def export_weights(self, models, dtype: torch.dtype | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                        all_ranks: bool = True, expert_storage: str | None = "source", merge_lora: bool = True,
-                       peft_format: bool = False, receivers=None, device=None) -> Iterator[tuple[str, torch.Tensor]]:
+                       peft_format: bool = False, receivers=None, device=None, tensor_of=None
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(hf_name, tensor)`` with the checkpoint's names, shapes and (unless ``dtype``)
         dtypes -- what vLLM's ``model.load_weights`` takes. ``receivers`` (see ``sync``): "all"
         ranks, one rank per "node", one global "rank" (0, or an int) or a list of ranks; the
@@ -299,9 +303,11 @@ class Bridge:
         ``expert_storage``: see ``_stacking`` (stacking needs every expert on the receiver).
         With a LoRA adapter: ``peft_format`` yields only the adapter's factors under HF module
         names (``...q_proj.lora_A.weight``); otherwise the weights, merged with the adapter in fp32
-        unless ``merge_lora=False``. Collective: all ranks must iterate it to the end."""
+        unless ``merge_lora=False``. ``tensor_of(param)``: export that tensor of each parameter instead
+        (e.g. its gradient: ``verify.grad``), through the same plan. Collective: all ranks must
+        iterate it to the end."""
         exporter, recv, buckets = self._sync_plan(models, dtype, bucket_bytes, all_ranks, merge_lora, peft_format,
-                                                  receivers)
+                                                  receivers, tensor_of)
         stacking = None if peft_format else self._stacking(expert_storage)
         if stacking and recv is None and self.layout.ep > 1:
             raise UsageError("stacked experts need every expert on the receiving rank: use all_ranks=True "
@@ -329,18 +335,20 @@ class Bridge:
             stream = self._bucket_stream(exporter, buckets, recv)
             yield from sync.buckets_from(sync.to_device(stream, device) if device is not None else stream)
 
-    def _sync_plan(self, models, dtype, bucket_bytes, all_ranks, merge_lora, peft_format, receivers):
+    def _sync_plan(self, models, dtype, bucket_bytes, all_ranks, merge_lora, peft_format, receivers, tensor_of=None):
         """(exporter, receivers, buckets), planned once per model and options: an RL loop syncing
         every step pays for the plan only on its first step."""
         from . import sync
 
         recv = sync.resolve_receivers(receivers, rt.world_size()) if receivers is not None else (
             "all" if all_ranks else None)
-        merge = merge_lora and not peft_format
+        merge = merge_lora and not peft_format and tensor_of is None
         key = (tuple(id(m) for m in models), dtype, peft_format, merge, bucket_bytes)
         plans = self.__dict__.setdefault("_plans", {})
-        if key not in plans:
-            exporter, _ = self._exporter(models, dtype, lora=peft_format, merge=merge)
+        if key not in plans or tensor_of is not None:  # other tensors: planned afresh, not kept
+            exporter, _ = self._exporter(models, dtype, lora=peft_format, merge=merge, tensor_of=tensor_of)
+            if tensor_of is not None:
+                return exporter, recv, make_buckets(exporter.units, bucket_bytes)
             plans.clear()  # one plan kept: models are rebuilt rarely, options change rarely
             plans[key] = exporter, make_buckets(exporter.units, bucket_bytes)
         exporter, buckets = plans[key]

@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "0.16's local spec -- refused where it has none, e.g. 0.19) instead of one MLP per expert")
     ver.add_argument("--adapters", default=None,
                      help="a PEFT adapter directory: verify megatron with it as LoRA against HF + PeftModel")
+    ver.add_argument("--grad", action="store_true",
+                     help="also compare one backward pass: per-parameter gradients in HF names (fp32)")
+    ver.add_argument("--train-steps", type=int, default=0, metavar="N",
+                     help="also run N AdamW steps on both sides and compare losses and trained weights (fp32)")
     ver.add_argument("--baseline", default=None, help="after the run, compare against this report set")
     _add_runtime_args(ver)
 
@@ -400,6 +404,7 @@ def cmd_verify(args, argv) -> int:
                     cmd += ["--grouped-experts"]
                 if args.adapters:
                     cmd += ["--adapters", args.adapters]  # as given (it lands in the report); same cwd
+                cmd += ["--grad"] * args.grad + (["--train-steps", str(args.train_steps)] if args.train_steps else [])
                 env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                            MCORE_BRIDGE_QUIET="1", PYTHONWARNINGS="ignore")
                 ran += 1

@@ -12,6 +12,10 @@ harness catches them and points at the right place. Used by the tests and by
                                                        (both on one expert-parallel rank)
   mrope_section:<t>,<h>,<w>                            the model built with another multimodal RoPE
                                                        split (vision-language models)
+  grad_scale:<megatron param with global layer>:<f>   that parameter's gradient x f (a backward hook; the
+                                                       forward is unchanged: only ``verify --grad`` sees it)
+  optimizer_exclude:<megatron param with global layer> that parameter left out of megatron's optimizer
+                                                       (only ``verify --train-steps`` sees it)
   mrope_contiguous                                     Qwen3-VL's interleaved t/h/w frequencies laid
                                                        out in contiguous sections (megatron's default)
 """
@@ -26,7 +30,8 @@ import torch
 from mcore_bridge.errors import UsageError
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-KINDS = ("scale", "swap_qk", "rope_base", "zero", "swap_experts", "mrope_section", "mrope_contiguous")
+KINDS = ("scale", "swap_qk", "rope_base", "zero", "swap_experts", "mrope_section", "mrope_contiguous", "grad_scale",
+         "optimizer_exclude")
 BUILD_KINDS = ("rope_base", "mrope_section", "mrope_contiguous")
 
 
@@ -137,6 +142,11 @@ def after_load(models, bridge, spec: str | None):
             p = _param(models, args[0])
             if p is not None:
                 p.mul_(float(args[1]))
+        elif kind == "grad_scale":
+            p = _param(models, args[0])
+            if p is not None:
+                factor = float(args[1])
+                p.register_hook(lambda g: g * factor)
         elif kind == "zero":
             p = _param(models, args[0])
             if p is not None:
@@ -156,3 +166,14 @@ def after_load(models, bridge, spec: str | None):
                 k_rows = slice(heads // groups * d, heads // groups * d + d)
                 view[:, :d] = view[:, k_rows]
                 view[:, k_rows] = q_first
+
+
+def optimizer_exclusion(spec: str | None) -> str | None:
+    """The megatron parameter an ``optimizer_exclude`` control leaves out of the optimizer."""
+    parsed = parse(spec)
+    return parsed[1][0] if parsed and parsed[0] == "optimizer_exclude" else None
+
+
+def find_param(models, spec_name: str):
+    """The parameter behind a control's name (global layer numbers), None on other stages."""
+    return _param(models, spec_name)

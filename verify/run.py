@@ -277,10 +277,12 @@ def model_name(source: str) -> str:
 
 def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device: str = "auto",
                control: str | None = None, reference_cache: Path | None = None,
-               lengths=None, grouped_experts: bool = False, adapter: str | None = None) -> dict | None:
+               lengths=None, grouped_experts: bool = False, adapter: str | None = None, grad: bool = False,
+               train_steps: int = 0) -> dict | None:
     """Collective: convert ``source`` into ``layout`` and verify it. The report on rank 0.
     ``grouped_experts``: MoE experts built as megatron's grouped-GEMM module (bf16 only in 0.16).
-    ``adapter``: a PEFT directory put on both sides (megatron LoRA vs HF + PeftModel)."""
+    ``adapter``: a PEFT directory put on both sides (megatron LoRA vs HF + PeftModel).
+    ``grad`` / ``train_steps``: also compare gradients / N AdamW steps (``verify.grad``, fp32)."""
     t0 = time.time()
     bridge = Bridge(source, layout)
     controls.before_build(bridge, control)
@@ -293,6 +295,14 @@ def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device:
     report = verify_loaded(bridge, models, bridge.source, dtype=dtype, name=model_name(source),
                            reference_cache=reference_cache, lengths=lengths, load_s=time.time() - t0,
                            adapter=Path(adapter) if adapter else None, source=str(source))
+    if grad or train_steps:
+        if dtype != "fp32":
+            raise ValueError("--grad / --train-steps compare fp32 gradients: use --dtype fp32")
+        from .grad import run_checks
+
+        report = run_checks(report, bridge, models, samples_for(bridge, bridge.source, lengths), bridge.source,
+                            grad=grad, train_steps=train_steps, adapter=Path(adapter) if adapter else None,
+                            control=control)
     if report is not None and control:
         report["control"] = control
     if report is not None and grouped_experts:  # another case than SequentialMLP experts
@@ -307,10 +317,7 @@ def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str
     PEFT ``adapter`` on it)."""
     t0 = time.time()
     vocab = int(bridge.family.cfg.require("vocab_size"))
-    if bridge.family.multimodal:
-        samples = multimodal_samples(bridge.family, hf_dir, **({"lengths": lengths} if lengths else {}))
-    else:
-        samples = default_samples(vocab, hf_dir, **({"lengths": lengths} if lengths else {}))
+    samples = samples_for(bridge, hf_dir, lengths)
     got = megatron_outputs(models, samples, vocab, bridge.layout.sp)
     t_mg = time.time() - t0
     if rt.rank() != 0:
@@ -329,6 +336,13 @@ def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str
         report["adapter"] = {"reference": str(adapter) if adapter else f"{source or hf_dir} (merged)", **bridge.lora.to_dict()}
         report["layout_id"] += "-lora"
     return report
+
+
+def samples_for(bridge: Bridge, hf_dir: Path, lengths=None) -> list[Sample]:
+    """Verify's inputs for this model (text, or images and text for vision-language models)."""
+    if bridge.family.multimodal:
+        return multimodal_samples(bridge.family, hf_dir, **({"lengths": lengths} if lengths else {}))
+    return default_samples(int(bridge.family.cfg.require("vocab_size")), hf_dir, **({"lengths": lengths} if lengths else {}))
 
 
 def exit_code(report: dict | None) -> int:
@@ -353,10 +367,13 @@ def main(argv=None) -> int:
     ap.add_argument("--grouped-experts", action="store_true",
                     help="MoE experts as megatron's grouped-GEMM module instead of SequentialMLP")
     ap.add_argument("--adapters", default=None, help="PEFT adapter directory (megatron LoRA vs HF + PeftModel)")
+    ap.add_argument("--grad", action="store_true", help="also compare one backward pass (verify/grad.py)")
+    ap.add_argument("--train-steps", type=int, default=0, help="also compare N AdamW steps (verify/train.py)")
     args = ap.parse_args(argv)
     report = run_layout(args.model, ParallelLayout(**json.loads(args.layout)), args.dtype, args.device,
                         args.control, Path(args.reference_cache) if args.reference_cache else None,
-                        grouped_experts=args.grouped_experts, adapter=args.adapters)
+                        grouped_experts=args.grouped_experts, adapter=args.adapters, grad=args.grad,
+                        train_steps=args.train_steps)
     if report is not None:
         if args.report:
             from .report import write_report
@@ -375,7 +392,15 @@ def summary_line(r: dict) -> str:
     where = f"  first diverging: {first['probe']}" if first else ""
     return (f"{r['model']:<12} {r['layout_id']:<16} {r['dtype']:<5} mean_diff {m['mean_diff']:.2e} "
             f"max_diff {m['max_diff']:.2e} (with loss {m['mean_diff_with_loss']:.2e}/{m['max_diff_with_loss']:.2e}) "
-            f"top1 {m['top1_agreement']:.4f}  {r['verdict'].upper()}{where}")
+            f"top1 {m['top1_agreement']:.4f}  {r['verdict'].upper()}{where}{_checks(r)}")
+
+
+def _checks(r: dict) -> str:
+    if "grad" not in r and "train" not in r:
+        return ""
+    from .grad import summary
+
+    return summary(r)
 
 
 if __name__ == "__main__":
