@@ -19,7 +19,7 @@ from pathlib import Path
 from .launch import needs_launch, under_torchrun
 
 KNOWN_ERRORS = ("LayoutError", "MappingError", "CheckpointError", "UnsupportedConfig", "ShapeMismatch",
-                "FileExistsError", "FileNotFoundError", "AdapterError")
+                "FileExistsError", "FileNotFoundError", "AdapterError", "PeerFailed")
 
 
 def _bool(v) -> bool:
