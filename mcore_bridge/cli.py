@@ -162,7 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help='layouts, e.g. "tp=1,2 pp=1,2 sp=0,1 vpp=1,2" (invalid combinations are skipped '
                           'with the reason); axes: tp pp vpp sp first last ep etp')
     ver.add_argument("--dtype", default="fp32", help="comma-separated: fp32,bf16")
-    ver.add_argument("--report", default="reports", help="report directory")
+    ver.add_argument("--report", default=None,
+                     help="report directory (default: a fresh reports/runs/<UTC time>); a committed baseline "
+                          "set (holding a .mcore-bridge-baseline marker, as reports/ does) is not written to")
+    ver.add_argument("--overwrite-baseline", "--overwrite_baseline", action="store_true",
+                     help="allow --report to name a baseline set (one with a .mcore-bridge-baseline marker)")
     ver.add_argument("--control", default=None,
                      help="inject a known error to check the harness (see verify/controls.py), e.g. "
                           "scale:decoder.layers.1.mlp.linear_fc2.weight:1.01")
@@ -353,6 +357,28 @@ def cmd_demo(args, argv) -> int:
     return run_demo(ParallelLayout(tp=args.tp, pp=args.pp), names, args.device)
 
 
+BASELINE_MARKER = ".mcore-bridge-baseline"  # in a report set that others compare against
+
+
+def _report_dir(report: str | None, overwrite_baseline: bool) -> Path:
+    """``--report``, or a fresh ``reports/runs/<UTC time>``; refuses a baseline set unless told."""
+    import datetime
+
+    if report is None:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        path = Path("reports") / "runs" / stamp
+        n = 1
+        while path.exists():
+            path, n = Path("reports") / "runs" / f"{stamp}-{n}", n + 1
+        return path
+    path = Path(report)
+    if (path / BASELINE_MARKER).exists() and not overwrite_baseline:
+        raise OutputExists(f"--report {path} is a baseline report set ({path / BASELINE_MARKER}): a run "
+                              f"would overwrite what it is compared against; omit --report for a fresh "
+                              f"directory, or pass --overwrite-baseline to replace the baseline")
+    return path
+
+
 def cmd_verify(args, argv) -> int:
     """One torchrun job per (model, layout, dtype), each with the processes its layout needs."""
     import json
@@ -369,7 +395,7 @@ def cmd_verify(args, argv) -> int:
     for d in dtypes:
         if d not in ("fp32", "bf16"):
             raise UsageError(f"--dtype {d!r}: choose fp32 and/or bf16")
-    report_dir = Path(args.report)
+    report_dir = _report_dir(args.report, args.overwrite_baseline)
     print_header()
     plans, unplanned = [], 0
     for model in models:

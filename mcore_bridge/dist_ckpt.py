@@ -39,7 +39,7 @@ import torch
 from . import io as hfio
 from .errors import UsageError
 from .runtime import dist as rt
-from .untrusted import check_dcp_metadata
+from .untrusted import check_dcp_metadata, object_keys
 
 FORMAT = "torch_dist"
 LATEST = "latest_checkpointed_iteration.txt"
@@ -152,7 +152,7 @@ def load(models, path, content: str = FULL) -> str | None:
     ckpt_dir = resolve(path)
     error = None
     try:
-        check_metadata(ckpt_dir)
+        check_metadata(ckpt_dir, object_keys(sharded_state(models, content)))
     except Exception as e:
         error = e
     if not rt.all_ok(error is None):

@@ -45,6 +45,17 @@ class OutputExists(BridgeError, FileExistsError):
     """The destination exists and is not empty, and overwriting was not asked for."""
 
 
+class WriteError(BridgeError, OSError):
+    """A file could not be written (full disk, permissions, ...): ``cannot write PATH: REASON``."""
+
+    def __str__(self):
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+class PeerFailed(BridgeError, RuntimeError):
+    """Another rank failed (its own error is printed by it) while this one took part in a collective."""
+
+
 class AdapterError(BridgeError, ValueError):
     """An adapter that cannot be represented or does not fit the base model."""
 

@@ -21,6 +21,7 @@ import json
 import mmap
 import os
 import pickle
+import re
 import shutil
 import struct
 import warnings
@@ -32,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError, OutputExists  # noqa: F401  (CheckpointError re-exported)
+from .errors import CheckpointError, OutputExists, PeerFailed, WriteError  # noqa: F401  (re-exported)
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -102,6 +103,16 @@ def _parse_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def _confined(root: Path, index: Path, names) -> None:
+    """Refuse index entries that are not plain file names of ``root`` (``../x``, absolute paths,
+    subdirectories) or that are symlinks resolving outside it."""
+    outside = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in (".", "..")]
+    real = root.resolve()
+    outside += [n for n in names if n not in outside and (root / n).exists() and (root / n).resolve().parent != real]
+    if outside:
+        raise CheckpointError(f"{index} names files outside {root}: {sorted(map(str, outside))[:3]}")
+
+
 class HFCheckpoint:
     """An HF model directory: ``config.json`` plus one safetensors file or an indexed set.
 
@@ -132,6 +143,9 @@ class HFCheckpoint:
         for file in files:
             header, data_start = _parse_header(file)
             for name, meta in header.items():
+                if name in self.tensors:
+                    raise CheckpointError(f"tensor {name!r} is in two files, {self.tensors[name].file} and "
+                                          f"{file}: which one is meant is ambiguous; remove one")
                 if meta["dtype"] not in SAFETENSORS_DTYPES:
                     raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {meta['dtype']}")
                 dtype = SAFETENSORS_DTYPES[meta["dtype"]]
@@ -144,6 +158,9 @@ class HFCheckpoint:
         index = self.path / INDEX_NAME
         if index.exists():
             weight_map = read_json(index).get("weight_map", {})
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} is not a valid index: weight_map is a {type(weight_map).__name__}")
+            _confined(self.path, index, set(weight_map.values()))
             files = sorted({self.path / f for f in weight_map.values()})
             missing = [str(f.name) for f in files if not f.exists()]
             if missing:
@@ -180,10 +197,8 @@ class HFCheckpoint:
                     raise TypeError(f"weight_map is a {type(weight_map).__name__}")
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index} is not a valid index (no weight_map): {e}") from None
-            names = sorted(set(weight_map.values()))
-            outside = [n for n in names if not isinstance(n, str) or Path(n).name != n]
-            if outside:
-                raise CheckpointError(f"{index} names files outside {self.path}: {outside[:3]}")
+            names = sorted(set(weight_map.values()), key=str)
+            _confined(self.path, index, names)
             missing = [n for n in names if not (self.path / n).is_file()]
             if missing:
                 raise CheckpointError(f"{index} lists files that do not exist: {missing}")
@@ -386,7 +401,18 @@ def plan_shards(entries: Iterable[tuple[str, int, int]], max_bytes: int) -> list
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]):
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    from .runtime.faults import maybe_fail
+
+    try:
+        maybe_fail("write")  # tests only: MCORE_BRIDGE_FAULT (runtime/faults.py)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror or str(e), str(path)) from None
+    except Exception as e:  # safetensors reports I/O errors as SafetensorError("... (os error N)")
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise WriteError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def write_index(dest: Path, files: list[dict], sizes: dict[str, int]):
@@ -436,12 +462,26 @@ def commit(stage: Path, dest: Path):
         shutil.rmtree(old)
 
 
+def _agree(all_ok, ok: bool, dest: Path) -> bool:
+    try:
+        return all_ok(ok)
+    except Exception as e:  # a peer's process ended: its connections closed under the collective
+        raise PeerFailed(f"another rank failed while writing {dest} ({str(e).splitlines()[0][:160]}); "
+                         f"nothing was written") from None
+
+
 @contextlib.contextmanager
 def collective_output(dest: Path, overwrite: bool, finalize=None):
     """Collective: every rank writes its files into the yielded staging directory; when all ranks
     succeeded, rank 0 runs ``finalize(stage)`` (index, config) and renames it to ``dest``. If any
-    rank fails, the staging directory is removed and every rank raises: no partial output."""
-    from .runtime.dist import all_ok, rank
+    rank fails, the staging directory is removed and every rank raises: no partial output.
+
+    A rank whose body fails does not enter the agreement collective: the others may be inside the
+    body's own collectives (export gathers), which it would never match, and would wait there for
+    the full timeout. It raises at once instead; when its process exits (the CLI does at once) its
+    connections close and the others' pending collective fails within seconds, and rank 0 removes
+    the staging directory whatever collective failed under it."""
+    from .runtime.dist import all_ok, rank, world_size
 
     dest = Path(dest).absolute()
     error = None
@@ -453,21 +493,26 @@ def collective_output(dest: Path, overwrite: bool, finalize=None):
     if not all_ok(error is None):
         raise error or RuntimeError(f"rank 0 could not prepare {dest}")
     stage = staging_dir(dest)
+    committed = False
     try:
-        yield stage
-    except Exception as e:
-        error = e
-    ok = all_ok(error is None)
-    if rank() == 0:
         try:
-            if ok:
+            yield stage
+        except Exception as e:
+            error = e
+        if error is not None and world_size() > 1:
+            raise error
+        ok = _agree(all_ok, error is None, dest)
+        if rank() == 0 and ok:
+            try:
                 if finalize is not None:
                     finalize(stage)
                 commit(stage, dest)
-        except Exception as e:
-            error, ok = e, False
+                committed = True
+            except Exception as e:
+                error, ok = e, False
+        ok = _agree(all_ok, ok, dest)  # rank 0's finalize/commit may have failed
         if not ok:
+            raise error or RuntimeError(f"another rank failed while writing {dest}; nothing was written")
+    finally:
+        if rank() == 0 and not committed:
             shutil.rmtree(stage, ignore_errors=True)
-    ok = all_ok(ok)  # rank 0's finalize/commit may have failed
-    if not ok:
-        raise error or RuntimeError(f"another rank failed while writing {dest}; nothing was written")

@@ -20,9 +20,10 @@ megatron-core reads a checkpoint, :func:`check_dcp_metadata`
 
 ``DCP_METADATA`` was taken by recording every global that unpickling real ``.metadata`` files asks
 for (torch 2.13.0 + megatron-core 0.16.1: ``dist_checkpointing.save`` of dense, MoE, MLA, vision-
-language, LoRA adapter-only and LoRA-merged models, tp/pp/ep-sharded), and checked against torch's
-``torch/distributed/checkpoint/{metadata,planner,filesystem}.py`` source of the 2.1x line (torch
-2.11, on the GPU host, defines the same classes at the same paths).
+language, LoRA adapter-only and LoRA-merged models, tp/pp/ep-sharded). torch 2.11 (the GPU host) was
+not run here; its ``torch/distributed/checkpoint/metadata.py`` as published defines the same
+dataclasses and ``_MEM_FORMAT_ENCODING`` at the same paths. Pickles from older torch releases (where
+``TensorProperties`` lived in ``torch.distributed._shard``) are refused.
 """
 
 from __future__ import annotations
@@ -109,10 +110,22 @@ def loads(data: bytes, allowed=DCP_METADATA):
     return AllowListUnpickler(io.BytesIO(data), allowed).load()
 
 
-def check_dcp_metadata(ckpt_dir: Path):
+def object_keys(sharded_state: dict) -> set[str]:
+    """The keys of the ``ShardedObject``s in a megatron sharded state dict: the byte items a load
+    of it reads."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return {v.key for v in nested_values(sharded_state) if isinstance(v, ShardedObject)}
+
+
+def check_dcp_metadata(ckpt_dir: Path, objects: set[str] | None = None):
     """Check a torch_dist checkpoint's ``.metadata`` and byte items (see the module docstring)
     before torch.distributed.checkpoint reads them; returns the Metadata. Raises
-    :class:`CheckpointError` naming the file."""
+    :class:`CheckpointError` naming the file. ``objects``: the ShardedObject keys the load will
+    read (:func:`object_keys`); only those byte items are checked (DCP unpickles no other: a
+    Megatron-LM checkpoint's RNG state holds numpy arrays, which weights_only refuses, and is
+    never read). ``None``: every byte item."""
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / ".metadata"
     if not path.exists():
@@ -127,11 +140,11 @@ def check_dcp_metadata(ckpt_dir: Path):
 
     if not isinstance(meta, Metadata) or not isinstance(meta.state_dict_metadata, dict):
         raise CheckpointError(f"{path}: holds a {type(meta).__name__}, not torch.distributed.checkpoint Metadata")
-    _check_storage(ckpt_dir, path, meta)
+    _check_storage(ckpt_dir, path, meta, objects)
     return meta
 
 
-def _check_storage(ckpt_dir: Path, path: Path, meta) -> None:
+def _check_storage(ckpt_dir: Path, path: Path, meta, objects) -> None:
     import torch
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -159,7 +172,8 @@ def _check_storage(ckpt_dir: Path, path: Path, meta) -> None:
                 and offset + length <= sizes[rel]):
             raise CheckpointError(f"{path}: storage entry {index.fqn!r}: bytes {offset!r}+{length!r} are "
                                   f"not inside {rel} ({sizes[rel]} bytes)")
-    byte_items = {k for k, v in meta.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
+    byte_items = {k for k, v in meta.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)
+                  and (objects is None or k.split("/shard_", 1)[0] in objects)}
     for index, info in storage.items():
         if index.fqn not in byte_items:
             continue

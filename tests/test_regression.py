@@ -202,3 +202,98 @@ def test_table_is_aligned(tmp_path, baseline):
     assert set(table[1].replace(" ", "")) == {"-"}
     assert all(ln[column:].split()[0] in (OK, REGRESSION) for ln in table[2:])
     assert all(ln[column - 2:column] == "  " for ln in table[2:])
+
+
+# ---- committed reports, edited: every kind of worsening the gate would care about is caught -------
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from verify import metrics  # noqa: E402
+from verify.regression import compared_metrics  # noqa: E402
+
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+
+
+def _edited(tmp_path, rel: str, edit) -> Path:
+    """A copy of the committed ``reports/`` with ``edit(report)`` applied to ``reports/<rel>``."""
+    current = tmp_path / "current"
+    shutil.copytree(REPORTS, current)
+    path = current / rel
+    report = json.loads(path.read_text())
+    edit(report)
+    path.write_text(json.dumps(report))
+    return current
+
+
+def _set(section, key, value):
+    return lambda r: r[section].__setitem__(key, value)
+
+
+def _layer(probe, key, f):
+    def edit(r):
+        entry = next(e for e in r["layers"] if e["probe"] == probe)
+        entry[key] = f(entry[key])
+    return edit
+
+
+def test_committed_reports_unchanged_pass(capsys):
+    comp = compare(REPORTS, REPORTS)
+    assert comp.ok and comp.summary()["cases_compared"] > 40
+    probes = [r for r in comp.rows if r["metric"].endswith(".rel_mean_diff")]
+    assert probes and all(r["status"] == OK for r in probes)
+
+
+MOE, VL = "qwen3_moe-tiny/tp2-pp1-fp32.json", "qwen2_vl-tiny/tp2-pp1-fp32.json"
+WORSENINGS = {  # the four of issue 15, and the per-probe routing and loss-token diff
+    "router_agreement 1.0->0.991": (MOE, _set("metrics", "router_agreement", 0.991), "router_agreement"),
+    "layer.1 drift x300": (MOE, _layer("layer.1", "rel_mean_diff", lambda v: v * 300), "layer.1.rel_mean_diff"),
+    "top1_with_loss 1.0->0.99": (VL, _set("metrics", "top1_agreement_with_loss", 0.99), "top1_agreement_with_loss"),
+    "cosine_min->0.5": (VL, _set("metrics", "cosine_min", 0.5), "cosine_min"),
+    "layer.2 routing 1.0->0.98": (MOE, _layer("layer.2", "router_agreement", lambda v: 0.98),
+                                  "layer.2.router_agreement"),
+    "max_diff_with_loss x10": (VL, _set("metrics", "max_diff_with_loss", 3.6e-6), "max_diff_with_loss"),
+}
+
+
+@pytest.mark.parametrize("case", list(WORSENINGS))
+def test_each_worsening_of_a_committed_report_is_caught(tmp_path, case, capsys):
+    rel, edit, metric = WORSENINGS[case]
+    comp = compare(REPORTS, _edited(tmp_path, rel, edit))
+    assert [(r["model"], r["metric"]) for r in comp.regressions] == [(rel.split("/")[0], metric)]
+    assert main(["--baseline", str(REPORTS), "--current", str(tmp_path / "current")]) == 1
+    assert "-> REGRESSION" in capsys.readouterr().out
+
+
+def test_a_missing_probe_is_a_failure(tmp_path):
+    current = _edited(tmp_path, MOE, lambda r: r.__setitem__("layers", r["layers"][:-1]))
+    assert [r["status"] for r in compare(REPORTS, current).regressions] == [MISSING]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("gate_kind", ["all", "with_loss"])
+def test_every_gated_metric_is_compared_the_right_way(dtype, moe, gate_kind):
+    cal = {"mean_diff": 1e-3, "max_diff": 1e-2, "mean_diff_with_loss": 1e-3, "max_diff_with_loss": 1e-2,
+           "kl_hf_mg": 1e-4, "top1_agreement": 0.98, "top1_agreement_with_loss": 0.97, "router_agreement": 0.9}
+    limits = metrics.thresholds(dtype, cal, moe=moe, gate=gate_kind, tokens=(1000, 500))
+    compared = compared_metrics({"thresholds": limits})
+    bounded = {k.removesuffix("_min") for k in limits if k not in metrics.PER_LAYER}
+    assert bounded <= set(compared)
+    for k in limits:  # the direction the gate checks is the direction compared
+        if k.endswith("_min"):
+            assert compared[k.removesuffix("_min")] == "higher" and k.removesuffix("_min") in metrics.HIGHER_IS_BETTER
+        elif k not in metrics.PER_LAYER:
+            assert compared[k] == "lower" and k in metrics.LOWER_IS_BETTER
+
+
+def test_a_newly_gated_metric_is_compared_without_code_change(tmp_path):
+    """A threshold the gate did not have before (``novel_score_min``) makes its metric compared."""
+    def add(value):
+        def edit(r):
+            r["thresholds"]["novel_score_min"] = 0.5
+            r["metrics"]["novel_score"] = value
+        return edit
+    base = _edited(tmp_path / "b", MOE, add(0.9))
+    assert compare(base, _edited(tmp_path / "c", MOE, add(0.9))).ok
+    comp = compare(base, _edited(tmp_path / "d", MOE, add(0.7)))
+    assert [r["metric"] for r in comp.regressions] == ["novel_score"]

@@ -252,6 +252,35 @@ def test_byte_items_that_would_run_code_refused(real_ckpts, tmp_path):
     assert_nothing_written(save)
 
 
+def test_byte_items_the_load_does_not_read_are_not_checked(real_ckpts, tmp_path):
+    """Only the byte items a load reads (its ShardedObjects, e.g. ``_extra_state``) are unpickled by
+    DCP, so only those are checked: an entry no model asks for (in a Megatron-LM checkpoint: RNG
+    state, optimizer objects) does not block the checkpoint, and is never unpickled; with
+    ``objects=None`` every byte item is checked and a hostile one refused."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    ckpt = _release(_copy(real_ckpts, tmp_path))
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save(_Evil(marker), buf)
+    meta = pickle.loads((ckpt / ".metadata").read_bytes())
+    model_objects = {k.split("/shard_")[0] for k, v in meta.state_dict_metadata.items()
+                     if isinstance(v, BytesStorageMetadata)}
+    file = next(iter(meta.storage_data.values())).relative_path
+    with open(ckpt / file, "ab") as f:
+        offset = f.tell()
+        f.write(buf.getvalue())
+    fqn = "rng_state/shard_0.0_1.1"
+    meta.state_dict_metadata[fqn] = BytesStorageMetadata()
+    meta.storage_data[MetadataIndex(fqn)] = _StorageInfo(file, offset, len(buf.getvalue()))
+    (ckpt / ".metadata").write_bytes(pickle.dumps(meta))
+    untrusted.check_dcp_metadata(ckpt, model_objects)
+    with pytest.raises(CheckpointError, match="byte item 'rng_state/shard_0.0_1.1' is not plain data.*posix.mkdir"):
+        untrusted.check_dcp_metadata(ckpt)
+    assert not marker.exists()
+
+
 def test_clean_copy_still_exports(real_ckpts, tmp_path):
     """Negative control for the test above: the unpoisoned copy converts."""
     root = _copy(real_ckpts, tmp_path)

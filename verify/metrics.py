@@ -171,12 +171,39 @@ def top1_slack(agreement: float, tokens: int | None) -> float:
     return max(BF16_TOP1_SLACK, 3.0 * math.sqrt(p * (1.0 - p) / tokens))
 
 
-def failures(metrics: dict, limits: dict, gate: str = "all") -> list[str]:
-    out = []
-    for k, limit in limits.items():
-        if k in ("top1_agreement_min", "top1_agreement_with_loss_min", "layer_rel_drift", "router_agreement_min"):
+# The gate, in one place: ``thresholds()`` returns the limits, ``gated()`` reads which metric each
+# limit bounds and in which direction, ``failures()`` applies them, and verify/regression.py compares
+# exactly what ``gated()`` names (plus the reported metrics above), so a new limit is compared too.
+PER_LAYER = ("layer_rel_drift",)  # bounds each probe's rel_mean_diff (verify.run.build_report)
+
+
+def gated(limits: dict) -> dict[str, str]:
+    """``{metric: "lower" | "higher"}``: the aggregate metrics that ``limits`` (as :func:`thresholds`
+    returns them) bound and which way is better. ``<metric>_min`` bounds ``metric`` from below; any
+    other key except :data:`PER_LAYER` bounds the metric of that name from above."""
+    out = {}
+    for k in limits:
+        if k in PER_LAYER:
             continue
+        if k.endswith("_min"):
+            out[k[:-len("_min")]] = "higher"
+        else:
+            out[k] = "lower"
+    return out
+
+
+def failures(metrics: dict, limits: dict, gate: str = "all") -> list[str]:
+    """What fails the gate: every metric :func:`gated` names against its limit (``gate`` is kept for
+    callers; :func:`thresholds` already chose the limits for it)."""
+    out = []
+    for k, better in gated(limits).items():
+        limit = limits[k] if better == "lower" else limits[k + "_min"]
         v = metrics.get(k)
+        if better == "higher":
+            if v is None or not v >= limit:  # also catches NaN; a missing gated metric fails
+                shown = float("nan") if v is None else v
+                out.append(f"{k} {shown:.4f} < {limit:.4f}")
+            continue
         if v is None:
             continue
         if math.isnan(v):
@@ -184,11 +211,4 @@ def failures(metrics: dict, limits: dict, gate: str = "all") -> list[str]:
                 out.append(f"{k} is NaN")
         elif v > limit:
             out.append(f"{k} {v:.2e} > {limit:.1e}")
-    top1 = "top1_agreement_with_loss" if gate == "with_loss" else "top1_agreement"
-    limit = limits[top1 + "_min"]
-    if not metrics[top1] >= limit:  # also catches NaN
-        out.append(f"{top1} {metrics[top1]:.4f} < {limit:.4f}")
-    if "router_agreement_min" in limits and not metrics.get("router_agreement", 0.0) >= limits["router_agreement_min"]:
-        out.append(f"router_agreement {metrics.get('router_agreement', float('nan')):.4f} < "
-                   f"{limits['router_agreement_min']:.4f}")
     return out

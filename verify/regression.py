@@ -13,32 +13,38 @@ Both directories are report directories as written by :func:`verify.report.write
 (``DIR/<model>/<layout_id>-<dtype>.json``); cases are matched by (model, layout_id, dtype) (and
 the negative-control spec, for control runs).
 
+What is compared is derived from the gate's own definition (verify/metrics.py), so a metric the
+gate starts to limit is compared without a change here: every metric in ``metrics.LOWER_IS_BETTER``
+/ ``metrics.HIGHER_IS_BETTER`` (logit diffs, KL, top-1 and cosine agreement, their loss-token
+variants, router agreement), every metric a report's ``thresholds`` bound (``metrics.gated``:
+``<m>_min`` from below, others from above), and per probe (matched by name) the hidden-state drift
+``rel_mean_diff`` and, for MoE layers, ``router_agreement``.
+
 Stated tolerance (the defaults; chosen to sit above rounding noise, not measured across machines):
 
-* Lower-is-better metrics (``token_mean_diff_mean``, ``token_mean_diff_max``, ``mean_diff``,
-  ``max_diff``, ``mean_diff_with_loss``, ``max_diff_with_loss``, ``kl_hf_mg``) regress when
+* Lower-is-better metrics (and per-probe drift) regress when
   ``current > baseline * (1 + rel_tol) + floor[dtype]``, with ``rel_tol = 0.5`` and the noise floor
   ``floor = 1e-6`` for fp32 (fp32 runs agree to ~1e-7, so anything under 1e-6 is rounding) and
   ``1e-3`` for bf16 / fp16 (bf16 rounds a logit of magnitude ~1 by up to 3.9e-3, so a change
   under 1e-3 is below one rounding step). The floor is absolute, so
   it is loose for the small ``kl_hf_mg``; ``mean_diff`` / ``max_diff`` carry the signal there.
   They improve when ``baseline > current * (1 + rel_tol) + floor``.
-* Higher-is-better metrics regress when ``current < baseline - drop``: ``top1_agreement`` with
-  ``drop = 1e-3`` for fp32 (one flipped token in ~1000) and ``1e-2`` for bf16 / fp16;
-  ``cosine_mean`` with ``1e-6`` for fp32 and ``1e-4`` for bf16 / fp16.
+* Higher-is-better metrics regress when ``current < baseline - drop``: agreements (top-1, top-1
+  over loss tokens, routing) with ``drop = 1e-3`` for fp32 (one flipped token in ~1000) and
+  ``1e-2`` for bf16 / fp16; cosines (mean and min) with ``1e-6`` for fp32 and ``1e-4`` for
+  bf16 / fp16.
 * A dtype other than fp32 / bf16 / fp16 gets the bf16 (loosest) tolerances.
 * Verdict ``pass`` -> ``fail`` is a regression, ``fail`` -> ``pass`` an improvement.
 * Negative controls (reports with a ``control`` key: a deliberate error injected on the Megatron
   side) are matched separately and only their verdict is compared, the other way round: a control
   that failed in the baseline (caught) and passes now (missed) is a regression.
-* A case of the baseline absent from the current directory, or a metric the baseline has and the
-  current report lacks, is a failure (MISSING). Cases and metrics only in the current directory
-  are listed as ``new``. NaN where the baseline was finite is a regression.
+* A case of the baseline absent from the current directory, or a metric or probe the baseline has
+  and the current report lacks, is a failure (MISSING). Cases and metrics only in the current
+  directory are listed as ``new``. NaN where the baseline was finite is a regression.
 
 Changed thresholds, devices or library versions between the two reports of a case are listed as
-notes (they explain differences, they fail nothing). Per-input metrics and per-layer drift are not
-compared: the aggregate max_diff already takes the worst input, and a new diverging layer moves
-the aggregate metrics and the verdict.
+notes (they explain differences, they fail nothing). Per-input metrics are not compared: the
+aggregates take the worst input.
 """
 
 from __future__ import annotations
@@ -50,16 +56,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcore_bridge.errors import UsageError
+from verify import metrics as gate
 from verify.report import ReportError, case_key, case_sort_key, canonical_json, fmt, load_reports
 
-LOWER_IS_BETTER = ("token_mean_diff_mean", "token_mean_diff_max", "mean_diff", "max_diff",
-                   "mean_diff_with_loss", "max_diff_with_loss", "kl_hf_mg")
-HIGHER_IS_BETTER = ("top1_agreement", "cosine_mean")
+# What is compared comes from the gate's definition (verify/metrics.py): every metric it reports,
+# every metric a report's thresholds bound (metrics.gated), and per probe the drift and routing it
+# limits (metrics.PER_LAYER, router_agreement_min).
+LOWER_IS_BETTER = gate.LOWER_IS_BETTER
+HIGHER_IS_BETTER = gate.HIGHER_IS_BETTER
+LAYER_DRIFT, LAYER_ROUTING = "rel_mean_diff", "router_agreement"
 NOISE_FLOOR = {"fp32": 1e-6, "bf16": 1e-3, "fp16": 1e-3}
-DROP_TOL = {"fp32": {"top1_agreement": 1e-3, "cosine_mean": 1e-6},
-            "bf16": {"top1_agreement": 1e-2, "cosine_mean": 1e-4},
-            "fp16": {"top1_agreement": 1e-2, "cosine_mean": 1e-4}}
+# Higher-is-better drops by kind: agreements (fractions of tokens: top-1, routing) and cosines.
+DROP_TOL = {"fp32": {"agreement": 1e-3, "cosine": 1e-6},
+            "bf16": {"agreement": 1e-2, "cosine": 1e-4},
+            "fp16": {"agreement": 1e-2, "cosine": 1e-4}}
 _LOOSEST = "bf16"
+
+
+def drop_kind(metric: str) -> str:
+    return "cosine" if metric.split(".")[-1].startswith("cosine") else "agreement"
+
+
+def compared_metrics(*reports: dict) -> dict[str, str]:
+    """``{metric: "lower" | "higher"}`` compared for a case: the gate's reported metrics and every
+    metric the reports' thresholds bound (so a newly gated metric is compared without a change here)."""
+    out = {m: "lower" for m in LOWER_IS_BETTER} | {m: "higher" for m in HIGHER_IS_BETTER}
+    for r in reports:
+        out.update(gate.gated(r.get("thresholds") or {}))
+    return out
 
 # Row statuses. FAILING ones make the comparison fail.
 OK, IMPROVED, REGRESSION, MISSING, NEW = "ok", "improved", "REGRESSION", "MISSING", "new"
@@ -108,14 +132,17 @@ class Comparison:
     def tolerance_text(self) -> str:
         """The stated tolerance, as printed above the table."""
         floors = ", ".join(f"{k} {v:.0e}" for k, v in self.abs_tol.items())
-        drops = "; ".join(f"{m}: " + ", ".join(f"{d} {self.drop_tol[d][m]:.0e}" for d in self.drop_tol)
-                          for m in HIGHER_IS_BETTER)
+        drops = "; ".join(f"{k}s: " + ", ".join(f"{d} {self.drop_tol[d][k]:.0e}" for d in self.drop_tol)
+                          for k in ("agreement", "cosine"))
         return "\n".join([
             "stated tolerance:",
-            f"  lower is better ({', '.join(LOWER_IS_BETTER)}):",
+            f"  lower is better ({', '.join(LOWER_IS_BETTER)}, per probe {LAYER_DRIFT}, any other metric the"
+            f" gate bounds from above):",
             f"    regression if current > baseline x (1 + {self.rel_tol:g}) + noise floor; floor {floors}"
             f" (other dtypes: as {_LOOSEST})",
-            f"  higher is better: regression if current < baseline - drop; {drops}",
+            f"  higher is better ({', '.join(HIGHER_IS_BETTER)}, per probe {LAYER_ROUTING}, any other metric"
+            f" the gate bounds from below):",
+            f"    regression if current < baseline - drop; {drops}",
             "  verdict pass -> fail is a regression (negative controls: fail -> pass); a case or metric of",
             "  the baseline missing from the current reports is a failure",
         ])
@@ -257,13 +284,44 @@ def _tolerances(abs_tol, drop_tol, dtypes) -> tuple[dict, dict]:
     else:
         floors = {d: float(abs_tol) for d in NOISE_FLOOR}
     drops = {d: dict(v) for d, v in DROP_TOL.items()}
-    for dtype, values in (drop_tol or {}).items():
+    for dtype, values in (drop_tol or {}).items():  # {dtype: {kind or metric: drop}}
         drops.setdefault(dtype, dict(DROP_TOL[_LOOSEST])).update(values)
     for dtype in dtypes:  # unknown dtypes: the loosest known tolerances, stated in the output
         if dtype not in floors:
             floors[dtype] = float(abs_tol) if isinstance(abs_tol, (int, float)) else floors[_LOOSEST]
         drops.setdefault(dtype, dict(drops[_LOOSEST]))
     return floors, drops
+
+
+def _compare_metric(key, metric, better, b, c, rel_tol, floor, drops) -> dict | None:
+    bm, cm = _num(b), _num(c)
+    if bm is None and cm is None:
+        return None
+    if cm is None:
+        return _row(key, metric, bm, None, "present", "—", MISSING)
+    if bm is None:
+        return _row(key, metric, None, cm, "—", "—", NEW)
+    if better == "lower":
+        return _compare_lower(key, metric, bm, cm, rel_tol, floor)
+    return _compare_higher(key, metric, bm, cm, drops.get(metric, drops[drop_kind(metric)]))
+
+
+def _compare_layers(key, base: dict, cur: dict, rel_tol, floor, drops) -> list[dict]:
+    """Per probe (matched by name): the drift the gate limits (``layer_rel_drift``) and, for MoE
+    layers, the routing agreement. A probe of the baseline missing now is a failure."""
+    rows = []
+    current = {entry.get("probe"): entry for entry in cur.get("layers") or []}
+    for entry in base.get("layers") or []:
+        probe = entry.get("probe")
+        now = current.get(probe)
+        for field_, better in ((LAYER_DRIFT, "lower"), (LAYER_ROUTING, "higher")):
+            if field_ not in entry:
+                continue
+            row = _compare_metric(key, f"{probe}.{field_}", better, entry[field_],
+                                  None if now is None else now.get(field_), rel_tol, floor, drops)
+            if row is not None:
+                rows.append(row)
+    return rows
 
 
 def compare(baseline_dir, current_dir, rel_tol: float = 0.5, abs_tol=None, drop_tol=None) -> Comparison:
@@ -303,18 +361,12 @@ def compare(baseline_dir, current_dir, rel_tol: float = 0.5, abs_tol=None, drop_
         if key[3]:
             continue  # a control's metrics measure the injected error, not the bridge
         dtype = key[2]
-        for metric in LOWER_IS_BETTER + HIGHER_IS_BETTER:
-            bm, cm = _num(b["metrics"].get(metric)), _num(c["metrics"].get(metric))
-            if bm is None and cm is None:
-                continue
-            if cm is None:
-                comp.rows.append(_row(key, metric, bm, None, "present", "—", MISSING))
-            elif bm is None:
-                comp.rows.append(_row(key, metric, None, cm, "—", "—", NEW))
-            elif metric in LOWER_IS_BETTER:
-                comp.rows.append(_compare_lower(key, metric, bm, cm, rel_tol, floors[dtype]))
-            else:
-                comp.rows.append(_compare_higher(key, metric, bm, cm, drops[dtype][metric]))
+        for metric, better in compared_metrics(b, c).items():
+            row = _compare_metric(key, metric, better, b["metrics"].get(metric), c["metrics"].get(metric),
+                                  rel_tol, floors[dtype], drops[dtype])
+            if row is not None:
+                comp.rows.append(row)
+        comp.rows += _compare_layers(key, b, c, rel_tol, floors[dtype], drops[dtype])
     return comp
 
 

@@ -2,10 +2,12 @@
 
     MCORE_BRIDGE_FAULT=rank:<r>:<where>[:<how>][,rank:<r>:<where>[:<how>]...]
 
-``where`` names a ``maybe_fail(where)`` call site: ``load`` (start of ``Bridge.load_weights``) or
+``where`` names a ``maybe_fail(where)`` call site: ``load`` (start of ``Bridge.load_weights``),
 ``save`` (``Bridge.save_weights``, after the shard plan, once the staging directory exists and
-before any shard is written). ``how``: ``exit`` (default: ``os._exit(17)``, like a crash, no
-clean-up and no Python exception), ``raise`` (a RuntimeError) or ``hang`` (sleep forever, with every
+before any shard is written) or ``write`` (inside ``io.write_shard``, as the file is written: every
+safetensors shard of an HF or plain save). ``how``: ``exit`` (default: ``os._exit(17)``, like a
+crash, no clean-up and no Python exception), ``raise`` (a RuntimeError), ``enospc`` (an
+``OSError(ENOSPC)``, as a full disk gives) or ``hang`` (sleep forever, with every
 socket still open, so that the other ranks can only get out through the collective timeout,
 ``MCORE_BRIDGE_TIMEOUT``). ``<r>`` is the global rank. Unset (always, outside tests), it costs one
 environment lookup.
@@ -13,6 +15,7 @@ environment lookup.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -20,8 +23,8 @@ import time
 from ..errors import UsageError
 
 ENV = "MCORE_BRIDGE_FAULT"
-WHERE = ("load", "save")
-HOW = ("exit", "raise", "hang")
+WHERE = ("load", "save", "write")
+HOW = ("exit", "raise", "enospc", "hang")
 EXIT_CODE = 17
 
 
@@ -62,5 +65,7 @@ def maybe_fail(where: str):
             os._exit(EXIT_CODE)
         if how == "raise":
             raise InjectedFault(msg)
+        if how == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         while True:  # hang
             time.sleep(3600)
