@@ -15,7 +15,8 @@ from verify.report import render_markdown
 
 @pytest.fixture(scope="module")
 def moe_report(pools, zoo_model):
-    out = pools.get(1).run(verify_cases.verify, timeout=300, source=str(zoo_model("qwen3_moe")), layout={})
+    out = pools.get(1).run(verify_cases.verify, timeout=300, source=str(zoo_model("qwen3_moe")), layout={},
+                                  detection=True)
     return [r for r in out if r is not None][0]
 
 

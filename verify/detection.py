@@ -43,14 +43,27 @@ def standard_controls(bridge) -> list[tuple[str, int]]:
     return out
 
 
-def _layer_tensors(models, layer: int) -> list[torch.Tensor]:
+def _layer_tensors(models, layer: int) -> dict[str, torch.Tensor]:
     """This rank's parameters of global ``layer`` (none on other pipeline stages)."""
-    out = []
+    out = {}
     for chunk in models:
         for module in chunk.decoder.layers:
             if module.layer_number - 1 == layer:
-                out += [p for _, p in module.named_parameters()]
+                out.update(module.named_parameters())
     return out
+
+
+def _inject(models, bridge, spec: str, tensors: dict) -> None:
+    """``controls.after_load``; a scaled weight under a LoRA wrapper is its ``base_layer`` weight."""
+    kind, *args = spec.split(":")
+    rest = args[0].split(".", 3)[3] if kind == "scale" else None
+    if rest is not None and tensors and rest not in tensors:
+        base = rest.replace(".weight", ".base_layer.weight")
+        if base not in tensors:
+            raise RuntimeError(f"detection control {spec}: layer has no {rest!r} nor {base!r}")
+        tensors[base].mul_(float(args[1]))
+        return
+    controls.after_load(models, bridge, spec)
 
 
 def perturbed_outputs(bridge, models, samples, vocab: int, outputs) -> list[dict]:
@@ -58,11 +71,12 @@ def perturbed_outputs(bridge, models, samples, vocab: int, outputs) -> list[dict
     (rank 0; None elsewhere). The weights are restored bitwise after each forward."""
     runs = []
     for spec, layer in standard_controls(bridge):
-        tensors = _layer_tensors(models, layer)
+        named = _layer_tensors(models, layer)
+        tensors = list(named.values())
         with torch.no_grad():
             saved = [t.detach().clone() for t in tensors]
             try:
-                controls.after_load(models, bridge, spec)
+                _inject(models, bridge, spec, named)
                 got = outputs(models, samples, vocab, bridge.layout.sp)
             finally:
                 for t, s in zip(tensors, saved):
