@@ -341,6 +341,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render_markdown(report: dict) -> str:
     """The Markdown page of one report: header, metrics vs thresholds, failures, first diverging
     layer with its parameters, per-input metrics, per-layer drift."""
+    from .detection import line as detection_line
+
     r = report
     verdict = r["verdict"].upper()
     control = r.get("control")
@@ -368,6 +370,7 @@ def render_markdown(report: dict) -> str:
                                  for i in r.get("inputs") or []) or "—")),
         ("created", _md(r.get("created", "—"))),
     ] + ([("control", _md(control))] if control else []) + (
+        [("detection", _md(detection_line(r["detection"]).removeprefix("detection: ")))] if r.get("detection") else []) + (
         [("gate", "loss tokens only: image and prompt logits are reported, not gated")]
         if r.get("gate") == "with_loss" else [])
     out += _table(["", ""], [[k, v] for k, v in info]) + [""]

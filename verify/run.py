@@ -24,6 +24,8 @@ from mcore_bridge.layout import ParallelLayout
 from mcore_bridge.runtime import dist as rt
 
 from . import controls, metrics
+from .detection import apply as apply_detection
+from .detection import perturbed_outputs, summarise
 from .forward import hf_forward, hf_model, megatron_logits
 from .inputs import Sample, default_samples, multimodal_samples
 from .probes import hf_probes, megatron_probes, probe_layer, probe_order
@@ -278,11 +280,12 @@ def model_name(source: str) -> str:
 def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device: str = "auto",
                control: str | None = None, reference_cache: Path | None = None,
                lengths=None, grouped_experts: bool = False, adapter: str | None = None, grad: bool = False,
-               train_steps: int = 0) -> dict | None:
+               train_steps: int = 0, detection: bool = True) -> dict | None:
     """Collective: convert ``source`` into ``layout`` and verify it. The report on rank 0.
     ``grouped_experts``: MoE experts built as megatron's grouped-GEMM module (bf16 only in 0.16).
     ``adapter``: a PEFT directory put on both sides (megatron LoRA vs HF + PeftModel).
-    ``grad`` / ``train_steps``: also compare gradients / N AdamW steps (``verify.grad``, fp32)."""
+    ``grad`` / ``train_steps``: also compare gradients / N AdamW steps (``verify.grad``, fp32).
+    ``detection``: also run the standard positive controls (``verify.detection``; not with ``control``)."""
     t0 = time.time()
     bridge = Bridge(source, layout)
     controls.before_build(bridge, control)
@@ -294,7 +297,8 @@ def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device:
     controls.after_load(models, bridge, control)
     report = verify_loaded(bridge, models, bridge.source, dtype=dtype, name=model_name(source),
                            reference_cache=reference_cache, lengths=lengths, load_s=time.time() - t0,
-                           adapter=Path(adapter) if adapter else None, source=str(source))
+                           adapter=Path(adapter) if adapter else None, source=str(source),
+                           detection=detection and not control)
     if grad or train_steps:
         if dtype != "fp32":
             raise ValueError("--grad / --train-steps compare fp32 gradients: use --dtype fp32")
@@ -312,14 +316,17 @@ def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device:
 
 def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str,
                   reference_cache: Path | None = None, lengths=None, load_s: float = 0.0,
-                  adapter: Path | None = None, source: str | None = None) -> dict | None:
+                  adapter: Path | None = None, source: str | None = None, detection: bool = False) -> dict | None:
     """Collective: compare loaded megatron ``models`` with the HF model in ``hf_dir`` (plus the
-    PEFT ``adapter`` on it)."""
+    PEFT ``adapter`` on it). ``detection``: also the standard positive controls, one more megatron
+    forward each against the same reference (``verify.detection``)."""
     t0 = time.time()
     vocab = int(bridge.family.cfg.require("vocab_size"))
     samples = samples_for(bridge, hf_dir, lengths)
     got = megatron_outputs(models, samples, vocab, bridge.layout.sp)
     t_mg = time.time() - t0
+    runs = perturbed_outputs(bridge, models, samples, vocab, megatron_outputs) if detection else []
+    t_det = time.time() - t0 - t_mg
     if rt.rank() != 0:
         return None
     t1 = time.time()
@@ -331,6 +338,12 @@ def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str
                           device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                           samples=samples, ref32=ref32, got=got, calib=calib, timing=timing, name=name,
                           source=source)
+    if detection:
+        kw = dict(bridge=bridge, layout=bridge.layout, dtype=dtype, device=report["device"], samples=samples,
+                  ref32=ref32, calib=calib, timing={}, name=name, source=source)
+        control_reports = [(run, build_report(got=run["got"], **kw)) for run in runs]
+        apply_detection(report, summarise(report, control_reports))
+        report["timing"]["detection_s"] = t_det
     report["timing"]["total_s"] = load_s + time.time() - t0
     if bridge.lora is not None:  # another case than the bare model: megatron LoRA vs the reference
         report["adapter"] = {"reference": str(adapter) if adapter else f"{source or hf_dir} (merged)", **bridge.lora.to_dict()}
@@ -369,11 +382,13 @@ def main(argv=None) -> int:
     ap.add_argument("--adapters", default=None, help="PEFT adapter directory (megatron LoRA vs HF + PeftModel)")
     ap.add_argument("--grad", action="store_true", help="also compare one backward pass (verify/grad.py)")
     ap.add_argument("--train-steps", type=int, default=0, help="also compare N AdamW steps (verify/train.py)")
+    ap.add_argument("--no-detection", action="store_true",
+                    help="skip the standard positive controls (verify/detection.py) that measure detection power")
     args = ap.parse_args(argv)
     report = run_layout(args.model, ParallelLayout(**json.loads(args.layout)), args.dtype, args.device,
                         args.control, Path(args.reference_cache) if args.reference_cache else None,
                         grouped_experts=args.grouped_experts, adapter=args.adapters, grad=args.grad,
-                        train_steps=args.train_steps)
+                        train_steps=args.train_steps, detection=not args.no_detection)
     if report is not None:
         if args.report:
             from .report import write_report
@@ -392,7 +407,14 @@ def summary_line(r: dict) -> str:
     where = f"  first diverging: {first['probe']}" if first else ""
     return (f"{r['model']:<12} {r['layout_id']:<16} {r['dtype']:<5} mean_diff {m['mean_diff']:.2e} "
             f"max_diff {m['max_diff']:.2e} (with loss {m['mean_diff_with_loss']:.2e}/{m['max_diff_with_loss']:.2e}) "
-            f"top1 {m['top1_agreement']:.4f}  {r['verdict'].upper()}{where}{_checks(r)}")
+            f"top1 {m['top1_agreement']:.4f}  {r['verdict'].upper()}{where}{_checks(r)}{_detection(r)}")
+
+
+def _detection(r: dict) -> str:
+    d = r.get("detection")
+    if not d:
+        return ""
+    return f"  detection: {d['status']}" + ("" if d["gate"] else " (bf16 is not the conversion gate)")
 
 
 def _checks(r: dict) -> str:
