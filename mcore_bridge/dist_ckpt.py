@@ -51,13 +51,19 @@ FULL, ADAPTER, MERGED = "full", "adapter", "merged"
 CONTENTS = (FULL, ADAPTER, MERGED)
 
 
-def sharded_state(models, content: str = FULL) -> dict:
-    from . import lora
+def sharded_state(models, content: str = FULL, spec: str = "local", block: bool = False) -> dict:
+    """What Megatron-LM saves for ``models`` (local-spec chunks), in the key layout of megatron's
+    ``spec`` ("local" or "te": see ``te_layout``; ``block``: built from the decoder block spec)."""
+    from . import lora, te_layout
 
     if content not in CONTENTS:
         raise ValueError(f"checkpoint content {content!r}: choose {', '.join(CONTENTS)}")
+    if spec not in te_layout.SPECS:
+        raise ValueError(f"checkpoint spec {spec!r}: choose {', '.join(te_layout.SPECS)}")
     with lora.merged_checkpoint(models) if content == MERGED else contextlib.nullcontext():
         state = {model_key(i, len(models)): m.sharded_state_dict() for i, m in enumerate(models)}
+    if spec == te_layout.TE:
+        state = {k: te_layout.to_te(v, block) for k, v in state.items()}
     if content == ADAPTER:
         return lora.only_factors(state)
     return lora.only_factors(state, keep=False) if content == MERGED else state
@@ -132,10 +138,11 @@ def _check_torch_load_default() -> None:
 
 
 # ---- save / load -----------------------------------------------------------------------------------
-def save(models, out_dir, overwrite: bool = False, finalize_extra=None, content: str = FULL):
+def save(models, out_dir, overwrite: bool = False, finalize_extra=None, content: str = FULL,
+         spec: str = "local", block: bool = False):
     """Collective: write ``models`` as a torch_dist release checkpoint (staged, renamed when every
     rank succeeded; ``finalize_extra(stage)`` adds files on rank 0 before that). ``content``: see
-    ``CONTENTS`` (models with a LoRA adapter)."""
+    ``CONTENTS`` (models with a LoRA adapter); ``spec``/``block``: see ``sharded_state``."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -152,7 +159,7 @@ def save(models, out_dir, overwrite: bool = False, finalize_extra=None, content:
             target.mkdir()
         if dist.is_initialized():
             dist.barrier()
-        state = sharded_state(models, content)
+        state = sharded_state(models, content, spec, block)
         state.update(checkpoint_version=CHECKPOINT_VERSION, iteration=0)
         dist_checkpointing.save(state, str(target))
     return out_dir
@@ -185,6 +192,7 @@ def load(models, path, content: str = FULL) -> str | None:
     keys = [model_key(i, len(models)) for i in range(len(models))]
     note = None
     try:
+        _follow_layout(state, keys, ckpt_dir)
         try:
             # megatron's names (validation.py): "unexpected" = asked for by this rank's sharded state
             # dict but absent from the checkpoint; "missing" = in the checkpoint, asked for by no rank
@@ -216,6 +224,22 @@ def load(models, path, content: str = FULL) -> str | None:
     if not rt.all_ok(error is None):  # fail together: the export that follows is collective
         raise error or RuntimeError("another rank could not load its part of the checkpoint")
     return note
+
+
+def _follow_layout(state: dict, keys, ckpt_dir: Path) -> None:
+    """Point this rank's (local-spec) sharded state at the key layout the checkpoint was written in
+    (TransformerEngine or local spec), told from the checkpoint's own ``.metadata`` keys."""
+    from . import te_layout
+    from .plan import MappingError
+
+    written = te_layout.checkpoint_keys(ckpt_dir)
+    for k in keys:
+        try:
+            if te_layout.detect(state[k], written) == te_layout.TE:
+                te_layout.rename(state[k])
+        except te_layout.LayoutMismatch as e:
+            raise MappingError(f"{ckpt_dir}: {e}: written by neither megatron's local nor its "
+                               f"TransformerEngine layer spec") from None
 
 
 # ---- what a checkpoint holds besides the model --------------------------------------------------
