@@ -203,11 +203,13 @@ def load(models, path, content: str = FULL) -> str | None:
             raise hfio.CheckpointError(f"{ckpt_dir / 'common.pt'}: refused by torch.load(weights_only=True): "
                                        f"{str(e).splitlines()[-1][:300]}") from None
         needed = sorted(k for k in absent if not _is_extra_state(k))
-        if needed:
-            raise MappingError(f"{ckpt_dir}: the checkpoint lacks {len(needed)} tensor(s) this model needs: "
-                               f"{_few(needed)} (written for another model or configuration, e.g. tied vs "
-                               f"untied embeddings? check --model)")
         groups, extra = _classify_unasked(unasked, content)
+        if needed:
+            instead = (f"; it holds {len(extra)} this model does not know instead (neither megatron's local "
+                       f"nor its TransformerEngine key layout): {_few(extra)}") if extra else ""
+            raise MappingError(f"{ckpt_dir}: the checkpoint lacks {len(needed)} tensor(s) this model needs: "
+                               f"{_few(needed)}{instead} (written for another model or configuration, e.g. "
+                               f"tied vs untied embeddings? check --model)")
         if extra:
             raise MappingError(f"{ckpt_dir}: the checkpoint holds {len(extra)} model tensor(s) this model does "
                                f"not have: {_few(extra)} (written for another model or configuration? check "

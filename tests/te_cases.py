@@ -99,6 +99,7 @@ def te_model_loads(source: str, layout: dict, te_ckpt: str, local_ckpt: str) -> 
     of ``local_ckpt`` fails (returned as text)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from mcore_bridge.checkpoint import bridge_from_mcore, load_mcore
     from mcore_bridge.families.base import canonical_param_name
@@ -134,8 +135,8 @@ def te_model_loads(source: str, layout: dict, te_ckpt: str, local_ckpt: str) -> 
         try:
             dist_checkpointing.load(sd, local_ckpt + "/release", strict=StrictHandling.ASSUME_OK_UNEXPECTED)
             local_error = None
-        except Exception as e:  # noqa: BLE001 - the failure is the result
-            local_error = f"{type(e).__name__}: {e}"
+        except (Exception, CheckpointException) as e:  # torch's is a BaseException; the failure is the result
+            local_error = [line for line in str(e).splitlines() if line.strip()][-1][:300]
     return {"rank": rt.rank(), "compared": compared, "wrong": wrong, "local_error": local_error}
 
 
@@ -176,3 +177,41 @@ def load_error(ckpt: str, layout: dict) -> str | None:
     except Exception as e:  # noqa: BLE001 - the failure is the result
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def resave(ckpt: str, layout: dict, out_dir: str, spec: str) -> int:
+    """A torch_dist checkpoint loaded at ``layout`` and written again in ``spec``'s layout."""
+    from mcore_bridge import checkpoint
+
+    bridge = checkpoint.bridge_from_mcore(ckpt, ParallelLayout(**layout))
+    bridge.setup("cpu")
+    models = bridge.build_model()
+    checkpoint.load_mcore(bridge, models, ckpt)
+    checkpoint.save_mcore(bridge, models, out_dir, overwrite=True, spec=spec)
+    return rt.rank()
+
+
+def lora_save(source: str, adapter: str, layout: dict, out_dir: str, spec: str) -> int:
+    """HF weights + a PEFT adapter -> one torch_dist checkpoint holding both (content "full")."""
+    from mcore_bridge import checkpoint
+
+    bridge = Bridge(source, ParallelLayout(**layout))
+    bridge.setup("cpu")
+    models = bridge.build_model(torch.float32)
+    bridge.load_weights(models)
+    bridge.load_adapter(models, adapter)
+    checkpoint.save_mcore(bridge, models, out_dir, overwrite=True, content="full", spec=spec)
+    return rt.rank()
+
+
+def lora_back(ckpt: str, layout: dict, base_out: str, peft_out: str) -> int:
+    """A full LoRA torch_dist checkpoint -> HF base weights (unmerged) and the PEFT adapter."""
+    from mcore_bridge import checkpoint
+
+    bridge = checkpoint.bridge_from_mcore(ckpt, ParallelLayout(**layout))
+    bridge.setup("cpu")
+    models = bridge.build_model()
+    checkpoint.load_mcore(bridge, models, ckpt)
+    bridge.save_weights(models, base_out, overwrite=True, merge_lora=False)
+    bridge.save_weights(models, peft_out, overwrite=True, peft_format=True)
+    return rt.rank()
