@@ -142,7 +142,7 @@ def _fake_te() -> dict:
     pt.distributed.CudaRNGStatesTracker = type("CudaRNGStatesTracker", (), {})
     pt.distributed.checkpoint = mock.MagicMock(name="checkpoint")
     fp8 = types.ModuleType("transformer_engine.pytorch.fp8")
-    fp8.FP8GlobalStateManager, fp8.fp8_autocast = mock.MagicMock(), mock.MagicMock()
+    fp8.FP8GlobalStateManager, fp8.fp8_autocast, fp8.fp8_model_init = mock.MagicMock(), mock.MagicMock(), mock.MagicMock()
     pt.fp8 = fp8
     common = types.ModuleType("transformer_engine.common")
     recipe = types.ModuleType("transformer_engine.common.recipe")
@@ -165,6 +165,7 @@ def _exec_copy(module_name: str, alias: str) -> types.ModuleType:
     left as it is)."""
     spec = importlib.util.find_spec(module_name)
     mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location(alias, spec.origin))
+    sys.modules[alias] = mod  # dataclasses look their module up (te_spec's patch.dict removes it again)
     mod.__spec__.loader.exec_module(mod)
     return mod
 
@@ -196,8 +197,9 @@ def te_spec():
         for mname, mod in list(sys.modules.items()):
             if not mname.startswith("megatron.") or mod is None or mname in (EXT, PROVIDER):
                 continue
-            hits = [n for n in names if n != "HAVE_TE" and n in vars(mod)
-                    and vars(mod)[n] is getattr(real_ext, n, object())]
+            # the installed wrappers, or None where a module's own `import transformer_engine` failed
+            hits = [n for n in names if n != "HAVE_TE" and n in vars(mod) and hasattr(ext, n)
+                    and (vars(mod)[n] is getattr(real_ext, n, object()) or vars(mod)[n] is None)]
             for n in hits:
                 stack.enter_context(mock.patch.object(mod, n, getattr(ext, n)))
             if hits and "HAVE_TE" in vars(mod):
