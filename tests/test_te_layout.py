@@ -48,16 +48,19 @@ def test_te_keys_equal_megatron_te_models_ws1(pools, zoo_model):
                "qwen3_moe", "ws1 grouped")
 
 
+# one zoo model per family module at world size 2 (every zoo model runs at world size 1 above)
+WS2 = ("llama", "qwen3", "qwen3_moe", "deepseek_v3", "qwen3_vl_moe")
+
+
 @pytest.mark.world(2)
 def test_te_keys_equal_megatron_te_models_ws2(pools, zoo_model):
-    for name in zoo.names():
+    for name in WS2:
         layouts = [L(tp=2, sp=True), L(pp=2)] + ([L(ep=2)] if name in MOE else [])
         for layout in layouts:
             check_keys(pools.get(2).run(te_cases.te_keys, source=str(zoo_model(name)), layout=layout.to_dict()),
                        name, layout.short())
     check_keys(pools.get(2).run(te_cases.te_keys, source=str(zoo_model("deepseek_v3")), layout=L(ep=2).to_dict(),
                                 grouped=True), "deepseek_v3", "ep2 grouped")
-
 
 def save(pools, world, name, layout, out, spec, rename=None):
     pools.get(world).run(te_cases.save_spec, timeout=300, source=str(name), layout=layout.to_dict(),
@@ -110,7 +113,7 @@ def assert_layout(ckpt, name, spec):
 @pytest.mark.world(2)
 def test_reshard_across_specs_is_byte_exact(pools, zoo_model, tmp_path):
     """Written TE at one layout, read (local-spec model) at another and written local there, read at
-    a third: HF out equals HF in, byte for byte; and the same the other way round."""
+    a third and written TE again, read at a fourth: HF out equals HF in, byte for byte."""
     src = zoo_model("deepseek_v3")
     te1, local2, te3 = tmp_path / "te1", tmp_path / "local2", tmp_path / "te3"
     save(pools, 2, src, L(ep=2), te1, "te")
@@ -118,8 +121,6 @@ def test_reshard_across_specs_is_byte_exact(pools, zoo_model, tmp_path):
     pools.get(2).run(te_cases.resave, ckpt=str(te1), layout=L(tp=2, sp=True).to_dict(), out_dir=str(local2),
                      spec="local")
     assert_layout(local2, "deepseek_v3", "local")
-    to_hf(pools, local2, L(pp=2), 2, tmp_path / "hf-a")
-    assert_same_hf(src, tmp_path / "hf-a")
     pools.get(2).run(te_cases.resave, ckpt=str(local2), layout=L(pp=2).to_dict(), out_dir=str(te3), spec="te")
     assert_layout(te3, "deepseek_v3", "te")
     to_hf(pools, te3, L(tp=2, sp=True, ep=2, etp=1), 2, tmp_path / "hf-b")
