@@ -62,11 +62,19 @@ def sharded_state(models, content: str = FULL, spec: str = "local", block: bool 
         raise ValueError(f"checkpoint spec {spec!r}: choose {', '.join(te_layout.SPECS)}")
     with lora.merged_checkpoint(models) if content == MERGED else contextlib.nullcontext():
         state = {model_key(i, len(models)): m.sharded_state_dict() for i, m in enumerate(models)}
-    if spec == te_layout.TE:
-        state = {k: te_layout.to_te(v, block) for k, v in state.items()}
+    state = in_spec(state, spec, block)
     if content == ADAPTER:
         return lora.only_factors(state)
     return lora.only_factors(state, keep=False) if content == MERGED else state
+
+
+def in_spec(state: dict, spec: str, block: bool) -> dict:
+    """``sharded_state``'s result (local-spec keys) in ``spec``'s key layout."""
+    from . import te_layout
+
+    if spec == te_layout.TE:
+        return {k: te_layout.to_te(v, block) if isinstance(v, dict) else v for k, v in state.items()}
+    return state
 
 
 def is_torch_dist(path) -> bool:
@@ -159,7 +167,7 @@ def save(models, out_dir, overwrite: bool = False, finalize_extra=None, content:
             target.mkdir()
         if dist.is_initialized():
             dist.barrier()
-        state = sharded_state(models, content, spec, block)
+        state = in_spec(sharded_state(models, content), spec, block)
         state.update(checkpoint_version=CHECKPOINT_VERSION, iteration=0)
         dist_checkpointing.save(state, str(target))
     return out_dir

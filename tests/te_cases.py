@@ -152,7 +152,7 @@ def save_spec(source: str, layout: dict, out_dir: str, spec: str, rename: dict |
     if not rename:
         checkpoint.save_mcore(bridge, models, out_dir, overwrite=True, spec=spec)
         return rt.rank()
-    original = dist_ckpt.sharded_state
+    original = dist_ckpt.in_spec
 
     def tampered(*args, **kwargs):
         state = original(*args, **kwargs)
@@ -160,7 +160,7 @@ def save_spec(source: str, layout: dict, out_dir: str, spec: str, rename: dict |
             v.key = rename.get(v.key, v.key)
         return state
 
-    with mock.patch.object(dist_ckpt, "sharded_state", tampered):
+    with mock.patch.object(dist_ckpt, "in_spec", tampered):
         checkpoint.save_mcore(bridge, models, out_dir, overwrite=True, spec=spec)
     return rt.rank()
 

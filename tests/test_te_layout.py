@@ -187,3 +187,16 @@ def test_keys_of_neither_layout_are_refused_by_name(pools, zoo_model, tmp_path):
     good = tmp_path / "good"
     save(pools, 1, src, L(), good, "te")
     assert pools.get(1).run(te_cases.load_error, ckpt=str(good), layout={}) == [None]
+
+
+def test_cli_writes_the_te_layout_by_default(zoo_model, tmp_path):
+    """--to-mcore without --spec writes the TE layout (--spec local: the pool tests above)."""
+    from tests.test_cli import run_cli
+
+    out = tmp_path / "mcore"
+    r = run_cli("export", "--model", zoo_model("qwen3_moe"), "--to-mcore", "--save", out, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    keys = keys_of(out)
+    assert {"decoder.layers.0.pre_mlp_layernorm.weight",
+            "decoder.layers.0.self_attention.q_layernorm._extra_state/shard_0_1"} <= keys
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" not in keys
