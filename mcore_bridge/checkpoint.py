@@ -68,13 +68,19 @@ def read_meta(path) -> dict:
 
 
 def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: str = "torch_dist",
-               content: str = "full"):
+               content: str = "full", spec: str = "te"):
     """Collective. torch_dist: megatron's distributed checkpoint; plain: the first rank holding each
     distinct part writes its file. Rank 0 writes the metadata once every rank succeeded.
     ``content`` (a model with a LoRA adapter, torch_dist only): "full" (weights and factors),
-    "adapter" (the factors alone, for ``load_adapter_mcore``) or "merged" (merged weights)."""
+    "adapter" (the factors alone, for ``load_adapter_mcore``) or "merged" (merged weights).
+    ``spec`` (torch_dist only): the key layout of megatron's TransformerEngine ("te", what
+    Megatron-LM trains with by default) or local ("local") layer spec; reading detects either."""
+    from . import te_layout
+
     if fmt not in FORMAT_NAMES:
         raise UsageError(f"checkpoint format {fmt!r}: choose {', '.join(FORMAT_NAMES)}")
+    if spec not in te_layout.SPECS:
+        raise UsageError(f"checkpoint spec {spec!r}: choose {', '.join(te_layout.SPECS)}")
     if bridge.lora is None:
         content = "full"
     elif fmt != "torch_dist":
@@ -89,6 +95,8 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: st
         "hf_tensors": {n: [list(s), DTYPE_NAMES[d]] for n, (s, d) in bridge.hf_tensors.items()},
         "expert_storage": bridge.expert_storage,
     }
+    if fmt == "torch_dist":
+        meta["spec"] = spec  # informational: reading tells the layout from the checkpoint's keys
     if content != "merged" and bridge.lora is not None:
         meta.update(lora=bridge.lora.to_dict(), content=content)
 
@@ -100,7 +108,9 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: st
     if fmt == "torch_dist":
         from . import dist_ckpt
 
-        return dist_ckpt.save(models, out_dir, overwrite, finalize_extra=finalize, content=content)
+        block = bool(bridge.family.model_settings()["spec"].get("block", False))
+        return dist_ckpt.save(models, out_dir, overwrite, finalize_extra=finalize, content=content, spec=spec,
+                              block=block)
     layout, rank, world = bridge.layout, rt.rank(), rt.world_size()
     with hfio.collective_output(out_dir, overwrite, finalize) as stage:
         if writes_file(layout, rank, world):

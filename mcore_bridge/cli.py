@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--to-mcore output: torch_dist (Megatron-LM's distributed checkpoint, loads at any "
                          "layout; default) or plain (one safetensors file per model-parallel part, reloads "
                          "only at the same layout)")
+    ex.add_argument("--spec", choices=("te", "local"), default="te",
+                    help="--to-mcore torch_dist output: the key layout of megatron's TransformerEngine layer "
+                         "spec (te; default, what Megatron-LM trains with unless --transformer-impl local) or "
+                         "of its local spec (local). Reading detects either from the checkpoint's keys")
     ex.add_argument("--test-convert-precision", "--test_convert_precision", type=_bool, nargs="?",
                     const=True, default=False,
                     help="after converting, check what was written: --to-mcore loads a fresh megatron "
@@ -275,7 +279,8 @@ def cmd_export(args, argv) -> int:
     merge = lora and args.merge_lora
     if args.to_mcore:
         content = "merged" if merge else ("adapter" if lora and (args.adapters or args.adapter_load) else "full")
-        checkpoint.save_mcore(bridge, models, save, overwrite=args.overwrite, fmt=args.ckpt_format, content=content)
+        checkpoint.save_mcore(bridge, models, save, overwrite=args.overwrite, fmt=args.ckpt_format, content=content,
+                              spec=args.spec)
         what = f"Megatron{', ' + content if lora else ''}"
     else:
         bridge.save_weights(models, save, overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size),

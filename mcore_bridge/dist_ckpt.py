@@ -57,16 +57,30 @@ FULL, ADAPTER, MERGED = "full", "adapter", "merged"
 CONTENTS = (FULL, ADAPTER, MERGED)
 
 
-def sharded_state(models, content: str = FULL) -> dict:
-    from . import lora
+def sharded_state(models, content: str = FULL, spec: str = "local", block: bool = False) -> dict:
+    """What Megatron-LM saves for ``models`` (local-spec chunks), in the key layout of megatron's
+    ``spec`` ("local" or "te": see ``te_layout``; ``block``: built from the decoder block spec)."""
+    from . import lora, te_layout
 
     if content not in CONTENTS:
         raise UsageError(f"checkpoint content {content!r}: choose {', '.join(CONTENTS)}")
+    if spec not in te_layout.SPECS:
+        raise UsageError(f"checkpoint spec {spec!r}: choose {', '.join(te_layout.SPECS)}")
     with lora.merged_checkpoint(models) if content == MERGED else contextlib.nullcontext():
         state = {model_key(i, len(models)): m.sharded_state_dict() for i, m in enumerate(models)}
+    state = in_spec(state, spec, block)
     if content == ADAPTER:
         return lora.only_factors(state)
     return lora.only_factors(state, keep=False) if content == MERGED else state
+
+
+def in_spec(state: dict, spec: str, block: bool) -> dict:
+    """``sharded_state``'s result (local-spec keys) in ``spec``'s key layout."""
+    from . import te_layout
+
+    if spec == te_layout.TE:
+        return {k: te_layout.to_te(v, block) if isinstance(v, dict) else v for k, v in state.items()}
+    return state
 
 
 def is_torch_dist(path) -> bool:
@@ -107,10 +121,11 @@ def _check_torch_load_default() -> None:
 
 
 # ---- save / load -----------------------------------------------------------------------------------
-def save(models, out_dir, overwrite: bool = False, finalize_extra=None, content: str = FULL):
+def save(models, out_dir, overwrite: bool = False, finalize_extra=None, content: str = FULL,
+         spec: str = "local", block: bool = False):
     """Collective: write ``models`` as a torch_dist release checkpoint (staged, renamed when every
     rank succeeded; ``finalize_extra(stage)`` adds files on rank 0 before that). ``content``: see
-    ``CONTENTS`` (models with a LoRA adapter)."""
+    ``CONTENTS`` (models with a LoRA adapter); ``spec``/``block``: see ``sharded_state``."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -127,7 +142,7 @@ def save(models, out_dir, overwrite: bool = False, finalize_extra=None, content:
             target.mkdir()
         if dist.is_initialized():
             dist.barrier()
-        state = sharded_state(models, content)
+        state = in_spec(sharded_state(models, content), spec, block)
         state.update(checkpoint_version=CHECKPOINT_VERSION, iteration=0)
         dist_checkpointing.save(state, str(target))
     return out_dir
@@ -161,6 +176,7 @@ def load(models, path, content: str = FULL) -> str | None:
     keys = [model_key(i, len(models)) for i in range(len(models))]
     note = None
     try:
+        _follow_layout(state, keys, ckpt_dir)
         try:
             # megatron's names (validation.py): "unexpected" = asked for by this rank's sharded state
             # dict but absent from the checkpoint; "missing" = in the checkpoint, asked for by no rank
@@ -176,11 +192,13 @@ def load(models, path, content: str = FULL) -> str | None:
                                        f"which builds only tensors, containers and classes megatron-core "
                                        f"registers as safe: {why[:300]}") from None
         needed = sorted(k for k in absent if not _is_extra_state(k))
-        if needed:
-            raise MappingError(f"{ckpt_dir}: the checkpoint lacks {len(needed)} tensor(s) this model needs: "
-                               f"{_few(needed)} (written for another model or configuration, e.g. tied vs "
-                               f"untied embeddings? check --model)")
         groups, extra = _classify_unasked(unasked, content)
+        if needed:
+            instead = (f"; it holds {len(extra)} this model does not know instead (neither megatron's local "
+                       f"nor its TransformerEngine key layout): {_few(extra)}") if extra else ""
+            raise MappingError(f"{ckpt_dir}: the checkpoint lacks {len(needed)} tensor(s) this model needs: "
+                               f"{_few(needed)}{instead} (written for another model or configuration, e.g. "
+                               f"tied vs untied embeddings? check --model)")
         if extra:
             raise MappingError(f"{ckpt_dir}: the checkpoint holds {len(extra)} model tensor(s) this model does "
                                f"not have: {_few(extra)} (written for another model or configuration? check "
@@ -198,6 +216,22 @@ def load(models, path, content: str = FULL) -> str | None:
     if not rt.all_ok(error is None):  # fail together: the export that follows is collective
         raise error or hfio.CheckpointError("another rank could not load its part of the checkpoint")
     return note
+
+
+def _follow_layout(state: dict, keys, ckpt_dir: Path) -> None:
+    """Point this rank's (local-spec) sharded state at the key layout the checkpoint was written in
+    (TransformerEngine or local spec), told from the checkpoint's own ``.metadata`` keys."""
+    from . import te_layout
+    from .plan import MappingError
+
+    written = te_layout.checkpoint_keys(ckpt_dir)
+    for k in keys:
+        try:
+            if te_layout.detect(state[k], written) == te_layout.TE:
+                te_layout.rename(state[k])
+        except te_layout.LayoutMismatch as e:
+            raise MappingError(f"{ckpt_dir}: {e}: written by neither megatron's local nor its "
+                               f"TransformerEngine layer spec") from None
 
 
 # ---- what a checkpoint holds besides the model --------------------------------------------------
