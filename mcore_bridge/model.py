@@ -62,11 +62,29 @@ def moe_runtime(kw: dict, layout: ParallelLayout, grouped: bool) -> dict:
                 moe_permute_fusion=False, moe_expert_capacity_factor=None)
 
 
+# Measured on megatron-core 0.16.1 (tests/test_guest.py builds one at cp=2 and sees it assert).
+CP_ATTENTION = ("megatron-core's local spec has no context-parallel attention: its core attention, "
+                "megatron.core.transformer.dot_product_attention.DotProductAttention, asserts "
+                "context_parallel_size == 1 (\"Context parallelism is only supported by TEDotProductAttention\")")
+
+
+def forward_unsupported(layout: ParallelLayout) -> str | None:
+    """Why a forward of the bridge's models cannot run at ``layout``, or None when it can."""
+    if layout.cp > 1:
+        return (f"forward verification at cp={layout.cp} is not supported: {CP_ATTENTION}. Loading, exporting "
+                f"and syncing at cp > 1 work (the weights do not depend on cp); verify the model at cp=1")
+    return None
+
+
 def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = torch.float32,
                 device: str = "cpu", parallel_output: bool = True, grouped_experts: bool = False) -> list:
     """This rank's model chunks (one per virtual pipeline stage). Needs ``runtime.dist.setup``.
     ``grouped_experts``: MoE experts as one grouped-GEMM module per layer instead of SequentialMLP
-    (megatron-core 0.16's legacy GroupedMLP in the local spec)."""
+    (megatron-core 0.16's legacy GroupedMLP in the local spec).
+
+    At cp > 1 the chunks are built with ``context_parallel_size=1`` in their config (the local
+    spec cannot build CP attention, see ``CP_ATTENTION``): they hold the same weights as CP-built
+    ones, the parallel state has the CP groups, and their forward is refused (``forward_unsupported``)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec

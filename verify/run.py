@@ -279,6 +279,7 @@ def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device:
     ``grouped_experts``: MoE experts built as megatron's grouped-GEMM module (bf16 only in 0.16).
     ``adapter``: a PEFT directory put on both sides (megatron LoRA vs HF + PeftModel)."""
     t0 = time.time()
+    _refuse_unsupported(layout)
     bridge = Bridge(source, layout)
     controls.before_build(bridge, control)
     device = bridge.setup(device)
@@ -301,7 +302,8 @@ def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str
                   reference_cache: Path | None = None, lengths=None, load_s: float = 0.0,
                   adapter: Path | None = None) -> dict | None:
     """Collective: compare loaded megatron ``models`` with the HF model in ``hf_dir`` (plus the
-    PEFT ``adapter`` on it)."""
+    PEFT ``adapter`` on it). Runs megatron forwards: the caller keeps a ``compat.scope`` open."""
+    _refuse_unsupported(bridge.layout)
     t0 = time.time()
     vocab = int(bridge.family.cfg.require("vocab_size"))
     if bridge.family.multimodal:
@@ -327,6 +329,14 @@ def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str
     return report
 
 
+def _refuse_unsupported(layout: ParallelLayout):
+    from mcore_bridge.layout import LayoutError
+    from mcore_bridge.model import forward_unsupported
+
+    if forward_unsupported(layout):
+        raise LayoutError(forward_unsupported(layout))
+
+
 def exit_code(report: dict | None) -> int:
     """Collective: 0 on every rank when rank 0's verdict is pass, else 1."""
     code = 0 if report is None or report["verdict"] == "pass" else 1
@@ -350,9 +360,13 @@ def main(argv=None) -> int:
                     help="MoE experts as megatron's grouped-GEMM module instead of SequentialMLP")
     ap.add_argument("--adapters", default=None, help="PEFT adapter directory (megatron LoRA vs HF + PeftModel)")
     args = ap.parse_args(argv)
-    report = run_layout(args.model, ParallelLayout(**json.loads(args.layout)), args.dtype, args.device,
-                        args.control, Path(args.reference_cache) if args.reference_cache else None,
-                        grouped_experts=args.grouped_experts, adapter=args.adapters)
+    from mcore_bridge.runtime import compat
+
+    device = rt.resolve_device(args.device)
+    with compat.scope(device):  # this worker's whole run: conversion and both forwards
+        report = run_layout(args.model, ParallelLayout(**json.loads(args.layout)), args.dtype, device,
+                            args.control, Path(args.reference_cache) if args.reference_cache else None,
+                            grouped_experts=args.grouped_experts, adapter=args.adapters)
     if report is not None:
         if args.report:
             from .report import write_report
@@ -375,8 +389,6 @@ def summary_line(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    import os
     import sys
 
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     sys.exit(main())
