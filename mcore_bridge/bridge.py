@@ -57,18 +57,20 @@ def resolve_source(model: str | os.PathLike) -> Path:
     return Path(model)
 
 
-def _device_of(bridge) -> str:
-    """The device whose adaptations an entry point needs; adopts an existing parallel state first."""
+def _device_of(bridge, reinit: bool | None = False) -> str:
+    """The device whose adaptations an entry point needs. With torch.distributed up and no
+    ``setup`` yet, sets up first: adopts a matching parallel state (a mismatch is an error;
+    ``reinit=None``, for ``build_model`` only: the process's policy, see ``dist.allow_reinit``)."""
     if bridge.device is None and dist.is_initialized():
-        bridge.setup()  # validates the layout against the host's groups (never re-creates them)
+        bridge.setup(reinit=reinit)
     return bridge.device or rt.resolve_device("auto")
 
 
-def _scoped(method):
+def _scoped(method, reinit: bool | None = False):
     """Run a public method inside ``compat.scope`` (the process is unchanged afterwards)."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
-        with compat.scope(_device_of(self)):
+        with compat.scope(_device_of(self, reinit)):
             return method(self, *args, **kwargs)
     return run
 
@@ -130,7 +132,7 @@ class Bridge:
         self.device = rt.setup(self.layout, device, reinit=reinit)
         return self.device
 
-    @_scoped
+    @functools.partial(_scoped, reinit=None)
     def build_model(self, dtype: torch.dtype | str = torch.float32, parallel_output: bool = True,
                     grouped_experts: bool = False) -> list:
         """This rank's model chunks. ``grouped_experts``: MoE experts in one grouped-GEMM module
