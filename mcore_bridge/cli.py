@@ -435,6 +435,18 @@ def _say(msg: str):
         print(msg, flush=True)
 
 
+def _own_process(command: str):
+    """Commands that import megatron run it with ``compat.compile_off`` (this process is ours:
+    megatron's jit helpers stay uncompiled and TorchInductor is never imported)."""
+    import contextlib
+
+    if command not in ("export", "demo"):
+        return contextlib.nullcontext()
+    from .runtime import compat
+
+    return compat.compile_off()
+
+
 def quiet_library_warnings():
     """megatron-core warns at import about TransformerEngine/Apex being absent and torch about
     deprecated collectives megatron calls; none of it is actionable for a conversion."""
@@ -457,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"export": cmd_export, "demo": cmd_demo, "zoo": cmd_zoo, "verify": cmd_verify,
                "report": cmd_report}[args.command]
     try:
-        return handler(args, argv)
+        with _own_process(args.command):
+            return handler(args, argv)
     except Exception as e:
         if type(e).__name__ not in KNOWN_ERRORS and not isinstance(e, (ValueError, OSError)):
             raise

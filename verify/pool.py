@@ -59,6 +59,7 @@ def _worker(rank: int, world: int, port: int, conn, stack_file: str, bare: bool 
 
         dist.allow_reinit()  # on purpose: this process is ours, each case sets up its own layout
         dist.init_process_group("cpu")
+        compat.compile_off().__enter__()  # the worker's whole life (its own process): quicker imports
         scope = compat.scope("cpu")  # the worker's whole life: cases run megatron forwards too
         scope.__enter__()
     except BaseException:

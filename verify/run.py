@@ -363,7 +363,7 @@ def main(argv=None) -> int:
     from mcore_bridge.runtime import compat
 
     device = rt.resolve_device(args.device)
-    with compat.scope(device):  # this worker's whole run: conversion and both forwards
+    with compat.compile_off(), compat.scope(device):  # this worker's whole run: conversion and both forwards
         report = run_layout(args.model, ParallelLayout(**json.loads(args.layout)), args.dtype, device,
                             args.control, Path(args.reference_cache) if args.reference_cache else None,
                             grouped_experts=args.grouped_experts, adapter=args.adapters)

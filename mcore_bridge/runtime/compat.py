@@ -36,6 +36,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import sys
 import types
 
 import torch
@@ -282,6 +283,8 @@ def _eager_compile():
     compiling them on CPU costs seconds per shape and gains nothing for a conversion: run them
     eagerly (``torch.compiler.set_stance("force_eager")``), inside the scope only. torch.compile
     itself keeps working, so megatron's helpers and the host's own functions compile elsewhere."""
+    if torch.compile is _compile_nothing and "torch._dynamo" not in sys.modules:
+        return contextlib.nullcontext()  # under compile_off with nothing compiled yet: nothing to keep eager
     return torch.compiler.set_stance("force_eager")
 
 
@@ -416,3 +419,23 @@ def scoped_iter(iterable, device: str):
             except StopIteration:
                 return
         yield item
+
+
+def _compile_nothing(model=None, **kwargs):
+    return model if model is not None else (lambda fn: fn)
+
+
+@contextlib.contextmanager
+def compile_off():
+    """For processes the library owns -- the CLI, the verification workers, the test pool -- never
+    entered by library entry points (a host keeps its torch.compile): ``torch.compile`` returns the
+    function unchanged while the block runs. megatron decorates its fused helpers with it when its
+    modules are imported (``megatron.core.jit.jit_fuser``); the first decoration imports
+    TorchInductor (seconds of start-up) for helpers a conversion runs eagerly anyway. Helpers
+    decorated inside the block stay plain functions for the life of the process."""
+    original = torch.compile
+    torch.compile = _compile_nothing
+    try:
+        yield
+    finally:
+        torch.compile = original
