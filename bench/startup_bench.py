@@ -1,7 +1,10 @@
 """The CLI's fixed cost: wall time of ``mcore-bridge --help``, of an argument error, and of
 ``export --model builtin:llama --to-mcore --save X`` minus the conversion work itself.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/startup_bench.py [--repeat 3] [--json out.json]
+    PYTHONPATH=$PWD .venv/bin/python bench/startup_bench.py [--repeat 3] [--json out.json] [--root DIR]
+
+``--root`` measures another checkout of the project (e.g. ``git archive`` of an older commit) with
+this same script, so that before/after numbers come from one machine state.
 
 "Work" is measured in one warm process that has already imported everything: Bridge(...),
 setup, build_model, load_weights and save_mcore on the same tiny model, in a fresh output
@@ -23,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # --root replaces it
 
 
 def _env() -> dict:
@@ -53,7 +56,9 @@ times = []
 for i in range(int(sys.argv[1])):
     out = Path(tempfile.mkdtemp()) / "out"
     t = time.perf_counter()
-    with compat.scope("cpu"):
+    if not hasattr(compat, "scope"):  # a checkout from before compat.scope
+        compat.apply("cpu")
+    with getattr(compat, "scope", lambda d: __import__("contextlib").nullcontext())("cpu"):
         b = Bridge("builtin:llama")
         b.setup("cpu")
         models = b.build_model(next(iter({d for _, d in b.hf_tensors.values() if d.is_floating_point})))
@@ -76,12 +81,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--root", default=None, help="the checkout to measure (default: this one)")
     args = ap.parse_args(argv)
+    global ROOT
+    ROOT = Path(args.root).resolve() if args.root else ROOT
     cli = [sys.executable, "-m", "mcore_bridge.cli"]
     wall(cli + ["zoo"])  # builds nothing; warms the page cache for the imports
     subprocess.run([sys.executable, "-c", "from mcore_bridge import zoo; zoo.materialize('llama')"],
                    env=_env(), check=True, cwd=ROOT)
-    res = {"python": sys.version.split()[0]}
+    res = {"python": sys.version.split()[0], "root": str(ROOT), "load_average": os.getloadavg()}
     res["help_s"] = [wall(cli + ["--help"]) for _ in range(args.repeat)]
     res["bad_argument_s"] = [wall(cli + ["export", "--tp", "x"], ok_codes=(2,)) for _ in range(args.repeat)]
     exports = []

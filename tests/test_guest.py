@@ -118,3 +118,39 @@ def test_verify_refuses_context_parallel(tmp_path, bridge_cache):
                 "--save", tmp_path / "out")
     assert r.returncode == 2 and "DotProductAttention" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+# ---- compat.scope itself (in this process) ------------------------------------------------------
+
+def test_scope_restores_nests_and_refuses_undeclared_patches(monkeypatch):
+    import sys
+    import types
+
+    from mcore_bridge.runtime import compat
+
+    fake = types.ModuleType("mcore_bridge_test_owner")
+    fake.a, fake.b = 1, 2
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+
+    @compat._patches(f"{fake.__name__}:a,c")
+    def declared():
+        fake.a, fake.c = 10, 30  # c did not exist: removed again on exit
+
+    @compat._patches(f"{fake.__name__}:a")
+    def undeclared():
+        fake.a, fake.b = 10, 20
+
+    none = {c: [] for c in ("local_spec", "cpu", "no_te", "no_grouped_gemm")}
+    monkeypatch.setattr(compat, "_ADAPTATIONS", dict(none, local_spec=[declared]))
+    with compat.scope("cuda") as installed:
+        assert "local_spec" in installed and (fake.a, fake.c) == (10, 30)
+        with compat.scope("cuda") as inner:
+            assert inner == [] and fake.a == 10  # nested: nothing installed twice
+        assert fake.a == 10  # the inner scope restored nothing it did not install
+    assert fake.a == 1 and not hasattr(fake, "c") and compat.active() == []
+
+    monkeypatch.setattr(compat, "_ADAPTATIONS", dict(none, local_spec=[undeclared]))
+    with pytest.raises(RuntimeError, match=r"undeclared changed .*\.b without declaring it"):
+        with compat.scope("cuda"):
+            pass
+    assert fake.a == 1 and compat.active() == []  # the declared part was rolled back

@@ -341,9 +341,10 @@ def _owners(fn) -> list[tuple[object, list[str]]]:
     for target in getattr(fn, "_targets", ()):
         module, _, rest = target.partition(":")
         path, _, names = rest.rpartition(".")
-        if importlib.util.find_spec(module) is None:
+        try:
+            owner = importlib.import_module(module)
+        except ModuleNotFoundError:
             continue
-        owner = importlib.import_module(module)
         for part in filter(None, path.split(".")):
             owner = getattr(owner, part, None)
         if owner is not None:
