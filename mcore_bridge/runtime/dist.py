@@ -1,4 +1,10 @@
-"""Process groups: torch.distributed (gloo on CPU, NCCL on GPU) plus megatron's parallel state."""
+"""Process groups: torch.distributed (gloo on CPU, NCCL on GPU) plus megatron's parallel state.
+
+``setup`` creates them in a process of ours, or adopts the ones a host (a trainer) created when they
+match the layout; it never tears a host's groups down (only ``reinit``, for the test pool). The
+bridge communicates over WORLD, megatron's tp/pp/ep/etp groups and, for ``receivers=[...]`` syncs,
+one group per receiver set that ``Bridge`` creates once and keeps.
+"""
 
 from __future__ import annotations
 
