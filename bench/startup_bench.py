@@ -6,7 +6,8 @@
 ``--root`` measures another checkout of the project (e.g. ``git archive`` of an older commit) with
 this same script, so that before/after numbers come from one machine state.
 
-"Work" is measured in one warm process that has already imported everything: Bridge(...),
+Wall times on a shared machine swing with its load; the CPU time (user + sys) of each command is
+recorded too and is the steadier comparison. "Work" is measured in one warm process that has already imported everything: Bridge(...),
 setup, build_model, load_weights and save_mcore on the same tiny model, in a fresh output
 directory (the median of ``--repeat`` runs). The fixed overhead is the export command's wall time
 minus that work: interpreter start, imports, process-group setup, argument handling. Warm means the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,10 +39,20 @@ def _env() -> dict:
     return env
 
 
-def wall(cmd: list[str], ok_codes=(0,)) -> float:
-    t = time.perf_counter()
+CPU: dict[str, list] = {}  # what each command cost in CPU seconds (user + sys, children included)
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def wall(cmd: list[str], ok_codes=(0,), key: str | None = None) -> float:
+    t, c = time.perf_counter(), _children_cpu()
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=ROOT)
     took = time.perf_counter() - t
+    if key:
+        CPU.setdefault(key, []).append(_children_cpu() - c)
     if proc.returncode not in ok_codes:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return took
@@ -52,10 +64,10 @@ from pathlib import Path
 from mcore_bridge import Bridge, checkpoint
 from mcore_bridge.runtime import compat
 import mcore_bridge.model, megatron.core.models.gpt, transformers  # noqa: F401 (import cost is not work)
-times = []
+times, cpu = [], []
 for i in range(int(sys.argv[1])):
     out = Path(tempfile.mkdtemp()) / "out"
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     if not hasattr(compat, "scope"):  # a checkout from before compat.scope
         compat.apply("cpu")
     with getattr(compat, "scope", lambda d: __import__("contextlib").nullcontext())("cpu"):
@@ -65,11 +77,12 @@ for i in range(int(sys.argv[1])):
         b.load_weights(models)
         checkpoint.save_mcore(b, models, out)
     times.append(time.perf_counter() - t)
-print(json.dumps(times))
+    cpu.append(time.process_time() - c)
+print(json.dumps([times, cpu]))
 """
 
 
-def work_times(repeat: int) -> list[float]:
+def work_times(repeat: int) -> tuple[list[float], list[float]]:
     proc = subprocess.run([sys.executable, "-c", WORK, str(repeat)], env=_env(), capture_output=True,
                           text=True, cwd=ROOT)
     if proc.returncode:
@@ -90,21 +103,27 @@ def main(argv=None) -> int:
     subprocess.run([sys.executable, "-c", "from mcore_bridge import zoo; zoo.materialize('llama')"],
                    env=_env(), check=True, cwd=ROOT)
     res = {"python": sys.version.split()[0], "root": str(ROOT), "load_average": os.getloadavg()}
-    res["help_s"] = [wall(cli + ["--help"]) for _ in range(args.repeat)]
-    res["bad_argument_s"] = [wall(cli + ["export", "--tp", "x"], ok_codes=(2,)) for _ in range(args.repeat)]
+    res["help_s"] = [wall(cli + ["--help"], key="help_s") for _ in range(args.repeat)]
+    res["bad_argument_s"] = [wall(cli + ["export", "--tp", "x"], ok_codes=(2,), key="bad_argument_s")
+                             for _ in range(args.repeat)]
     exports = []
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory() as d:
             exports.append(wall(cli + ["export", "--model", "builtin:llama", "--to-mcore", "--device", "cpu",
-                                       "--save", str(Path(d) / "out")]))
+                                       "--save", str(Path(d) / "out")], key="export_s"))
     res["export_s"] = exports
-    res["work_s"] = work_times(args.repeat)
-    med = {k: statistics.median(v) for k, v in res.items() if isinstance(v, list)}
-    res["median"] = med
+    res["work_s"], CPU["work_s"] = work_times(args.repeat)
+    med = {k: statistics.median(v) for k, v in res.items() if isinstance(v, list) and k != "load_average"}
+    res["median"], res["cpu"] = med, CPU
+    cpu_med = {k: statistics.median(v) for k, v in CPU.items()}
+    res["cpu_median"] = cpu_med
     res["export_fixed_overhead_s"] = med["export_s"] - med["work_s"]
+    res["export_fixed_overhead_cpu_s"] = cpu_med["export_s"] - cpu_med["work_s"]
+    print(f"load average at start {res['load_average'][0]:.1f}; wall (CPU = user+sys) medians:")
     for k, v in med.items():
-        print(f"{k:<16} median {v:6.2f} s  (runs: {', '.join(f'{x:.2f}' for x in res[k])})")
-    print(f"export fixed overhead (export - work): {res['export_fixed_overhead_s']:.2f} s")
+        print(f"{k:<16} {v:6.2f} s wall, {cpu_med[k]:6.2f} s CPU  (wall runs: {', '.join(f'{x:.2f}' for x in res[k])})")
+    print(f"export fixed overhead (export - work): {res['export_fixed_overhead_s']:.2f} s wall, "
+          f"{res['export_fixed_overhead_cpu_s']:.2f} s CPU")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0
