@@ -235,7 +235,8 @@ class ParallelLayout:
         vpp = ps.get_virtual_pipeline_model_parallel_world_size() if hasattr(
             ps, "get_virtual_pipeline_model_parallel_world_size") else None
         vpp = vpp or (len(models) if models else None) or getattr(config, "virtual_pipeline_model_parallel_size", None)
-        fields = dict(sizes, vpp=vpp or 1)
+        # without a config sp is unknown; megatron requires it where tp and ep meet (the groups are the same)
+        fields = dict(sizes, vpp=vpp or 1, sp=sizes["tp"] > 1 and sizes["ep"] > 1)
         if config is not None:
             for key, attr in (("tp", "tensor_model_parallel_size"), ("pp", "pipeline_model_parallel_size"),
                               ("cp", "context_parallel_size"), ("ep", "expert_model_parallel_size")):
