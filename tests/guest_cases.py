@@ -67,6 +67,7 @@ def _as_guest(source, out_dir, ps, c10d, CompileCounter, cuda_current_device, cu
     layout = ParallelLayout.from_parallel_state()
     r["layout"] = layout.to_dict()
     other = ParallelLayout(tp=1 if layout.tp > 1 else 2)  # a layout that does not match the host's
+    r["shorts"] = (layout.short(), other.short())
     try:
         Bridge(source, other).setup("cpu")
         r["mismatch_error"] = None

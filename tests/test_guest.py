@@ -39,7 +39,9 @@ def test_guest_in_a_host_process(tp, cp, host_pool, zoo_model, tmp_path):
         assert r["layout_from_models"]["tp"] == tp and r["layout_from_models"]["cp"] == cp, where
         # a layout that does not match the host's state is refused, naming both; nothing destroyed
         assert r["mismatch_error"] and "tp" in r["mismatch_error"] and "from_parallel_state" in r["mismatch_error"]
-        assert f"tp{tp}" in r["mismatch_error"], r["mismatch_error"]
+        mine, other = r["shorts"]
+        assert f"parallel state in this process is {mine} " in r["mismatch_error"], r["mismatch_error"]
+        assert f"the bridge's layout is {other}:" in r["mismatch_error"], r["mismatch_error"]
         assert r["groups_after_mismatch"], where
         # export: every tensor once, byte-exact; the host's code between items runs outside the scope
         e = r["export"]

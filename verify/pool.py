@@ -5,7 +5,8 @@ each case pay only for megatron's ``destroy/initialize_model_parallel``. ``Pool(
 **kwargs)`` calls ``fn(**kwargs)`` on every rank and returns the per-rank results. The function
 sets up its own layout (``runtime.dist.setup`` / ``Bridge.setup``): the workers call
 ``dist.allow_reinit()``, so megatron's parallel state is torn down and re-created per case, and
-keep one ``compat.scope("cpu")`` open for their whole life.
+keep one ``compat.scope("cpu")`` (and ``compat.compile_off()``) open for their whole life. A
+``bare`` pool does none of this: its workers stand in for a host's processes (tests/test_guest.py).
 
 Failure handling: when a rank raises, the others are usually stuck in a collective, so the parent
 raises ``WorkerError`` (with that rank's traceback) at once and kills the pool; likewise when a
