@@ -156,3 +156,15 @@ def test_scope_restores_nests_and_refuses_undeclared_patches(monkeypatch):
         with compat.scope("cuda"):
             pass
     assert fake.a == 1 and compat.active() == []  # the declared part was rolled back
+
+
+def test_cli_export_at_context_parallel(tmp_path, bridge_cache):
+    """`export --cp 2` starts two processes (torchrun) and writes the source bytes back."""
+    from mcore_bridge import zoo
+    from tests.test_cli import assert_same_weights, run_cli
+
+    r = run_cli("export", "--model", "builtin:llama", "--to-hf", "--context_parallel_size", "2", "--device", "cpu",
+                "--save", tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "layout tp1-pp1-cp2" in r.stdout
+    assert_same_weights(zoo.materialize("llama"), tmp_path / "out")
