@@ -16,7 +16,7 @@ import tempfile
 
 import pytest
 
-os.environ.update(TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", MCORE_BRIDGE_QUIET="1")
+os.environ.update(OMP_NUM_THREADS="1", MCORE_BRIDGE_QUIET="1")  # no TORCHDYNAMO_DISABLE: compat.scope
 
 
 def pytest_configure(config):

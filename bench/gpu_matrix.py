@@ -112,7 +112,7 @@ def main():
     ap.add_argument("--work", default="/tmp/mcore-bridge-gpu-matrix")
     ap.add_argument("--device", default="cuda", help="cuda (NCCL); cpu (gloo) to try the script here")
     args = ap.parse_args()
-    compat.apply(args.device)
+    compat.scope(args.device).__enter__()  # for the whole run (this script's own process)
     rt.init_process_group(args.device)
     world = dist.get_world_size()
     results = []

@@ -123,7 +123,7 @@ def main():
     ap.add_argument("--work", default="/tmp/mcore-bridge-gpu-moe")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
-    compat.apply(args.device)
+    compat.scope(args.device).__enter__()  # for the whole run (this script's own process)
     rt.init_process_group(args.device)
     results = [run_case(Path(args.model), parse_layout(spec), args) for spec in args.layouts]
     if rt.rank() == 0:

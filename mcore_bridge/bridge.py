@@ -1,8 +1,17 @@
 """The public API: ``Bridge(model_dir, layout)`` with ``build_model``, ``load_weights``,
-``export_weights`` and ``save_weights``."""
+``export_weights`` and ``save_weights``.
+
+A guest in a trainer's process: with ``layout=ParallelLayout.from_parallel_state(models)`` the bridge
+adopts the torch.distributed and megatron parallel state the trainer created (``setup`` keeps
+them; a layout that does not match is an error) and communicates over megatron's groups (tp, pp,
+ep, etp) plus, for ``receivers=[...]`` syncs, one group per receiver set that it creates once and
+keeps. Every entry point runs inside ``runtime.compat.scope`` and leaves the process as it found it
+(generators leave the scope while the caller holds an item).
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -19,6 +28,7 @@ from .export import Exporter, ExportUnit, Groups, balanced_writers, make_buckets
 from .families import family_for
 from .layout import ParallelLayout
 from .plan import MappingError, check_names, inventory, local_items
+from .runtime import compat
 from .runtime import dist as rt
 from .transforms import ShapeMismatch
 
@@ -46,6 +56,32 @@ def resolve_source(model: str | os.PathLike) -> Path:
 
         return zoo.materialize(model.split(":", 1)[1])
     return Path(model)
+
+
+def _device_of(bridge, reinit: bool | None = False) -> str:
+    """The device whose adaptations an entry point needs. With torch.distributed up and no
+    ``setup`` yet, sets up first: adopts a matching parallel state (a mismatch is an error;
+    ``reinit=None``, for ``build_model`` only: the process's policy, see ``dist.allow_reinit``)."""
+    if bridge.device is None and dist.is_initialized():
+        bridge.setup(reinit=reinit)
+    return bridge.device or rt.resolve_device("auto")
+
+
+def _scoped(method, reinit: bool | None = False):
+    """Run a public method inside ``compat.scope`` (the process is unchanged afterwards)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with compat.scope(_device_of(self, reinit)):
+            return method(self, *args, **kwargs)
+    return run
+
+
+def _scoped_iter(method):
+    """Like ``_scoped`` for a generator: in the scope while it computes, out of it at each yield."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        return compat.scoped_iter(method(self, *args, **kwargs), _device_of(self))
+    return run
 
 
 class Bridge:
@@ -91,11 +127,13 @@ class Bridge:
         self.adapter_family = self.lora_units = self.lora_hf_tensors = None
 
     # -- runtime -----------------------------------------------------------------------------
-    def setup(self, device: str = "auto") -> str:
-        """Initialise torch.distributed and megatron's parallel state for this layout."""
-        self.device = rt.setup(self.layout, device)
+    def setup(self, device: str = "auto", *, reinit: bool | None = None) -> str:
+        """Initialise torch.distributed and megatron's parallel state for this layout, or adopt
+        the ones this process already has when they match it (``runtime.dist.setup``)."""
+        self.device = rt.setup(self.layout, device, reinit=reinit)
         return self.device
 
+    @functools.partial(_scoped, reinit=None)
     def build_model(self, dtype: torch.dtype | str = torch.float32, parallel_output: bool = True,
                     grouped_experts: bool = False) -> list:
         """This rank's model chunks. ``grouped_experts``: MoE experts in one grouped-GEMM module
@@ -116,7 +154,9 @@ class Bridge:
         pp_group = ps.get_pipeline_model_parallel_group()
         return Groups(
             pp_rank=ps.get_pipeline_model_parallel_rank(), tp=self.layout.tp,
-            tp_rank=ps.get_tensor_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
+            # replicas of the dense weights: the dp ranks and, within each, the context-parallel ranks
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
             etp=self.layout.etp, etp_rank=ps.get_expert_tensor_parallel_rank(), ep=self.layout.ep,
             ep_rank=ps.get_expert_model_parallel_rank(), edp_rank=ps.get_expert_data_parallel_rank(),
             tp_group=ps.get_tensor_model_parallel_group(), etp_group=ps.get_expert_tensor_parallel_group(),
@@ -163,6 +203,7 @@ class Bridge:
                 shape, dtype = self.hf_tensors[lora_.base_hf_name(n)]
                 self.lora_hf_tensors[n] = (lora_.factor_hf_shapes(n, spec.r, shape), dtype)
 
+    @_scoped
     def apply_lora(self, models, spec: "lora_.LoraSpec", random_b: bool = False, freeze_base: bool = True):
         """Wrap the targeted linears of this rank's chunks in LoRA layers (``lora.LoraLinear``).
         The base weights keep their names for load/export; ``freeze_base``: only LoRA trains."""
@@ -178,6 +219,7 @@ class Bridge:
         self._items(models, self._state(models, lora=True), lora=True)  # every factor has its parameter
         return models
 
+    @_scoped
     def load_adapter(self, models, path):
         """Load a PEFT adapter directory into this rank's chunks (applying LoRA first if the model
         has none). q/k/v (gate/up) with different A matrices are kept exactly: stacked A and a
@@ -207,6 +249,7 @@ class Bridge:
         return False
 
     # -- load --------------------------------------------------------------------------------
+    @_scoped
     def load_weights(self, models, hf_dir=None):
         """Fill this rank's model chunks from HF safetensors, reading only the needed slices."""
         rt.maybe_fail("load")  # tests only: MCORE_BRIDGE_FAULT (runtime/faults.py)
@@ -291,6 +334,7 @@ class Bridge:
             raise UsageError(f"expert_storage={storage!r}: {self.family.name} has no experts to stack")
         return stacked.view_table(self.family, storage), stacked.stacked_shapes(self.family, storage)
 
+    @_scoped_iter
     def export_weights(self, models, dtype: torch.dtype | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                        all_ranks: bool = True, expert_storage: str | None = "source", merge_lora: bool = True,
                        peft_format: bool = False, receivers=None, device=None, tensor_of=None
@@ -321,6 +365,7 @@ class Bridge:
             stream = (nt for _, ts, _ in stream if ts for nt in ts)
             yield from stacked.restack(stream, *stacking) if stacking else stream
 
+    @_scoped_iter
     def export_buckets(self, models, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None,
                        receivers="all", device=None, merge_lora: bool = True, peft_format: bool = False):
         """Yield ``sync.Bucket`` (a flat uint8 buffer + names/shapes/dtypes/offsets) on the
@@ -373,6 +418,7 @@ class Bridge:
             leaders = groups[tuple(recv)]
         return exporter.iterate_buckets(buckets, recv, owner_rank=owner_rank, leaders=leaders)
 
+    @_scoped
     def save_weights(self, models, out_dir, *, dtype: torch.dtype | None = None, overwrite: bool = False,
                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                      expert_storage: str | None = "source", merge_lora: bool = True, peft_format: bool = False,

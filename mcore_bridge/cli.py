@@ -54,6 +54,8 @@ def _add_layout_args(p: argparse.ArgumentParser):
                    default=None, help="expert parallel size for MoE models (default 1)")
     g.add_argument("--etp", "--expert-tensor-parallel-size", "--expert_tensor_parallel_size", type=int,
                    default=None, help="tensor parallel size inside each expert (default: --tp)")
+    g.add_argument("--cp", "--context-parallel-size", "--context_parallel_size", type=int, default=None,
+                   help="context parallel size (weights replicated over the CP ranks; default 1)")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser):
@@ -165,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="HF directory or builtin:NAME (repeatable; default: every built-in model)")
     ver.add_argument("--matrix", default="tp=1,2 sp=0,1 ep=1,2",
                      help='layouts, e.g. "tp=1,2 pp=1,2 sp=0,1 vpp=1,2" (invalid combinations are skipped '
-                          'with the reason); axes: tp pp vpp sp first last ep etp')
+                          'with the reason); axes: tp pp vpp sp first last ep etp cp')
     ver.add_argument("--dtype", default="fp32", help="comma-separated: fp32,bf16")
     ver.add_argument("--report", default=None,
                      help="report directory (default: a fresh reports/runs/<UTC time>); a committed baseline "
@@ -223,7 +225,7 @@ def _layout(args, default=None):
     ones (a saved sp or uneven split need not fit it)."""
     from .layout import ParallelLayout
 
-    flags = dict(tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sp or None, ep=args.ep, etp=args.etp,
+    flags = dict(tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sp or None, ep=args.ep, etp=args.etp, cp=args.cp,
                  first_stage_layers=args.decoder_first_pipeline_num_layers,
                  last_stage_layers=args.decoder_last_pipeline_num_layers)
     given = {k: v for k, v in flags.items() if v is not None}
@@ -234,8 +236,8 @@ def _layout(args, default=None):
 
 def cmd_export(args, argv) -> int:
     from . import checkpoint
-    from .bridge import DTYPES, Bridge
-    from .layout import ParallelLayout
+    from .bridge import Bridge
+    from .layout import LayoutError, ParallelLayout
 
     if args.to_mcore == args.to_hf:
         raise SystemExit("mcore-bridge export: choose exactly one of --to-mcore and --to-hf")
@@ -259,12 +261,27 @@ def cmd_export(args, argv) -> int:
     else:
         raise SystemExit("mcore-bridge export: pass --model HF_DIR (or builtin:NAME) or --load MCORE_DIR")
 
+    if args.test_convert_precision:
+        from .model import forward_unsupported
+
+        if forward_unsupported(bridge.layout):
+            raise LayoutError(f"--test-convert-precision: {forward_unsupported(bridge.layout)}")
     code = needs_launch(args, bridge.layout.min_world_size, argv)
     if code is not None:
         return code
     print_header()  # here, not before the launch: one line, from the process that does the work
+    from .runtime import compat, dist
 
-    bridge.setup(args.device)
+    device = dist.resolve_device(args.device)
+    with compat.scope(device):  # the whole command: build, load, save and the precision check
+        return _export(args, bridge, device, save)
+
+
+def _export(args, bridge, device, save) -> int:
+    from . import checkpoint
+    from .bridge import DTYPES
+
+    bridge.setup(device)
     dtype = DTYPES[args.dtype] if args.dtype else _source_dtype(bridge)
     models = bridge.build_model(dtype)
     if args.load:
@@ -393,8 +410,12 @@ def cmd_demo(args, argv) -> int:
     code = needs_launch(args, args.tp * args.pp, argv)
     if code is not None:
         return code
+    from .runtime import compat, dist
+
     names = args.models.split(",") if args.models else None
-    return run_demo(ParallelLayout(tp=args.tp, pp=args.pp), names, args.device)
+    device = dist.resolve_device(args.device)
+    with compat.scope(device):  # the demo runs megatron forwards of its own
+        return run_demo(ParallelLayout(tp=args.tp, pp=args.pp), names, device)
 
 
 BASELINE_MARKER = ".mcore-bridge-baseline"  # in a report set that others compare against
@@ -429,6 +450,8 @@ def cmd_verify(args, argv) -> int:
 
     from . import zoo
     from .bridge import Bridge
+    from .layout import LayoutError
+    from .model import forward_unsupported
 
     models = args.model or [f"builtin:{n}" for n in zoo.names()]
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
@@ -441,6 +464,9 @@ def cmd_verify(args, argv) -> int:
     for model in models:
         family = Bridge(model).family  # fails early on unknown architectures / bad checkpoints
         layouts, skipped = expand(args.matrix, family.layout_dims())
+        refused = [forward_unsupported(layout) for layout in layouts if forward_unsupported(layout)]
+        if refused:
+            raise LayoutError(f"--matrix {args.matrix!r}: {refused[0]}")
         by_reason: dict[str, list] = {}
         for fields, reason in skipped:
             by_reason.setdefault(reason, []).append(fields)
@@ -472,7 +498,7 @@ def cmd_verify(args, argv) -> int:
                     cmd += ["--adapters", args.adapters]  # as given (it lands in the report); same cwd
                 cmd += ["--no-detection"] * args.no_detection
                 cmd += ["--grad"] * args.grad + (["--train-steps", str(args.train_steps)] if args.train_steps else [])
-                env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                            MCORE_BRIDGE_QUIET="1", PYTHONWARNINGS="ignore")
                 ran += 1
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -530,6 +556,18 @@ def _say(msg: str):
         print(msg, flush=True)
 
 
+def _own_process(command: str):
+    """Commands that import megatron run it with ``compat.compile_off`` (this process is ours:
+    megatron's jit helpers stay uncompiled and TorchInductor is never imported)."""
+    import contextlib
+
+    if command not in ("export", "demo"):
+        return contextlib.nullcontext()
+    from .runtime import compat
+
+    return compat.compile_off()
+
+
 def quiet_library_warnings():
     """megatron-core warns at import about TransformerEngine/Apex being absent and torch about
     deprecated collectives megatron calls; none of it is actionable for a conversion."""
@@ -548,12 +586,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     quiet_library_warnings()
     handler = {"export": cmd_export, "demo": cmd_demo, "zoo": cmd_zoo, "verify": cmd_verify,
                "report": cmd_report}[args.command]
     try:
-        return handler(args, argv)
+        with _own_process(args.command):
+            return handler(args, argv)
     except USER_ERRORS as e:
         prefix = "mcore-bridge: error"
         if under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -561,10 +599,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        import torch.distributed as dist
+        if "torch.distributed" in sys.modules:  # (--help, zoo, report never import torch)
+            import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def relaunch(nproc: int, args: argparse.Namespace, argv: list[str]) -> int:
     error and, as writes are committed by rank 0 only after every rank succeeded, no output.
     """
     cmd = torchrun_command(nproc, args)
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env.pop("NPROC_PER_NODE", None)
     proc = subprocess.Popen(cmd + ["-m", "mcore_bridge.cli", *argv], env=env)
     # A SIGTERM for this process (a scheduler, `timeout`) goes to torchrun, which stops its workers:

@@ -1,9 +1,13 @@
 """Parallel layout: what each rank holds, validated against a model before any weight is read.
 
-Pure arithmetic, no torch.distributed: the conversion plan, the tests and error messages all use it.
+Pure arithmetic, no torch.distributed: the conversion plan, the tests and error messages all use it
+(``from_parallel_state`` reads a layout off megatron's parallel state, for a trainer's process).
 Rank order follows megatron's default ``tp-cp-ep-dp-pp`` ordering: for dense parts tp fastest, then
-dp, then pp; for experts (a second grid over the same ranks of a stage) etp fastest, then ep, then
-expert-dp.
+cp, then dp, then pp; for experts (a second grid over the same ranks of a stage) etp fastest, then
+ep, then expert-dp (which spans the dense grid's cp and dp).
+
+Context parallelism (``cp``) splits the sequence, not the weights: every CP rank holds the same
+weights as its dp-replica peers, so for loading and exporting a CP rank is one more replica.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ class ParallelLayout:
     last_stage_layers: Optional[int] = None  # seed: --decoder_last_pipeline_num_layers
     ep: int = 1  # expert model parallel
     etp: Optional[int] = None  # expert tensor parallel; None: same as tp (megatron's default)
+    cp: int = 1  # context parallel: weights replicated over the CP ranks
 
     # ---- basic checks that need no model -------------------------------------------------
     def __post_init__(self):
         if self.etp is None:
             object.__setattr__(self, "etp", self.tp)
-        for name in ("tp", "pp", "vpp", "ep", "etp"):
+        for name in ("tp", "pp", "vpp", "ep", "etp", "cp"):
             if getattr(self, name) < 1:
                 raise LayoutError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.ep > 1 and self.tp > 1 and not self.sp:
@@ -47,6 +52,11 @@ class ParallelLayout:
         return self.tp * self.pp
 
     @property
+    def dense_grid_size(self) -> int:
+        """Ranks one replica of the dense weights spans together with its CP peers: tp * cp * pp."""
+        return self.tp * self.cp * self.pp
+
+    @property
     def expert_parallel_size(self) -> int:
         """Ranks one copy of the experts spans: etp * ep per stage, times pp."""
         return self.etp * self.ep * self.pp
@@ -55,13 +65,15 @@ class ParallelLayout:
     def min_world_size(self) -> int:
         import math
 
-        return math.lcm(self.model_parallel_size, self.expert_parallel_size)
+        return math.lcm(self.dense_grid_size, self.expert_parallel_size)
 
     def short(self) -> str:
         """Compact id used in test names and reports, e.g. ``tp2-pp2-vpp2-sp-first1``."""
         parts = [f"tp{self.tp}", f"pp{self.pp}"]
         if self.vpp > 1:
             parts.append(f"vpp{self.vpp}")
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}")
         if self.sp:
             parts.append("sp")
         if self.first_stage_layers is not None:
@@ -113,7 +125,8 @@ class ParallelLayout:
         self.stage_layer_counts(num_layers)  # raises on impossible pipeline splits
         if world_size is not None and world_size % self.min_world_size:
             raise LayoutError(
-                f"world size {world_size} is not a multiple of tp*pp={self.model_parallel_size} and "
+                f"world size {world_size} is not a multiple of {'tp*cp*pp' if self.cp > 1 else 'tp*pp'}="
+                f"{self.dense_grid_size} and "
                 f"etp*ep*pp={self.expert_parallel_size}: launch a multiple of {self.min_world_size} "
                 f"processes (--nproc-per-node)")
 
@@ -178,22 +191,71 @@ class ParallelLayout:
 
     # ---- ranks ---------------------------------------------------------------------------
     def coords(self, rank: int, world_size: int) -> dict:
-        """Coordinates of a global rank in megatron's default order: tp fastest, pp slowest for the
-        dense grid; etp, ep, expert-dp inside the same pipeline stage for the expert grid."""
-        dp = world_size // self.model_parallel_size
+        """Coordinates of a global rank in megatron's default order: tp fastest, then cp, dp, pp for
+        the dense grid; etp, ep, expert-dp inside the same pipeline stage for the expert grid."""
+        dp = world_size // self.dense_grid_size
         per_stage = world_size // self.pp
         local = rank % per_stage
-        return {"tp": rank % self.tp, "dp": (rank // self.tp) % dp, "pp": rank // (self.tp * dp),
-                "etp": local % self.etp, "ep": (local // self.etp) % self.ep,
+        return {"tp": rank % self.tp, "cp": (rank // self.tp) % self.cp, "dp": (rank // (self.tp * self.cp)) % dp,
+                "pp": rank // per_stage, "etp": local % self.etp, "ep": (local // self.etp) % self.ep,
                 "edp": local // (self.etp * self.ep)}
 
-    def stage_rank(self, world_size: int, pp_rank: int, *, tp: int = 0, dp: int = 0) -> int:
-        """Global rank of the dense-grid position (tp, dp) on stage ``pp_rank``."""
-        return pp_rank * (world_size // self.pp) + dp * self.tp + tp
+    def stage_rank(self, world_size: int, pp_rank: int, *, tp: int = 0, dp: int = 0, cp: int = 0) -> int:
+        """Global rank of the dense-grid position (tp, cp, dp) on stage ``pp_rank``."""
+        return pp_rank * (world_size // self.pp) + (dp * self.cp + cp) * self.tp + tp
 
     def expert_rank(self, world_size: int, pp_rank: int, *, etp: int = 0, ep: int = 0, edp: int = 0) -> int:
         """Global rank of the expert-grid position (etp, ep, edp) on stage ``pp_rank``."""
         return pp_rank * (world_size // self.pp) + (edp * self.ep + ep) * self.etp + etp
+
+    def same_grid(self, other: "ParallelLayout") -> bool:
+        """Whether both need the same process groups (tp, pp, cp, ep, etp; vpp, sp and the stage
+        sizes shape the model, not the groups)."""
+        return all(getattr(self, k) == getattr(other, k) for k in ("tp", "pp", "cp", "ep", "etp"))
+
+    @classmethod
+    def from_parallel_state(cls, models=None, config=None) -> "ParallelLayout":
+        """The layout of the parallel state a trainer initialised in this process (megatron's
+        ``parallel_state``: tp, pp, vpp, cp, ep, etp; dp checked against the world size), with sp
+        and the first/last stage sizes from the model config (``config``, else the first of
+        ``models``' chunks), and vpp from the number of chunks where megatron does not record it.
+        Checks the config and the chunks against the parallel state."""
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            raise LayoutError("from_parallel_state: megatron's parallel state is not initialised in this "
+                              "process (parallel_state.initialize_model_parallel); pass a ParallelLayout")
+        if config is None and models:
+            config = getattr(models[0], "config", None) or getattr(getattr(models[0], "module", None), "config", None)
+        sizes = dict(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
+                     cp=ps.get_context_parallel_world_size(), ep=ps.get_expert_model_parallel_world_size(),
+                     etp=ps.get_expert_tensor_parallel_world_size())
+        vpp = ps.get_virtual_pipeline_model_parallel_world_size() if hasattr(
+            ps, "get_virtual_pipeline_model_parallel_world_size") else None
+        vpp = vpp or (len(models) if models else None) or getattr(config, "virtual_pipeline_model_parallel_size", None)
+        # without a config sp is unknown; megatron requires it where tp and ep meet (the groups are the same)
+        fields = dict(sizes, vpp=vpp or 1, sp=sizes["tp"] > 1 and sizes["ep"] > 1)
+        if config is not None:
+            for key, attr in (("tp", "tensor_model_parallel_size"), ("pp", "pipeline_model_parallel_size"),
+                              ("cp", "context_parallel_size"), ("ep", "expert_model_parallel_size")):
+                value = getattr(config, attr, None)
+                if value is not None and value != sizes[key] and not (key == "cp" and value == 1):
+                    raise LayoutError(f"the model config's {attr}={value} != megatron's parallel state "
+                                      f"{key}={sizes[key]}: the model was built for another layout")
+            fields.update(sp=bool(getattr(config, "sequence_parallel", False)),
+                          first_stage_layers=getattr(config, "num_layers_in_first_pipeline_stage", None),
+                          last_stage_layers=getattr(config, "num_layers_in_last_pipeline_stage", None))
+        if models is not None and len(models) != fields["vpp"]:
+            raise LayoutError(f"{len(models)} model chunks on this rank, megatron's parallel state says "
+                              f"vpp={fields['vpp']}")
+        layout = cls(**fields)
+        import torch.distributed as dist
+
+        dp = ps.get_data_parallel_world_size()
+        if dist.get_world_size() != layout.dense_grid_size * dp:
+            raise LayoutError(f"world size {dist.get_world_size()} != tp*cp*pp*dp = {layout.dense_grid_size}*{dp}: "
+                              f"a parallel state this bridge does not understand")
+        return layout
 
     def expert_owner(self, num_experts: int, expert: int) -> tuple[int, int]:
         """(ep rank, local index) of global expert ``expert``."""

@@ -6,6 +6,7 @@ import torch
 
 from .families.base import Family
 from .layout import ParallelLayout, padded_vocab_size
+from .errors import UsageError
 from .lora import is_lora_param
 
 
@@ -72,7 +73,7 @@ def _check_grouped_experts(family: Family, grouped: bool) -> None:
     if grouped and family.num_experts and not local_grouped_experts_available():
         import megatron.core
 
-        raise ValueError(
+        raise UsageError(
             f"grouped_experts=True: megatron-core {getattr(megatron.core, '__version__', '?')} has no "
             f"grouped-GEMM experts without TransformerEngine (its local spec has no legacy GroupedMLP and "
             f"would silently build SequentialMLP); build with grouped_experts=False (CLI: drop "
@@ -92,12 +93,30 @@ def _check_experts_built(chunk, grouped: bool) -> None:
                                f"experts, asked for {'grouped' if grouped else 'sequential'} experts")
 
 
+# Measured on megatron-core 0.16.1 (tests/test_guest.py builds one at cp=2 and sees it assert).
+CP_ATTENTION = ("megatron-core's local spec has no context-parallel attention: its core attention, "
+                "megatron.core.transformer.dot_product_attention.DotProductAttention, asserts "
+                "context_parallel_size == 1 (\"Context parallelism is only supported by TEDotProductAttention\")")
+
+
+def forward_unsupported(layout: ParallelLayout) -> str | None:
+    """Why a forward of the bridge's models cannot run at ``layout``, or None when it can."""
+    if layout.cp > 1:
+        return (f"forward verification at cp={layout.cp} is not supported: {CP_ATTENTION}. Loading, exporting "
+                f"and syncing at cp > 1 work (the weights do not depend on cp); verify the model at cp=1")
+    return None
+
+
 def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = torch.float32,
                 device: str = "cpu", parallel_output: bool = True, grouped_experts: bool = False) -> list:
     """This rank's model chunks (one per virtual pipeline stage). Needs ``runtime.dist.setup``.
     ``grouped_experts``: MoE experts as one grouped-GEMM module per layer instead of SequentialMLP
     (megatron-core 0.16's legacy GroupedMLP in the local spec; refused where the local spec has none,
-    see ``local_grouped_experts_available``)."""
+    see ``local_grouped_experts_available``).
+
+    At cp > 1 the chunks are built with ``context_parallel_size=1`` in their config (the local
+    spec cannot build CP attention, see ``CP_ATTENTION``): they hold the same weights as CP-built
+    ones, the parallel state has the CP groups, and their forward is refused (``forward_unsupported``)."""
     from megatron.core import parallel_state as ps
 
     arch = family.architecture

@@ -287,22 +287,25 @@ def test_validity_matches_megatron():
 
 # ---- rank coordinates ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tp,pp,dp,ep,etp", [
-    (1, 1, 1, 1, 1), (2, 1, 1, 1, 2), (1, 2, 1, 1, 1), (2, 2, 1, 1, 2), (2, 2, 2, 1, 2), (4, 2, 1, 1, 4),
-    (1, 1, 4, 1, 1), (2, 3, 2, 1, 2), (1, 4, 2, 1, 1), (8, 1, 1, 1, 8),
+@pytest.mark.parametrize("tp,pp,dp,ep,etp,cp", [
+    (1, 1, 1, 1, 1, 1), (2, 1, 1, 1, 2, 1), (1, 2, 1, 1, 1, 1), (2, 2, 1, 1, 2, 1), (2, 2, 2, 1, 2, 1),
+    (4, 2, 1, 1, 4, 1), (1, 1, 4, 1, 1, 1), (2, 3, 2, 1, 2, 1), (1, 4, 2, 1, 1, 1), (8, 1, 1, 1, 8, 1),
     # experts: a second grid over each stage's ranks (etp fastest, then ep, then expert-dp)
-    (1, 1, 2, 2, 1), (1, 1, 4, 4, 1), (2, 1, 2, 2, 1), (2, 1, 2, 2, 2), (2, 2, 2, 4, 1), (1, 2, 4, 2, 2),
-    (4, 1, 2, 8, 1), (2, 1, 4, 2, 4)])
-def test_coords_match_megatron_rank_generator(tp, pp, dp, ep, etp):
+    (1, 1, 2, 2, 1, 1), (1, 1, 4, 4, 1, 1), (2, 1, 2, 2, 1, 1), (2, 1, 2, 2, 2, 1), (2, 2, 2, 4, 1, 1),
+    (1, 2, 4, 2, 2, 1), (4, 1, 2, 8, 1, 1), (2, 1, 4, 2, 4, 1),
+    # context parallel: between tp and dp in the dense grid; expert-dp spans cp x dp
+    (1, 1, 1, 1, 1, 2), (2, 1, 1, 1, 2, 2), (2, 2, 2, 1, 2, 2), (1, 2, 1, 1, 1, 4), (1, 1, 2, 2, 1, 2),
+    (2, 1, 2, 4, 1, 2), (2, 2, 1, 2, 2, 2)])
+def test_coords_match_megatron_rank_generator(tp, pp, dp, ep, etp, cp):
     from megatron.core.parallel_state import RankGenerator
 
-    layout = ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp, sp=tp > 1 and ep > 1)
-    world = tp * pp * dp
+    layout = ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp, cp=cp, sp=tp > 1 and ep > 1)
+    world = tp * cp * pp * dp
     edp = world // (etp * ep * pp)
-    dense = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order="tp-cp-ep-dp-pp")
+    dense = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=cp, order="tp-cp-ep-dp-pp")
     expert = RankGenerator(tp=etp, ep=ep, dp=edp, pp=pp, cp=1, order="tp-cp-ep-dp-pp")
     expected = {r: {} for r in range(world)}
-    for gen, kinds in ((dense, {"tp": "tp", "dp": "dp", "pp": "pp"}),
+    for gen, kinds in ((dense, {"tp": "tp", "cp": "cp", "dp": "dp", "pp": "pp"}),
                        (expert, {"tp": "etp", "ep": "ep", "dp": "edp"})):
         for kind, key in kinds.items():
             for group in gen.get_ranks(kind):
@@ -311,8 +314,21 @@ def test_coords_match_megatron_rank_generator(tp, pp, dp, ep, etp):
     for r in range(world):
         assert layout.coords(r, world) == expected[r], r
         c = expected[r]
-        assert layout.stage_rank(world, c["pp"], tp=c["tp"], dp=c["dp"]) == r
+        assert layout.stage_rank(world, c["pp"], tp=c["tp"], dp=c["dp"], cp=c["cp"]) == r
         assert layout.expert_rank(world, c["pp"], etp=c["etp"], ep=c["ep"], edp=c["edp"]) == r
+
+
+def test_context_parallel_layout():
+    layout = ParallelLayout(tp=2, cp=2)
+    assert layout.short() == "tp2-pp1-cp2" and layout.min_world_size == 4 and layout.to_dict()["cp"] == 2
+    layout.validate(**DIMS, world_size=8)
+    with pytest.raises(LayoutError, match=r"world size 6 is not a multiple of tp\*cp\*pp=4"):
+        layout.validate(**DIMS, world_size=6)
+    with pytest.raises(LayoutError, match="--cp must be >= 1"):
+        ParallelLayout(cp=0)
+    assert ParallelLayout(**ParallelLayout(cp=2).to_dict()) == ParallelLayout(cp=2)
+    assert ParallelLayout(cp=2).same_grid(ParallelLayout(cp=2, vpp=1)) and not ParallelLayout(cp=2).same_grid(
+        ParallelLayout(tp=2))
 
 
 # ---- vocabulary padding -------------------------------------------------------------------------

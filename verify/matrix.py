@@ -18,7 +18,7 @@ AXES = {  # matrix key -> (ParallelLayout field, parser)
     "tp": ("tp", int), "pp": ("pp", int), "vpp": ("vpp", int),
     "sp": ("sp", lambda v: v.lower() in ("1", "true", "yes", "on")),
     "first": ("first_stage_layers", int), "last": ("last_stage_layers", int),
-    "ep": ("ep", int), "etp": ("etp", int),
+    "ep": ("ep", int), "etp": ("etp", int), "cp": ("cp", int),
 }
 
 

@@ -3,7 +3,10 @@
 A fresh N-process gloo group costs seconds (process start, imports, rendezvous); a reused one lets
 each case pay only for megatron's ``destroy/initialize_model_parallel``. ``Pool(n).run("mod:fn",
 **kwargs)`` calls ``fn(**kwargs)`` on every rank and returns the per-rank results. The function
-sets up its own layout (``runtime.dist.setup`` / ``Bridge.setup``).
+sets up its own layout (``runtime.dist.setup`` / ``Bridge.setup``): the workers call
+``dist.allow_reinit()``, so megatron's parallel state is torn down and re-created per case, and
+keep one ``compat.scope("cpu")`` (and ``compat.compile_off()``) open for their whole life. A
+``bare`` pool does none of this: its workers stand in for a host's processes (tests/test_guest.py).
 
 Failure handling: when a rank raises, the others are usually stuck in a collective, so the parent
 raises ``WorkerError`` (with that rank's traceback) at once and kills the pool; likewise when a
@@ -43,20 +46,34 @@ def _resolve(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _worker(rank: int, world: int, port: int, conn, stack_file: str):
+def _worker(rank: int, world: int, port: int, conn, stack_file: str, bare: bool = False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     # SIGUSR1 (sent on timeout) dumps every thread's Python stack: shows where a rank hangs.
     faulthandler.register(signal.SIGUSR1, file=open(stack_file, "w"), all_threads=True)
+    if bare:  # a stand-in for someone else's process: the case initialises everything itself
+        conn.send(("ready", None, None))
+        _serve(conn)
+        return
     try:
         from mcore_bridge.runtime import compat, dist
 
-        compat.apply("cpu")
+        dist.allow_reinit()  # on purpose: this process is ours, each case sets up its own layout
         dist.init_process_group("cpu")
-        conn.send(("ready", None, None))
+        compat.compile_off().__enter__()  # the worker's whole life (its own process): quicker imports
+        scope = compat.scope("cpu")  # the worker's whole life: cases run megatron forwards too
+        scope.__enter__()
     except BaseException:
         conn.send(("error", None, traceback.format_exc()))
         return
+    try:
+        conn.send(("ready", None, None))
+        _serve(conn)
+    finally:
+        scope.__exit__(None, None, None)
+
+
+def _serve(conn):
     while True:
         try:
             msg = conn.recv()
@@ -82,10 +99,12 @@ def _close_all():
 
 
 class Pool:
-    """``world_size`` spawned workers in one gloo group, started lazily, restarted after a failure."""
+    """``world_size`` spawned workers in one gloo group, started lazily, restarted after a failure.
+    ``bare``: workers that only know their RANK/WORLD_SIZE/MASTER_* environment -- no process group,
+    no compat scope: a host process (a trainer) that a case sets up itself (tests/test_guest.py)."""
 
-    def __init__(self, world_size: int, start_timeout: float = 180.0):
-        self.world_size, self.start_timeout = world_size, start_timeout
+    def __init__(self, world_size: int, start_timeout: float = 180.0, bare: bool = False):
+        self.world_size, self.start_timeout, self.bare = world_size, start_timeout, bare
         self.procs: list = []
         self.conns: list = []
         self._task = 0
@@ -112,7 +131,7 @@ class Pool:
                 # not daemonic: a case may start processes of its own (megatron's torch_dist writer
                 # forks one per file); a worker exits when the parent's end of its pipe closes
                 p = ctx.Process(target=_worker, name=f"pool{self.world_size}-rank{rank}", daemon=False,
-                                args=(rank, self.world_size, port, child, self._stack_file(rank)))
+                                args=(rank, self.world_size, port, child, self._stack_file(rank), self.bare))
                 p.start()
                 child.close()
                 self.procs.append(p)

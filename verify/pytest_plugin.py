@@ -77,7 +77,7 @@ def assert_aligned(model, layout, dtype: str = "fp32", *, control: str | None = 
         cmd += ["--reference-cache", str(reference_cache)] if reference_cache else []
         cmd += ["--control", control] if control else []
         cmd += [] if detection else ["--no-detection"]
-        env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                    MCORE_BRIDGE_QUIET="1", PYTHONWARNINGS="ignore")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         reports = [json.loads(p.read_text()) for p in sorted(out.rglob("*.json"))]

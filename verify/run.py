@@ -287,6 +287,7 @@ def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device:
     ``grad`` / ``train_steps``: also compare gradients / N AdamW steps (``verify.grad``, fp32).
     ``detection``: also run the standard positive controls (``verify.detection``; not with ``control``)."""
     t0 = time.time()
+    _refuse_unsupported(layout)
     bridge = Bridge(source, layout)
     controls.before_build(bridge, control)
     device = bridge.setup(device)
@@ -319,7 +320,9 @@ def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str
                   adapter: Path | None = None, source: str | None = None, detection: bool = False) -> dict | None:
     """Collective: compare loaded megatron ``models`` with the HF model in ``hf_dir`` (plus the
     PEFT ``adapter`` on it). ``detection``: also the standard positive controls, one more megatron
-    forward each against the same reference (``verify.detection``)."""
+    forward each against the same reference (``verify.detection``). Runs megatron forwards: the
+    caller keeps a ``compat.scope`` open."""
+    _refuse_unsupported(bridge.layout)
     t0 = time.time()
     vocab = int(bridge.family.cfg.require("vocab_size"))
     samples = samples_for(bridge, hf_dir, lengths)
@@ -358,6 +361,14 @@ def samples_for(bridge: Bridge, hf_dir: Path, lengths=None) -> list[Sample]:
     return default_samples(int(bridge.family.cfg.require("vocab_size")), hf_dir, **({"lengths": lengths} if lengths else {}))
 
 
+def _refuse_unsupported(layout: ParallelLayout):
+    from mcore_bridge.layout import LayoutError
+    from mcore_bridge.model import forward_unsupported
+
+    if forward_unsupported(layout):
+        raise LayoutError(forward_unsupported(layout))
+
+
 def exit_code(report: dict | None) -> int:
     """Collective: 0 on every rank when rank 0's verdict is pass, else 1."""
     code = 0 if report is None or report["verdict"] == "pass" else 1
@@ -385,10 +396,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-detection", action="store_true",
                     help="skip the standard positive controls (verify/detection.py) that measure detection power")
     args = ap.parse_args(argv)
-    report = run_layout(args.model, ParallelLayout(**json.loads(args.layout)), args.dtype, args.device,
-                        args.control, Path(args.reference_cache) if args.reference_cache else None,
-                        grouped_experts=args.grouped_experts, adapter=args.adapters, grad=args.grad,
-                        train_steps=args.train_steps, detection=not args.no_detection)
+    from mcore_bridge.runtime import compat
+
+    device = rt.resolve_device(args.device)
+    with compat.compile_off(), compat.scope(device):  # this worker's whole run: conversion and both forwards
+        report = run_layout(args.model, ParallelLayout(**json.loads(args.layout)), args.dtype, device,
+                            args.control, Path(args.reference_cache) if args.reference_cache else None,
+                            grouped_experts=args.grouped_experts, adapter=args.adapters, grad=args.grad,
+                            train_steps=args.train_steps, detection=not args.no_detection)
     if report is not None:
         if args.report:
             from .report import write_report
@@ -426,8 +441,6 @@ def _checks(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    import os
     import sys
 
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     sys.exit(main())

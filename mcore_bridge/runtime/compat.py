@@ -1,25 +1,54 @@
-"""Every adaptation megatron-core needs to run here, in one place.
+"""Every adaptation megatron-core needs to run here, in one place, installed only inside a scope.
 
 megatron-core assumes CUDA and TransformerEngine in a handful of spots. Each adaptation below
-says why it exists and when it applies; ``apply(device)`` installs exactly the ones the current
-process needs and is idempotent. Nothing is patched at import time.
+says why it exists (its docstring) and when it applies (its condition). ``with scope(device):``
+installs exactly the ones the current process needs and, on exit, restores every attribute it
+patched and leaves the ``TorchFunctionMode`` it entered: a host process (a trainer, an RL loop)
+that calls the library is unchanged afterwards. Scopes nest: an inner scope installs only what
+the outer ones have not. Nothing is patched at import time and no environment variable is set.
 
 Conditions:
+  * ``local_spec`` -- always: the bridge builds its models with megatron's local spec.
   * ``cpu``   -- the process runs megatron on the CPU (gloo), no CUDA device is used.
   * ``no_te`` -- TransformerEngine is not installed (CPU *and* GPU machines here).
   * ``no_grouped_gemm`` -- the CUDA-only ``grouped_gemm`` package is not installed (legacy
     GroupedMLP experts only).
+On GPU with TransformerEngine and grouped_gemm installed, the scope installs only ``local_spec``'s.
+
+Each patching adaptation declares what it patches (``@_patches``); the scope snapshots those
+attributes before installing it and puts them back on exit, and refuses an adaptation that
+changed an attribute of those owners it did not declare. Version-dependent ones are feature-
+detected in their bodies (they look for the attribute / module they adapt).
+
+Caveat -- forward passes run by the host. Some adaptations matter at forward time, not only while
+the bridge builds, loads or exports: without TransformerEngine megatron-core 0.16's MoE router
+reads ``te_general_gemm`` in every forward (``_router_gemm_without_te``), and on CPU the
+CUDA-to-CPU redirection, the RNG tracker, the all-to-all dispatcher and the gloo gathers are used
+by every forward. A host that runs a forward of such a model *outside* our scope gets megatron's
+own behaviour there; that is the host's business: it can wrap its forward in
+``with compat.scope(device):`` itself (the CLI and the verification workers keep one scope open
+for their whole run).
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import functools
+import importlib
+import importlib.util
+import sys
 import types
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-_APPLIED: set[str] = set()
+
+def _patches(*targets: str):
+    """Declare what an adaptation patches: ``"module:attr,attr"`` or ``"module:Class.attr,attr"``."""
+    def mark(fn):
+        fn._targets = targets
+        return fn
+    return mark
 
 
 def _is_cuda(dev) -> bool:
@@ -46,6 +75,8 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@_patches("megatron.core.tensor_parallel.random:_get_cuda_rng_state,_set_cuda_rng_state",
+          "megatron.core.tensor_parallel.random:CudaRNGStatesTracker.add")
 def _cpu_rng_tracker():
     """cpu: the model-parallel RNG tracker snapshots CUDA generator state; on CPU the CPU
     generator plays that role (dropout is off for conversion, so only the bookkeeping matters)."""
@@ -65,6 +96,7 @@ def _cpu_rng_tracker():
     mrandom.CudaRNGStatesTracker.add = add
 
 
+@_patches("megatron.core.transformer.torch_norm:WrappedTorchNorm.__new__")
 def _torch_norm_sequence_parallel():
     """no_te (megatron-core 0.16 and 0.19.2): the local spec's WrappedTorchNorm asserts
     ``not sequence_parallel`` although a per-token norm is correct on sequence-sharded activations;
@@ -99,6 +131,7 @@ def _shallow_replace(config, **changes):
     return new
 
 
+@_patches("torch.cuda:current_device,synchronize")
 def _cpu_cuda_stubs():
     """cpu: ``torch.cuda.current_device()`` is used as an allocation device and
     ``torch.cuda.synchronize()`` after p2p ops; make them name the CPU / do nothing."""
@@ -106,6 +139,7 @@ def _cpu_cuda_stubs():
     torch.cuda.synchronize = lambda *a, **k: None
 
 
+@_patches("megatron.core.transformer.moe.moe_utils:te_general_gemm")
 def _router_gemm_without_te():
     """no_te: megatron-core 0.16's router GEMM tests ``te_general_gemm is not None``, a name only
     bound when TransformerEngine imports -- every MoE forward dies with NameError (GPU too).
@@ -116,6 +150,7 @@ def _router_gemm_without_te():
         moe_utils.te_general_gemm = None
 
 
+@_patches("megatron.core.transformer.multi_latent_attention:HAVE_TE")
 def _mla_without_te():
     """no_te: multi_latent_attention's ``HAVE_TE`` is true when TransformerEngine is absent (its
     extension module imports against a mock), so an ``isinstance(..., TELinear)`` check crashes.
@@ -125,6 +160,7 @@ def _mla_without_te():
     multi_latent_attention.HAVE_TE = False
 
 
+@_patches("megatron.core.transformer.dot_product_attention:DotProductAttention.__init__")
 def _local_attention_for_mla():
     """no_te: MLA passes ``k_channels`` / ``v_channels`` to the core attention; the local
     DotProductAttention takes neither and sizes its output as kv_channels x heads, while MLA's
@@ -155,6 +191,7 @@ def _gmm(a, b, batch_sizes, trans_b=False):
     return torch.cat(outs) if outs else a.new_zeros(0, b.shape[1] if trans_b else b.shape[2])
 
 
+@_patches("megatron.core.transformer.moe.grouped_gemm_util:grouped_gemm,ops")
 def _grouped_gemm_fallback():
     """no_grouped_gemm: the legacy GroupedMLP asserts the CUDA-only ``grouped_gemm`` package at
     construction and calls ``ops.gmm`` in its forward; give it the torch version above.
@@ -172,6 +209,8 @@ def _grouped_gemm_fallback():
         gg.ops = ops
 
 
+@_patches("megatron.core.transformer.moe.token_dispatcher:MoEAlltoAllTokenDispatcher.cuda_dtoh_stream,"
+          "_maybe_dtoh_and_synchronize")
 def _cpu_alltoall_dispatcher():
     """cpu: the all-to-all token dispatcher creates a CUDA stream for its device-to-host copies and,
     on GPU, turns the all-to-all split sizes into host numbers on it; on CPU no stream exists and
@@ -192,6 +231,7 @@ def _cpu_alltoall_dispatcher():
     cls._maybe_dtoh_and_synchronize = _maybe_dtoh_and_synchronize
 
 
+@_patches("megatron.core.tensor_parallel.mappings:_gather_along_first_dim,_reduce_scatter_along_first_dim")
 def _gloo_uneven_gather_scatter():
     """cpu: with expert-TP > 1 and EP > 1 the dispatcher all-gathers / reduce-scatters token runs
     of different lengths per rank; gloo only does equal sizes. Pad to the longest run for the
@@ -225,25 +265,34 @@ def _gloo_uneven_gather_scatter():
     mappings._reduce_scatter_along_first_dim = scatter_uneven
 
 
-def apply(device: str) -> None:
-    """Install the adaptations this process needs for ``device`` ("cpu" or "cuda")."""
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # megatron wraps helpers in torch.compile
-    wanted = ["no_te", "no_grouped_gemm"]
-    if device == "cpu":
-        wanted.append("cpu")
-    for cond in wanted:
-        if cond in _APPLIED:
-            continue
-        for fn in _ADAPTATIONS[cond]:
-            fn()
-        _APPLIED.add(cond)
+@_patches("megatron.core.models.common.language_module.language_module:LanguageModule._set_attention_backend")
+def _keep_attention_env():
+    """local_spec: megatron's ``LanguageModule.__init__`` writes TransformerEngine's backend switches
+    (NVTE_FLASH_ATTN, NVTE_FUSED_ATTN, NVTE_UNFUSED_ATTN) into ``os.environ`` and asserts when the
+    process already holds other values (a host that chose a TE backend). The bridge's models use
+    the local spec, which never reads them: building one leaves the environment alone."""
+    from megatron.core.models.common.language_module import language_module
+
+    if hasattr(language_module.LanguageModule, "_set_attention_backend"):
+        language_module.LanguageModule._set_attention_backend = lambda self: None
 
 
-def _enter_cpu_mode():
-    mode = _CudaToCpu()
-    mode.__enter__()  # stays active for the life of the process (CPU runs only)
+def _cpu_mode():
+    """cpu: the CUDA-to-CPU redirection above (``_CudaToCpu``), active while the scope is."""
+    return _CudaToCpu()
 
 
+def _eager_compile():
+    """cpu: megatron wraps fused helpers in ``torch.compile`` (``megatron.core.jit.jit_fuser``);
+    compiling them on CPU costs seconds per shape and gains nothing for a conversion: run them
+    eagerly (``torch.compiler.set_stance("force_eager")``), inside the scope only. torch.compile
+    itself keeps working, so megatron's helpers and the host's own functions compile elsewhere."""
+    if torch.compile is _compile_nothing and "torch._dynamo" not in sys.modules:
+        return contextlib.nullcontext()  # under compile_off with nothing compiled yet: nothing to keep eager
+    return torch.compiler.set_stance("force_eager")
+
+
+@functools.lru_cache(maxsize=None)
 def _has_te() -> bool:
     try:
         import transformer_engine  # noqa: F401
@@ -252,19 +301,146 @@ def _has_te() -> bool:
     return True
 
 
-def _no_te_only(fn):
-    def run():
-        if not _has_te():
-            fn()
-
-    run.__doc__ = fn.__doc__
-    return run
+@functools.lru_cache(maxsize=None)
+def _has_grouped_gemm() -> bool:
+    return importlib.util.find_spec("grouped_gemm") is not None
 
 
+def conditions(device: str) -> list[str]:
+    """The conditions that hold for a run on ``device`` ("cpu" or "cuda") in this process."""
+    found = ["local_spec"]
+    if device == "cpu":
+        found.append("cpu")
+    if not _has_te():
+        found.append("no_te")
+    if not _has_grouped_gemm():
+        found.append("no_grouped_gemm")
+    return found
+
+
+# condition -> adaptations, in install order. A function with ``_targets`` (``@_patches``) patches
+# those attributes; one without returns a context manager entered for the scope's duration.
 _ADAPTATIONS = {
-    "cpu": [_cpu_cuda_stubs, _cpu_rng_tracker, _enter_cpu_mode, _cpu_alltoall_dispatcher,
+    "local_spec": [_keep_attention_env],
+    "cpu": [_cpu_cuda_stubs, _cpu_rng_tracker, _cpu_mode, _eager_compile, _cpu_alltoall_dispatcher,
             _gloo_uneven_gather_scatter],
-    "no_te": [_no_te_only(_torch_norm_sequence_parallel), _no_te_only(_router_gemm_without_te),
-              _no_te_only(_mla_without_te), _no_te_only(_local_attention_for_mla)],
+    "no_te": [_torch_norm_sequence_parallel, _router_gemm_without_te, _mla_without_te, _local_attention_for_mla],
     "no_grouped_gemm": [_grouped_gemm_fallback],
 }
+
+_MISSING = object()
+_CHECKED: set = set()
+_ACTIVE: list[str] = []  # conditions installed by the scopes now open (outermost first)
+
+
+_OWNERS: dict = {}  # adaptation -> its resolved owners (modules and classes do not move)
+
+
+def _owners(fn) -> list[tuple[object, list[str]]]:
+    """(object, attribute names) an adaptation declared; owners megatron-core lacks are left out
+    (the adaptation's body feature-detects them too)."""
+    if fn in _OWNERS:
+        return _OWNERS[fn]
+    out = _OWNERS[fn] = []
+    for target in getattr(fn, "_targets", ()):
+        module, _, rest = target.partition(":")
+        path, _, names = rest.rpartition(".")
+        try:
+            owner = importlib.import_module(module)
+        except ModuleNotFoundError:
+            continue
+        for part in filter(None, path.split(".")):
+            owner = getattr(owner, part, None)
+        if owner is not None:
+            out.append((owner, names.split(",")))
+    return out
+
+
+def _install(fn, stack: contextlib.ExitStack) -> None:
+    if not hasattr(fn, "_targets"):
+        stack.enter_context(fn())
+        return
+    owners = _owners(fn)
+    for owner, names in owners:  # restored in reverse install order, after the later adaptations'
+        for name in names:
+            stack.callback(_restore, owner, name, vars(owner).get(name, _MISSING))
+    if fn in _CHECKED:
+        fn()
+        return
+    before = [(owner, dict(vars(owner))) for owner, _ in owners]
+    fn()
+    _CHECKED.add(fn)  # the first install in a process checks the declaration
+    declared = {(id(o), n) for o, names in owners for n in names}
+    for owner, old in before:
+        now = vars(owner)
+        stray = [n for n in set(old) | set(now) if old.get(n, _MISSING) is not now.get(n, _MISSING)
+                 and (id(owner), n) not in declared]
+        if stray:
+            raise RuntimeError(f"compat.{fn.__name__} changed {getattr(owner, '__name__', owner)}."
+                               f"{', '.join(sorted(stray))} without declaring it in @_patches: it "
+                               f"would not be restored")
+
+
+def _restore(owner, name: str, value) -> None:
+    if value is _MISSING:
+        if name in vars(owner):
+            delattr(owner, name)
+    else:
+        setattr(owner, name, value)
+
+
+@contextlib.contextmanager
+def scope(device: str):
+    """Install the adaptations a run on ``device`` ("cpu" or "cuda") needs, for the duration of
+    the ``with`` block; on exit every patched attribute is restored and the CPU mode is left.
+    Nestable: an inner scope installs only the conditions no enclosing scope has installed."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"compat.scope: device must be 'cpu' or 'cuda', got {device!r}")
+    wanted = [c for c in conditions(device) if c not in _ACTIVE]
+    with contextlib.ExitStack() as stack:
+        for cond in wanted:
+            for fn in _ADAPTATIONS[cond]:
+                _install(fn, stack)
+        _ACTIVE.extend(wanted)
+        try:
+            yield wanted
+        finally:
+            del _ACTIVE[len(_ACTIVE) - len(wanted):]
+
+
+def active() -> list[str]:
+    """The conditions installed by the scopes now open."""
+    return list(_ACTIVE)
+
+
+def scoped_iter(iterable, device: str):
+    """Iterate ``iterable`` (a generator of ours) inside ``scope(device)``, leaving the scope
+    while the caller holds each item: the host's code between items runs outside it."""
+    it = iter(iterable)
+    while True:
+        with scope(device):
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield item
+
+
+def _compile_nothing(model=None, **kwargs):
+    return model if model is not None else (lambda fn: fn)
+
+
+@contextlib.contextmanager
+def compile_off():
+    """For processes the library owns -- the CLI, the verification workers, the test pool -- never
+    entered by library entry points (a host keeps its torch.compile): ``torch.compile`` returns the
+    function unchanged while the block runs. megatron decorates its fused helpers with it when its
+    modules are imported (``megatron.core.jit.jit_fuser``); the first decoration imports
+    TorchInductor (seconds of start-up) for helpers a conversion runs eagerly anyway. Helpers
+    decorated inside the block stay plain functions for the life of the process."""
+    original = torch.compile
+    torch.compile = _compile_nothing
+    try:
+        yield
+    finally:
+        torch.compile = original
