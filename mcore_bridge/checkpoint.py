@@ -108,7 +108,7 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: st
     if fmt == "torch_dist":
         from . import dist_ckpt
 
-        block = bool(bridge.family.model_settings()["spec"].get("block", False))
+        block = bridge.family.decoder_block_spec
         return dist_ckpt.save(models, out_dir, overwrite, finalize_extra=finalize, content=content, spec=spec,
                               block=block)
     layout, rank, world = bridge.layout, rt.rank(), rt.world_size()

@@ -67,7 +67,7 @@ def te_keys(source: str, layout: dict, grouped: bool = False) -> dict:
     as a control, its local layout). Returns the differing keys of each."""
     bridge = Bridge(source, ParallelLayout(**layout))
     bridge.setup("cpu")
-    block = bool(bridge.family.model_settings()["spec"].get("block", False))
+    block = bridge.family.decoder_block_spec
     ours = bridge.build_model(torch.float32)
     from mcore_bridge import dist_ckpt
 

@@ -140,6 +140,9 @@ class Family:
     name: str = ""
     multimodal = False  # vision-language families (``qwen_vl``) say True
     hf_prefix = "model."  # HF prefix of the language model's tensors (embeddings, layers, final norm)
+    # True where ``layer_spec`` returns megatron's decoder *block* spec (per-layer specs) instead of
+    # one layer spec: megatron's TE variant of it adds a final-norm ``_extra_state`` (te_layout).
+    decoder_block_spec = False
 
     @property
     def hf_layer_prefix(self) -> str:

@@ -82,6 +82,8 @@ class MoEMixin:
                                     "mlp_only_layers): convert it as a dense model")
         return settings
 
+    decoder_block_spec = True
+
     def layer_spec(self, config, vp_stage, pp_rank):
         """Per-layer specs: dense and MoE layers mixed, from ``config.moe_layer_freq``."""
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec

@@ -131,12 +131,27 @@ def _shallow_replace(config, **changes):
     return new
 
 
-@_patches("torch.cuda:current_device,synchronize")
+class _NoStream:
+    """cpu: what ``torch.cuda.current_stream()`` returns on CPU: every wait is already satisfied."""
+
+    def wait_event(self, *a, **k):
+        pass
+
+    def wait_stream(self, *a, **k):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+@_patches("torch.cuda:current_device,synchronize,current_stream")
 def _cpu_cuda_stubs():
     """cpu: ``torch.cuda.current_device()`` is used as an allocation device and
-    ``torch.cuda.synchronize()`` after p2p ops; make them name the CPU / do nothing."""
+    ``torch.cuda.synchronize()`` after p2p ops; make them name the CPU / do nothing. megatron-core
+    0.19's DDP (``start_grad_sync``) also waits on ``torch.cuda.current_stream()`` (0.16 does not)."""
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_stream = lambda *a, **k: _NoStream()
 
 
 @_patches("megatron.core.transformer.moe.moe_utils:te_general_gemm")
