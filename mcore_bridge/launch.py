@@ -39,7 +39,7 @@ def torchrun_command(nproc: int, args: argparse.Namespace) -> list[str]:
     """torchrun (``torch.distributed.run``) for this node. Several nodes meet by static rendezvous
     at node 0's MASTER_ADDR:MASTER_PORT; global rank = node_rank x nproc + local rank, so each node
     holds a contiguous block of ranks (with tp x pp per node: whole pipeline stages)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+    cmd = [sys.executable, "-m", "mcore_bridge.torchrun", f"--nproc-per-node={nproc}",
            f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", "--max-restarts=0"]
     if args.nnodes == 1:
         return cmd + ["--standalone"]

@@ -65,6 +65,12 @@ def test_training_checkpoint_converts_and_mismatches_are_named(pools, zoo_model,
     assert "lacks 1 tensor(s) this model needs: ['output_layer.weight']" in r.stderr
     assert "Traceback" not in r.stderr
     assert_nothing_written(save)
+    # the same through the CLI's own torchrun relaunch (2 processes): every rank fails, exit 2 as well
+    r = _convert(tmp_path / "missing", src, save, "--tp", "2")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "['output_layer.weight']" in r.stderr
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr, r.stderr[-3000:]
+    assert_nothing_written(save)
 
     # holds a model tensor the model does not have
     save = tmp_path / "hf-extra"
