@@ -85,7 +85,7 @@ def test_matrix_expansion_skips_invalid_with_reason():
     assert "needs tensor parallelism" in reasons and "tp=3" in reasons
     assert case_id("qwen3-tiny", ParallelLayout(tp=2, pp=2, sp=True)) == "qwen3-tiny[tp2-pp2-sp]"
     with pytest.raises(ValueError, match="unknown axis"):
-        parse("cp=2")
+        parse("zz=2")  # cp is an axis (context parallel); anything unknown is refused
     assert parse("ep=1,2 etp=1") == [{"ep": 1, "etp": 1}, {"ep": 2, "etp": 1}]
 
 
