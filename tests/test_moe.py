@@ -22,7 +22,7 @@ GROUPED = local_grouped_experts_available()
 def assert_grouped_refused(pools, world, source, layout):
     errors = pools.get(world).run(cases.build_error, timeout=300, source=str(source), layout=layout.to_dict(),
                                   grouped=True)
-    assert all(e and e.startswith("ValueError: grouped_experts=True") and "SequentialMLP" in e
+    assert all(e and e.startswith("UsageError: grouped_experts=True") and "SequentialMLP" in e
                for e in errors), errors
 # (world size, layout, grouped experts)
 LAYOUTS = [
