@@ -179,13 +179,14 @@ def load_error(ckpt: str, layout: dict) -> str | None:
     return None
 
 
-def resave(ckpt: str, layout: dict, out_dir: str, spec: str) -> int:
-    """A torch_dist checkpoint loaded at ``layout`` and written again in ``spec``'s layout."""
+def resave(ckpt: str, layout: dict, out_dir: str, spec: str, grouped: bool = False) -> int:
+    """A torch_dist checkpoint loaded at ``layout`` (into grouped-GEMM experts with ``grouped``) and
+    written again in ``spec``'s layout."""
     from mcore_bridge import checkpoint
 
     bridge = checkpoint.bridge_from_mcore(ckpt, ParallelLayout(**layout))
     bridge.setup("cpu")
-    models = bridge.build_model()
+    models = bridge.build_model(grouped_experts=grouped)
     checkpoint.load_mcore(bridge, models, ckpt)
     checkpoint.save_mcore(bridge, models, out_dir, overwrite=True, spec=spec)
     return rt.rank()

@@ -133,6 +133,29 @@ def test_reshard_across_specs_is_byte_exact(pools, zoo_model, tmp_path):
     assert_same_hf(vl, tmp_path / "vl-hf")
 
 
+@pytest.mark.world(2)
+def test_te_checkpoint_reads_into_grouped_experts(pools, zoo_model, tmp_path):
+    """A TE-layout checkpoint of sequential experts read into grouped-GEMM experts (megatron-core 0.16's
+    legacy GroupedMLP) and written TE again from them: HF out equals HF in. Where the local spec has no
+    grouped experts (0.19), reading into them is refused with the reason instead."""
+    from mcore_bridge.model import local_grouped_experts_available
+    from verify.pool import WorkerError
+
+    src = zoo_model("deepseek_v3")
+    te1, te2 = tmp_path / "te1", tmp_path / "te2"
+    save(pools, 2, src, L(ep=2), te1, "te")
+    if not local_grouped_experts_available():
+        with pytest.raises(WorkerError, match="grouped_experts=True: megatron-core .* no grouped-GEMM experts"):
+            pools.get(2).run(te_cases.resave, ckpt=str(te1), layout=L(ep=2).to_dict(), out_dir=str(te2),
+                             spec="te", grouped=True)
+        return
+    pools.get(2).run(te_cases.resave, ckpt=str(te1), layout=L(ep=2).to_dict(), out_dir=str(te2), spec="te",
+                     grouped=True)
+    assert_layout(te2, "deepseek_v3", "te")
+    to_hf(pools, te2, L(tp=2, sp=True), 2, tmp_path / "hf")  # read back as sequential experts
+    assert_same_hf(src, tmp_path / "hf")
+
+
 @pytest.fixture(scope="module")
 def qwen3_moe_adapter(zoo_model, tmp_path_factory):
     import peft
