@@ -278,7 +278,7 @@ def mla_rope_defect(bridge, ref: dict, got: dict, origin: dict | None) -> dict |
     Detected on the measured gradients, not assumed from the version."""
     if origin is None or bridge.layout.tp == 1 or not origin["name"].endswith("kv_a_proj_with_mqa.weight"):
         return None
-    if not bridge.family.model_settings()["config"].get("multi_latent_attention"):
+    if not bridge.family.architecture.config.get("multi_latent_attention"):
         return None
     rank = int(bridge.hf_config["kv_lora_rank"])
     h, g = ref[origin["name"]].double(), got[origin["name"]].double()
