@@ -72,7 +72,7 @@ def main():
             setattr(args, "read_" + k, getattr(args, k))
 
     from mcore_bridge import Bridge, checkpoint
-    from mcore_bridge.io import HFCheckpoint
+    from mcore_bridge.hf_io import HFCheckpoint
     from mcore_bridge.runtime import dist as rt
 
     layout, read_layout = parse_layout(args), parse_layout(args, "read_")

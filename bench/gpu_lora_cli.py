@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
     from mcore_bridge import zoo
-    from mcore_bridge.io import HFCheckpoint
+    from mcore_bridge.hf_io import HFCheckpoint
 
     import megatron.core
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from mcore_bridge import Bridge, ParallelLayout
-from mcore_bridge.io import HFCheckpoint
+from mcore_bridge.hf_io import HFCheckpoint
 from mcore_bridge.runtime import compat
 from mcore_bridge.runtime import dist as rt
 

@@ -153,7 +153,7 @@ class ReadPlan:
     """What one rank reads: per local parameter, per HF source, the file and byte ranges."""
 
     def __init__(self, bridge, models):
-        from mcore_bridge.io import read_header
+        from mcore_bridge.hf_io import read_header
 
         ckpt = bridge.hf
         state = bridge._state(models)

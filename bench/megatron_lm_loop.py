@@ -264,7 +264,7 @@ def check(a):
         "control_mean_abs_diff_untrained_hf_vs_megatron_fp32": (before - m32).abs().mean().item(),
     }
     # exported weights: every tensor in HF form, bf16 like the training weights
-    from mcore_bridge.io import HFCheckpoint
+    from mcore_bridge.hf_io import HFCheckpoint
 
     src, back = HFCheckpoint(a.hf), HFCheckpoint(a.trained_hf)
     changed = sum(not torch.equal(src.read(n), back.read(n)) for n in src.names())

@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from . import io as hfio
+from . import hf_io as hfio
 from . import lora as lora_
 from . import stacked
 from .errors import UsageError

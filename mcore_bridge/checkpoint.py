@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import io as hfio
+from . import hf_io as hfio
 from .bridge import Bridge
 from .errors import UsageError
 from .layout import LayoutError, ParallelLayout

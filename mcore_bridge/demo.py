@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from . import checkpoint, zoo
 from .bridge import Bridge
-from .io import HFCheckpoint
+from .hf_io import HFCheckpoint
 from .layout import ParallelLayout
 from .runtime import dist as rt
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from . import io as hfio
+from . import hf_io as hfio
 from .errors import UsageError
 from .runtime import dist as rt
 from .untrusted import check_dcp_metadata, object_keys

@@ -7,7 +7,7 @@ and keeps its traceback. Each class also derives from the built-in exception it 
 (``ValueError``, ``FileExistsError``), so existing ``except ValueError`` callers keep working.
 
 The classes are re-exported where they were first defined (``families.UnsupportedConfig``,
-``layout.LayoutError``, ``plan.MappingError``, ``io.CheckpointError``, ``lora.AdapterError``).
+``layout.LayoutError``, ``plan.MappingError``, ``hf_io.CheckpointError``, ``lora.AdapterError``).
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def discard_partial_output(save: Path):
     """
     import shutil
 
-    from .io import staging_dir
+    from .hf_io import staging_dir
 
     stage = staging_dir(save.absolute())
     if stage.is_dir():

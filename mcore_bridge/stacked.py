@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from .io import CheckpointError, TensorInfo
+from .hf_io import CheckpointError, TensorInfo
 
 IN_OUT = "in_out"  # gate_up [E, H, 2F], down [E, F, H]  (Qwen3-VL-MoE / Llama-4 files)
 OUT_IN = "out_in"  # gate_up [E, 2F, H], down [E, H, F]  (nn.Linear orientation)

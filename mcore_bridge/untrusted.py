@@ -33,7 +33,7 @@ import pickle
 import pickletools
 from pathlib import Path
 
-from .io import CheckpointError
+from .hf_io import CheckpointError
 
 _DCP = "torch.distributed.checkpoint."
 DCP_METADATA = frozenset({

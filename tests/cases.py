@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from mcore_bridge import Bridge, ParallelLayout
-from mcore_bridge.io import HFCheckpoint
+from mcore_bridge.hf_io import HFCheckpoint
 from mcore_bridge.transforms import QKV, GatedMLP, Transform, _rows
 from mcore_bridge.runtime import dist as rt
 

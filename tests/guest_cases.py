@@ -54,7 +54,7 @@ def host(source: str, tp: int = 1, cp: int = 1, out_dir: str | None = None) -> d
 
 def _as_guest(source, out_dir, ps, c10d, CompileCounter, cuda_current_device, cuda_synchronize) -> dict:
     from mcore_bridge import Bridge, LayoutError, ParallelLayout
-    from mcore_bridge.io import HFCheckpoint
+    from mcore_bridge.hf_io import HFCheckpoint
     from mcore_bridge.runtime import compat
     from mcore_bridge.sync import unpack_bucket
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcore_bridge.io import HFCheckpoint, collective_output, staging_dir
+from mcore_bridge.hf_io import HFCheckpoint, collective_output, staging_dir
 
 CLI = [sys.executable, "-m", "mcore_bridge.cli"]
 

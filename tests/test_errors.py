@@ -15,7 +15,7 @@ LEGACY_HOMES = {  # name -> module it was defined in before errors.py (still imp
     "UnsupportedConfig": "mcore_bridge.families.base",
     "LayoutError": "mcore_bridge.layout",
     "MappingError": "mcore_bridge.plan",
-    "CheckpointError": "mcore_bridge.io",
+    "CheckpointError": "mcore_bridge.hf_io",
     "AdapterError": "mcore_bridge.lora",
 }
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mcore_bridge import io as hfio
-from mcore_bridge.io import CheckpointError, HFCheckpoint, staging_dir
+from mcore_bridge import hf_io as hfio
+from mcore_bridge.hf_io import CheckpointError, HFCheckpoint, staging_dir
 from tests.test_cli import assert_nothing_written, run_cli
 
 ENOSPC_LINE = "cannot write {}: No space left on device"

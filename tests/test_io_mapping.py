@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mcore_bridge import io as hfio
+from mcore_bridge import hf_io as hfio
 
 
 def _rss_file_kb() -> int:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mcore_bridge import ParallelLayout as L
-from mcore_bridge.io import HFCheckpoint
+from mcore_bridge.hf_io import HFCheckpoint
 from tests import lora_cases
 from tests.cases import same_bytes
 from tests.matrix import case_id

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from mcore_bridge.io import HFCheckpoint
+from mcore_bridge.hf_io import HFCheckpoint
 from tests.test_cli import assert_nothing_written, run_cli
 
 

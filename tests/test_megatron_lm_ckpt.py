@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mcore_bridge import ParallelLayout as L
-from mcore_bridge.io import HFCheckpoint
+from mcore_bridge.hf_io import HFCheckpoint
 from tests import megatron_lm_cases as mlc
 from tests.test_cli import assert_nothing_written, assert_same_weights, run_cli
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mcore_bridge import ParallelLayout as L
-from mcore_bridge.io import HFCheckpoint
+from mcore_bridge.hf_io import HFCheckpoint
 from tests import cases
 
 MB = 1 << 20

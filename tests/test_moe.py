@@ -8,7 +8,7 @@ import pytest
 
 from mcore_bridge import ParallelLayout as L
 from mcore_bridge import zoo
-from mcore_bridge.io import HFCheckpoint
+from mcore_bridge.hf_io import HFCheckpoint
 from mcore_bridge.model import local_grouped_experts_available
 from tests import cases, verify_cases
 from tests.matrix import case_id

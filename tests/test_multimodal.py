@@ -12,7 +12,7 @@ import torch
 
 from mcore_bridge import ParallelLayout as L
 from mcore_bridge import zoo
-from mcore_bridge.io import HFCheckpoint
+from mcore_bridge.hf_io import HFCheckpoint
 from mcore_bridge.layout import LayoutError
 from mcore_bridge.plan import MappingError
 from tests import cases, verify_cases

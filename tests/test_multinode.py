@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mcore_bridge.io import staging_dir
+from mcore_bridge.hf_io import staging_dir
 from mcore_bridge.layout import ParallelLayout
 from mcore_bridge.runtime.dist import free_port
 

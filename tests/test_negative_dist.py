@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from mcore_bridge import ParallelLayout as L
-from mcore_bridge.io import HFCheckpoint
+from mcore_bridge.hf_io import HFCheckpoint
 from tests import cases
 from tests.matrix import param
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from mcore_bridge import ParallelLayout as L
 from mcore_bridge import stacked
 from mcore_bridge.families import family_for
-from mcore_bridge.io import HFCheckpoint
+from mcore_bridge.hf_io import HFCheckpoint
 from tests import cases
 
 EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")

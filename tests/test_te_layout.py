@@ -176,7 +176,7 @@ def test_lora_checkpoint_in_te_layout(pools, zoo_model, qwen3_moe_adapter, tmp_p
     """A checkpoint holding base weights and a LoRA adapter, in the TE layout, reads back exactly."""
     import torch
 
-    from mcore_bridge.io import HFCheckpoint
+    from mcore_bridge.hf_io import HFCheckpoint
 
     src = zoo_model("qwen3_moe")
     ckpt = tmp_path / "lora-te"

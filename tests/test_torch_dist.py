@@ -14,7 +14,7 @@ import torch
 
 from mcore_bridge import ParallelLayout as L
 from mcore_bridge import dist_ckpt
-from mcore_bridge.io import CheckpointError, HFCheckpoint
+from mcore_bridge.hf_io import CheckpointError, HFCheckpoint
 from tests import cases
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcore_bridge import io as hfio
-from mcore_bridge.io import CheckpointError, HFCheckpoint
+from mcore_bridge import hf_io as hfio
+from mcore_bridge.hf_io import CheckpointError, HFCheckpoint
 from tests.test_cli import assert_nothing_written, assert_same_weights, run_cli
 
 

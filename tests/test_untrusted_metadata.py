@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from mcore_bridge import dist_ckpt, untrusted
-from mcore_bridge.io import CheckpointError
+from mcore_bridge.hf_io import CheckpointError
 from tests.test_cli import assert_nothing_written, run_cli
 
 

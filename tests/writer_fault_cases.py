@@ -35,7 +35,7 @@ def _scaled_torch_dist_write(name: str, factor: float):
 @contextlib.contextmanager
 def _scaled_hf_write(name: str, factor: float):
     """The HF writer (``io.write_shard``) writes tensor ``name`` times ``factor``."""
-    from mcore_bridge import io as hfio
+    from mcore_bridge import hf_io as hfio
 
     original = hfio.write_shard
     hits = []

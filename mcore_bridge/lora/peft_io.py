@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .. import io as hfio
+from .. import hf_io as hfio
 from ..errors import UsageError
 from .spec import ALL_LINEAR, AdapterError, LoraSpec
 

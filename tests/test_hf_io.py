@@ -1,4 +1,4 @@
-"""Safetensors I/O (mcore_bridge.io): the lazy reader over single-file and indexed checkpoints,
+"""Safetensors I/O (mcore_bridge.hf_io): the lazy reader over single-file and indexed checkpoints,
 integrity errors, the shard planner, and the atomic destination handling."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from mcore_bridge import io as hfio
-from mcore_bridge.io import CheckpointError, HFCheckpoint, plan_shards
+from mcore_bridge import hf_io as hfio
+from mcore_bridge.hf_io import CheckpointError, HFCheckpoint, plan_shards
 
 CONFIG = {"model_type": "llama", "num_hidden_layers": 1}
 
