@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--json", default=None, help="also write the comparison as JSON")
 
     sub.add_parser("zoo", help="list the built-in tiny models")
+    from .sizing import add_parser as add_plan_parser
+
+    add_plan_parser(sub, _add_layout_args)
     return parser
 
 
@@ -541,6 +544,12 @@ def cmd_report(args, argv) -> int:
     return regression_main(["--baseline", args.baseline, "--current", args.current, *extra])
 
 
+def cmd_plan(args, argv) -> int:
+    from .sizing import cmd_plan as run
+
+    return run(args, _layout(args))
+
+
 def cmd_zoo(args, argv) -> int:
     from . import zoo
 
@@ -588,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     quiet_library_warnings()
     handler = {"export": cmd_export, "demo": cmd_demo, "zoo": cmd_zoo, "verify": cmd_verify,
-               "report": cmd_report}[args.command]
+               "report": cmd_report, "plan": cmd_plan}[args.command]
     try:
         with _own_process(args.command):
             return handler(args, argv)
