@@ -211,6 +211,9 @@ class Family:
         """Follow naming choices of the checkpoint at hand (``hf_names``) where a family allows
         several; the rules then produce those names, so export writes them back."""
 
+    def check_lora(self) -> None:
+        """Refuse LoRA (``errors.AdapterError``, with the reason) where the family cannot carry it."""
+
     def check_layout(self, layout) -> None:
         """Refuse layouts this model cannot run on beyond what ``layout_dims`` expresses."""
 

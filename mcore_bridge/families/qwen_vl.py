@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import importlib
 
+from ..errors import AdapterError
 from ..transforms import REPLICATED
 from .base import HFConfig, UnsupportedConfig, rule
 from .moe import MoEMixin
@@ -138,6 +139,11 @@ class VisionLanguageMixin:
             raise UnsupportedConfig(f"{deepstack} deepstack features for {self.num_layers} language layers")
         return VisionSettings(raw["model_type"], self.vision_class, int(raw["image_token_id"]),
                               int(raw["video_token_id"]), deepstack, self.mrope_interleaved)
+
+    def check_lora(self) -> None:
+        raise AdapterError(f"LoRA on vision-language models ({self.name}) is not supported yet: "
+                           f"PEFT names their modules under model.language_model / model.visual, which "
+                           f"the adapter tables do not map; merge the adapter with PEFT first")
 
     def check_layout(self, layout) -> None:
         """Deepstack features enter the first language layers, next to the vision tower."""
