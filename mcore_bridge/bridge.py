@@ -21,9 +21,9 @@ import torch.distributed as dist
 from . import lora as lora_
 from . import stacked
 from .bridge_parts.adapters import AdapterState
-from .bridge_parts.loader import Loader, progress  # noqa: F401  (progress: re-exported)
+from .bridge_parts.loader import Loader, progress
 from .bridge_parts.local import LocalPlan
-from .bridge_parts.reader import CheckpointReader, resolve_source  # noqa: F401  (re-exported)
+from .bridge_parts.reader import CheckpointReader, resolve_source
 from .bridge_parts.syncplan import SyncPlanner
 from .bridge_parts.writer import Writer
 from .errors import UsageError
@@ -31,6 +31,8 @@ from .layout import ParallelLayout
 from .plan import check_names, inventory
 from .runtime import compat
 from .runtime import dist as rt
+
+__all__ = ["Bridge", "DTYPES", "DEFAULT_BUCKET_BYTES", "DEFAULT_SHARD_BYTES", "progress", "resolve_source"]
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

@@ -234,8 +234,8 @@ def peft_targets(family, experts: str) -> tuple[list[str], list[str]]:
     for r in family.targeted():
         kind = r.mcore[: -len(".weight")].rsplit(".", 1)[-1]
         leaves = {n[: -len(".weight")].rsplit(".", 1)[-1] for n in r.hf}
-        if kind == "router":  # a parameter for PEFT in every form (routers are not Linear modules)
-            params.add("mlp.gate.weight")
+        if kind in family.base.lora_named_only:  # a parameter for PEFT in every form (not a Linear module)
+            params.add(family.base.lora_named_only[kind])
         elif r.expert and experts == PARAMETERS:
             params.add(family.base.stacked_hf[0 if kind == "linear_fc1" else 1])
         elif moe and experts == PARAMETERS and kind in MLP_KINDS:
