@@ -106,7 +106,7 @@ def main():
 
     models = phase("load_hf", load_hf)
     share = 0.0 if args.device == "cuda" else sum(
-        t.numel() * t.element_size() for t in bridge._state(models).values()) / 1e9
+        t.numel() * t.element_size() for t in bridge.state(models).values()) / 1e9
     for ph in phases.values():
         ph["share_gb"] = share
     ckpt = work / "dist"
@@ -125,7 +125,7 @@ def main():
     out = work / "hf"
     phase("save_hf", lambda: reader.save_weights(fresh, out, overwrite=True))
     read_share = 0.0 if args.device == "cuda" else sum(
-        t.numel() * t.element_size() for t in reader._state(fresh).values()) / 1e9
+        t.numel() * t.element_size() for t in reader.state(fresh).values()) / 1e9
     phases["load_dist"]["share_gb"] = phases["save_hf"]["share_gb"] = read_share
     exact = None
     if rank == 0:

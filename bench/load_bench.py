@@ -6,7 +6,7 @@
 Per rank and per round (each round builds a fresh model, as a real job would):
   * floor  -- read exactly the bytes this rank needs with plain ``os.preadv`` calls into one
               preallocated, already-touched buffer. The byte ranges come from the bridge's own plan
-              (``Bridge._items`` + ``transform.slices``) and the safetensors header offsets: a row
+              (``Bridge.local.items`` + ``transform.slices``) and the safetensors header offsets: a row
               slice is one range, a column slice one range per row, adjacent ranges coalesced.
               On CPU also ``floor_fresh``: the same reads into a new buffer per item, so the
               first-touch page faults that filling freshly built (untouched) parameters costs are
@@ -156,15 +156,15 @@ class ReadPlan:
         from mcore_bridge.hf_io import read_header
 
         ckpt = bridge.hf
-        state = bridge._state(models)
-        groups = bridge._groups()
+        state = bridge.state(models)
+        groups = bridge.local.groups()
         starts, headers = {}, {}
         self.items = []  # (param, nbytes, [(path, [(off, len)])])
         self.share = 0  # bytes of this rank's loaded parameters (in the model dtype)
         self.largest_slice = 0
         self.largest_item = 0
         self.n_ranges = 0
-        for item in bridge._items(models, state):
+        for item in bridge.local.items(models, state):
             target = state[(item.chunk, item.param)]
             names = item.unit.hf_names
             shapes = [ckpt.info(n).shape for n in names]

@@ -84,7 +84,7 @@ def drain(stream):
 
 def per_parameter_baseline(bridge, models):
     """Per parameter: an all-reduce, a metadata broadcast, a gather, broadcasts (the others' loop)."""
-    exporter, g = bridge._exporter(models, None)
+    exporter, g = bridge.writer.exporter(models, None)
     world = dist.get_world_size()
     with torch.no_grad():
         for u in exporter.units:
@@ -129,7 +129,7 @@ def main(argv=None):
     models = bridge.build_model(torch.bfloat16)
     rank, world = dist.get_rank(), dist.get_world_size()
     model_bytes = sum(nbytes(s, d) for s, d in hf_tensors.values())
-    exporter, _ = bridge._exporter(models, None)
+    exporter, _ = bridge.writer.exporter(models, None)
     wire = wire_bytes(exporter)
     r = args.repeats
     res = {"config": args.config, "layers": args.layers, "layout": layout.short(), "world": world,

@@ -38,9 +38,9 @@ def measure(name: str, layers: int) -> dict:
     models = bridge.build_model(torch.bfloat16)
     first, tensors = timed_export(bridge, models)
     cached = min(timed_export(bridge, models)[0] for _ in range(3))
-    bridge.__dict__.pop("_plans", None)
+    bridge.syncplan.forget()
     t0 = time.perf_counter()
-    bridge._sync_plan(models, None, 256 << 20, True, True, False, None)
+    bridge.syncplan.plan(models, None, 256 << 20, True, True, False, None)
     return {"tensors": tensors, "first_s": first, "cached_plan_s": cached, "plan_s": time.perf_counter() - t0}
 
 

@@ -86,7 +86,7 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: st
     elif fmt != "torch_dist":
         raise UsageError("a model with a LoRA adapter is saved in the torch_dist format (--ckpt-format torch_dist)")
     out_dir = Path(out_dir).absolute()
-    state = bridge._state(models)
+    state = bridge.state(models)
     meta = {
         "format": FORMAT_NAMES[fmt],
         "layout": bridge.layout.to_dict(),
@@ -203,7 +203,7 @@ def load_plain(bridge: Bridge, models, path):
         if not file.exists():
             raise hfio.CheckpointError(f"{file} is missing: the checkpoint is incomplete")
         header = hfio.read_header(file)
-        state = {f"chunk{c}.{name}": t for (c, name), t in bridge._state(models).items()}
+        state = {f"chunk{c}.{name}": t for (c, name), t in bridge.state(models).items()}
         missing = sorted(set(state) - set(header))
         extra = sorted(set(header) - set(state))
         bad = [k for k in state if k in header and tuple(header[k]["shape"]) != tuple(state[k].shape)]

@@ -230,7 +230,7 @@ class Exporter:
             step = steps[i]
             if len(step) > 1:  # an EP round: each rank of the stage holds one of its buckets
                 mine = [b for b in step if g.holds(b[0].unit.owner)]
-                if mine and self._as_stored(mine[0]):  # packed straight from the parameters
+                if mine and self.as_stored(mine[0]):  # packed straight from the parameters
                     return {"as_stored": mine[0]}
                 return self._start(mine[0], None) if mine else None
             bucket = step[0]
@@ -290,7 +290,7 @@ class Exporter:
             i = j
         return steps
 
-    def _as_stored(self, bucket) -> bool:
+    def as_stored(self, bucket) -> bool:
         """Whether the bucket's HF tensors are its parameters' bytes as they lie (no TP split,
         no reordering, no cast: e.g. whole experts, whose fc1 rows are [gate; up])."""
         key = id(bucket)

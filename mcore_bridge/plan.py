@@ -18,8 +18,6 @@ from .layout import ParallelLayout
 
 # HF tensors that carry no weights (buffers some old checkpoints saved).
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
-# Non-layer parameters held by the first pipeline stage (the rest belong to the last one).
-FIRST_STAGE = ("embedding.", "visual.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +46,9 @@ class Unit:
 
 
 def inventory(family: Family, layout: ParallelLayout) -> list[Unit]:
-    """All units of the model in HF order: embedding (and vision tower), layers in order (experts in index order
-    within a layer), final norm, output."""
+    """All units of the model in HF order: the first stage's non-layer parameters (embedding, a
+    vision tower: ``family.first_stage_prefixes``), layers in order (experts in index order within
+    a layer), final norm, output."""
     n = family.num_layers
     first, last = (0, 0), (layout.pp - 1, layout.vpp - 1)
     rules = family.rules()
@@ -57,7 +56,7 @@ def inventory(family: Family, layout: ParallelLayout) -> list[Unit]:
     for r in rules:
         if r.per_layer:
             continue
-        if r.mcore.startswith(FIRST_STAGE):
+        if r.mcore.startswith(family.first_stage_prefixes):  # the rest: the last stage
             head.append(Unit(r, None, *first))
         else:
             tail.append(Unit(r, None, *last))

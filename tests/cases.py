@@ -273,7 +273,7 @@ def export_against(source: str, layout: dict, reference: str, expert_storage: st
             mismatches.append(name)
     bridge.save_weights(models, out_dir, overwrite=True, expert_storage=expert_storage)
     digest = {f"{c}.{n}": float(t.double().sum()) + float((t.double() ** 2).sum())
-              for (c, n), t in bridge._state(models).items()}
+              for (c, n), t in bridge.state(models).items()}
     return {"rank": rt.rank(), "names": sorted(names), "mismatches": mismatches, "digest": digest}
 
 
@@ -348,7 +348,7 @@ def conversion_memory(source: str, layout: dict, work: str, bucket_bytes: int) -
         return m
 
     models, rises["load_hf"] = measured(load_hf)
-    share = sum(t.numel() * t.element_size() for t in bridge._state(models).values())
+    share = sum(t.numel() * t.element_size() for t in bridge.state(models).values())
     _, rises["save_dist"] = measured(lambda: checkpoint.save_mcore(bridge, models, work / "dist", overwrite=True))
     models = None  # free the first model before the second is built
     reader = checkpoint.bridge_from_mcore(work / "dist")

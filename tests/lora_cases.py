@@ -33,11 +33,11 @@ def lora_export(source: str, layout: dict, out_dir: str, spec: dict, peft_expert
     must be untouched by the merge."""
     bridge, models = _loaded(source, layout)
     bridge.apply_lora(models, LoraSpec.from_dict(spec), random_b=True)
-    before = {k: v.detach().clone() for k, v in bridge._state(models).items()}
+    before = {k: v.detach().clone() for k, v in bridge.state(models).items()}
     got = _logits(bridge, models)
     bridge.save_weights(models, f"{out_dir}/adapter", peft_format=True, overwrite=True, peft_experts=peft_experts)
     bridge.save_weights(models, f"{out_dir}/merged", overwrite=True)
-    unchanged = all(torch.equal(before[k], v) for k, v in bridge._state(models).items())
+    unchanged = all(torch.equal(before[k], v) for k, v in bridge.state(models).items())
     return {"rank": rt.rank(), "logits": got, "unchanged": unchanged}
 
 
@@ -65,7 +65,7 @@ def lora_grads(source: str, layout: dict, out_dir: str, spec: dict) -> dict:
     loss.sum().backward()
     frozen = [n for n, p in model.named_parameters() if p.grad is not None and ".lora_" not in n]
     with torch.no_grad():
-        for t in bridge._state(models, lora=True).values():
+        for t in bridge.state(models, lora=True).values():
             t.copy_(t.grad)
     bridge.save_weights(models, out_dir, peft_format=True, overwrite=True)
     return {"rank": rt.rank(), "frozen_with_grad": frozen}

@@ -129,7 +129,7 @@ def _fast(model_type, tp, dtype=torch.float32):
     exporter, units = _exporter(model_type, tp, dtype)
     buckets = [[u] for u in units]  # kept alive: the exporter caches its decision per bucket
     return {u.unit.rule.mcore.split(".", 3)[-1] if u.unit.layer is not None else u.unit.rule.mcore:
-            exporter._as_stored(b) for b in buckets for u in b}
+            exporter.as_stored(b) for b in buckets for u in b}
 
 
 def test_fast_export_path_taken_for_transforms_stored_as_hf_lays_them_out():

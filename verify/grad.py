@@ -148,7 +148,7 @@ def peft_layout(bridge, factors: dict) -> dict:
     (routed experts' factors stacked, module renames), the names PEFT's ``save_pretrained`` writes."""
     from mcore_bridge.lora import peft_io
 
-    return peft_io._renamed(peft_io.stack_experts(factors, bridge.adapter_family), bridge.adapter_family.base,
+    return peft_io.renamed(peft_io.stack_experts(factors, bridge.adapter_family), bridge.adapter_family.base,
                             to_file=True)
 
 

@@ -92,7 +92,7 @@ def multimodal_samples(family, model_dir: Path | None, lengths=LENGTHS, seed: in
     """Image samples (synthetic pixels through the model's real image processor; loss only on the
     text after the last image) and text-only samples, all with transformers' 3-D position ids."""
     from mcore_bridge.families.qwen_vl import hf_config
-    from mcore_bridge.multimodal import mrope_position_ids
+    from mcore_bridge.families.vl_model import mrope_position_ids
 
     cfg = hf_config(family.full_config)
     vision = family.vision_settings()

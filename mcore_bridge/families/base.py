@@ -143,6 +143,14 @@ class Family:
     # True where ``layer_spec`` returns megatron's decoder *block* spec (per-layer specs) instead of
     # one layer spec: megatron's TE variant of it adds a final-norm ``_extra_state`` (te_layout).
     decoder_block_spec = False
+    # Prefixes of the non-layer megatron parameters the first pipeline stage holds (the rest of
+    # them belong to the last stage); a vision tower adds its own.
+    first_stage_prefixes: tuple[str, ...] = ("embedding.",)
+    # LoRA: megatron modules besides the ``linear_*`` ones that an adapter covers only when named
+    # (never by all-linear): module kind -> the parameter name PEFT targets it by (``target_parameters``)
+    lora_named_only: Mapping[str, str] = MappingProxyType({})
+    # LoRA targets users may name that this family lacks -> the reason ("target 'router': NAME has no MoE router")
+    lora_absent: Mapping[str, str] = MappingProxyType({"router": "has no MoE router", "gate": "has no MoE router"})
 
     @property
     def hf_layer_prefix(self) -> str:
@@ -210,6 +218,9 @@ class Family:
     def adapt(self, hf_names) -> None:
         """Follow naming choices of the checkpoint at hand (``hf_names``) where a family allows
         several; the rules then produce those names, so export writes them back."""
+
+    def check_lora(self) -> None:
+        """Refuse LoRA (``errors.AdapterError``, with the reason) where the family cannot carry it."""
 
     def check_layout(self, layout) -> None:
         """Refuse layouts this model cannot run on beyond what ``layout_dims`` expresses."""

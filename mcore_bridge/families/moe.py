@@ -8,6 +8,7 @@ choice of which layers are sparse (``decoder_sparse_step``, ``mlp_only_layers``)
 from __future__ import annotations
 
 import dataclasses
+from types import MappingProxyType
 
 from ..transforms import GATED_MLP, REPLICATED, ROW
 from .base import Layers, UnsupportedConfig, rule
@@ -22,6 +23,9 @@ class MoEMixin:
     """Shared MoE settings and rules. Subclasses name their HF fields and module paths."""
 
     router_hf = "mlp.gate.weight"
+    # LoRA on the router only when named; PEFT adapts it as a parameter (routers are not Linear
+    # modules), under transformers 5's in-memory name
+    lora_named_only = MappingProxyType({"router": "mlp.gate.weight"})
     expert_hf = ("mlp.experts.{E}.gate_proj.weight", "mlp.experts.{E}.up_proj.weight",
                  "mlp.experts.{E}.down_proj.weight")
     # the same experts stacked [E, ...] (see ``stacked``): gate_up_proj and down_proj

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import importlib
 
+from ..errors import AdapterError
 from ..transforms import REPLICATED
 from .base import HFConfig, UnsupportedConfig, rule
 from .moe import MoEMixin
@@ -71,7 +72,7 @@ def build_vision(model_type: str, vision_class: str, raw: dict):
 
 @dataclasses.dataclass(frozen=True)
 class VisionSettings:
-    """What the megatron-side model needs to run the vision tower (``multimodal.VisionLanguageGPT``)."""
+    """What the megatron-side model needs to run the vision tower (``vl_model.VisionLanguageGPT``)."""
 
     model_type: str
     vision_class: str
@@ -87,6 +88,7 @@ class VisionLanguageMixin:
     ``get_rope_index``) and ``mrope_interleaved``."""
 
     multimodal = True
+    first_stage_prefixes = ("embedding.", "visual.")  # the vision tower runs before the first layer
     vision_class = ""
     model_class = ""
     mrope_interleaved = False
@@ -97,6 +99,7 @@ class VisionLanguageMixin:
         self.full_config = dict(raw_config)
         self.cfg = HFConfig(text_config(raw_config))
         self.spelling = self.default_spelling
+        self.rope_model = None  # transformers' model on the meta device (``get_rope_index``), built on first use
 
     def adapt(self, hf_names) -> None:
         """Follow the checkpoint's naming (transformers 5 or the older layout); export keeps it."""
@@ -139,6 +142,11 @@ class VisionLanguageMixin:
         return VisionSettings(raw["model_type"], self.vision_class, int(raw["image_token_id"]),
                               int(raw["video_token_id"]), deepstack, self.mrope_interleaved)
 
+    def check_lora(self) -> None:
+        raise AdapterError(f"LoRA on vision-language models ({self.name}) is not supported yet: "
+                           f"PEFT names their modules under model.language_model / model.visual, which "
+                           f"the adapter tables do not map; merge the adapter with PEFT first")
+
     def check_layout(self, layout) -> None:
         """Deepstack features enter the first language layers, next to the vision tower."""
         from ..layout import LayoutError
@@ -160,7 +168,7 @@ class VisionLanguageMixin:
         return settings
 
     def megatron_model_class(self) -> type:
-        from ..multimodal import VisionLanguageGPT
+        from .vl_model import VisionLanguageGPT
 
         return VisionLanguageGPT
 

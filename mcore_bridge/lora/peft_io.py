@@ -121,7 +121,7 @@ def open_adapter(path, base_family) -> tuple[LoraSpec, Adapter]:
     from .spec import AdapterFamily
 
     adapter = _read(path)
-    adapter.tensors = _renamed(adapter.tensors, base_family, to_file=False)
+    adapter.tensors = renamed(adapter.tensors, base_family, to_file=False)
     spec = spec_from_config(adapter.config)
     if spec.expert_targets is None and not any(_PER_EXPERT.search(n) for n in adapter.names()):
         spec = dataclasses.replace(spec, expert_targets=())  # a transformers-5 adapter without experts
@@ -213,7 +213,7 @@ def unstack_experts(tensors: dict[str, torch.Tensor], family) -> dict[str, torch
     return out
 
 
-def _renamed(tensors: dict, base_family, to_file: bool) -> dict:
+def renamed(tensors: dict, base_family, to_file: bool) -> dict:
     """Checkpoint module names <-> the module names transformers 5 builds (``hf_module_renames``)."""
     pairs = getattr(base_family, "hf_module_renames", {}).items()
     if not pairs:
@@ -234,8 +234,8 @@ def peft_targets(family, experts: str) -> tuple[list[str], list[str]]:
     for r in family.targeted():
         kind = r.mcore[: -len(".weight")].rsplit(".", 1)[-1]
         leaves = {n[: -len(".weight")].rsplit(".", 1)[-1] for n in r.hf}
-        if kind == "router":  # a parameter for PEFT in every form (routers are not Linear modules)
-            params.add("mlp.gate.weight")
+        if kind in family.base.lora_named_only:  # a parameter for PEFT in every form (not a Linear module)
+            params.add(family.base.lora_named_only[kind])
         elif r.expert and experts == PARAMETERS:
             params.add(family.base.stacked_hf[0 if kind == "linear_fc1" else 1])
         elif moe and experts == PARAMETERS and kind in MLP_KINDS:
@@ -253,7 +253,7 @@ def write_adapter(stage: Path, tensors: dict[str, torch.Tensor], family, base_mo
     spec = family.spec
     if experts == PARAMETERS:
         tensors = stack_experts(tensors, family)
-    tensors = _renamed(tensors, family.base, to_file=True)
+    tensors = renamed(tensors, family.base, to_file=True)
     hfio.write_shard(stage / WEIGHTS, {PREFIX + n: t.clone() for n, t in tensors.items()})  # shared A: own copies
     modules, params = peft_targets(family, experts)
     config = {

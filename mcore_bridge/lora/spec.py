@@ -68,14 +68,13 @@ def leaf(module_path: str) -> str:
     return module_path.rsplit(".", 1)[-1]
 
 
-ROUTER = "router"  # megatron's MoE router: a target only when named (not part of all-linear)
-
-
 def linear_rules(family: Family) -> list[Rule]:
     """The family's rules for the weights LoRA can modify: megatron linears (``*.linear_*.weight``)
-    and the MoE router (``mlp.router.weight``)."""
+    and the modules the family offers by name only (``Family.lora_named_only``, e.g. an MoE router)."""
     return [r for r in family.rules()
-            if r.export and re.search(r"(^|\.)(linear_\w+|mlp\.router)\.weight$", r.mcore)]
+            if r.export and r.mcore.endswith(".weight")
+            and (re.search(r"(^|\.)linear_\w+\.weight$", r.mcore)
+                 or leaf(r.mcore[: -len(".weight")]) in family.lora_named_only)]
 
 
 def target_kinds(family: Family, targets) -> set[str]:
@@ -91,7 +90,7 @@ def target_kinds(family: Family, targets) -> set[str]:
 def _kinds(family: Family, targets, hf_of: dict[str, set[str]]) -> set[str]:
     kinds, hf_named = set(), set()
     if ALL_LINEAR in targets:
-        kinds = set(hf_of) - {ROUTER}
+        kinds = set(hf_of) - set(family.lora_named_only)
     for t in targets:
         if t == ALL_LINEAR:
             continue
@@ -100,8 +99,8 @@ def _kinds(family: Family, targets, hf_of: dict[str, set[str]]) -> set[str]:
             continue
         owners = [k for k, names in hf_of.items() if t in names]
         if not owners:
-            if t in ("router", "gate"):
-                raise AdapterError(f"target {t!r}: {family.name} has no MoE router")
+            if t in family.lora_absent:
+                raise AdapterError(f"target {t!r}: {family.name} {family.lora_absent[t]}")
             if t in ("lm_head", "embed_tokens", "output_layer", "word_embeddings"):
                 raise AdapterError(f"target {t!r}: LoRA on embeddings / the output layer is not supported; "
                                    f"use all-linear or the layers' linear modules")
@@ -129,6 +128,7 @@ class AdapterFamily(Family):
         self.expert_kinds = self.kinds if spec.expert_targets is None else target_kinds(base, spec.expert_targets)
 
     num_layers = property(lambda self: self.base.num_layers)
+    first_stage_prefixes = property(lambda self: self.base.first_stage_prefixes)
     num_experts = property(lambda self: self.base.num_experts)
 
     def is_moe_layer(self, layer: int) -> bool:

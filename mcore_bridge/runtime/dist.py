@@ -73,7 +73,7 @@ def setup(layout: ParallelLayout, device: str = "auto", seed: int = 1234, *, rei
       ``initialize_model_parallel`` and the model-parallel RNG seeds.
     * Already initialised -- a trainer's or RL framework's process -- with the same groups (tp,
       pp, cp, ep, etp, and the same dp): adopted as they are; nothing is destroyed, re-created or
-      re-seeded, and the bridge communicates over megatron's groups (see ``Bridge._groups``).
+      re-seeded, and the bridge communicates over megatron's groups (see ``bridge_parts.local.LocalPlan.groups``).
     * Initialised with other groups: ``LayoutError`` naming both layouts, unless ``reinit`` (or
       ``allow_reinit()`` in this process) asks to destroy megatron's state and every process
       group but WORLD and re-create them for ``layout``.

@@ -16,8 +16,8 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import (Multimo
                                                                          get_pos_emb_on_this_cp_rank)
 from megatron.core.models.gpt import GPTModel
 
-from .errors import UsageError
-from .families.qwen_vl import VisionSettings, build_vision
+from ..errors import UsageError
+from .qwen_vl import VisionSettings, build_vision
 
 
 class InterleavedMRoPE(MultimodalRotaryEmbedding):
@@ -126,14 +126,14 @@ def mrope_position_ids(family, input_ids, image_grid_thw=None, video_grid_thw=No
     ``get_rope_index`` of the model (built on the meta device; only its config is used)."""
     import importlib
 
-    from .families.qwen_vl import hf_config
+    from .qwen_vl import hf_config
 
-    inner = family.__dict__.get("_rope_model")
-    if inner is None:
+    inner = family.rope_model
+    if inner is None:  # built once per family object, kept in its explicit attribute
         module, cls = family.model_class.rsplit(".", 1)
         cls = getattr(importlib.import_module(f"transformers.models.{module}"), cls)
         with torch.device("meta"):
-            inner = family.__dict__["_rope_model"] = cls._from_config(hf_config(family.full_config))
+            inner = family.rope_model = cls._from_config(hf_config(family.full_config))
     vision = family.vision_settings()
     mm_types = torch.zeros_like(input_ids, dtype=torch.int32)
     mm_types[input_ids == vision.image_token_id] = 1

@@ -1,0 +1,65 @@
+"""The loader: HF tensors -> this rank's megatron parameters, reading only the needed slices."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from ..plan import MappingError, check_names
+from ..runtime import dist as rt
+from ..transforms import ShapeMismatch
+
+
+def progress(iterable, desc: str, total: Optional[int] = None):
+    """A tqdm bar on rank 0 (stderr), silent elsewhere and when MCORE_BRIDGE_QUIET is set."""
+    if rt.rank() != 0 or os.environ.get("MCORE_BRIDGE_QUIET"):
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True,
+                disable=None)  # None: no bar when stderr is not a terminal
+
+
+class Loader:
+    """Fills model chunks from an opened checkpoint (``hf_io.HFCheckpoint`` or a view over one)
+    through ``local`` (a ``LocalPlan``): every rank checks its whole plan first and all fail
+    together before any weight is read."""
+
+    def __init__(self, local):
+        self.local = local
+
+    def load(self, models, ckpt, lora: bool = False):
+        """The base weights, or with ``lora`` the adapter's factors, from ``ckpt``; closes it."""
+        state = self.local.state(models, lora)
+        g = self.local.groups()
+        jobs, error = [], None
+        try:
+            check_names(self.local.table(lora)[1], set(ckpt.names()), where=str(ckpt.path))
+            for item in self.local.items(models, state, lora):
+                target = state[(item.chunk, item.param)]
+                names = item.unit.hf_names
+                shapes = [ckpt.info(n).shape for n in names]
+                transform = item.unit.rule.transform
+                _, tp, tp_rank = g.split(item.unit.rule)
+                try:
+                    expect = transform.local_shape(shapes, tp)
+                    if expect is not None and tuple(expect) != tuple(target.shape):
+                        raise ShapeMismatch(f"gives a shard of {tuple(expect)}, the model holds "
+                                            f"{tuple(target.shape)}")
+                    regions = transform.slices(shapes, tuple(target.shape), tp, tp_rank)
+                except ShapeMismatch as e:
+                    raise MappingError(f"{', '.join(names)} {shapes} -> {item.param}: {e}") from None
+                jobs.append((item, target, names, regions, tp, tp_rank))
+        except Exception as e:  # make every rank fail together, before any weight is read
+            error = e
+        if not rt.all_ok(error is None):
+            raise error or RuntimeError("another rank rejected the checkpoint (see its error)")
+        with torch.no_grad():
+            for item, target, names, regions, tp, tp_rank in progress(jobs, "load"):
+                pieces = [ckpt.read(n, r) for n, r in zip(names, regions)]
+                item.unit.rule.transform.to_mcore_into(pieces, target, tp, tp_rank)
+                del pieces  # let the mapped source pages go before the next read
+        ckpt.close()
