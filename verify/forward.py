@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from mcore_bridge.errors import UsageError
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 means fp32 for the duration: no TF32 in cuDNN convolutions (on by default in torch,
+    e.g. a vision tower's patch embedding) or CUDA matmuls; both settings restored afterwards.
+    Measured on an H200: with cuDNN's TF32 the Qwen3-VL demo's fp32 logits differed by 5e-5."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=False):
+            yield
+    finally:
+        matmul.allow_tf32 = saved
 
 
 def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int, position_ids: torch.Tensor | None = None,
@@ -42,7 +63,7 @@ def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int, position_i
     if len(models) > 1:  # the interleaved schedule wants at least pp micro-batches: repeat the last
         samples += samples[-1:] * max(0, ps.get_pipeline_model_parallel_world_size() - batch)
     iters = [iter(samples) for _ in models]
-    with torch.no_grad():
+    with torch.no_grad(), exact_fp32():
         get_forward_backward_func()(
             forward_step_func=step, data_iterator=iters if len(models) > 1 else iters[0],
             model=models if len(models) > 1 else models[0], num_microbatches=len(samples), seq_length=seq,
@@ -75,7 +96,8 @@ def hf_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None
     kw = {k: v.to(device) for k, v in (vision or {}).items()}
     if position_ids is not None:
         kw["position_ids"] = position_ids.to(device)
-    return model(input_ids=input_ids.to(device), use_cache=False, **kw).logits
+    with exact_fp32():
+        return model(input_ids=input_ids.to(device), use_cache=False, **kw).logits
 
 
 def hf_logits(hf_dir, input_ids: torch.Tensor, dtype=torch.float32, device="cpu", position_ids=None,

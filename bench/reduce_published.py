@@ -1,0 +1,95 @@
+"""A random-weight HF checkpoint with a published model's real per-matrix shapes at reduced depth
+(and expert count where one GPU's memory needs it), written by transformers' own ``save_pretrained``.
+
+    python bench/reduce_published.py tests/published/deepseek-ai__DeepSeek-V3.json --out /tmp/dsv3 \
+        --layers 2 --experts 16
+
+Every field of the published ``config.json`` is kept except: ``num_hidden_layers`` (and the
+per-layer lists that follow it: ``layer_types``, ``mlp_only_layers``), the routed expert count with
+what must divide it (``n_group`` / ``topk_group``, top-k), dense-first-layer counts clipped to the
+new depth, MTP layers (``num_nextn_predict_layers``: transformers builds none, so the reduced model
+has none either) and ``quantization_config`` (the weights are written in bf16; FP8 checkpoints are
+then made from them by ``mcore-bridge export --export-dtype fp8``). The config actually used is
+written next to the weights and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+EXPERT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
+DENSE_FIRST_KEYS = ("first_k_dense_replace",)
+# model types transformers does not know, built with the class of the architecture they share
+SAME_AS = {"kimi_k2": "deepseek_v3"}
+
+
+def reduce_config(raw: dict, layers: int, experts: int | None) -> dict:
+    cfg = json.loads(json.dumps(raw))
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    text["num_hidden_layers"] = layers
+    if isinstance(text.get("layer_types"), list):
+        text["layer_types"] = text["layer_types"][:layers]
+    if isinstance(text.get("mlp_only_layers"), list):
+        text["mlp_only_layers"] = [i for i in text["mlp_only_layers"] if i < layers]
+    for k in DENSE_FIRST_KEYS:
+        if text.get(k):
+            text[k] = min(int(text[k]), max(layers - 1, 0))  # keep at least one MoE layer
+    for k in EXPERT_KEYS:
+        if experts and text.get(k) and int(text[k]) > experts:
+            text[k] = experts
+            groups = int(text.get("n_group") or 1)
+            if groups > 1:
+                text["n_group"] = math.gcd(groups, experts)
+                text["topk_group"] = min(int(text.get("topk_group") or 1), text["n_group"])
+            topk = int(text.get("num_experts_per_tok") or 1)
+            text["num_experts_per_tok"] = min(topk, experts)
+    text.pop("num_nextn_predict_layers", None)
+    cfg.pop("quantization_config", None)
+    text.pop("quantization_config", None)
+    cfg.pop("auto_map", None)
+    if cfg.get("model_type") in SAME_AS:
+        cfg["model_type"] = SAME_AS[cfg["model_type"]]
+    return cfg
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config", help="a published config.json (tests/published/*.json)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=None, help="at most this many routed experts")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import transformers
+
+    raw = json.loads(Path(args.config).read_text())
+    cfg_dict = reduce_config(raw, args.layers, args.experts)
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    torch.manual_seed(args.seed)
+    model_type = cfg_dict.pop("model_type")
+    cfg = transformers.AutoConfig.for_model(model_type, **cfg_dict)
+    auto = transformers.AutoModelForImageTextToText if hasattr(cfg, "vision_config") else \
+        transformers.AutoModelForCausalLM
+    model = auto.from_config(cfg, dtype=torch.bfloat16)
+    with torch.no_grad():  # routers with a trained router's spread, so routing is not rounding noise
+        for name, param in model.named_parameters():
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(out, max_shard_size="4GB")
+    n = sum(t.numel() for t in model.state_dict().values())
+    print(json.dumps({"out": str(out), "model_type": model_type, "params": n,
+                      "config": {k: v for k, v in cfg_dict.items() if not isinstance(v, dict)}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
