@@ -119,7 +119,7 @@ def test_declares_gemma_modules_in_a_block_spec():
     assert sub.input_layernorm is sub.pre_mlp_layernorm is gm.OffsetRMSNorm
     assert sub.self_attention.module is gm.GemmaSelfAttention and sub.mlp.module is gm.GemmaMLP
     assert sub.self_attention.submodules.q_layernorm is gm.OffsetRMSNorm
-    assert sub.self_attention.params["local_rope_layers"] == {0, 1, 3}
+    assert arch.model["local_rope_layers"] == (0, 1, 3) and arch.model["local_rotary_base"] == 10000.0
 
 
 # ---- multi-process: round trips, verification, negative controls --------------------------------
@@ -165,6 +165,7 @@ CONTROLS = [  # (layout, control, the probe named first)
     (L(tp=2), "scale:decoder.layers.3.self_attention.post_layernorm.weight:1.01", "layer.3"),
     (L(), "window:1", "layer.0"),  # HF's window taken as megatron's left reach: off by one
     (L(pp=2), "rope_base:2.0", "layer.2"),  # the global layer's base: the sliding layers before it are clean
+    (L(tp=2), "local_rope_base:2.0", "layer.0"),  # the sliding layers' own base
 ]
 
 

@@ -106,14 +106,15 @@ class Gemma3Text(Llama):
             softmax_scale=float(c.get("query_pre_attn_scalar", default=256)) ** -0.5,
         )
         s["config"]["layernorm_epsilon"] = float(c.get("rms_norm_eps", default=1e-6))
-        s["model"]["max_sequence_length"] = int(c.get("max_position_embeddings", default=131072))
+        s["model"].update(max_sequence_length=int(c.get("max_position_embeddings", default=131072)),
+                          local_rotary_base=self.local_rotary_base(), local_rope_layers=tuple(self.local_layers()))
         return s
 
     # -- megatron modules ------------------------------------------------------------------------
     def layer_spec(self, config, vp_stage, pp_rank):
         from .gemma_modules import layer_block_spec
 
-        return layer_block_spec(config, vp_stage, pp_rank, self.local_layers(), self.local_rotary_base())
+        return layer_block_spec(config, vp_stage, pp_rank)
 
     def megatron_model_class(self):
         from .gemma_modules import Gemma3GPT

@@ -9,7 +9,8 @@ What megatron-core's GPT layer lacks for Gemma 3, measured on 0.16.1 and 0.19.2:
     their output (after the row-parallel reduction: whole hidden vectors, also under sequence
     parallelism) before the residual add;
   * one RoPE base per layer kind: sliding layers (``local_rope_layers``) rotate with their own
-    ``RotaryEmbedding`` (``rope_local_base_freq``, unscaled) instead of the model's global one;
+    ``RotaryEmbedding`` (``rope_local_base_freq``, unscaled) instead of the model's global one
+    (``Gemma3GPT`` hands it to their attention);
   * the embedding scaled by sqrt(hidden): ``ScaledEmbedding``, by the scale rounded to the
     embedding's dtype as transformers does (bf16: sqrt(1152) = 33.94 becomes 34.0).
 """
@@ -44,16 +45,13 @@ def post_norm(config) -> OffsetRMSNorm:
 
 
 class GemmaSelfAttention(SelfAttention):
-    """megatron's SelfAttention + a norm on its output; sliding layers use the local RoPE base."""
+    """megatron's SelfAttention + a norm on its output; on sliding layers ``Gemma3GPT`` gives it a
+    ``local_rope`` that replaces the model's (global) rotary embedding."""
 
-    def __init__(self, config, *args, local_rope_layers=(), local_rotary_base: float = 10000.0, **kwargs):
+    def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         self.post_layernorm = post_norm(config)
         self.local_rope = None
-        if self.layer_number - 1 in local_rope_layers:  # layer_number: global, from 1
-            self.local_rope = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
-                                              rotary_base=local_rotary_base,
-                                              use_cpu_initialization=config.use_cpu_initialization)
 
     def forward(self, *args, **kwargs):
         emb = kwargs.get("rotary_pos_emb")
@@ -87,15 +85,22 @@ class ScaledEmbedding(LanguageModelEmbedding):
 
 
 class Gemma3GPT(GPTModel):
-    """GPTModel with Gemma's scaled embedding on the first stage."""
+    """GPTModel with Gemma's scaled embedding on the first stage and the local RoPE base
+    (``local_rotary_base``) on the sliding layers (``local_rope_layers``, global indices)."""
 
-    def __init__(self, config, transformer_layer_spec, *args, **kwargs):
+    def __init__(self, config, transformer_layer_spec, *args, local_rotary_base: float,
+                 local_rope_layers: tuple = (), **kwargs):
         super().__init__(config, transformer_layer_spec, *args, **kwargs)
         if self.pre_process:
             self.embedding.__class__ = ScaledEmbedding  # same module and weights, scaled output
+        for layer in self.decoder.layers:
+            if layer.layer_number - 1 in local_rope_layers:  # layer_number: global, from 1
+                layer.self_attention.local_rope = RotaryEmbedding(
+                    kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=local_rotary_base,
+                    use_cpu_initialization=config.use_cpu_initialization)
 
 
-def layer_block_spec(config, vp_stage, pp_rank, local_rope_layers, local_rotary_base):
+def layer_block_spec(config, vp_stage, pp_rank):
     """megatron's local GPT layer spec with the Gemma modules in place, every norm an OffsetRMSNorm."""
     import dataclasses
 
@@ -106,10 +111,7 @@ def layer_block_spec(config, vp_stage, pp_rank, local_rope_layers, local_rotary_
     sub = spec.submodules
     attn = sub.self_attention
     attn = dataclasses.replace(
-        attn, module=GemmaSelfAttention,
-        params={**attn.params, "local_rope_layers": frozenset(local_rope_layers),
-                "local_rotary_base": local_rotary_base},
-        submodules=dataclasses.replace(attn.submodules, q_layernorm=OffsetRMSNorm, k_layernorm=OffsetRMSNorm))
+        attn, module=GemmaSelfAttention, submodules=dataclasses.replace(attn.submodules, q_layernorm=OffsetRMSNorm, k_layernorm=OffsetRMSNorm))
     mlp = dataclasses.replace(sub.mlp, module=GemmaMLP)
     layer = dataclasses.replace(spec, submodules=dataclasses.replace(
         sub, input_layernorm=OffsetRMSNorm, pre_mlp_layernorm=OffsetRMSNorm, self_attention=attn, mlp=mlp))
