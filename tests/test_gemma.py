@@ -117,7 +117,8 @@ def test_declares_gemma_modules_in_a_block_spec():
     assert len(spec.layer_specs) == 4
     sub = spec.layer_specs[0].submodules
     assert sub.input_layernorm is sub.pre_mlp_layernorm is gm.OffsetRMSNorm
-    assert sub.self_attention.module is gm.GemmaSelfAttention and sub.mlp.module is gm.GemmaMLP
+    mlp = sub.mlp.module if hasattr(sub.mlp, "module") else sub.mlp.func.__self__  # 0.19.2: a builder partial
+    assert sub.self_attention.module is gm.GemmaSelfAttention and mlp is gm.GemmaMLP
     assert sub.self_attention.submodules.q_layernorm is gm.OffsetRMSNorm
     assert arch.model["local_rope_layers"] == (0, 1, 3) and arch.model["local_rotary_base"] == 10000.0
 

@@ -71,6 +71,13 @@ def test_mistral_published_config_maps_its_window():
     assert c["window_size"] == (4095, 0) and "window_attn_skip_freq" not in c
 
 
+def test_llama_has_no_window_in_transformers_and_none_here():
+    hf = hf_visible_keys("llama", 9, sliding_window=3)
+    assert hf == [list(range(10))] * 2  # transformers' Llama ignores the field
+    raw = transformers.AutoConfig.for_model("llama", **TINY, sliding_window=3).to_dict()
+    assert raw.get("sliding_window") == 3 and "window_size" not in family_for(raw).architecture.config
+
+
 def test_window_refusals():
     base = transformers.AutoConfig.for_model("mistral", **TINY, sliding_window=8).to_dict()
     with pytest.raises(UnsupportedConfig, match="chunked_attention"):

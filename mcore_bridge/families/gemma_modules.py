@@ -100,6 +100,22 @@ class Gemma3GPT(GPTModel):
                     use_cpu_initialization=config.use_cpu_initialization)
 
 
+def _with_module(spec, cls):
+    """``spec`` building ``cls`` instead of the megatron class it names: a ``ModuleSpec``
+    (megatron-core 0.16), or a ``functools.partial`` of the class's builder classmethod
+    (0.19.2 specs its MLP as ``partial(MLP.as_mlp_submodule, submodules=...)``)."""
+    import dataclasses
+    import functools
+
+    if dataclasses.is_dataclass(spec):
+        return dataclasses.replace(spec, module=cls)
+    if isinstance(spec, functools.partial) and isinstance(getattr(spec.func, "__self__", None), type):
+        if not issubclass(cls, spec.func.__self__):
+            raise TypeError(f"{cls.__name__} does not extend {spec.func.__self__.__name__}")
+        return functools.partial(getattr(cls, spec.func.__name__), *spec.args, **spec.keywords)
+    raise TypeError(f"megatron spec {spec!r}: neither a ModuleSpec nor a class builder")
+
+
 def layer_block_spec(config, vp_stage, pp_rank):
     """megatron's local GPT layer spec with the Gemma modules in place, every norm an OffsetRMSNorm."""
     import dataclasses
@@ -110,9 +126,9 @@ def layer_block_spec(config, vp_stage, pp_rank):
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=True)
     sub = spec.submodules
     attn = sub.self_attention
-    attn = dataclasses.replace(
-        attn, module=GemmaSelfAttention, submodules=dataclasses.replace(attn.submodules, q_layernorm=OffsetRMSNorm, k_layernorm=OffsetRMSNorm))
-    mlp = dataclasses.replace(sub.mlp, module=GemmaMLP)
+    attn = dataclasses.replace(_with_module(attn, GemmaSelfAttention), submodules=dataclasses.replace(
+        attn.submodules, q_layernorm=OffsetRMSNorm, k_layernorm=OffsetRMSNorm))
+    mlp = _with_module(sub.mlp, GemmaMLP)
     layer = dataclasses.replace(spec, submodules=dataclasses.replace(
         sub, input_layernorm=OffsetRMSNorm, pre_mlp_layernorm=OffsetRMSNorm, self_attention=attn, mlp=mlp))
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)

@@ -127,8 +127,9 @@ class Llama(Family):
 
     # -- sliding windows -----------------------------------------------------------------------
     def sliding_window(self):
-        """HF's window (a token sees the ``sliding_window`` latest tokens, itself included), or None."""
-        return self.cfg.get("sliding_window")
+        """HF's window (a token sees the ``sliding_window`` latest tokens, itself included), or None.
+        transformers' Llama has no window: a ``sliding_window`` in a ``llama`` config is ignored there."""
+        return None if self.cfg.get("model_type") == "llama" else self.cfg.get("sliding_window")
 
     def layer_windows(self) -> list:
         """Each layer's window (None: full attention). HF's ``layer_types`` where the config lists
