@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import UsageError
 
-ZOO_VERSION = 3  # bump when an existing entry changes (new entries need no bump)
+ZOO_VERSION = 4  # bump when an existing entry changes (new entries need no bump)
 
 _COMMON = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
@@ -32,9 +32,12 @@ ZOO = {
                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 8192}),
-    "mistral": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=None,
+    # sliding windows shorter than the verification sequences: every layer (mistral), the layers
+    # from max_window_layers on (qwen2)
+    "mistral": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=20,
                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, use_sliding_window=False,
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, use_sliding_window=True, sliding_window=24,
+                  max_window_layers=2,
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
     "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=32,
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
@@ -54,6 +57,14 @@ ZOO = {
                         n_group=4, topk_group=2, n_shared_experts=1, moe_intermediate_size=32,
                         routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # Gemma 3: sliding layers 0, 1, 3 (window 20 < the verification sequences) around a global one
+    # with its own RoPE base and linear scaling; softmax scale from query_pre_attn_scalar != head_dim
+    "gemma3_text": dict(model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=24, sliding_window=20,
+                        hidden_activation="gelu_pytorch_tanh", layer_types=[
+                            "sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                         "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                            "rope_theta": 1000000.0}}),
 }
 
 # Vision-language: text and vision towers small, 4 language layers (pp 2 keeps the deepstack
@@ -165,6 +176,9 @@ def build(name: str, out: Path, seed: int = 0):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.1 * torch.randn_like(p))
             elif _is_router(pname):  # clear routing margins: fp32 noise must not flip a top-k choice
                 p.mul_(5.0 if cfg.model_type == "deepseek_v3" else 25.0)  # sigmoid scores saturate sooner
+            if cfg.model_type == "gemma3_text" and pname.endswith(("q_norm.weight", "k_norm.weight")):
+                # (1 + w) norms: sharpen the effective scale (see below), keep w an offset
+                p.copy_(QK_SHARPEN ** 0.5 * (1.0 + p) - 1.0)
             if multimodal and _is_query_key(pname):
                 # Sharp attention: with the default init, attention is near uniform and positions
                 # barely matter, so a wrong multimodal RoPE split would hide below fp32 noise.

@@ -184,17 +184,15 @@ def test_unsupported_rope_types(rope_type, style):
 
 # ---- unsupported settings -----------------------------------------------------------------------
 
-def test_mistral_sliding_window():
+def test_mistral_sliding_window_is_expressed():
+    # (the window's tests: tests/test_sliding_window.py)
     d = transformers.AutoConfig.for_model("mistral", **TINY, sliding_window=4096).to_dict()
-    with pytest.raises(UnsupportedConfig, match="sliding_window=4096"):
-        family_for(d).model_settings()
+    assert family_for(d).architecture.config["window_size"] == (4095, 0)
 
 
 def test_qwen2_sliding_window_switched_off_is_fine():
     d = {**raw("qwen2"), "sliding_window": 32768, "use_sliding_window": False}
-    family_for(d).model_settings()
-    with pytest.raises(UnsupportedConfig, match="sliding_window"):
-        family_for({**d, "use_sliding_window": True}).model_settings()
+    assert "window_size" not in family_for(d).architecture.config
 
 
 @pytest.mark.parametrize("model_type", TYPES)

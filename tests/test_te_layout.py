@@ -39,9 +39,16 @@ def check_keys(results, name, layout):
         assert all(r["local_differs"] > 0 for r in results), name
 
 
+# megatron-core has no TransformerEngine spec to compare with: Gemma 3's post norms, (1 + w) norms and
+# local RoPE are the bridge's own modules (families/gemma_modules.py), built on the local spec
+NO_TE_SPEC = ("gemma3_text",)
+
+
 @pytest.mark.world(1)
 def test_te_keys_equal_megatron_te_models_ws1(pools, zoo_model):
     for name in zoo.names():
+        if name in NO_TE_SPEC:
+            continue
         check_keys(pools.get(1).run(te_cases.te_keys, source=str(zoo_model(name)), layout={}), name, "ws1")
     # TEGroupedMLP (moe_grouped_gemm) asks for the same keys as SequentialMLP
     check_keys(pools.get(1).run(te_cases.te_keys, source=str(zoo_model("qwen3_moe")), layout={}, grouped=True),

@@ -6,6 +6,7 @@ harness catches them and points at the right place. Used by the tests and by
                                                        or a vision weight: scale:visual.blocks.1.mlp.fc1.weight:1.01
   swap_qk:<layer>                                      q and k rows swapped in that layer's fused QKV
   rope_base:<factor>                                   the megatron model built with rotary_base x factor
+  local_rope_base:<factor>                             ... with the sliding layers' own RoPE base x factor
   zero:<megatron param or buffer with global layer>    e.g. zero:decoder.layers.1.mlp.router.expert_bias
                                                        (a dropped router bias / shared-expert gate)
   swap_experts:<layer>:<a>:<b>                         two experts' weights exchanged in that layer
@@ -16,6 +17,8 @@ harness catches them and points at the right place. Used by the tests and by
                                                        forward is unchanged: only ``verify --grad`` sees it)
   optimizer_exclude:<megatron param with global layer> that parameter left out of megatron's optimizer
                                                        (only ``verify --train-steps`` sees it)
+  window:<delta>                                       the model built with its sliding window's left
+                                                       reach + delta (delta 1: HF's off-by-one)
   mrope_contiguous                                     Qwen3-VL's interleaved t/h/w frequencies laid
                                                        out in contiguous sections (megatron's default)
 """
@@ -30,9 +33,9 @@ import torch
 from mcore_bridge.errors import UsageError
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-KINDS = ("scale", "swap_qk", "rope_base", "zero", "swap_experts", "mrope_section", "mrope_contiguous", "grad_scale",
+KINDS = ("scale", "swap_qk", "rope_base", "local_rope_base", "window", "zero", "swap_experts", "mrope_section", "mrope_contiguous", "grad_scale",
          "optimizer_exclude")
-BUILD_KINDS = ("rope_base", "mrope_section", "mrope_contiguous")
+BUILD_KINDS = ("rope_base", "local_rope_base", "window", "mrope_section", "mrope_contiguous")
 
 
 def parse(spec: str | None) -> tuple[str, list[str]] | None:
@@ -55,6 +58,15 @@ def before_build(bridge, spec: str | None):
     config, model = arch.config, arch.model
     if kind == "rope_base":
         model = dict(model, rotary_base=model["rotary_base"] * float(args[0]))
+    elif kind == "local_rope_base":
+        if "local_rotary_base" not in model:
+            raise UsageError(f"control local_rope_base: {family.name} has no separate local RoPE base")
+        model = dict(model, local_rotary_base=model["local_rotary_base"] * float(args[0]))
+    elif kind == "window":
+        if not config.get("window_size"):
+            raise UsageError(f"control window: {family.name} has no sliding window")
+        left, right = config["window_size"]
+        config = dict(config, window_size=(left + int(args[0]), right))
     elif "mrope_section" not in config:
         raise UsageError(f"control {kind}: {family.name} has no multimodal RoPE")
     elif kind == "mrope_section":

@@ -14,6 +14,46 @@ MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
 L = "decoder.layers.{L}."
 
 
+def windows_from_layer_types(cfg, num_layers: int, window, default_sliding) -> list:
+    """Per-layer windows from HF ``layer_types`` (or ``default_sliding(i)`` where the config has
+    none); other layer types (chunked, linear attention...) are refused by name."""
+    types = cfg.get("layer_types")
+    if types is None:
+        types = ["sliding_attention" if window is not None and default_sliding(i) else "full_attention"
+                 for i in range(num_layers)]
+    if len(types) != num_layers:
+        raise UnsupportedConfig(f"layer_types has {len(types)} entries for num_hidden_layers={num_layers}")
+    other = sorted({t for t in types if t not in ("sliding_attention", "full_attention")})
+    if other:
+        raise UnsupportedConfig(f"layer_types {other}: only 'full_attention' and 'sliding_attention' layers "
+                                f"are mapped to megatron-core's attention")
+    if window is None:
+        return [None] * num_layers
+    return [int(window) if t == "sliding_attention" else None for t in types]
+
+
+def window_settings(windows: list, cfg=None) -> dict:
+    """megatron-core config fields for per-layer windows.
+
+    HF's ``sliding_window=w`` lets a token see the w latest tokens, itself included (measured:
+    transformers 5, eager masks of Mistral/Qwen2/Gemma 3). megatron-core's ``window_size=(left,
+    right)`` lets token i see keys i-left..i+right (``get_sliding_window_causal_mask``, local
+    DotProductAttention, 0.16.1 and 0.19.2), so HF's w is ``(w - 1, 0)``. Interleaved full layers
+    are ``window_attn_skip_freq``: a per-layer list, 1 where the layer slides."""
+    sizes = sorted({w for w in windows if w is not None})
+    if not sizes:
+        return {}
+    if len(sizes) > 1:
+        raise UnsupportedConfig(f"sliding windows of several sizes {sizes} across layers: megatron-core has "
+                                f"one window_size for the whole model")
+    if sizes[0] < 1:
+        raise UnsupportedConfig(f"sliding_window={sizes[0]}: a window must hold at least the token itself")
+    out = {"window_size": (sizes[0] - 1, 0)}
+    if any(w is None for w in windows):
+        out["window_attn_skip_freq"] = [0 if w is None else 1 for w in windows]
+    return out
+
+
 class Llama(Family):
     model_types = ("llama", "mistral")
     name = "llama"
@@ -39,10 +79,6 @@ class Llama(Family):
         if c.get("attention_bias", default=False) or c.get("mlp_bias", default=False):
             raise UnsupportedConfig("attention_bias/mlp_bias=true: megatron's add_bias_linear would "
                                     "also add biases the checkpoint does not have")
-        if c.get("sliding_window") and c.get("use_sliding_window", default=True):
-            raise UnsupportedConfig(
-                f"sliding_window={c.get('sliding_window')}: megatron-core's local attention has no "
-                f"sliding window, so sequences longer than the window would differ from HF")
 
     def rope_settings(self) -> dict:
         rope = self.cfg.rope
@@ -86,7 +122,20 @@ class Llama(Family):
             share_embeddings_and_output_weights=self.tied,
             **self.rope_settings(),
         )
+        config.update(window_settings(self.layer_windows(), self.cfg))
         return {"config": config, "model": model}
+
+    # -- sliding windows -----------------------------------------------------------------------
+    def sliding_window(self):
+        """HF's window (a token sees the ``sliding_window`` latest tokens, itself included), or None.
+        transformers' Llama has no window: a ``sliding_window`` in a ``llama`` config is ignored there."""
+        return None if self.cfg.get("model_type") == "llama" else self.cfg.get("sliding_window")
+
+    def layer_windows(self) -> list:
+        """Each layer's window (None: full attention). HF's ``layer_types`` where the config lists
+        them, else every layer slides (Mistral, Mixtral)."""
+        return windows_from_layer_types(self.cfg, self.num_layers, self.sliding_window(),
+                                        lambda i: True)
 
     # -- weights -----------------------------------------------------------------------------
     def rules(self):
