@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent  # --root replaces it
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MCORE_BRIDGE_QUIET="1", OMP_NUM_THREADS="1",
+    # the measured checkout first; then whatever the caller's path adds (a megatron-core --target site)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, MCORE_BRIDGE_QUIET="1", OMP_NUM_THREADS="1",
                PYTHONWARNINGS="ignore")
     for var in ("TORCHDYNAMO_DISABLE", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(var, None)  # measure what a user's shell gets, not what a test run sets
