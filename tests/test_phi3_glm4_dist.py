@@ -136,3 +136,14 @@ def test_peft_adapter_on_fused_modules_imports_and_exports_byte_exact(model, wor
     with torch.no_grad():
         ref = _peft_model(src, out)(input_ids=lora_cases.input_ids(got.shape[-1])).logits
     assert (ref - got).abs().max() < 2e-5
+
+
+# -- TransformerEngine layout: the sandwich norms are standalone TENorms there --------------------
+@pytest.mark.world(2)
+def test_glm4_te_keys_equal_megatron_te_model_tp2_sp(pools, zoo_model):
+    from tests import te_cases
+    from tests.test_te_layout import check_keys
+
+    results = pools.get(2).run(te_cases.te_keys, source=str(zoo_model("glm4")), layout=L(tp=2, sp=True).to_dict())
+    check_keys(results, "glm4", "tp2-sp")
+    assert all(r["local_differs"] > 0 for r in results)  # control: the local layout is not the TE one

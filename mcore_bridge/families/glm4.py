@@ -57,7 +57,7 @@ class Glm4(Llama):
 
     def layer_spec(self, config, vp_stage, pp_rank):
         base = super().layer_spec(config, vp_stage, pp_rank)
-        return sandwich_layer_spec(base, base.submodules.input_layernorm)
+        return sandwich_layer_spec(base)
 
     def rules(self):
         H = self.hf_layer_prefix

@@ -33,13 +33,29 @@ def _normed_bda(get_bda, norm):
     return factory
 
 
-def sandwich_layer_spec(base_spec, norm):
+def post_norm_spec(base_spec):
+    """The norm of the layer's pre-norms, as a standalone module: the local spec's input norm; a
+    TransformerEngine spec fuses both pre-norms into the following linears (``IdentityOp`` there),
+    so its standalone ``TENorm`` (same normalization, read from the config)."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    sub = base_spec.submodules
+    for norm in (sub.input_layernorm, sub.pre_mlp_layernorm):
+        if norm is not IdentityOp:
+            return norm
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    return TENorm
+
+
+def sandwich_layer_spec(base_spec, norm=None):
     """``base_spec`` (megatron's ``ModuleSpec`` of a ``TransformerLayer``) with its module swapped for
-    ``SandwichLayer`` and the two post norms of spec ``norm`` added."""
+    ``SandwichLayer`` and the two post norms of spec ``norm`` (default ``post_norm_spec``) added."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     layer_cls = sandwich_layer_class()
     sub = base_spec.submodules
+    norm = post_norm_spec(base_spec) if norm is None else norm
     fields = {f.name: getattr(sub, f.name) for f in dataclasses.fields(sub)}
     submodules = layer_cls.Submodules(**fields, post_self_attn_layernorm=norm, post_mlp_layernorm=norm)
     return ModuleSpec(module=layer_cls, submodules=submodules, params=dict(base_spec.params or {}))
