@@ -138,6 +138,26 @@ def test_peft_adapter_on_fused_modules_imports_and_exports_byte_exact(model, wor
     assert (ref - got).abs().max() < 2e-5
 
 
+@pytest.mark.parametrize("model", ["phi3", "glm4"])
+def test_lora_gradients_on_fused_modules_match_the_single_process_ones(model, pools, zoo_model, tmp_path):
+    """LoRA factor gradients (through the fused qkv / gate_up B split and the sandwich norms) at
+    tp2 + sp equal the single-process ones, exported in PEFT names."""
+    grads = {}
+    for world, layout in ((1, L()), (2, L(tp=2, sp=True))):
+        out = tmp_path / f"ws{world}"
+        results = pools.get(world).run(lora_cases.lora_grads, timeout=300, source=str(zoo_model(model)),
+                                       layout=layout.to_dict(), out_dir=str(out), spec=SPEC)
+        assert all(r["frozen_with_grad"] == [] for r in results)  # only the adapter trains
+        grads[world] = HFCheckpoint(out, config={})
+    ref, got = grads[1], grads[2]
+    assert sorted(got.names()) == sorted(ref.names())
+    assert any("gate_up_proj.lora_B" in n for n in ref.names())
+    worst = max(float((got.read(n) - ref.read(n)).abs().max() / ref.read(n).abs().max().clamp_min(1e-12))
+                for n in ref.names())
+    assert worst < 1e-4, worst
+    assert all(float(ref.read(n).abs().max()) > 0 for n in ref.names() if "qkv_proj.lora_A" in n or "q_proj.lora_A" in n)
+
+
 # -- TransformerEngine layout: the sandwich norms are standalone TENorms there --------------------
 @pytest.mark.world(2)
 def test_glm4_te_keys_equal_megatron_te_model_tp2_sp(pools, zoo_model):
