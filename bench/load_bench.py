@@ -171,7 +171,8 @@ class ReadPlan:
             _, tp, tp_rank = groups.split(item.unit.rule)
             regions = item.unit.rule.transform.slices(shapes, tuple(target.shape), tp, tp_rank)
             sources, total = [], 0
-            for name, region in zip(names, regions):
+            read = [names[i] for i in item.unit.rule.transform.region_sources(len(regions))]
+            for name, region in zip(read, regions):  # (a fused tensor: several regions of one name)
                 info = ckpt.info(name)
                 if info.file not in starts:
                     starts[info.file] = data_start(info.file)

@@ -75,6 +75,9 @@ def _te_rest_map(rests: set[str]) -> tuple[dict, list]:
         for qk in ("q_layernorm", "k_layernorm"):
             if f"self_attention.{qk}.weight" in rests:
                 norms.append(f"self_attention.{qk}")
+    # the layer's own norms that no TE linear absorbs (sandwich post-norms): standalone TENorms
+    norms += sorted(r[: -len(".weight")] for r in rests if r.endswith("layernorm.weight") and r.count(".") == 1
+                    and r[: -len(".weight")] not in ("input_layernorm", "pre_mlp_layernorm"))
     return {k: v for k, v in rename.items() if k in rests}, norms
 
 

@@ -72,6 +72,11 @@ class Transform:
             return REPLICATED, self
         return (Stacked(n), Blocks(self, n)) if per_projection else (Shared(n), self)
 
+    def region_sources(self, n_regions: int) -> list[int]:
+        """Which HF source each region of ``slices`` reads: one region per source, in order, unless
+        the transform reads several regions of one fused tensor (``FusedQKV``, ``FusedGatedMLP``)."""
+        return list(range(n_regions))
+
     def local_shape(self, hf: Sequence[Shape], tp: int) -> Shape:  # expected megatron shard shape
         raise NotImplementedError
 
@@ -92,7 +97,8 @@ class Transform:
     # Reference implementation used by tests: split full tensors the slow, obvious way.
     def split(self, full: Sequence[torch.Tensor], local: Shape, tp: int, rank: int) -> torch.Tensor:
         regions = self.slices([tuple(t.shape) for t in full], local, tp, rank)
-        return self.to_mcore([t[r] for t, r in zip(full, regions)], local, tp, rank)
+        sources = self.region_sources(len(regions))
+        return self.to_mcore([full[i][r] for i, r in zip(sources, regions)], local, tp, rank)
 
     def __repr__(self):
         return type(self).__name__
@@ -309,6 +315,76 @@ class GatedMLP(Transform):
 
 
 GATED_MLP = GatedMLP()
+
+
+# -- fused HF tensors (Phi-3 ``qkv_proj`` [q; k; v], ``gate_up_proj`` [gate; up]) -------------------
+# The same shards as QKV / GatedMLP from one HF tensor: its row blocks play the parts of the separate
+# projections, and a rank reads only its rows of each block (several regions of one source).
+
+def _offset_rows(regions: list[Region], offsets: Sequence[int]) -> list[Region]:
+    return [(slice(r[0].start + o, r[0].stop + o),) + tuple(r[1:]) for r, o in zip(regions, offsets)]
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class FusedQKV(QKV):
+    """``QKV`` whose HF source is one tensor holding ``[q; k; v]`` rows (Phi-3 ``qkv_proj``)."""
+
+    n_sources = 1
+    parallel_mode = "column"
+    as_stored = False  # megatron interleaves q/k/v per query group
+
+    def _parts(self, hf) -> list[Shape]:
+        (rows, *rest), d = hf[0], self.head_dim
+        q, kv = self.heads * d, self.groups * d
+        _check(rows == q + 2 * kv, f"fused qkv rows {rows} != (heads {self.heads} + 2 x query groups "
+                                   f"{self.groups}) x head_dim {d}")
+        return [(q, *rest), (kv, *rest), (kv, *rest)]
+
+    def region_sources(self, n_regions):
+        return [0] * n_regions
+
+    def local_shape(self, hf, tp):
+        return super().local_shape(self._parts(hf), tp)
+
+    def slices(self, hf, local, tp, rank):
+        q, kv = self._parts(hf)[:2]
+        return _offset_rows(super().slices(self._parts(hf), local, tp, rank), (0, q[0], q[0] + kv[0]))
+
+    def to_hf(self, shards, hf):
+        return [torch.cat(super().to_hf(shards, self._parts(hf)), dim=0)]
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class FusedGatedMLP(GatedMLP):
+    """``GatedMLP`` whose HF source is one tensor holding ``[gate; up]`` rows (``gate_up_proj``)."""
+
+    n_sources = 1
+    parallel_mode = "column"
+    as_stored = True  # one shard is [gate; up]: the HF tensor's bytes in order
+    swiglu = True
+
+    def _parts(self, hf) -> list[Shape]:
+        rows, *rest = hf[0]
+        _check(rows % 2 == 0, f"fused gate/up rows {rows} are not even")
+        return [(rows // 2, *rest)] * 2
+
+    def region_sources(self, n_regions):
+        return [0] * n_regions
+
+    def local_shape(self, hf, tp):
+        return super().local_shape(self._parts(hf), tp)
+
+    def slices(self, hf, local, tp, rank):
+        parts = self._parts(hf)
+        return _offset_rows(super().slices(parts, local, tp, rank), (0, parts[0][0]))
+
+    def to_hf(self, shards, hf):
+        if len(shards) == 1:  # the shard is [gate; up] already
+            return [shards[0]]
+        return [torch.cat(super().to_hf(shards, self._parts(hf)), dim=0)]
+
+
+FUSED_GATED_MLP = FusedGatedMLP()
 
 
 # -- LoRA factors of fused modules (see ``lora``) ----------------------------------------------

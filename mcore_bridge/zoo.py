@@ -65,7 +65,18 @@ ZOO = {
                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                          "full_attention": {"rope_type": "linear", "factor": 2.0,
                                                             "rope_theta": 1000000.0}}),
+    # fused qkv_proj / gate_up_proj in the checkpoint; partial rotary as Phi-4-mini (0.75)
+    "phi3": dict(model_type="phi3", tie_word_embeddings=False, sliding_window=None, partial_rotary_factor=0.75,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}),
+    # sandwich norms, q/k/v bias, interleaved partial rotary (0.5), fused gate_up_proj
+    "glm4": dict(model_type="glm4", tie_word_embeddings=False, head_dim=16, attention_bias=True,
+                 partial_rotary_factor=0.5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
 }
+# Text models whose attention is sharpened at build time (q/k scaled by QK_SHARPEN): positions then
+# matter well above fp32 noise, so a wrong rotary split or swapped q/k rows shows in verification.
+SHARPEN_QK = ("phi3", "glm4")
 
 # Vision-language: text and vision towers small, 4 language layers (pp 2 keeps the deepstack
 # layers on the first stage), 3 vision blocks; image/video ids inside the vocabulary; MoE experts
@@ -179,6 +190,8 @@ def build(name: str, out: Path, seed: int = 0):
             if cfg.model_type == "gemma3_text" and pname.endswith(("q_norm.weight", "k_norm.weight")):
                 # (1 + w) norms: sharpen the effective scale (see below), keep w an offset
                 p.copy_(QK_SHARPEN ** 0.5 * (1.0 + p) - 1.0)
+            if name in SHARPEN_QK:
+                _sharpen_text_qk(pname, p, cfg)
             if multimodal and _is_query_key(pname):
                 # Sharp attention: with the default init, attention is near uniform and positions
                 # barely matter, so a wrong multimodal RoPE split would hide below fp32 noise.
@@ -215,6 +228,17 @@ def _is_query_key(pname: str) -> bool:
     if "language_model" not in pname or "self_attn" not in pname:
         return False
     return any(k in pname for k in ("q_norm", "k_norm", "q_proj", "k_proj"))
+
+
+def _sharpen_text_qk(pname: str, p, cfg):
+    """Scale a text model's query/key projections (separate, or the q and k rows of a fused qkv_proj)."""
+    if ".self_attn." not in pname:
+        return
+    if "qkv_proj" in pname:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        p[: (cfg.num_attention_heads + cfg.num_key_value_heads) * head_dim].mul_(QK_SHARPEN)
+    elif "q_proj" in pname or "k_proj" in pname:
+        p.mul_(QK_SHARPEN)
 
 
 def _is_router(pname: str) -> bool:

@@ -38,7 +38,7 @@ def _instances():
     """One instance of every concrete transform (a new class must be added here, or this fails)."""
     qkv = T.QKV(4, 2, 3)
     made = [T.REPLICATED, T.COLUMN, T.ROW, T.VOCAB, qkv, T.GATED_MLP, T.Shared(3), T.Stacked(2),
-            T.Blocks(qkv, 3), T.Blocks(T.GATED_MLP, 2)]
+            T.Blocks(qkv, 3), T.Blocks(T.GATED_MLP, 2), T.FusedQKV(4, 2, 3), T.FUSED_GATED_MLP]
     assert {type(t) for t in made} == set(_concrete()), "add the new transform to _instances()"
     return made
 
@@ -70,7 +70,9 @@ def test_declarations_match_behaviour(t):
     n = t.n_sources
     qkv = next((x for x in (t, getattr(t, "inner", None)) if isinstance(x, T.QKV)), None)
     cols = 2 if isinstance(t, T.Blocks) else 5
-    if qkv is not None:
+    if isinstance(t, T.FusedQKV):  # one [q; k; v] tensor
+        hf = [((t.heads + 2 * t.groups) * t.head_dim, cols)]
+    elif qkv is not None:
         hf = [(qkv.heads * qkv.head_dim, cols)] + [(qkv.groups * qkv.head_dim, cols)] * 2
     else:
         hf = [(6, cols)] * n
@@ -84,8 +86,8 @@ def test_declarations_match_behaviour(t):
     same_bytes = torch.cat([o.reshape(-1) for o in out]).equal(shard.reshape(-1))
     if t.as_stored:  # the fast export path sends the parameter itself: it must be the HF bytes
         assert same_bytes, f"{t!r} declares as_stored but to_hf reorders or copies"
-    if t.swiglu:
-        assert n == 2 and t.parallel_mode == "column"
+    if t.swiglu:  # [gate; up]: two HF tensors, or one fused
+        assert n in (1, 2) and t.parallel_mode == "column"
 
 
 @pytest.mark.parametrize("t", _instances(), ids=repr)
@@ -108,7 +110,7 @@ def test_lora_factor_transforms(t):
         else:
             assert (a, b) == (T.Shared(n), t) and a.identical_sources
     supported = {repr(t) for t in _instances() if t.lora_factor_transforms(t.n_sources, False) is not None}
-    assert supported == {"Replicated", "Column", "Row", "QKV", "GatedMLP"}
+    assert supported == {"Replicated", "Column", "Row", "QKV", "GatedMLP", "FusedQKV", "FusedGatedMLP"}
 
 
 def _exporter(model_type: str, tp: int, dtype=torch.float32):

@@ -59,7 +59,8 @@ class Loader:
             raise error or RuntimeError("another rank rejected the checkpoint (see its error)")
         with torch.no_grad():
             for item, target, names, regions, tp, tp_rank in progress(jobs, "load"):
-                pieces = [ckpt.read(n, r) for n, r in zip(names, regions)]
+                sources = item.unit.rule.transform.region_sources(len(regions))
+                pieces = [ckpt.read(names[i], r) for i, r in zip(sources, regions)]
                 item.unit.rule.transform.to_mcore_into(pieces, target, tp, tp_rank)
                 del pieces  # let the mapped source pages go before the next read
         ckpt.close()
