@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from . import hf_io as hfio
 from . import lora as lora_
-from . import stacked
+from . import quant, stacked
 from .errors import UsageError
 from .export import Exporter, ExportUnit, Groups, balanced_writers, make_buckets, nbytes
 from .families import family_for
@@ -99,7 +99,7 @@ class Bridge:
                  expert_storage: str | None = None, allow_pickle: bool = False):
         if hf_config is None:
             self.source = resolve_source(source)
-            self.hf = hfio.HFCheckpoint(self.source, allow_pickle=allow_pickle)
+            self.hf = quant.open_quantized(hfio.HFCheckpoint(self.source, allow_pickle=allow_pickle))  # FP8/MXFP4: bf16
             hf_config = self.hf.config
             hf_tensors = {n: (i.shape, i.dtype) for n, i in self.hf.tensors.items()}
             side_files = self.source
@@ -255,7 +255,8 @@ class Bridge:
         rt.maybe_fail("load")  # tests only: MCORE_BRIDGE_FAULT (runtime/faults.py)
         ckpt = self.hf
         if hf_dir is not None:
-            ckpt = stacked.open_checkpoint(hfio.HFCheckpoint(resolve_source(hf_dir)), self.family)[0]
+            ckpt = stacked.open_checkpoint(quant.open_quantized(hfio.HFCheckpoint(resolve_source(hf_dir))),
+                                           self.family)[0]
         if ckpt is None:
             raise UsageError("load_weights: this bridge has no HF checkpoint; pass hf_dir")
         self._load(models, ckpt)
@@ -348,8 +349,9 @@ class Bridge:
         With a LoRA adapter: ``peft_format`` yields only the adapter's factors under HF module
         names (``...q_proj.lora_A.weight``); otherwise the weights, merged with the adapter in fp32
         unless ``merge_lora=False``. ``tensor_of(param)``: export that tensor of each parameter instead
-        (e.g. its gradient: ``verify.grad``), through the same plan. Collective: all ranks must
-        iterate it to the end."""
+        (e.g. its gradient: ``verify.grad``), through the same plan. ``dtype="fp8"``: blockwise FP8
+        (``quant``) with ``_scale_inv`` tensors. Collective: all ranks must iterate it to the end."""
+        dtype, fp8 = quant.export_plan(self.hf, self.hf_tensors, self.hf_config, dtype, peft_format)
         exporter, recv, buckets = self._sync_plan(models, dtype, bucket_bytes, all_ranks, merge_lora, peft_format,
                                                   receivers, tensor_of)
         stacking = None if peft_format else self._stacking(expert_storage)
@@ -363,7 +365,7 @@ class Bridge:
 
                 stream = sync.to_device(stream, device)
             stream = (nt for _, ts, _ in stream if ts for nt in ts)
-            yield from stacked.restack(stream, *stacking) if stacking else stream
+            yield from quant.quantize_stream(stacked.restack(stream, *stacking) if stacking else stream, fp8)
 
     @_scoped_iter
     def export_buckets(self, models, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None,
@@ -374,10 +376,11 @@ class Bridge:
         At most one bucket is in flight per rank. Collective: every rank iterates to the end."""
         from . import sync
 
+        dtype, fp8 = quant.export_plan(self.hf, self.hf_tensors, self.hf_config, dtype, peft_format)
         exporter, recv, buckets = self._sync_plan(models, dtype, bucket_bytes, True, merge_lora, peft_format,
                                                   receivers)
         with torch.no_grad():
-            stream = self._bucket_stream(exporter, buckets, recv)
+            stream = quant.quantize_buckets(self._bucket_stream(exporter, buckets, recv), fp8)
             yield from sync.buckets_from(sync.to_device(stream, device) if device is not None else stream)
 
     def _sync_plan(self, models, dtype, bucket_bytes, all_ranks, merge_lora, peft_format, receivers, tensor_of=None):
@@ -439,6 +442,7 @@ class Bridge:
         out_dir = Path(out_dir).absolute()
         if peft_format:
             return self._save_adapter(models, out_dir, dtype, overwrite, bucket_bytes, peft_experts)
+        dtype, fp8 = quant.export_plan(self.hf, self.hf_tensors, self.hf_config, dtype)
         exporter, g = self._exporter(models, dtype, merge=merge_lora)
         world = rt.world_size()
         tp_writer = balanced_writers(exporter.units, g)
@@ -455,7 +459,8 @@ class Bridge:
             for n, s, d in zip(u.unit.hf_names, u.hf_shapes, u.out_dtypes):
                 view = stacking[0].get(n) if stacking else None
                 if view is None:
-                    outputs[n] = (nbytes(s, d), writer(u))
+                    for n_, s_, d_ in quant.output_entries(n, s, fp8) or [(n, s, d)]:
+                        outputs[n_] = (nbytes(s_, d_), writer(u))
                 elif view.stacked not in outputs:
                     outputs[view.stacked] = (nbytes(stacking[1][view.stacked], d), writer(u))
         sizes = {n: b for n, (b, _) in outputs.items()}
@@ -464,7 +469,7 @@ class Bridge:
 
         def finalize(stage: Path):
             hfio.write_index(stage, files, sizes)
-            hfio.copy_side_files(self.side_files, stage, self.hf_config)
+            hfio.copy_side_files(self.side_files, stage, quant.export_config(self.hf_config, fp8))
 
         with hfio.collective_output(out_dir, overwrite, finalize) as stage:
             rt.maybe_fail("save")  # tests only: MCORE_BRIDGE_FAULT (runtime/faults.py)
@@ -476,6 +481,7 @@ class Bridge:
             else:
                 stream = exporter.iterate(make_buckets(exporter.units, bucket_bytes, tp_writer), all_stages=False,
                                           writer=tp_writer)
+            stream = quant.quantize_stream(stream, fp8)
             for name, tensor in progress(stream, "save", total=sum(len(f["names"]) for f in mine)):
                 f = pending.get(name)
                 if f is None:
