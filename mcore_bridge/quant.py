@@ -20,6 +20,7 @@ MXFP4 export is refused (see ``MXFP4_EXPORT_REFUSAL``).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Iterable, Iterator
@@ -350,3 +351,30 @@ def output_entries(name: str, shape, plan) -> list[tuple[str, tuple, torch.dtype
         return []
     br, bc = plan[1]
     return [(name, tuple(shape), FP8), (name + SCALE_SUFFIX, (-(-shape[0] // br), -(-shape[1] // bc)), torch.float32)]
+
+
+def dequantized_copy(src, dst) -> None:
+    """Write ``src`` (a quantised HF directory) into ``dst`` as the bf16 checkpoint its views
+    present: one output file per source file, config.json without ``quantization_config``, side
+    files copied. (The HF reference of verification is loaded from such a copy: transformers'
+    own CPU dequantisation derives the block from the scale grid, wrong for partial edge blocks.)"""
+    from pathlib import Path
+
+    from . import hf_io
+
+    src, dst = Path(src), Path(dst)
+    view = open_quantized(hf_io.HFCheckpoint(src))
+    dst.mkdir(parents=True, exist_ok=True)
+    by_file: dict = {}
+    for name in view.names():
+        by_file.setdefault(view.info(name).file, []).append(name)
+    files = sorted(by_file)
+    weight_map = {}
+    for i, f in enumerate(files):
+        out = hf_io.shard_file_name(i, len(files))
+        hf_io.write_shard(dst / out, {n: view.read(n).clone() for n in by_file[f]})
+        weight_map.update({n: out for n in by_file[f]})
+    if len(files) > 1:
+        (dst / hf_io.INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    hf_io.copy_side_files(src, dst, export_config(view.config, None))
+    view.close()
