@@ -60,3 +60,17 @@ def fp8_reads(source: str, layout: dict) -> dict:
     got["fp8_total"] = sum(i.nbytes for i in ckpt.tensors.values() if i.dtype == quant.FP8)
     got["scale_total"] = sum(i.nbytes for n, i in ckpt.tensors.items() if n.endswith(quant.SCALE_SUFFIX))
     return got
+
+
+def logits_latent_eps(source: str, layout: dict, latent_eps: float | None = None) -> float | None:
+    """``cases.logits`` with the q/kv latent norms' eps forced (a control), or as the family builds them."""
+    from mcore_bridge.families import deepseek
+    from tests.cases import logits
+
+    saved = deepseek.HF_LATENT_NORM_EPS
+    if latent_eps is not None:
+        deepseek.HF_LATENT_NORM_EPS = latent_eps
+    try:
+        return logits(source, layout)
+    finally:
+        deepseek.HF_LATENT_NORM_EPS = saved
