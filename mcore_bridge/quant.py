@@ -78,6 +78,13 @@ def fp8_block(q: dict) -> tuple[int, int]:
     return int(block[0]), int(block[1])
 
 
+def fp8_grid(shape, block) -> tuple[int, int] | None:
+    """The ``weight_scale_inv`` shape of a 2-D weight: ``[ceil(rows/br), ceil(cols/bc)]``."""
+    if len(shape) != 2:
+        return None
+    return -(-shape[0] // block[0]), -(-shape[1] // block[1])
+
+
 def _span(region, shape) -> list[slice]:
     region = tuple(region or ()) + (slice(None),) * (len(shape) - len(region or ()))
     out = []
@@ -165,9 +172,7 @@ class FP8Checkpoint:
         self.consumed = hidden  # read with their weights: strict accounting counts them as used
 
     def grid(self, shape) -> tuple[int, int] | None:
-        if len(shape) != 2:
-            return None
-        return -(-shape[0] // self.block[0]), -(-shape[1] // self.block[1])
+        return fp8_grid(shape, self.block)
 
     @property
     def quantized(self) -> set[str]:
