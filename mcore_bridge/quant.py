@@ -1,7 +1,7 @@
 """Quantised checkpoints, read as bf16 through views; FP8 blockwise export.
 
 **Blockwise FP8** (DeepSeek-V3/V3.1, Kimi-K2, any ``quantization_config.quant_method: fp8`` with
-``weight_block_size [br, bc]``): each quantised ``X.weight`` is float8_e4m3fn next to
+``weight_block_size [br, bc]``; ``scale_fmt: ue8m0`` means power-of-two scales): each quantised ``X.weight`` is float8_e4m3fn next to
 ``X.weight_scale_inv`` float32 ``[ceil(rows/br), ceil(cols/bc)]``; element ``(i, j)`` is
 ``fp8[i, j] * scale_inv[i // br, j // bc]`` (edge blocks may be partial). ``FP8Checkpoint``
 presents each such weight as bf16 of the same shape (the product in fp32, rounded once to bf16:
@@ -72,6 +72,9 @@ def fp8_block(q: dict) -> tuple[int, int]:
                               f"positive integers [rows, cols] (per-tensor FP8 is not supported)")
     if q.get("fmt", "e4m3") != "e4m3":
         raise CheckpointError(f"quantization_config.fmt={q.get('fmt')!r}: only e4m3 FP8 is supported")
+    if q.get("scale_fmt") not in (None, "ue8m0"):
+        raise CheckpointError(f"quantization_config.scale_fmt={q.get('scale_fmt')!r}: float32 scales (no "
+                              f"scale_fmt) and power-of-two 'ue8m0' scales are supported")
     if q.get("activation_scheme", "dynamic") != "dynamic":
         raise CheckpointError(f"quantization_config.activation_scheme={q.get('activation_scheme')!r}: only "
                               f"'dynamic' (no stored activation scales) is supported")
@@ -114,19 +117,44 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
     return (q.float() * s).to(torch.bfloat16)
 
 
-def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _expand(scale: torch.Tensor, block, shape) -> torch.Tensor:
+    return scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:shape[0], :shape[1]]
+
+
+def _per_block(mask: torch.Tensor, block, grid) -> torch.Tensor:
+    """``mask [rows, cols]`` (bool) -> ``[grid]``: whether every element of each block is set."""
+    rows, cols = mask.shape
+    padded = torch.ones(grid[0] * block[0], grid[1] * block[1], dtype=torch.bool, device=mask.device)
+    padded[:rows, :cols] = mask
+    return padded.view(grid[0], block[0], grid[1], block[1]).all(dim=3).all(dim=1)
+
+
+def quantize_fp8(w: torch.Tensor, block: tuple[int, int], pow2: bool = False,
+                 reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fp8, scale_inv)`` of a 2-D tensor: per block, scale = amax / 448 (1 for an all-zero
-    block), fp8 = w / scale rounded to nearest (partial edge blocks use their own amax)."""
-    br, bc = block
+    block), fp8 = w / scale rounded to nearest (partial edge blocks use their own amax).
+    ``pow2`` (``scale_fmt: ue8m0``, DeepSeek-V3.1): the scale rounded up to a power of two.
+    ``reference`` (the source checkpoint's scales): a block keeps its reference scale where that
+    scale represents every value of the block exactly (``fp8 * scale`` gives ``w`` back in
+    ``w``'s dtype), so unchanged weights are written byte for byte as they were read; any other
+    block (e.g. changed by training) gets a fresh scale."""
     rows, cols = w.shape
-    gr, gc = -(-rows // br), -(-cols // bc)
+    grid = fp8_grid(w.shape, block)
     x = w.float()
-    padded = torch.zeros(gr * br, gc * bc, dtype=torch.float32, device=w.device)
+    padded = torch.zeros(grid[0] * block[0], grid[1] * block[1], dtype=torch.float32, device=w.device)
     padded[:rows, :cols] = x
-    amax = padded.view(gr, br, gc, bc).abs().amax(dim=(1, 3))
+    amax = padded.view(grid[0], block[0], grid[1], block[1]).abs().amax(dim=(1, 3))
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    full = scale.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:rows, :cols]
-    q = (x / full).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    if pow2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    if reference is not None and tuple(reference.shape) == grid:
+        ref = reference.to(device=w.device, dtype=torch.float32)
+        full_ref = _expand(ref, block, w.shape)
+        scaled = x / full_ref
+        back = (scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * full_ref).to(w.dtype)
+        exact = _per_block(back == w, block, grid)  # clamped values beyond 448 never give w back
+        scale = torch.where(exact & (ref > 0), ref, scale)
+    q = (x / _expand(scale, block, w.shape)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
 
 
@@ -177,6 +205,11 @@ class FP8Checkpoint:
     @property
     def quantized(self) -> set[str]:
         return set(self.scales)
+
+    def source_scale(self, name: str) -> torch.Tensor | None:
+        """The stored ``weight_scale_inv`` of ``name`` (FP8 export reuses it where it is exact)."""
+        scale = self.scales.get(name)
+        return None if scale is None else self.ckpt.read(scale)
 
     def names(self):
         return list(self.tensors)
@@ -287,8 +320,9 @@ def default_fp8_names(hf_tensors: dict) -> set[str]:
 def export_plan(hf, hf_tensors: dict, config: dict, dtype, peft_format: bool = False
                 ) -> tuple[object, tuple | None]:
     """``(dtype for the exporter, fp8 plan or None)`` for an export ``dtype`` (a torch dtype,
-    None, "fp8" or "mxfp4"). The plan is ``(names to quantise, block, quantization_config)``:
-    the names the source stored as FP8 (its block and config), else ``default_fp8_names``."""
+    None, "fp8" or "mxfp4"). The plan is ``(names to quantise, block, quantization_config,
+    reference scales or None)``: the names the source stored as FP8 (its block, config and
+    scales), else ``default_fp8_names``."""
     if isinstance(dtype, str) and dtype.lower() == "mxfp4":
         raise UsageError(MXFP4_EXPORT_REFUSAL)
     if not (isinstance(dtype, str) and dtype.lower() == "fp8"):
@@ -301,11 +335,11 @@ def export_plan(hf, hf_tensors: dict, config: dict, dtype, peft_format: bool = F
         hf = getattr(hf, "ckpt", None)
     q = quant_config(config) or {}
     if isinstance(hf, FP8Checkpoint):
-        return None, (hf.quantized, hf.block, dict(q))
+        return None, (hf.quantized, hf.block, dict(q), hf.source_scale)
     if q.get("quant_method") == "fp8" and hf is None:  # built from a config: the block as configured
-        return None, (default_fp8_names(hf_tensors), fp8_block(q), dict(q))
+        return None, (default_fp8_names(hf_tensors), fp8_block(q), dict(q), None)
     return None, (default_fp8_names(hf_tensors), tuple(DEFAULT_FP8_CONFIG["weight_block_size"]),
-                  dict(DEFAULT_FP8_CONFIG))
+                  dict(DEFAULT_FP8_CONFIG), None)
 
 
 def export_config(config: dict, plan) -> dict:
@@ -326,10 +360,11 @@ def quantize_stream(stream: Iterable[tuple[str, torch.Tensor]], plan) -> Iterato
     if plan is None:
         yield from stream
         return
-    names, block, _ = plan
+    names, block, config, reference = plan
+    pow2 = config.get("scale_fmt") == "ue8m0"
     for name, t in stream:
         if name in names:
-            q, s = quantize_fp8(t, block)
+            q, s = quantize_fp8(t, block, pow2, reference(name) if reference else None)
             yield name, q
             yield name + SCALE_SUFFIX, s
         else:

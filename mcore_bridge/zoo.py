@@ -187,8 +187,9 @@ def build(name: str, out: Path, seed: int = 0):
         image_processor(cfg).save_pretrained(out)
 
 
-def quantize_fp8_dir(out: Path, block: list[int]):
-    """Rewrite the safetensors in ``out`` as a blockwise-FP8 checkpoint (``quant.quantize_fp8``)."""
+def quantize_fp8_dir(out: Path, block: list[int], scale_fmt: str | None = None):
+    """Rewrite the safetensors in ``out`` as a blockwise-FP8 checkpoint (``quant.quantize_fp8``;
+    ``scale_fmt="ue8m0"``: power-of-two scales, as DeepSeek-V3.1 declares)."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -199,13 +200,16 @@ def quantize_fp8_dir(out: Path, block: list[int]):
         tensors = load_file(str(f))
         names = quant.default_fp8_names({n: (t.shape, t.dtype) for n, t in tensors.items()})
         for n in sorted(names):
-            tensors[n], tensors[n + quant.SCALE_SUFFIX] = quant.quantize_fp8(tensors[n], tuple(block))
+            tensors[n], tensors[n + quant.SCALE_SUFFIX] = quant.quantize_fp8(tensors[n], tuple(block),
+                                                                             scale_fmt == "ue8m0")
         save_file(tensors, str(f), metadata={"format": "pt"})
     index = out / "model.safetensors.index.json"
     if index.exists():
         raise RuntimeError("quantize_fp8_dir: sharded zoo entries are not quantised (no index update)")
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"] = dict(quant.DEFAULT_FP8_CONFIG, weight_block_size=list(block))
+    if scale_fmt:
+        config["quantization_config"]["scale_fmt"] = scale_fmt
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

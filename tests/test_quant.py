@@ -137,6 +137,32 @@ def test_fp8_quantiser_matches_the_published_recipe():
     assert float(err.max()) <= float(s.max()) * 16 + 1e-6  # e4m3: half an ulp at 448 is 16
 
 
+def test_fp8_requantising_dequantised_weights_fresh_and_with_reference_scales():
+    """What FP8 -> bf16 -> FP8 gives. Fresh scales: every FP8 byte comes back (the bf16 product
+    is within 2^-9 of q * s, far inside e4m3's half ulp of 2^-4) but a scale moves by up to 2^-8
+    (bf16 keeps 8 significant bits of the block maximum 448 * s). With the source's scales as
+    reference: byte-exact; a block whose values changed gets a fresh scale, the others keep theirs."""
+    w = torch.randn(70, 100) * 0.02
+    q, s = quant.quantize_fp8(w, (32, 48))
+    deq = quant.dequantize_fp8(q, s, (32, 48))  # bf16, as the view presents it
+    q2, s2 = quant.quantize_fp8(deq, (32, 48))
+    assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
+    rel = float(((s2 - s) / s).abs().max())
+    assert 0 < rel <= 2.0 ** -8, rel  # measured ~3.7e-3 on the zoo model
+    q3, s3 = quant.quantize_fp8(deq, (32, 48), reference=s)
+    assert torch.equal(q3.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s3, s)
+    changed = deq.clone()
+    assert changed[40, 60] != 0
+    changed[40, 60] *= 1 + 2 ** -6  # needs 6 significant bits: block (1, 1) is off its e4m3 grid
+    q4, s4 = quant.quantize_fp8(changed, (32, 48), reference=s)
+    kept = torch.ones_like(s, dtype=torch.bool)
+    kept[1, 1] = False
+    assert torch.equal(s4[kept], s[kept]) and s4[1, 1] != s[1, 1]
+    # control: a wrong reference (scaled by 3) is never kept
+    _, s5 = quant.quantize_fp8(deq, (32, 48), reference=s * 3)
+    assert not torch.equal(s5, s * 3) and torch.equal(s5, s2)
+
+
 def test_export_plan_and_config():
     tensors = {"model.embed_tokens.weight": ((10, 4), torch.bfloat16), "lm_head.weight": ((10, 4), torch.bfloat16),
                "model.layers.0.input_layernorm.weight": ((4,), torch.bfloat16),
