@@ -440,9 +440,9 @@ class Bridge:
         staging directory that is renamed into place only after every rank succeeded.
         """
         out_dir = Path(out_dir).absolute()
+        dtype, fp8 = quant.export_plan(self.hf, self.hf_tensors, self.hf_config, dtype, peft_format)
         if peft_format:
             return self._save_adapter(models, out_dir, dtype, overwrite, bucket_bytes, peft_experts)
-        dtype, fp8 = quant.export_plan(self.hf, self.hf_tensors, self.hf_config, dtype)
         exporter, g = self._exporter(models, dtype, merge=merge_lora)
         world = rt.world_size()
         tp_writer = balanced_writers(exporter.units, g)

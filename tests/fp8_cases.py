@@ -35,10 +35,19 @@ def fp8_roundtrip(source: str, layout: dict, out_dir: str, out_fp8: str) -> dict
             fp8["payload_bytes_differing"] += int((t.view(torch.uint8) != ref.view(torch.uint8)).sum())
         elif not same_bytes(t, ref):
             fp8["other"].append(name)
+    from mcore_bridge import sync
+
+    buckets = {"names": set(), "mismatches": []}  # the RL path: packed buckets, unpacked by the engine
+    for bucket in bridge.export_buckets(models, dtype="fp8", bucket_bytes=1 << 16):
+        for name, t in sync.unpack_bucket(bucket.buffer, bucket.meta):
+            buckets["names"].add(name)
+            if not same_bytes(t, src.read(name)):
+                buckets["mismatches"].append(name)
+    buckets["names"] = sorted(buckets["names"])
     bridge.save_weights(models, out_dir, overwrite=True)
     bridge.save_weights(models, out_fp8, overwrite=True, dtype="fp8")
     default["names"], fp8["names"] = sorted(default["names"]), sorted(fp8["names"])
-    return {"rank": rt.rank(), "default": default, "fp8": fp8}
+    return {"rank": rt.rank(), "default": default, "fp8": fp8, "buckets": buckets}
 
 
 def fp8_reads(source: str, layout: dict) -> dict:

@@ -38,6 +38,8 @@ def test_fp8_roundtrip(world, layout, pools, zoo_model, tmp_path):
         assert f["names"] == sorted(stored.names()) and f["other"] == [], r["rank"]
         assert f["payload_bytes"] == sum(i.nbytes for i in stored.tensors.values() if i.dtype == quant.FP8)
         assert f["payload_bytes_differing"] == 0 and f["scale_rel"] == 0.0, f  # byte-exact
+        b = r["buckets"]
+        assert b["names"] == sorted(stored.names()) and b["mismatches"] == [], (r["rank"], b["mismatches"])
     saved = HFCheckpoint(out)
     assert sorted(saved.names()) == sorted(view.names())
     assert all(cases.same_bytes(saved.read(n), view.read(n)) for n in view.names())
