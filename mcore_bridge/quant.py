@@ -1,8 +1,8 @@
 """Quantised checkpoints, read as bf16 through views; FP8 blockwise export.
 
 **Blockwise FP8** (DeepSeek-V3/V3.1, Kimi-K2, any ``quantization_config.quant_method: fp8`` with
-``weight_block_size [br, bc]``; ``scale_fmt: ue8m0`` means power-of-two scales): each quantised ``X.weight`` is float8_e4m3fn next to
-``X.weight_scale_inv`` float32 ``[ceil(rows/br), ceil(cols/bc)]``; element ``(i, j)`` is
+``weight_block_size [br, bc]``; ``scale_fmt: ue8m0``: power-of-two scales): each quantised
+``X.weight`` is float8_e4m3fn next to ``X.weight_scale_inv`` float32 ``[ceil(rows/br), ceil(cols/bc)]``; element ``(i, j)`` is
 ``fp8[i, j] * scale_inv[i // br, j // bc]`` (edge blocks may be partial). ``FP8Checkpoint``
 presents each such weight as bf16 of the same shape (the product in fp32, rounded once to bf16:
 DeepSeek's ``weight_dequant``), hides the ``*_scale_inv`` names (each one paired, or an error
@@ -14,8 +14,11 @@ naming it) and reads only the FP8 rows/cols of a region and the scale rows/cols 
 (transformers' in-memory orientation after its own dequantisation: ``[E, in, out]``).
 
 Export writes plain bf16 by default (``export_config`` drops ``quantization_config``);
-``dtype="fp8"`` quantises the same tensors again (``quantize_fp8``: scale = block amax / 448).
-MXFP4 export is refused (see ``MXFP4_EXPORT_REFUSAL``).
+``dtype="fp8"`` quantises the same tensors again (``quantize_fp8``): a block keeps the source's
+scale where that scale represents the exported values exactly -- so FP8 -> megatron -> FP8 is
+byte-exact -- and gets a fresh one (block amax / 448) where the values changed. (Fresh scales
+alone would give every FP8 byte back but move a scale by up to 2^-8: bf16 keeps 8 significant bits
+of the block maximum.) MXFP4 export is refused (see ``MXFP4_EXPORT_REFUSAL``).
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ def test_fp8_roundtrip(world, layout, pools, zoo_model, tmp_path):
 @pytest.mark.world(2)
 def test_fp8_ranks_read_their_rows_and_covering_scales(pools, zoo_model):
     src = zoo_model(MODEL)
-    results = pools.get(2).run(fp8_cases.fp8_reads, timeout=300, source=str(src), layout=L(tp=2, sp=True, ep=2, etp=1).to_dict())
+    results = pools.get(2).run(fp8_cases.fp8_reads, timeout=300, source=str(src),
+                               layout=L(tp=2, sp=True, ep=2, etp=1).to_dict())
     for r in results:
         # column-parallel q_b_proj [192, 32] over tp 2: rows 96 each, scale rows of 32-blocks covering them
         regs = r["regions"]

@@ -267,7 +267,8 @@ def test_mxfp4_half_a_pair_is_named(mx_ckpt, tmp_path, drop):
     d = tmp_path / "bad"
     d.mkdir()
     save_file(tensors, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps({"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}}))
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt_oss",
+                                               "quantization_config": {"quant_method": "mxfp4"}}))
     other = "_blocks" if drop == "_scales" else "_scales"
     with pytest.raises(CheckpointError, match=f"model.layers.0.mlp.experts.down_proj{other}: MXFP4"):
         quant.open_quantized(HFCheckpoint(d))
