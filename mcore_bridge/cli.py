@@ -288,6 +288,9 @@ def _export(args, bridge, device, save) -> int:
     if args.export_dtype != "source":  # refused (mxfp4) or checked before any weight is read
         from . import quant
 
+        if args.to_mcore:
+            raise UsageError(f"--export-dtype {args.export_dtype}: applies to HF output (--to-hf); a Megatron "
+                             f"checkpoint keeps the model's --dtype")
         quant.export_plan(bridge.hf, bridge.hf_tensors, bridge.hf_config, args.export_dtype)
     bridge.setup(device)
     dtype = DTYPES[args.dtype] if args.dtype else _source_dtype(bridge)

@@ -37,6 +37,12 @@ def test_export_mxfp4_is_refused_with_the_reason(zoo_model, tmp_path):
     assert_nothing_written(tmp_path / "o")
 
 
+def test_export_dtype_with_to_mcore_is_refused(zoo_model, tmp_path):
+    r = run_cli("export", "--model", zoo_model("qwen3"), "--to-mcore", "--save", tmp_path / "o", "--export-dtype", "fp8")
+    assert r.returncode == 2 and "--export-dtype fp8: applies to HF output" in r.stderr, r.stderr
+    assert_nothing_written(tmp_path / "o")
+
+
 def test_damaged_fp8_checkpoint_is_refused_before_writing(zoo_model, tmp_path):
     src = tmp_path / "damaged"
     shutil.copytree(zoo_model("deepseek_v3_fp8"), src)
