@@ -38,7 +38,8 @@ def test_export_mxfp4_is_refused_with_the_reason(zoo_model, tmp_path):
 
 
 def test_export_dtype_with_to_mcore_is_refused(zoo_model, tmp_path):
-    r = run_cli("export", "--model", zoo_model("qwen3"), "--to-mcore", "--save", tmp_path / "o", "--export-dtype", "fp8")
+    r = run_cli("export", "--model", zoo_model("qwen3"), "--to-mcore", "--save", tmp_path / "o",
+                "--export-dtype", "fp8")
     assert r.returncode == 2 and "--export-dtype fp8: applies to HF output" in r.stderr, r.stderr
     assert_nothing_written(tmp_path / "o")
 
