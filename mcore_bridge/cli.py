@@ -312,7 +312,8 @@ def _export(args, bridge, device, save) -> int:
         what = f"Megatron{', ' + content if lora else ''}"
     else:
         bridge.save_weights(models, save, overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size),
-                            dtype=None if args.export_dtype == "source" else args.export_dtype, merge_lora=merge, peft_format=lora and not merge, peft_experts=args.peft_experts)
+                            dtype=None if args.export_dtype == "source" else args.export_dtype,
+                            merge_lora=merge, peft_format=lora and not merge, peft_experts=args.peft_experts)
         what = "HF" + (", merged with the adapter" if merge else ", PEFT adapter" if lora else "")
     _say(f"wrote {save} ({what}, layout {bridge.layout.short()})")
     if args.test_convert_precision:
