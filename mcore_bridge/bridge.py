@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import lora as lora_
-from . import stacked
+from . import quant, stacked
 from .bridge_parts.adapters import AdapterState
 from .bridge_parts.loader import Loader, progress
 from .bridge_parts.local import LocalPlan
@@ -184,8 +184,9 @@ class Bridge:
         With a LoRA adapter: ``peft_format`` yields only the adapter's factors under HF module
         names (``...q_proj.lora_A.weight``); otherwise the weights, merged with the adapter in fp32
         unless ``merge_lora=False``. ``tensor_of(param)``: export that tensor of each parameter instead
-        (e.g. its gradient: ``verify.grad``), through the same plan. Collective: all ranks must
-        iterate it to the end."""
+        (e.g. its gradient: ``verify.grad``), through the same plan. ``dtype="fp8"``: blockwise FP8
+        (``quant``) with ``_scale_inv`` tensors. Collective: all ranks must iterate it to the end."""
+        dtype, fp8 = quant.export_plan(self.hf, self.hf_tensors, self.hf_config, dtype, peft_format)
         exporter, recv, buckets = self.syncplan.plan(models, dtype, bucket_bytes, all_ranks, merge_lora, peft_format,
                                                      receivers, tensor_of)
         stacking = None if peft_format else self.writer.stacking(expert_storage)
@@ -199,7 +200,7 @@ class Bridge:
 
                 stream = sync.to_device(stream, device)
             stream = (nt for _, ts, _ in stream if ts for nt in ts)
-            yield from stacked.restack(stream, *stacking) if stacking else stream
+            yield from quant.quantize_stream(stacked.restack(stream, *stacking) if stacking else stream, fp8)
 
     @_scoped_iter
     def export_buckets(self, models, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None,
@@ -210,10 +211,11 @@ class Bridge:
         At most one bucket is in flight per rank. Collective: every rank iterates to the end."""
         from . import sync
 
+        dtype, fp8 = quant.export_plan(self.hf, self.hf_tensors, self.hf_config, dtype, peft_format)
         exporter, recv, buckets = self.syncplan.plan(models, dtype, bucket_bytes, True, merge_lora, peft_format,
                                                      receivers)
         with torch.no_grad():
-            stream = self.syncplan.stream(exporter, buckets, recv)
+            stream = quant.quantize_buckets(self.syncplan.stream(exporter, buckets, recv), fp8)
             yield from sync.buckets_from(sync.to_device(stream, device) if device is not None else stream)
 
     @_scoped
@@ -235,7 +237,8 @@ class Bridge:
         staging directory that is renamed into place only after every rank succeeded.
         """
         out_dir = Path(out_dir).absolute()
+        dtype, fp8 = quant.export_plan(self.hf, self.hf_tensors, self.hf_config, dtype, peft_format)
         if peft_format:
             return self.writer.save_adapter(models, out_dir, dtype, overwrite, bucket_bytes, peft_experts)
         return self.writer.save(models, out_dir, dtype, overwrite, max_shard_bytes, bucket_bytes, expert_storage,
-                                merge_lora)
+                                merge_lora, fp8)

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                     help="megatron parameter dtype (default: the checkpoint's); HF output keeps the "
                          "source tensors' dtypes")
+    ex.add_argument("--export-dtype", "--export_dtype", choices=("source", "fp8", "mxfp4"), default="source",
+                    help="HF output: source (each tensor as the source stored it; FP8/MXFP4 sources as bf16, "
+                         "no quantization_config) or fp8 (blockwise, regenerated scales, the source's "
+                         "quantization_config or [128,128] blocks); mxfp4 is refused with the reason")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
     ex.add_argument("--max-shard-size", default="2GB", help="largest HF output file (e.g. 500MB, 5GB)")
     ex.add_argument("--ckpt-format", "--ckpt_format", choices=("torch_dist", "plain"), default="torch_dist",
@@ -284,6 +288,13 @@ def _export(args, bridge, device, save) -> int:
     from . import checkpoint
     from .bridge import DTYPES
 
+    if args.export_dtype != "source":  # refused (mxfp4) or checked before any weight is read
+        from . import quant
+
+        if args.to_mcore:
+            raise UsageError(f"--export-dtype {args.export_dtype}: applies to HF output (--to-hf); a Megatron "
+                             f"checkpoint keeps the model's --dtype")
+        quant.export_plan(bridge.hf, bridge.hf_tensors, bridge.hf_config, args.export_dtype)
     bridge.setup(device)
     dtype = DTYPES[args.dtype] if args.dtype else _source_dtype(bridge)
     models = bridge.build_model(dtype)
@@ -304,6 +315,7 @@ def _export(args, bridge, device, save) -> int:
         what = f"Megatron{', ' + content if lora else ''}"
     else:
         bridge.save_weights(models, save, overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size),
+                            dtype=None if args.export_dtype == "source" else args.export_dtype,
                             merge_lora=merge, peft_format=lora and not merge, peft_experts=args.peft_experts)
         what = "HF" + (", merged with the adapter" if merge else ", PEFT adapter" if lora else "")
     _say(f"wrote {save} ({what}, layout {bridge.layout.short()})")

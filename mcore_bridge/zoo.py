@@ -77,6 +77,10 @@ ZOO = {
 # Text models whose attention is sharpened at build time (q/k scaled by QK_SHARPEN): positions then
 # matter well above fp32 noise, so a wrong rotary split or swapped q/k rows shows in verification.
 SHARPEN_QK = ("phi3", "glm4")
+# DeepSeek-V3 stored as DeepSeek publishes it: blockwise FP8 linear weights with float32
+# ``weight_scale_inv`` (blocks of 32 x 48, so many tensors end in partial blocks and TP shards
+# start mid-block); norms, embeddings, lm_head and the router stay unquantised.
+ZOO["deepseek_v3_fp8"] = dict(ZOO["deepseek_v3"], fp8_block=[32, 48])
 
 # Vision-language: text and vision towers small, 4 language layers (pp 2 keeps the deepstack
 # layers on the first stage), 3 vision blocks; image/video ids inside the vocabulary; MoE experts
@@ -113,7 +117,8 @@ ZOO.update({
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
 MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
-DENSE = [n for n in ZOO if n not in MOE + MULTIMODAL]
+QUANTIZED = ["deepseek_v3_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)
+DENSE = [n for n in ZOO if n not in MOE + MULTIMODAL + QUANTIZED]
 TEXT = DENSE + MOE
 
 
@@ -172,6 +177,7 @@ def build(name: str, out: Path, seed: int = 0):
 
     spec = dict(ZOO[name])
     shard = spec.pop("max_shard_size", "50GB")
+    fp8_block = spec.pop("fp8_block", None)
     multimodal = "vision_config" in spec
     cfg = AutoConfig.for_model(**(spec if multimodal else {**_COMMON, **spec}))
     torch.manual_seed(seed)
@@ -201,9 +207,37 @@ def build(name: str, out: Path, seed: int = 0):
             if bname.endswith("e_score_correction_bias"):  # a routing bias that changes choices
                 b.copy_(0.05 * torch.randn_like(b))
     model.save_pretrained(out, max_shard_size=shard)
+    if fp8_block:
+        quantize_fp8_dir(out, fp8_block)
     tokenizer(cfg.get_text_config().vocab_size).save_pretrained(out)
     if multimodal:
         image_processor(cfg).save_pretrained(out)
+
+
+def quantize_fp8_dir(out: Path, block: list[int], scale_fmt: str | None = None):
+    """Rewrite the safetensors in ``out`` as a blockwise-FP8 checkpoint (``quant.quantize_fp8``;
+    ``scale_fmt="ue8m0"``: power-of-two scales, as DeepSeek-V3.1 declares)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from . import quant
+
+    for f in sorted(out.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        names = quant.default_fp8_names({n: (t.shape, t.dtype) for n, t in tensors.items()})
+        for n in sorted(names):
+            tensors[n], tensors[n + quant.SCALE_SUFFIX] = quant.quantize_fp8(tensors[n], tuple(block),
+                                                                             scale_fmt == "ue8m0")
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.exists():
+        raise RuntimeError("quantize_fp8_dir: sharded zoo entries are not quantised (no index update)")
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = dict(quant.DEFAULT_FP8_CONFIG, weight_block_size=list(block))
+    if scale_fmt:
+        config["quantization_config"]["scale_fmt"] = scale_fmt
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def image_processor(cfg):

@@ -198,7 +198,6 @@ def test_deepseek_v3_yarn_fields_by_name():
     (dict(rope_interleave=False), "rope_interleave=false"),
     (dict(norm_topk_prob=False), "norm_topk_prob=false"),
     (dict(num_experts_per_tok=2), "num_experts_per_tok=2 with topk_group=2"),
-    (dict(rms_norm_eps=1e-5), "rms_norm_eps=1e-05"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "mscale": 1.0}), "mscale"),
 ])

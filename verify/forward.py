@@ -85,6 +85,14 @@ def hf_model(hf_dir, dtype=torch.float32, device="cpu"):
     logging.disable_progress_bar()
     config = json.loads((Path(hf_dir) / "config.json").read_text())
     cls = AutoModelForImageTextToText if "vision_config" in config else AutoModelForCausalLM
+    from mcore_bridge import quant
+
+    if quant.quant_config(config):  # FP8 / MXFP4: the reference holds the dequantised weights
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mcore-bridge-dequantised-") as tmp:
+            quant.dequantized_copy(hf_dir, tmp)
+            return cls.from_pretrained(tmp, dtype=dtype).to(device).eval()
     return cls.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .. import hf_io as hfio
-from .. import stacked
+from .. import quant, stacked
 from ..families import family_for
 
 
@@ -38,7 +38,7 @@ class CheckpointReader:
                  side_files: Path | None = None, expert_storage: str | None = None, allow_pickle: bool = False):
         if hf_config is None:
             self.source = resolve_source(source)
-            self.hf = hfio.HFCheckpoint(self.source, allow_pickle=allow_pickle)
+            self.hf = quant.open_quantized(hfio.HFCheckpoint(self.source, allow_pickle=allow_pickle))  # FP8/MXFP4: bf16
             hf_config = self.hf.config
             hf_tensors = tensor_table(self.hf)
             side_files = self.source
@@ -57,4 +57,4 @@ class CheckpointReader:
 
     def open(self, hf_dir):
         """Another HF directory of this model (``load_weights(hf_dir=...)``), through the same views."""
-        return stacked.open_checkpoint(hfio.HFCheckpoint(resolve_source(hf_dir)), self.family)[0]
+        return stacked.open_checkpoint(quant.open_quantized(hfio.HFCheckpoint(resolve_source(hf_dir))), self.family)[0]

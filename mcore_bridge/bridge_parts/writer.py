@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import hf_io as hfio
-from .. import stacked
+from .. import quant, stacked
 from ..errors import UsageError
 from ..export import Exporter, ExportUnit, balanced_writers, make_buckets, nbytes
 from ..runtime import dist as rt
@@ -66,8 +66,9 @@ class Writer:
         return stacked.view_table(family, storage), stacked.stacked_shapes(family, storage)
 
     def save(self, models, out_dir: Path, dtype, overwrite: bool, max_shard_bytes: int, bucket_bytes: int,
-             expert_storage: str | None, merge_lora: bool):
-        """HF safetensors shards + index + config (+ side files) in ``out_dir`` (see ``Bridge.save_weights``)."""
+             expert_storage: str | None, merge_lora: bool, fp8=None):
+        """HF safetensors shards + index + config (+ side files) in ``out_dir`` (see ``Bridge.save_weights``);
+        ``fp8``: the blockwise FP8 plan of ``quant.export_plan`` (None: as the dtypes say)."""
         exporter, g = self.exporter(models, dtype, merge=merge_lora)
         world = rt.world_size()
         tp_writer = balanced_writers(exporter.units, g)
@@ -84,7 +85,8 @@ class Writer:
             for n, s, d in zip(u.unit.hf_names, u.hf_shapes, u.out_dtypes):
                 view = stacking[0].get(n) if stacking else None
                 if view is None:
-                    outputs[n] = (nbytes(s, d), writer(u))
+                    for n_, s_, d_ in quant.output_entries(n, s, fp8) or [(n, s, d)]:
+                        outputs[n_] = (nbytes(s_, d_), writer(u))
                 elif view.stacked not in outputs:
                     outputs[view.stacked] = (nbytes(stacking[1][view.stacked], d), writer(u))
         sizes = {n: b for n, (b, _) in outputs.items()}
@@ -93,7 +95,7 @@ class Writer:
 
         def finalize(stage: Path):
             hfio.write_index(stage, files, sizes)
-            hfio.copy_side_files(self.reader.side_files, stage, self.reader.hf_config)
+            hfio.copy_side_files(self.reader.side_files, stage, quant.export_config(self.reader.hf_config, fp8))
 
         with hfio.collective_output(out_dir, overwrite, finalize) as stage:
             rt.maybe_fail("save")  # tests only: MCORE_BRIDGE_FAULT (runtime/faults.py)
@@ -105,6 +107,7 @@ class Writer:
             else:
                 stream = exporter.iterate(make_buckets(exporter.units, bucket_bytes, tp_writer), all_stages=False,
                                           writer=tp_writer)
+            stream = quant.quantize_stream(stream, fp8)
             for name, tensor in progress(stream, "save", total=sum(len(f["names"]) for f in mine)):
                 f = pending.get(name)
                 if f is None:

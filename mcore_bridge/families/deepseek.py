@@ -3,9 +3,12 @@ top-k, the first ``first_k_dense_replace`` layers dense, shared experts.
 
 Settings megatron-core cannot express are refused (each measured against transformers, see
 ``../shared/FACTS.md``): non-interleaved MLA RoPE, un-normalised sigmoid top-k weights, group
-scores other than HF's "sum of the top 2" (megatron sums the top ``topk / topk_group``), latent
-norm eps other than HF's fixed 1e-6, yarn variants megatron's MLA rotary does not have, and the
-MTP (next-token prediction) layer, which transformers does not build either.
+scores other than HF's "sum of the top 2" (megatron sums the top ``topk / topk_group``), yarn
+variants megatron's MLA rotary does not have, and the MTP (next-token prediction) layer, which
+transformers does not build either. HF normalises the q/kv latents with a fixed eps of 1e-6 whatever
+``rms_norm_eps`` is (Moonlight: 1e-5); megatron's MLA builds them with ``layernorm_epsilon``, so
+the layer spec gives them ``latent_norm``: megatron's own norm module, built with eps 1e-6.
+Kimi-K2 (``model_type: kimi_k2``) is this architecture under another name.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ HF_LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm 
 
 
 class DeepSeekV3(MoEMixin, Llama):
-    model_types = ("deepseek_v3",)
+    model_types = ("deepseek_v3", "kimi_k2")
     name = "deepseek_v3"
     shared_hf = "mlp.shared_experts."
     shared_gate_hf = None
@@ -64,10 +67,22 @@ class DeepSeekV3(MoEMixin, Llama):
                 f"num_experts_per_tok={topk} with topk_group={topk_group}: HF scores a group by the sum of "
                 f"its top 2 experts, megatron-core by its top {topk // topk_group}; they agree only when "
                 f"num_experts_per_tok = 2 x topk_group")
-        eps = float(c.get("rms_norm_eps", default=1e-6))
-        if eps != HF_LATENT_NORM_EPS:
-            raise UnsupportedConfig(f"rms_norm_eps={eps}: transformers' DeepSeek-V3 normalises the q/kv latents "
-                                    f"with eps {HF_LATENT_NORM_EPS}, megatron-core with rms_norm_eps")
+
+    def layer_spec(self, config, vp_stage, pp_rank):
+        """The MoE block spec, its q/kv latent norms built with HF's fixed eps (``latent_norm``)."""
+        import copy
+
+        spec = super().layer_spec(config, vp_stage, pp_rank)
+        if float(self.cfg.get("rms_norm_eps", default=1e-6)) == HF_LATENT_NORM_EPS:
+            return spec
+        spec = copy.deepcopy(spec)
+        for layer in spec.layer_specs:
+            attn = layer.submodules.self_attention.submodules
+            for field in ("q_layernorm", "kv_layernorm"):
+                norm = getattr(attn, field)
+                if isinstance(norm, type) and norm.__name__ != "IdentityOp":
+                    setattr(attn, field, latent_norm(norm))
+        return spec
 
     def check_tensors(self, names) -> None:
         """The MTP layer is stored after the last decoder layer (``model.layers.{num_layers}.*``)."""
@@ -169,3 +184,13 @@ class DeepSeekV3(MoEMixin, Llama):
             rule(A + "linear_kv_up_proj.weight", HA + "kv_b_proj.weight", COLUMN),
             rule(A + "linear_proj.weight", HA + "o_proj.weight", ROW),
         ]
+
+
+def latent_norm(norm: type) -> type:
+    """A subclass of megatron's norm module ``norm`` that is built with eps 1e-6 (HF's q/kv latent
+    norms) whatever eps megatron passes (``layernorm_epsilon``): it builds ``norm`` itself."""
+    def __new__(cls, *args, **kwargs):
+        kwargs["eps"] = HF_LATENT_NORM_EPS
+        return norm(*args, **kwargs)
+
+    return type(f"Latent{norm.__name__}", (norm,), {"__new__": __new__, "__module__": __name__})

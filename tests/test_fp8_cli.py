@@ -1,0 +1,58 @@
+"""``mcore-bridge export --export-dtype``: FP8 written from a bf16-stored source, MXFP4 refused
+with the reason, a damaged FP8 checkpoint refused naming the tensor (nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mcore_bridge import quant
+from mcore_bridge.hf_io import HFCheckpoint
+from tests.test_cli import assert_nothing_written, run_cli
+
+
+def test_export_fp8_from_a_plain_source_quantises_deepseeks_linears(zoo_model, tmp_path):
+    src = zoo_model("deepseek_v3")
+    out = tmp_path / "fp8"
+    r = run_cli("export", "--model", src, "--to-hf", "--save", out, "--export-dtype", "fp8")
+    assert r.returncode == 0, r.stderr
+    saved, plain = HFCheckpoint(out), HFCheckpoint(src)
+    assert saved.config["quantization_config"] == quant.DEFAULT_FP8_CONFIG
+    fp8 = {n for n in saved.names() if saved.info(n).dtype == torch.float8_e4m3fn}
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in fp8 and "model.layers.0.self_attn.o_proj.weight" in fp8
+    assert not any(k in n for n in fp8 for k in ("norm", "embed", "lm_head", "mlp.gate.weight"))
+    assert {n + quant.SCALE_SUFFIX for n in fp8} == {n for n in saved.names() if n.endswith(quant.SCALE_SUFFIX)}
+    back = quant.open_quantized(saved)  # reads back within e4m3's half ulp (2^-4 relative) of the source
+    for n in fp8:
+        w = plain.read(n)
+        assert float((back.read(n).float() - w).abs().max()) <= float(w.abs().max()) * 2 ** -4 + 1e-6, n
+
+
+def test_export_mxfp4_is_refused_with_the_reason(zoo_model, tmp_path):
+    r = run_cli("export", "--model", zoo_model("qwen3"), "--to-hf", "--save", tmp_path / "o", "--export-dtype", "mxfp4")
+    assert r.returncode == 2 and "--export-dtype mxfp4 is refused" in r.stderr, r.stderr
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_export_dtype_with_to_mcore_is_refused(zoo_model, tmp_path):
+    r = run_cli("export", "--model", zoo_model("qwen3"), "--to-mcore", "--save", tmp_path / "o",
+                "--export-dtype", "fp8")
+    assert r.returncode == 2 and "--export-dtype fp8: applies to HF output" in r.stderr, r.stderr
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_damaged_fp8_checkpoint_is_refused_before_writing(zoo_model, tmp_path):
+    src = tmp_path / "damaged"
+    shutil.copytree(zoo_model("deepseek_v3_fp8"), src)
+    tensors = load_file(str(src / "model.safetensors"))
+    victim = "model.layers.1.mlp.experts.5.up_proj.weight_scale_inv"
+    tensors[victim] = tensors[victim][:, :1].contiguous()
+    save_file(tensors, str(src / "model.safetensors"))
+    r = run_cli("export", "--model", src, "--to-hf", "--save", tmp_path / "o")
+    assert r.returncode == 2 and f"{victim}: shape (1, 1) does not fit" in r.stderr, r.stderr
+    assert_nothing_written(tmp_path / "o")
+    cfg = json.loads((src / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == [32, 48]
