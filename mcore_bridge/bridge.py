@@ -84,6 +84,18 @@ def _scoped_iter(method):
     return run
 
 
+def _check_copies(ckpt, names, regions, param: str) -> None:
+    """HF tensors that are copies of one tensor in the model must be equal (in this rank's region)."""
+    first = ckpt.read(names[0], regions[0])
+    for name, region in zip(names[1:], regions[1:]):
+        other = ckpt.read(name, region)
+        if not torch.equal(other, first):
+            diff = (other.float() - first.float()).abs().max().item() if other.shape == first.shape else "shape"
+            raise MappingError(f"{name} differs from {names[0]} (max |diff| {diff}): the model holds one tensor for "
+                               f"both ({param}), so the checkpoint's copies must be equal; refusing rather than "
+                               f"picking one")
+
+
 class Bridge:
     """Converts between one HF model and megatron-core models sharded by ``layout``.
 
@@ -280,6 +292,8 @@ class Bridge:
                     regions = transform.slices(shapes, tuple(target.shape), tp, tp_rank)
                 except ShapeMismatch as e:
                     raise MappingError(f"{', '.join(names)} {shapes} -> {item.param}: {e}") from None
+                if transform.identical_sources:
+                    _check_copies(ckpt, names, regions, item.param)
                 jobs.append((item, target, names, regions, tp, tp_rank))
         except Exception as e:  # make every rank fail together, before any weight is read
             error = e

@@ -4,8 +4,8 @@ top-k, the first ``first_k_dense_replace`` layers dense, shared experts.
 Settings megatron-core cannot express are refused (each measured against transformers, see
 ``../shared/FACTS.md``): non-interleaved MLA RoPE, un-normalised sigmoid top-k weights, group
 scores other than HF's "sum of the top 2" (megatron sums the top ``topk / topk_group``), latent
-norm eps other than HF's fixed 1e-6, yarn variants megatron's MLA rotary does not have, and the
-MTP (next-token prediction) layer, which transformers does not build either.
+norm eps other than HF's fixed 1e-6 and yarn variants megatron's MLA rotary does not have. The
+MTP (next-token prediction) layers convert into megatron's MTP block (``mtp.MTPMixin``).
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from ..transforms import COLUMN, REPLICATED, ROW
 from .base import UnsupportedConfig, rule
 from .llama import Llama
 from .moe import MoEMixin
+from .mtp import MTPMixin
 
 L = "decoder.layers.{L}."
 A = L + "self_attention."
 HF_LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps
 
 
-class DeepSeekV3(MoEMixin, Llama):
+class DeepSeekV3(MTPMixin, MoEMixin, Llama):
     model_types = ("deepseek_v3",)
     name = "deepseek_v3"
     shared_hf = "mlp.shared_experts."
@@ -68,17 +69,6 @@ class DeepSeekV3(MoEMixin, Llama):
         if eps != HF_LATENT_NORM_EPS:
             raise UnsupportedConfig(f"rms_norm_eps={eps}: transformers' DeepSeek-V3 normalises the q/kv latents "
                                     f"with eps {HF_LATENT_NORM_EPS}, megatron-core with rms_norm_eps")
-
-    def check_tensors(self, names) -> None:
-        """The MTP layer is stored after the last decoder layer (``model.layers.{num_layers}.*``)."""
-        prefix = self.hf_layer_prefix.replace("{L}", str(self.num_layers))
-        mtp = sorted(n for n in names if n.startswith(prefix))
-        if mtp:
-            raise UnsupportedConfig(
-                f"the checkpoint holds a multi-token-prediction layer ({len(mtp)} tensors {prefix}*, "
-                f"num_nextn_predict_layers={self.cfg.get('num_nextn_predict_layers')}); mcore-bridge does not "
-                f"convert MTP (transformers does not run it either) and will not drop it silently: remove "
-                f"those tensors from a copy of the checkpoint to convert the main model")
 
     def rope_settings(self) -> dict:
         rope = self.cfg.rope

@@ -1,0 +1,93 @@
+"""Multi-token prediction (MTP) layers (``families/mtp.py``): DeepSeek-V3's MTP layer, stored as HF
+layer ``num_hidden_layers`` with its embedding / head copies, converts into megatron-core's
+``MultiTokenPredictionBlock`` and back byte-exactly on CPU layouts (MTP on the last pipeline stage);
+the settings, the rules, refusals and the checkpoint checks (copies equal, nothing dropped)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mcore_bridge import ParallelLayout as L
+from mcore_bridge.families import UnsupportedConfig, family_for
+from mcore_bridge.plan import MappingError, check_names, expected_hf_names, inventory
+from tests import cases
+from tests.matrix import case_id
+
+MODEL = "deepseek_v3_mtp"
+MTP_ONLY = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+            "shared_head.head.weight", "embed_tokens.weight")
+
+
+def _config(zoo_model, **change):
+    return {**json.loads((zoo_model(MODEL) / "config.json").read_text()), **change}
+
+
+def _saved_names(path) -> set[str]:
+    from mcore_bridge.hf_io import HFCheckpoint
+
+    return set(HFCheckpoint(path).names())
+
+
+def test_settings_and_rules_cover_the_saved_checkpoint(zoo_model):
+    fam = family_for(_config(zoo_model))
+    assert fam.mtp_layers == 1 and fam.architecture.config["mtp_num_layers"] == 1
+    saved = _saved_names(zoo_model(MODEL))
+    assert {"model.layers.4." + n for n in MTP_ONLY} <= saved  # the zoo stores what DeepSeek-V3 stores
+    for layout in (L(), L(tp=2, sp=True), L(pp=2), L(ep=2), L(pp=2, vpp=2, ep=2)):
+        units = inventory(fam, layout)
+        assert expected_hf_names(units) == saved, layout.short()
+        mtp = [u for u in units if u.rule.mcore.startswith("mtp.")]
+        assert {u.owner[0] for u in mtp} == {layout.pp - 1} and {u.chunk for u in mtp} == {layout.vpp - 1}
+        assert sum(u.expert is not None for u in mtp) == 8 * 2  # the MTP layer's routed experts (fc1, fc2)
+    rows = {r.mcore: r for r in fam.rules()}
+    assert rows["mtp.layers.0.eh_proj.weight"].hf == ("model.layers.4.eh_proj.weight",)
+    assert rows["mtp.layers.0.final_layernorm.weight"].hf == ("model.layers.4.shared_head.norm.weight",)
+    assert rows["mtp.layers.0.transformer_layer.mlp.router.expert_bias"].hf == (
+        "model.layers.4.mlp.gate.e_score_correction_bias",)
+    assert rows["embedding.word_embeddings.weight"].hf == ("model.embed_tokens.weight",
+                                                           "model.layers.4.embed_tokens.weight")
+    assert rows["output_layer.weight"].hf == ("lm_head.weight", "model.layers.4.shared_head.head.weight")
+
+
+def test_nothing_is_dropped(zoo_model):
+    """Strict accounting: an MTP tensor missing, or a second MTP layer the config does not declare,
+    is refused by name; a checkpoint without any MTP tensor converts as the main model alone."""
+    fam = family_for(_config(zoo_model))
+    units, saved = inventory(fam, L()), _saved_names(zoo_model(MODEL))
+    with pytest.raises(MappingError, match=r"missing 1 tensor\(s\): model\.layers\.4\.hnorm\.weight"):
+        check_names(units, saved - {"model.layers.4.hnorm.weight"}, "ckpt")
+    with pytest.raises(MappingError, match=r"unexpected tensor\(s\).*model\.layers\.5\.eh_proj\.weight"):
+        check_names(units, saved | {"model.layers.5.eh_proj.weight"}, "ckpt")
+    main = {n for n in saved if not n.startswith("model.layers.4.")}
+    stripped = family_for(_config(zoo_model))
+    stripped.adapt(main)
+    assert stripped.mtp_layers == 0 and "mtp_num_layers" not in stripped.architecture.config
+    assert expected_hf_names(inventory(stripped, L())) == main
+    partial = family_for(_config(zoo_model))
+    partial.adapt(main | {"model.layers.4.enorm.weight"})  # some MTP tensors: MTP stays, the rest is missing
+    with pytest.raises(MappingError, match=r"missing \d+ tensor\(s\): model\.layers\.4\."):
+        check_names(inventory(partial, L()), main | {"model.layers.4.enorm.weight"}, "ckpt")
+
+
+def test_mtp_layer_kind_must_match_the_last_decoder_layer(zoo_model):
+    """megatron builds the MTP transformer layer from the last decoder layer's spec: with
+    first_k_dense_replace=4 every decoder layer is dense but HF's MTP layer 4 is MoE -> refused."""
+    with pytest.raises(UnsupportedConfig, match=r"MTP layer 4 is a moe layer.*last decoder layer, a dense layer"):
+        family_for(_config(zoo_model, first_k_dense_replace=4)).architecture
+    family_for(_config(zoo_model, first_k_dense_replace=3)).architecture  # last layer MoE: fine
+
+
+LAYOUTS = [(1, L()), (2, L(pp=2)), (2, L(tp=2, sp=True)), (2, L(ep=2)), (4, L(pp=2, vpp=2, ep=2))]
+
+
+@pytest.mark.parametrize("world,layout", [
+    pytest.param(w, lay, id=case_id(MODEL, w, lay), marks=pytest.mark.world(w)) for w, lay in LAYOUTS])
+def test_mtp_roundtrip_is_byte_exact(world, layout, pools, zoo_model, tmp_path):
+    src = zoo_model(MODEL)
+    out = tmp_path / "converted"
+    results = pools.get(world).run(cases.roundtrip, timeout=600, source=str(src), layout=layout.to_dict(),
+                                   out_dir=str(out))
+    expected = cases.check_roundtrip(results, src, out)
+    assert {"model.layers.4." + n for n in MTP_ONLY} <= set(expected)
