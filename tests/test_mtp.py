@@ -91,3 +91,46 @@ def test_mtp_roundtrip_is_byte_exact(world, layout, pools, zoo_model, tmp_path):
                                    out_dir=str(out))
     expected = cases.check_roundtrip(results, src, out)
     assert {"model.layers.4." + n for n in MTP_ONLY} <= set(expected)
+
+
+# ---- verification: main logits vs transformers, MTP head vs our reference of the formula ------------
+@pytest.fixture(scope="module")
+def ref_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("mtp-reference-cache"))
+
+
+def _verify(pools, zoo_model, ref_cache, world, layout, **kw) -> dict:
+    from tests import verify_cases
+
+    out = pools.get(world).run(verify_cases.verify, timeout=600, source=str(zoo_model(MODEL)),
+                               layout=layout.to_dict(), reference_cache=ref_cache, **kw)
+    reports = [r for r in out if r is not None]
+    assert len(reports) == 1
+    return reports[0]
+
+
+VERIFY = [(1, L()), (2, L(pp=2)), (2, L(tp=2, sp=True, ep=2, etp=1))]
+
+
+@pytest.mark.parametrize("world,layout", [
+    pytest.param(w, lay, id=case_id(MODEL, w, lay), marks=pytest.mark.world(w)) for w, lay in VERIFY])
+def test_mtp_verifies_fp32(world, layout, pools, zoo_model, ref_cache):
+    r = _verify(pools, zoo_model, ref_cache, world, layout)
+    assert r["verdict"] == "pass", r["failures"]
+    assert r["metrics"]["max_diff"] < 1e-4 and r["metrics"]["router_agreement"] == 1.0
+    (depth,) = r["mtp"]["depths"]
+    assert r["mtp"]["reference"].startswith("ours")
+    assert depth["ok"] and depth["max_diff"] < 1e-4 and depth["top1_agreement"] == 1.0
+    assert depth["rel_mean_diff"] < 1e-5
+
+
+@pytest.mark.world(2)
+def test_perturbed_mtp_weight_is_caught_and_located(pools, zoo_model, ref_cache):
+    """Negative control: eh_proj x 1.01 leaves the main model exact and fails the MTP head, named."""
+    r = _verify(pools, zoo_model, ref_cache, 2, L(pp=2), control="scale:mtp.layers.0.eh_proj.weight:1.01")
+    assert r["verdict"] == "fail"
+    assert r["metrics"]["max_diff"] < 1e-4 and all(x["ok"] for x in r["layers"])  # the main model is untouched
+    first = r["first_diverging"]
+    assert first["probe"] == "mtp.0" and "model.layers.4.eh_proj.weight" in first["hf_params"]
+    assert "mtp.layers.0.eh_proj.weight" in first["mcore_params"]
+    assert not r["mtp"]["depths"][0]["ok"] and any(f.startswith("mtp.0 ") for f in r["failures"])
