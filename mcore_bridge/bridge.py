@@ -203,6 +203,11 @@ class Bridge:
             raise lora_.AdapterError(f"LoRA on vision-language models ({self.family.name}) is not supported yet: "
                                      f"PEFT names their modules under model.language_model / model.visual, which "
                                      f"the adapter tables do not map; merge the adapter with PEFT first")
+        if getattr(self.family, "mtp_layers", 0):
+            raise lora_.AdapterError(f"LoRA on a model with multi-token-prediction layers ({self.family.name}, "
+                                     f"num_nextn_predict_layers={self.family.mtp_layers}) is not supported yet: "
+                                     f"PEFT's model has no MTP layer to hold adapters; convert a copy of the "
+                                     f"checkpoint without the model.layers.{self.family.num_layers}.* tensors")
 
     def _set_lora(self, spec: "lora_.LoraSpec"):
         self.__dict__.pop("_plans", None)  # the model's modules change: plan anew

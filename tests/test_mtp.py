@@ -197,3 +197,13 @@ def test_te_key_layout_with_mtp_is_refused_not_mislabelled(pools, zoo_model):
     assert err and "multi-token-prediction" in err and "spec 'local'" in err
     (ok,) = pools.get(1).run(te_spec_error, timeout=600, source=str(zoo_model("deepseek_v3")), layout={})
     assert ok is None  # control: the same family without MTP layers writes the TE layout
+
+
+def test_lora_with_mtp_is_refused(zoo_model):
+    """PEFT's model has no MTP layer: LoRA on an MTP model is refused before anything is wrapped."""
+    from mcore_bridge.bridge import Bridge
+    from mcore_bridge.lora import AdapterError
+
+    with pytest.raises(AdapterError, match=r"multi-token-prediction layers \(deepseek_v3, num_nextn_predict_layers=1"):
+        Bridge(str(zoo_model(MODEL)))._check_lora_support()
+    Bridge(str(zoo_model("deepseek_v3")))._check_lora_support()  # control: no MTP tensors, no MTP layers
