@@ -41,7 +41,7 @@ def test_settings_and_rules_cover_the_saved_checkpoint(zoo_model):
         mtp = [u for u in units if u.rule.mcore.startswith("mtp.")]
         assert {u.owner[0] for u in mtp} == {layout.pp - 1} and {u.chunk for u in mtp} == {layout.vpp - 1}
         assert sum(u.expert is not None for u in mtp) == 8 * 2  # the MTP layer's routed experts (fc1, fc2)
-    rows = {r.mcore: r for r in fam.rules()}
+    rows = {r.mcore.replace(".mtp_model_layer.", ".transformer_layer."): r for r in fam.rules()}  # 0.19 / 0.16
     assert rows["mtp.layers.0.eh_proj.weight"].hf == ("model.layers.4.eh_proj.weight",)
     assert rows["mtp.layers.0.final_layernorm.weight"].hf == ("model.layers.4.shared_head.norm.weight",)
     assert rows["mtp.layers.0.transformer_layer.mlp.router.expert_bias"].hf == (

@@ -10,8 +10,8 @@ README_WEIGHTS: "shared with the main model"). transformers builds none of it.
 
 megatron-core builds the same module as ``MultiTokenPredictionBlock`` (``GPTModel(mtp_block_spec=...)``,
 config ``mtp_num_layers``) on the last pipeline stage (last virtual chunk): ``mtp.layers.{k}.enorm``,
-``.hnorm``, ``.eh_proj`` (column-parallel), ``.transformer_layer.*`` (the spec of the stage's last
-decoder layer) and ``.final_layernorm``; it shares the main model's embedding and output layer, so
+``.hnorm``, ``.eh_proj`` (column-parallel), ``.transformer_layer.*`` (0.16; ``.mtp_model_layer.*``
+in 0.19: the spec of the stage's last decoder layer) and ``.final_layernorm``; it shares the main model's embedding and output layer, so
 the HF copies load into those and must equal the main tensors (checked on load, by name), and are
 written back from them on export. A checkpoint that holds no MTP tensor at all converts without MTP
 (nothing to drop); one that holds some but not all is refused by strict accounting.
@@ -25,6 +25,22 @@ from ..transforms import COLUMN, REPLICATED, Copies
 from .base import Layers, UnsupportedConfig, rule
 
 DECODER_LAYER = "decoder.layers.{L}."
+
+
+def mtp_layer_attribute() -> str:
+    """What megatron-core calls an MTP layer's decoder layer: ``transformer_layer`` (0.16.1);
+    ``mtp_model_layer`` (0.19.2, which can also hold a hybrid stack there). Feature-detected on the
+    spec's submodules dataclass."""
+    import dataclasses as dc
+
+    from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayerSubmodules
+
+    fields = {f.name for f in dc.fields(MultiTokenPredictionLayerSubmodules)}
+    for name in ("mtp_model_layer", "transformer_layer"):
+        if name in fields:
+            return name
+    raise RuntimeError(f"megatron-core's MultiTokenPredictionLayerSubmodules has neither mtp_model_layer nor "
+                       f"transformer_layer (fields: {sorted(fields)}): the MTP layout changed, update families/mtp.py")
 
 
 class MTPMixin:
@@ -93,19 +109,19 @@ class MTPMixin:
 
     def mtp_layer_rules(self, k: int, per_layer):
         """MTP layer ``k``: its own norms and projection, then the decoder-layer rules of HF layer
-        ``num_layers + k`` under ``mtp.layers.{k}.transformer_layer.``."""
+        ``num_layers + k`` under ``mtp.layers.{k}.<transformer_layer | mtp_model_layer>.``."""
         M, H, layer = f"mtp.layers.{k}.", self.mtp_hf_prefix(k), self.num_layers + k
         rows = [rule(M + "enorm.weight", H + "enorm.weight", REPLICATED),
                 rule(M + "hnorm.weight", H + "hnorm.weight", REPLICATED),
                 rule(M + "eh_proj.weight", H + "eh_proj.weight", COLUMN)]
-        kind = self.layer_kind(layer)
+        kind, inner = self.layer_kind(layer), M + mtp_layer_attribute() + "."
         for r in per_layer:
             if r.when not in ("all", kind):
                 continue
             if not r.mcore.startswith(DECODER_LAYER):
                 raise AssertionError(f"per-layer rule {r.mcore} is not under {DECODER_LAYER}")
             rows.append(dataclasses.replace(
-                r, mcore=M + "transformer_layer." + r.mcore[len(DECODER_LAYER):],
+                r, mcore=inner + r.mcore[len(DECODER_LAYER):],
                 hf=tuple(h.replace("{L}", str(layer)) for h in r.hf), when=Layers.ALL))
         rows.append(rule(M + "final_layernorm.weight", H + "shared_head.norm.weight", REPLICATED))
         return rows
