@@ -122,6 +122,10 @@ def test_mtp_verifies_fp32(world, layout, pools, zoo_model, ref_cache):
     assert r["mtp"]["reference"].startswith("ours")
     assert depth["ok"] and depth["max_diff"] < 1e-4 and depth["top1_agreement"] == 1.0
     assert depth["rel_mean_diff"] < 1e-5
+    from verify.report import render_markdown, validate_report
+
+    markdown = render_markdown(validate_report(r))
+    assert "## Multi-token prediction heads" in markdown and "ours (verify/mtp.py)" in markdown
 
 
 @pytest.mark.world(2)
@@ -207,3 +211,12 @@ def test_lora_with_mtp_is_refused(zoo_model):
     with pytest.raises(AdapterError, match=r"multi-token-prediction layers \(deepseek_v3, num_nextn_predict_layers=1"):
         Bridge(str(zoo_model(MODEL)))._check_lora_support()
     Bridge(str(zoo_model("deepseek_v3")))._check_lora_support()  # control: no MTP tensors, no MTP layers
+
+
+def test_grad_verification_with_mtp_is_refused(zoo_model):
+    """megatron's MTP loss flows into every gradient; transformers has none: refused up front."""
+    from mcore_bridge.errors import UsageError
+    from verify.run import run_layout
+
+    with pytest.raises(UsageError, match="multi-token-prediction layers: megatron adds the MTP loss"):
+        run_layout(str(zoo_model(MODEL)), L(), grad=True)

@@ -307,6 +307,12 @@ def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device:
     t0 = time.time()
     _refuse_unsupported(layout)
     bridge = Bridge(source, layout)
+    if (grad or train_steps) and getattr(bridge.family, "mtp_layers", 0):
+        from mcore_bridge.errors import UsageError
+
+        raise UsageError("--grad / --train-steps on a model with multi-token-prediction layers: megatron adds the "
+                         "MTP loss (mtp_loss_scaling_factor) to every gradient and transformers has no MTP, so the "
+                         "gradients are not comparable; verify the forward (logits and MTP heads) instead")
     controls.before_build(bridge, control)
     device = bridge.setup(device)
     models = bridge.build_model(DTYPES[dtype], grouped_experts=grouped_experts)
