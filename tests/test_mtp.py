@@ -220,3 +220,25 @@ def test_grad_verification_with_mtp_is_refused(zoo_model):
 
     with pytest.raises(UsageError, match="multi-token-prediction layers: megatron adds the MTP loss"):
         run_layout(str(zoo_model(MODEL)), L(), grad=True)
+
+
+def test_copies_transform():
+    """``Copies``: each copy split like the inner transform, equal copies required, export writes
+    each copy with its own storage (safetensors refuses tensors sharing memory)."""
+    import torch
+
+    from mcore_bridge.transforms import VOCAB, Copies, ShapeMismatch
+
+    t = Copies(VOCAB, 2)
+    full = torch.randn(10, 4)
+    hf = [(10, 4), (10, 4)]
+    assert t.slices(hf, (6, 4), 2, 1) == [(slice(6, 10), slice(None))] * 2  # padded vocab 12, rank 1
+    out = torch.empty(6, 4)
+    t.to_mcore_into([full[6:], full[6:].clone()], out, 2, 1)
+    assert torch.equal(out[:4], full[6:]) and not out[4:].any()
+    with pytest.raises(ShapeMismatch, match="the copies differ"):
+        t.to_mcore_into([full[6:], full[6:] + 1], out, 2, 1)
+    with pytest.raises(ShapeMismatch, match="copies' shapes differ"):
+        t.local_shape([(10, 4), (11, 4)], 1)
+    a, b = t.to_hf([torch.cat([full, torch.zeros(2, 4)])], hf)
+    assert torch.equal(a, full) and torch.equal(b, full) and a.data_ptr() != b.data_ptr()
