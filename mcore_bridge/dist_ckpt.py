@@ -66,6 +66,9 @@ def sharded_state(models, content: str = FULL, spec: str = "local", block: bool 
         raise UsageError(f"checkpoint content {content!r}: choose {', '.join(CONTENTS)}")
     if spec not in te_layout.SPECS:
         raise UsageError(f"checkpoint spec {spec!r}: choose {', '.join(te_layout.SPECS)}")
+    if spec == te_layout.TE and any(getattr(m, "mtp_process", False) for m in models):
+        raise UsageError("checkpoint spec 'te' with multi-token-prediction layers is not supported yet: the TE key "
+                         "layout of megatron's MTP block is not mapped; save with spec 'local'")
     with lora.merged_checkpoint(models) if content == MERGED else contextlib.nullcontext():
         state = {model_key(i, len(models)): m.sharded_state_dict() for i, m in enumerate(models)}
     state = in_spec(state, spec, block)

@@ -130,10 +130,11 @@ def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = tor
     pp_rank = ps.get_pipeline_model_parallel_rank()
     chunks = []
     for vp in range(layout.vpp):
-        spec = arch.layer_spec(config, vp if layout.vpp > 1 else None, pp_rank)
+        vp_stage = vp if layout.vpp > 1 else None
+        spec = arch.layer_spec(config, vp_stage, pp_rank)
         chunk = model_class(config, spec, pre_process=layout.is_first(pp_rank, vp),
-                         post_process=layout.is_last(pp_rank, vp), parallel_output=parallel_output,
-                         vp_stage=vp if layout.vpp > 1 else None, **model_kw)
+                            post_process=layout.is_last(pp_rank, vp), parallel_output=parallel_output,
+                            vp_stage=vp_stage, **model_kw, **arch.chunk_kwargs(config, spec, vp_stage, pp_rank))
         if device == "cuda":
             chunk.cuda(torch.cuda.current_device())
         expected = list(layout.chunk_layers(family.num_layers, pp_rank, vp))

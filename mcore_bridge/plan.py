@@ -48,41 +48,43 @@ class Unit:
 def inventory(family: Family, layout: ParallelLayout) -> list[Unit]:
     """All units of the model in HF order: the first stage's non-layer parameters (embedding, a
     vision tower: ``family.first_stage_prefixes``), layers in order (experts in index order within
-    a layer), final norm, output."""
+    a layer), final norm, output, multi-token-prediction layers (the rest: the last stage)."""
     n = family.num_layers
     first, last = (0, 0), (layout.pp - 1, layout.vpp - 1)
     rules = family.rules()
-    head, layers, tail = [], [], []
-    for r in rules:
-        if r.per_layer:
-            continue
-        if r.mcore.startswith(family.first_stage_prefixes):  # the rest: the last stage
-            head.append(Unit(r, None, *first))
-        else:
-            tail.append(Unit(r, None, *last))
+    prefixes = family.first_stage_prefixes
+    head = [Unit(r, None, *first) for r in rules if not r.per_layer and r.mcore.startswith(prefixes)]
+    rest = [r for r in rules if not r.per_layer and not r.mcore.startswith(prefixes)]
     per_layer = [r for r in rules if r.per_layer]
-    experts = family.num_experts
+    layers = []
     for layer in range(n):
         stage, chunk = layout.layer_owner(n, layer)
         kind = family.layer_kind(layer)
-        rs = [r for r in per_layer if r.when in ("all", kind)]
-        i = 0
-        while i < len(rs):
-            if not rs[i].expert:
-                layers.append(Unit(rs[i], layer, stage, chunk))
-                i += 1
-                continue
-            j = i
-            while j < len(rs) and rs[j].expert:
-                j += 1
-            for e in range(experts):  # HF order: all tensors of expert 0, then expert 1, ...
-                owner = layout.expert_owner(experts, e)[0]
-                layers += [Unit(r, layer, stage, chunk, e, owner) for r in rs[i:j]]
-            i = j
+        layers += _expand([r for r in per_layer if r.when in ("all", kind)], layer, stage, chunk, family, layout)
+    tail = _expand(rest, None, *last, family, layout)  # final norm, output; MTP layers (with experts)
     units = head + layers + tail
     if layout.pp == 1:  # a tied output layer only exists as its own parameter under PP
         units = [u for u in units if u.rule.export or u.rule.mcore != "output_layer.weight"]
     return units
+
+
+def _expand(rs: list[Rule], layer, stage, chunk, family: Family, layout: ParallelLayout) -> list[Unit]:
+    """Units of rules ``rs`` (in order), each run of expert rules expanded over the experts in HF
+    order: all tensors of expert 0, then expert 1, ..."""
+    out, i, experts = [], 0, family.num_experts
+    while i < len(rs):
+        if not rs[i].expert:
+            out.append(Unit(rs[i], layer, stage, chunk))
+            i += 1
+            continue
+        j = i
+        while j < len(rs) and rs[j].expert:
+            j += 1
+        for e in range(experts):
+            owner = layout.expert_owner(experts, e)[0]
+            out += [Unit(r, layer, stage, chunk, e, owner) for r in rs[i:j]]
+        i = j
+    return out
 
 
 def expected_hf_names(units: list[Unit]) -> set[str]:

@@ -387,6 +387,56 @@ class FusedGatedMLP(GatedMLP):
 FUSED_GATED_MLP = FusedGatedMLP()
 
 
+@dataclasses.dataclass(frozen=True, repr=False)
+class Copies(Transform):
+    """One megatron parameter stored ``n`` times in the HF checkpoint (a main tensor and copies of it,
+    e.g. the embedding and output head repeated in each multi-token-prediction layer): each copy is
+    read and split like ``inner``; loading checks they are equal (``identical_sources``, checked by
+    name before any weight is loaded); export writes the one tensor ``n`` times."""
+
+    inner: Transform = None
+    n: int = 2
+    as_stored = False  # export repeats the tensor
+    identical_sources = True
+
+    @property
+    def n_sources(self):
+        return self.n
+
+    @property
+    def tp_split(self):
+        return self.inner.tp_split
+
+    @property
+    def parallel_mode(self):
+        return self.inner.parallel_mode
+
+    def _one(self, hf):
+        _check(all(tuple(s) == tuple(hf[0]) for s in hf), f"the copies' shapes differ: {list(hf)}")
+        return [hf[0]]
+
+    def local_shape(self, hf, tp):
+        return self.inner.local_shape(self._one(hf), tp)
+
+    def slices(self, hf, local, tp, rank):
+        return self.inner.slices(self._one(hf), local, tp, rank) * self.n
+
+    def to_mcore(self, pieces, local, tp, rank):
+        _check(all(torch.equal(p, pieces[0]) for p in pieces[1:]), "the copies differ")
+        return self.inner.to_mcore(pieces[:1], local, tp, rank)
+
+    def to_mcore_into(self, pieces, out, tp, rank):
+        _check(all(torch.equal(p, pieces[0]) for p in pieces[1:]), "the copies differ")
+        self.inner.to_mcore_into(pieces[:1], out, tp, rank)
+
+    def to_hf(self, shards, hf):
+        (t,) = self.inner.to_hf(shards, self._one(hf))
+        return [t] + [t.clone() for _ in range(self.n - 1)]  # own storage each: safetensors refuses shared
+
+    def __repr__(self):
+        return f"Copies({self.inner!r}, {self.n})"
+
+
 # -- LoRA factors of fused modules (see ``lora``) ----------------------------------------------
 # A fused megatron linear (q/k/v, gate/up) holds one LoRA for n HF projections: A [r, in] shared by
 # all of them (``Shared``) or stacked per projection (``Stacked``, [n*r, in]); B split like the

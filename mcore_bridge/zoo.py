@@ -82,6 +82,9 @@ SHARPEN_QK = ("phi3", "glm4")
 # start mid-block); norms, embeddings, lm_head and the router stay unquantised.
 ZOO["deepseek_v3_fp8"] = dict(ZOO["deepseek_v3"], fp8_block=[32, 48])
 
+# Multi-token prediction: DeepSeek-V3 with its MTP layer stored as layer 4 (``_add_mtp``)
+ZOO["deepseek_v3_mtp"] = dict(ZOO["deepseek_v3"], num_nextn_predict_layers=1)
+
 # Vision-language: text and vision towers small, 4 language layers (pp 2 keeps the deepstack
 # layers on the first stage), 3 vision blocks; image/video ids inside the vocabulary; MoE experts
 # of width 48 so neither 2F nor F equals the hidden size (a transposed stack would be ambiguous).
@@ -116,9 +119,10 @@ ZOO.update({
 })
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+MTP = ["deepseek_v3_mtp"]  # MoE with MTP layers (tests/test_mtp.py), kept out of the MoE matrix
 MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 QUANTIZED = ["deepseek_v3_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)
-DENSE = [n for n in ZOO if n not in MOE + MULTIMODAL + QUANTIZED]
+DENSE = [n for n in ZOO if n not in MOE + MTP + MULTIMODAL + QUANTIZED]
 TEXT = DENSE + MOE
 
 
@@ -179,6 +183,10 @@ def build(name: str, out: Path, seed: int = 0):
     shard = spec.pop("max_shard_size", "50GB")
     fp8_block = spec.pop("fp8_block", None)
     multimodal = "vision_config" in spec
+    mtp = int(spec.get("num_nextn_predict_layers", 0))
+    main_layers = _COMMON["num_hidden_layers"]
+    if mtp:  # transformers builds no MTP: build the MTP layers' decoder layers as layers N .. N+k-1
+        spec["num_hidden_layers"] = main_layers + mtp
     cfg = AutoConfig.for_model(**(spec if multimodal else {**_COMMON, **spec}))
     torch.manual_seed(seed)
     if multimodal:
@@ -207,6 +215,8 @@ def build(name: str, out: Path, seed: int = 0):
             if bname.endswith("e_score_correction_bias"):  # a routing bias that changes choices
                 b.copy_(0.05 * torch.randn_like(b))
     model.save_pretrained(out, max_shard_size=shard)
+    if mtp:
+        _add_mtp(out, main_layers, mtp, seed)
     if fp8_block:
         quantize_fp8_dir(out, fp8_block)
     tokenizer(cfg.get_text_config().vocab_size).save_pretrained(out)
@@ -237,6 +247,33 @@ def quantize_fp8_dir(out: Path, block: list[int], scale_fmt: str | None = None):
     config["quantization_config"] = dict(quant.DEFAULT_FP8_CONFIG, weight_block_size=list(block))
     if scale_fmt:
         config["quantization_config"]["scale_fmt"] = scale_fmt
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _add_mtp(out: Path, main_layers: int, mtp: int, seed: int):
+    """Turn the saved model's layers ``main_layers ..`` into MTP layers as DeepSeek-V3 stores them:
+    add ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm`` (seeded) and the copies of the main
+    embedding and head (``embed_tokens``, ``shared_head.head``); config.json: ``num_hidden_layers``
+    back to the main model's."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    (path,) = out.glob("*.safetensors")
+    tensors = load_file(path)
+    g = torch.Generator().manual_seed(seed + 1)
+    hidden = tensors["model.embed_tokens.weight"].shape[1]
+    for k in range(mtp):
+        p = f"model.layers.{main_layers + k}."
+        for norm in ("enorm", "hnorm", "shared_head.norm"):
+            tensors[p + norm + ".weight"] = 1.0 + 0.1 * torch.randn(hidden, generator=g)
+        tensors[p + "eh_proj.weight"] = torch.randn(hidden, 2 * hidden, generator=g) / (2 * hidden) ** 0.5
+        tensors[p + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+        tensors[p + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    save_file(tensors, path, metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["num_hidden_layers"] = main_layers
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -206,12 +206,16 @@ def test_deepseek_v3_refuses_what_megatron_cannot_express(change, message):
         family_for(dsv3(**change)).model_settings()
 
 
-def test_deepseek_v3_mtp_tensors_are_refused_not_dropped():
-    fam = family_for(dsv3())
-    with pytest.raises(UnsupportedConfig, match=r"multi-token-prediction layer \(2 tensors model\.layers\.4\.\*"):
-        fam.check_tensors({"model.layers.3.mlp.gate.weight", "model.layers.4.eh_proj.weight",
-                           "model.layers.4.enorm.weight"})
-    fam.check_tensors({"model.layers.3.mlp.gate.weight"})
+def test_deepseek_v3_mtp_layer_converts_unless_the_checkpoint_has_none():
+    """transformers' DeepseekV3Config says num_nextn_predict_layers=1 by default; the MTP layer maps
+    to megatron's MTP block (tests/test_mtp.py) where the checkpoint holds it, else the main model."""
+    fam = family_for(dsv3(num_nextn_predict_layers=1))
+    assert fam.architecture.config["mtp_num_layers"] == 1
+    assert "mtp.layers.0.eh_proj.weight" in {r.mcore for r in fam.rules()}
+    stripped = family_for(dsv3(num_nextn_predict_layers=1))
+    stripped.adapt({"model.layers.3.mlp.gate.weight"})
+    assert "mtp_num_layers" not in stripped.architecture.config
+    assert not any(r.mcore.startswith("mtp.") for r in stripped.rules())
 
 
 def test_deepseek_v3_latent_widths_must_divide_over_tp():

@@ -4,6 +4,7 @@ harness catches them and points at the right place. Used by the tests and by
 
   scale:<megatron param with global layer>:<factor>   e.g. scale:decoder.layers.2.mlp.linear_fc2.weight:1.01
                                                        or a vision weight: scale:visual.blocks.1.mlp.fc1.weight:1.01
+                                                       or an MTP weight: scale:mtp.layers.0.eh_proj.weight:1.01
   swap_qk:<layer>                                      q and k rows swapped in that layer's fused QKV
   rope_base:<factor>                                   the megatron model built with rotary_base x factor
   local_rope_base:<factor>                             ... with the sliding layers' own RoPE base x factor
@@ -102,9 +103,23 @@ def _vision_param(models, name: str):
     return None
 
 
+def _mtp_param(models, name: str):
+    """A multi-token-prediction tensor, ``mtp.layers.<k>.*`` (last pipeline stage; None elsewhere)."""
+    for chunk in models:
+        if getattr(chunk, "mtp_process", False):
+            tensors = {**dict(chunk.mtp.named_parameters()), **dict(chunk.mtp.named_buffers())}
+            rest = name[len("mtp."):]
+            if rest not in tensors:
+                raise UsageError(f"control: the MTP block has no {rest!r} (has e.g. {', '.join(sorted(tensors)[:6])})")
+            return tensors[rest]
+    return None
+
+
 def _param(models, spec_name: str):
     if spec_name.startswith("visual."):
         return _vision_param(models, spec_name)
+    if spec_name.startswith("mtp."):
+        return _mtp_param(models, spec_name)
     return _layer_param(models, *_named(spec_name))
 
 

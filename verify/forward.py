@@ -29,11 +29,16 @@ def exact_fp32():
 
 
 def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int, position_ids: torch.Tensor | None = None,
-                    vision: dict | None = None) -> torch.Tensor | None:
+                    vision: dict | None = None, mtp: list | None = None) -> torch.Tensor | None:
     """Full-vocabulary logits ``[B, S, vocab]`` of a sharded megatron model, on the last pipeline
     stage (``None`` elsewhere). Runs megatron's own pipeline schedule, one sample per micro-batch.
     Vision-language models take 3-D ``position_ids [3, B, S]`` and the ``vision`` inputs
-    (``pixel_values``, ``image_grid_thw``) of a one-sample batch."""
+    (``pixel_values``, ``image_grid_thw``) of a one-sample batch.
+
+    A model with multi-token-prediction layers runs with labels (megatron-core 0.16 needs them to
+    run its MTP block; it then returns the loss): the logits are taken from its output layer,
+    which it calls once per MTP depth and then for the main logits; the MTP ones go into ``mtp``
+    (one ``[B, S, vocab]`` per depth; position i of depth k predicts token i + k + 2)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -49,13 +54,30 @@ def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int, position_i
         raise UsageError("vision inputs are given for one sample at a time")
     collected = []
 
+    mtp_collected = []
+
+    def full(logits):
+        return gather_from_tensor_model_parallel_region(logits)[..., :vocab_size].float()
+
     def step(data_iterator, model):
         sample, pos = next(data_iterator)
-        out = model(sample, pos, None, **extra)
+        if getattr(model, "mtp_process", False) and getattr(model, "post_process", False):
+            calls = []
+            # a copy: megatron's vocab-parallel cross entropy then works on the logits in place
+            hook = model.output_layer.register_forward_hook(lambda _m, _i, out: calls.append(out[0].clone()))
+            try:
+                out = model(sample, pos, None, labels=sample, **extra)
+            finally:
+                hook.remove()
+            *heads, main = [c.transpose(0, 1) for c in calls]  # [S, B, V/tp] -> [B, S, V/tp]
+        else:
+            out, heads, main = model(sample, pos, None, **extra), None, None
 
-        def loss_func(logits):
-            collected.append(gather_from_tensor_model_parallel_region(logits)[..., :vocab_size].float())
-            return logits.new_zeros(()), {}
+        def loss_func(output):
+            collected.append(full(output if main is None else main))
+            if heads is not None:
+                mtp_collected.append([full(h) for h in heads])
+            return output.new_zeros(()), {}
 
         return out, loss_func
 
@@ -70,6 +92,8 @@ def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int, position_i
             micro_batch_size=1, forward_only=True)
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
+    if mtp is not None and mtp_collected:
+        mtp += [torch.cat([m[k] for m in mtp_collected[:batch]], dim=0).cpu() for k in range(len(mtp_collected[0]))]
     return torch.cat(collected[:batch], dim=0).cpu()
 
 

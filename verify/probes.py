@@ -122,6 +122,8 @@ def megatron_probes(models, store: dict, sequence_parallel: bool):
         targets += [(f"layer.{layer.layer_number - 1}", layer) for layer in chunk.decoder.layers]
         if getattr(chunk, "post_process", False) and chunk.decoder.final_layernorm is not None:
             targets.append(("final_norm", chunk.decoder.final_layernorm))
+        if getattr(chunk, "mtp_process", False):  # MTP layers: output after their final norm (verify.mtp)
+            targets += [(f"mtp.{k}", layer) for k, layer in enumerate(chunk.mtp.layers)]
 
     def to_bsh(hidden, gather=sequence_parallel):
         if gather:

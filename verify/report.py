@@ -445,4 +445,11 @@ def render_markdown(report: dict) -> str:
                 row.append(fmt(cal.get(layer["probe"])))
             rows.append(row)
         out += _table(header, rows) + [""]
+    mtp = r.get("mtp")
+    if mtp:  # multi-token-prediction heads, against our reference (transformers runs no MTP)
+        out += ["## Multi-token prediction heads", "", f"Reference: {_md(mtp['reference'])}", ""]
+        cols = ["rel_mean_diff", "max_diff", "mean_diff", "top1_agreement", "kl_hf_mg"]
+        rows = [[_md(d["probe"])] + [fmt(d.get(m), m) for m in cols] + ["yes" if d.get("ok") else "**NO**"]
+                for d in mtp["depths"]]
+        out += _table(["depth"] + cols + ["ok"], rows) + [""]
     return "\n".join(out)

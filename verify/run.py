@@ -23,7 +23,7 @@ from mcore_bridge.bridge import DTYPES, Bridge
 from mcore_bridge.layout import ParallelLayout
 from mcore_bridge.runtime import dist as rt
 
-from . import controls, metrics
+from . import controls, metrics, mtp
 from .detection import apply as apply_detection
 from .detection import perturbed_outputs, summarise
 from .forward import hf_forward, hf_model, megatron_logits
@@ -38,7 +38,11 @@ def hf_reference(model_dir: Path, samples: list[Sample], dtype: torch.dtype, dev
                  adapter: Path | None = None) -> dict:
     """Logits ``[S, V]`` and probes ``{name: [S, H]}`` per sample from the real HF model (with the
     PEFT ``adapter`` on it, through PEFT itself)."""
-    model = hf_model(model_dir, dtype, device)
+    mtp_depths = mtp.depths(Path(model_dir))
+    if mtp_depths:  # with the MTP layers' decoder layers, loaded by transformers, set aside
+        model, mtp_layers = mtp.load(model_dir, dtype, device, mtp_depths)
+    else:
+        model = hf_model(model_dir, dtype, device)
     if adapter is not None:
         from peft import PeftModel
 
@@ -51,6 +55,9 @@ def hf_reference(model_dir: Path, samples: list[Sample], dtype: torch.dtype, dev
             with hf_probes(model, store):
                 logits = hf_forward(model, s.input_ids[None], pos, s.vision)
             out[s.name] = {"logits": logits[0].float().cpu(), "probes": {k: v[0] for k, v in store.items()}}
+            if mtp_depths:  # transformers has no MTP forward: our reference of the formula
+                out[s.name]["mtp"] = [{k: v.cpu() for k, v in d.items()}
+                                      for d in mtp.reference(model, mtp_layers, Path(model_dir), s.input_ids)]
     del model
     return out
 
@@ -98,11 +105,14 @@ def megatron_outputs(models, samples, vocab: int, sequence_parallel: bool) -> di
     for s in samples:
         store = {}
         pos = None if s.position_ids is None else s.position_ids[:, None]
+        heads = []  # MTP logits per depth (models with MTP layers)
         with megatron_probes(models, store, sequence_parallel):
-            logits = megatron_logits(models, s.input_ids[None], vocab, pos, s.vision)
+            logits = megatron_logits(models, s.input_ids[None], vocab, pos, s.vision, mtp=heads)
         if keep:
             mine[s.name] = {"logits": None if logits is None else logits[0],
                             "probes": {k: v[0] for k, v in store.items()}}
+            if heads:
+                mine[s.name]["mtp_logits"] = [h[0] for h in heads]
     parts = [None] * rt.world_size() if rt.rank() == 0 else None
     if dist.is_initialized() and rt.world_size() > 1:
         dist.gather_object(mine, parts, dst=0)
@@ -115,6 +125,8 @@ def megatron_outputs(models, samples, vocab: int, sequence_parallel: bool) -> di
         for name, out in (part or {}).items():
             if out["logits"] is not None:
                 merged[name]["logits"] = out["logits"]
+            if "mtp_logits" in out:
+                merged[name]["mtp_logits"] = out["mtp_logits"]
             merged[name]["probes"].update(out["probes"])
     return merged
 
@@ -245,18 +257,24 @@ def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=No
                 first["router_agreement"] = routed[entry["layer"]]
             first_limit = limit
     fails = metrics.failures(overall, limits, gate)
+    mtp_section, mtp_fails, mtp_first = mtp.compare(samples, ref32, got, limits, gate, bridge)
+    if first is None and mtp_first is not None:  # the main model is fine up to its head: the MTP layer
+        first = mtp_first
+        first_limit = limits["layer_rel_drift"]
     if first is not None:
         if first["cause"] == "routing":
             fails.append(f"{first['probe']} routing: {first['router_agreement']:.3f} of tokens reach the "
                          f"same experts (< {limits['router_agreement_min']:.3f})")
         else:
             fails.append(f"{first['probe']} drift {first['rel_mean_diff']:.2e} > {first_limit:.1e}")
+    fails += [f for f in mtp_fails if f not in fails]
     return {
         "schema": SCHEMA, "model": name, "source": source or str(bridge.source), "family": bridge.family.name,
         "layout": layout.to_dict(), "layout_id": layout.short(), "dtype": dtype, "device": device,
         "world_size": rt.world_size(), "versions": versions(), "timing": timing,
         "inputs": [s.describe() for s in samples], "metrics": overall, "per_input": per_input,
         "thresholds": limits, "gate": gate, "layers": layers, "first_diverging": first, "calibration": calibration,
+        **({"mtp": mtp_section} if mtp_section else {}),
         "failures": fails, "verdict": "fail" if fails else "pass",
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
@@ -289,6 +307,12 @@ def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device:
     t0 = time.time()
     _refuse_unsupported(layout)
     bridge = Bridge(source, layout)
+    if (grad or train_steps) and getattr(bridge.family, "mtp_layers", 0):
+        from mcore_bridge.errors import UsageError
+
+        raise UsageError("--grad / --train-steps on a model with multi-token-prediction layers: megatron adds the "
+                         "MTP loss (mtp_loss_scaling_factor) to every gradient and transformers has no MTP, so the "
+                         "gradients are not comparable; verify the forward (logits and MTP heads) instead")
     controls.before_build(bridge, control)
     device = bridge.setup(device)
     models = bridge.build_model(DTYPES[dtype], grouped_experts=grouped_experts)

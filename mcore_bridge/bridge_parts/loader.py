@@ -23,6 +23,18 @@ def progress(iterable, desc: str, total: Optional[int] = None):
                 disable=None)  # None: no bar when stderr is not a terminal
 
 
+def check_copies(ckpt, names, regions, param: str) -> None:
+    """HF tensors that are copies of one tensor in the model must be equal (in this rank's region)."""
+    first = ckpt.read(names[0], regions[0])
+    for name, region in zip(names[1:], regions[1:]):
+        other = ckpt.read(name, region)
+        if not torch.equal(other, first):
+            diff = (other.float() - first.float()).abs().max().item() if other.shape == first.shape else "shape"
+            raise MappingError(f"{name} differs from {names[0]} (max |diff| {diff}): the model holds one tensor for "
+                               f"both ({param}), so the checkpoint's copies must be equal; refusing rather than "
+                               f"picking one")
+
+
 class Loader:
     """Fills model chunks from an opened checkpoint (``hf_io.HFCheckpoint`` or a view over one)
     through ``local`` (a ``LocalPlan``): every rank checks its whole plan first and all fail
@@ -52,6 +64,8 @@ class Loader:
                     regions = transform.slices(shapes, tuple(target.shape), tp, tp_rank)
                 except ShapeMismatch as e:
                     raise MappingError(f"{', '.join(names)} {shapes} -> {item.param}: {e}") from None
+                if transform.identical_sources:
+                    check_copies(ckpt, names, regions, item.param)
                 jobs.append((item, target, names, regions, tp, tp_rank))
         except Exception as e:  # make every rank fail together, before any weight is read
             error = e

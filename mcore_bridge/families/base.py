@@ -121,7 +121,8 @@ class Architecture:
 
         config = config_class()(**config, <layout and runtime settings>)
         spec   = layer_spec(config, vp_stage, pp_rank)
-        chunk  = model_class()(config, spec, <pipeline placement>, **model)   # vocab padded for TP
+        chunk  = model_class()(config, spec, <pipeline placement>, **model,   # vocab padded for TP
+                               **chunk_kwargs(config, spec, vp_stage, pp_rank))
     """
 
     config: Mapping[str, Any]  # megatron config fields that describe the model (no layout, no runtime)
@@ -129,6 +130,8 @@ class Architecture:
     config_class: Callable[[], type]  # -> TransformerConfig or a subclass (imported when called)
     layer_spec: Callable[[Any, Optional[int], int], Any]  # (config, vp_stage, pp_rank) -> layer/block spec
     model_class: Callable[[], type]  # -> GPTModel or a subclass (imported when called)
+    # (config, layer spec, vp_stage, pp_rank) -> extra model kwargs of one chunk (MTP block spec)
+    chunk_kwargs: Callable[[Any, Any, Optional[int], int], Mapping[str, Any]] = lambda *a: {}
 
 
 class Family:
@@ -184,12 +187,22 @@ class Family:
         c = self.architecture.config
         return get_gpt_layer_local_spec(normalization=c["normalization"], qk_layernorm=c["qk_layernorm"])
 
+    def extend_settings(self, settings: dict) -> dict:
+        """``model_settings`` completed by mixins a family lists in its bases (``mtp.MTPMixin``),
+        which cannot override ``model_settings`` where the family class defines it itself."""
+        return settings
+
+    def chunk_kwargs(self, config, spec, vp_stage: Optional[int], pp_rank: int) -> dict:
+        """Extra keyword arguments of the model class for one chunk, from its layer ``spec`` (none
+        by default; ``mtp.MTPMixin``: the multi-token-prediction block spec)."""
+        return {}
+
     @functools.cached_property
     def architecture(self) -> Architecture:
-        s = self.model_settings()
+        s = self.extend_settings(self.model_settings())
         return Architecture(config=MappingProxyType(dict(s["config"])), model=MappingProxyType(dict(s["model"])),
                             config_class=self.megatron_config_class, layer_spec=self.layer_spec,
-                            model_class=self.megatron_model_class)
+                            model_class=self.megatron_model_class, chunk_kwargs=self.chunk_kwargs)
 
     def rules(self) -> list[Rule]:
         raise NotImplementedError

@@ -4,8 +4,8 @@ top-k, the first ``first_k_dense_replace`` layers dense, shared experts.
 Settings megatron-core cannot express are refused (each measured against transformers, see
 ``../shared/FACTS.md``): non-interleaved MLA RoPE, un-normalised sigmoid top-k weights, group
 scores other than HF's "sum of the top 2" (megatron sums the top ``topk / topk_group``), yarn
-variants megatron's MLA rotary does not have, and the MTP (next-token prediction) layer, which
-transformers does not build either. HF normalises the q/kv latents with a fixed eps of 1e-6 whatever
+variants megatron's MLA rotary does not have. The MTP (next-token prediction) layers convert into
+megatron's MTP block (``mtp.MTPMixin``). HF normalises the q/kv latents with a fixed eps of 1e-6 whatever
 ``rms_norm_eps`` is (Moonlight: 1e-5); megatron's MLA builds them with ``layernorm_epsilon``, so
 the layer spec gives them ``latent_norm``: megatron's own norm module, built with eps 1e-6.
 Kimi-K2 (``model_type: kimi_k2``) is this architecture under another name.
@@ -19,13 +19,14 @@ from ..transforms import COLUMN, REPLICATED, ROW
 from .base import UnsupportedConfig, rule
 from .llama import Llama
 from .moe import MoEMixin
+from .mtp import MTPMixin
 
 L = "decoder.layers.{L}."
 A = L + "self_attention."
 HF_LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps
 
 
-class DeepSeekV3(MoEMixin, Llama):
+class DeepSeekV3(MTPMixin, MoEMixin, Llama):
     model_types = ("deepseek_v3", "kimi_k2")
     name = "deepseek_v3"
     shared_hf = "mlp.shared_experts."
@@ -83,17 +84,6 @@ class DeepSeekV3(MoEMixin, Llama):
                 if isinstance(norm, type) and norm.__name__ != "IdentityOp":
                     setattr(attn, field, latent_norm(norm))
         return spec
-
-    def check_tensors(self, names) -> None:
-        """The MTP layer is stored after the last decoder layer (``model.layers.{num_layers}.*``)."""
-        prefix = self.hf_layer_prefix.replace("{L}", str(self.num_layers))
-        mtp = sorted(n for n in names if n.startswith(prefix))
-        if mtp:
-            raise UnsupportedConfig(
-                f"the checkpoint holds a multi-token-prediction layer ({len(mtp)} tensors {prefix}*, "
-                f"num_nextn_predict_layers={self.cfg.get('num_nextn_predict_layers')}); mcore-bridge does not "
-                f"convert MTP (transformers does not run it either) and will not drop it silently: remove "
-                f"those tensors from a copy of the checkpoint to convert the main model")
 
     def rope_settings(self) -> dict:
         rope = self.cfg.rope

@@ -1,0 +1,142 @@
+"""Multi-token prediction (MTP) layers, for any family whose config has ``num_nextn_predict_layers``
+(DeepSeek-V3, GLM-4.5): list ``MTPMixin`` first in the family's bases.
+
+HF checkpoints store MTP layer ``k`` after the decoder layers, as ``layers.{num_hidden_layers + k}.``:
+a full decoder layer (its attention, MLP or MoE, norms) plus ``enorm`` (norm of the next token's
+embedding), ``hnorm`` (norm of the previous depth's hidden state), ``eh_proj`` ([hidden, 2 x hidden],
+applied to ``cat(enorm(emb), hnorm(h))``), ``shared_head.norm`` (the final norm before the head) and
+two copies of main-model tensors, ``embed_tokens`` and ``shared_head.head`` (DeepSeek-V3's
+README_WEIGHTS: "shared with the main model"). transformers builds none of it.
+
+megatron-core builds the same module as ``MultiTokenPredictionBlock`` (``GPTModel(mtp_block_spec=...)``,
+config ``mtp_num_layers``) on the last pipeline stage (last virtual chunk): ``mtp.layers.{k}.enorm``,
+``.hnorm``, ``.eh_proj`` (column-parallel), ``.transformer_layer.*`` (0.16; ``.mtp_model_layer.*``
+in 0.19: the spec of the stage's last decoder layer) and ``.final_layernorm``; it shares the main model's embedding and output layer, so
+the HF copies load into those and must equal the main tensors (checked on load, by name), and are
+written back from them on export. A checkpoint that holds no MTP tensor at all converts without MTP
+(nothing to drop); one that holds some but not all is refused by strict accounting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..transforms import COLUMN, REPLICATED, Copies
+from .base import Layers, UnsupportedConfig, rule
+
+DECODER_LAYER = "decoder.layers.{L}."
+
+
+def mtp_layer_attribute() -> str:
+    """What megatron-core calls an MTP layer's decoder layer: ``transformer_layer`` (0.16.1);
+    ``mtp_model_layer`` (0.19.2, which can also hold a hybrid stack there). Feature-detected on the
+    spec's submodules dataclass."""
+    import dataclasses as dc
+
+    from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayerSubmodules
+
+    fields = {f.name for f in dc.fields(MultiTokenPredictionLayerSubmodules)}
+    for name in ("mtp_model_layer", "transformer_layer"):
+        if name in fields:
+            return name
+    raise RuntimeError(f"megatron-core's MultiTokenPredictionLayerSubmodules has neither mtp_model_layer nor "
+                       f"transformer_layer (fields: {sorted(fields)}): the MTP layout changed, update families/mtp.py")
+
+
+class MTPMixin:
+    """MTP settings, model kwargs and weight rules on top of a family (list it first in the bases)."""
+
+    mtp = True  # False: this checkpoint holds no MTP tensors (``adapt``)
+
+    @property
+    def mtp_layers(self) -> int:
+        return int(self.cfg.get("num_nextn_predict_layers", default=0)) if self.mtp else 0
+
+    def mtp_hf_prefix(self, k: int) -> str:
+        return self.hf_layer_prefix.replace("{L}", str(self.num_layers + k))
+
+    # -- config and model ---------------------------------------------------------------------
+    def check_lora(self) -> None:
+        if self.mtp_layers:
+            from ..errors import AdapterError
+
+            raise AdapterError(f"LoRA on a model with multi-token-prediction layers ({self.name}, "
+                               f"num_nextn_predict_layers={self.mtp_layers}) is not supported yet: PEFT's model has "
+                               f"no MTP layer to hold adapters; convert a copy of the checkpoint without the "
+                               f"model.layers.{self.num_layers}.* tensors")
+        super().check_lora()
+
+    def extend_settings(self, settings: dict) -> dict:
+        settings = super().extend_settings(settings)
+        if not self.mtp_layers:
+            return settings
+        last = self.layer_kind(self.num_layers - 1)
+        for k in range(self.mtp_layers):
+            kind = self.layer_kind(self.num_layers + k)
+            if kind != last:
+                raise UnsupportedConfig(
+                    f"num_nextn_predict_layers={self.mtp_layers}: HF's MTP layer {self.num_layers + k} is a {kind} "
+                    f"layer, but megatron-core builds its MTP transformer layer from the spec of the last decoder "
+                    f"layer, a {last} layer")
+        settings["config"]["mtp_num_layers"] = self.mtp_layers
+        return settings
+
+    def chunk_kwargs(self, config, spec, vp_stage, pp_rank) -> dict:
+        kw = super().chunk_kwargs(config, spec, vp_stage, pp_rank)
+        if not self.mtp_layers:
+            return kw
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        # None off the last stage; built from the spec of this chunk's last decoder layer
+        return {**kw, "mtp_block_spec": get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False,
+                                                               vp_stage=vp_stage, pp_rank=pp_rank)}
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def adapt(self, hf_names) -> None:
+        super().adapt(hf_names)
+        if self.cfg.get("num_nextn_predict_layers", default=0):
+            prefixes = tuple(self.mtp_hf_prefix(k) for k in range(int(self.cfg.raw["num_nextn_predict_layers"])))
+            if not any(n.startswith(prefixes) for n in hf_names):
+                self.mtp = False  # published without its MTP weights: the main model alone
+
+    # -- weights ------------------------------------------------------------------------------
+    def rules(self):
+        rows = super().rules()
+        if not self.mtp_layers:
+            return rows
+        heads = [self.mtp_hf_prefix(k) + "shared_head.head.weight" for k in range(self.mtp_layers)]
+        embeds = [self.mtp_hf_prefix(k) + "embed_tokens.weight" for k in range(self.mtp_layers)]
+        out = []
+        for r in rows:
+            if r.mcore == "embedding.word_embeddings.weight":  # tied: the heads are embedding copies too
+                r = _with_copies(r, embeds + (heads if self.tied else []))
+            elif r.mcore == "output_layer.weight" and not self.tied:
+                r = _with_copies(r, heads)
+            out.append(r)
+        for k in range(self.mtp_layers):
+            out += self.mtp_layer_rules(k, [r for r in rows if r.per_layer])
+        return out
+
+    def mtp_layer_rules(self, k: int, per_layer):
+        """MTP layer ``k``: its own norms and projection, then the decoder-layer rules of HF layer
+        ``num_layers + k`` under ``mtp.layers.{k}.<transformer_layer | mtp_model_layer>.``."""
+        M, H, layer = f"mtp.layers.{k}.", self.mtp_hf_prefix(k), self.num_layers + k
+        rows = [rule(M + "enorm.weight", H + "enorm.weight", REPLICATED),
+                rule(M + "hnorm.weight", H + "hnorm.weight", REPLICATED),
+                rule(M + "eh_proj.weight", H + "eh_proj.weight", COLUMN)]
+        kind, inner = self.layer_kind(layer), M + mtp_layer_attribute() + "."
+        for r in per_layer:
+            if r.when not in ("all", kind):
+                continue
+            if not r.mcore.startswith(DECODER_LAYER):
+                raise AssertionError(f"per-layer rule {r.mcore} is not under {DECODER_LAYER}")
+            rows.append(dataclasses.replace(
+                r, mcore=inner + r.mcore[len(DECODER_LAYER):],
+                hf=tuple(h.replace("{L}", str(layer)) for h in r.hf), when=Layers.ALL))
+        rows.append(rule(M + "final_layernorm.weight", H + "shared_head.norm.weight", REPLICATED))
+        return rows
+
+
+def _with_copies(r, copies: list[str]):
+    """``r`` reading its HF tensor and the copies of it (checked equal on load, all written on export)."""
+    return dataclasses.replace(r, hf=r.hf + tuple(copies), transform=Copies(r.transform, 1 + len(copies)))

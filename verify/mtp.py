@@ -1,0 +1,143 @@
+"""Multi-token prediction (MTP) heads: our reference and the comparison.
+
+transformers runs no MTP layer (it does not even build one), so the reference here is ours: the
+published MTP formula (DeepSeek-V3 technical report, section 2.2) on the HF checkpoint's weights,
+with the concatenation order of the released weights as the serving engines apply them (vLLM's and
+SGLang's DeepSeek-V3 / GLM-4.5 MTP: ``eh_proj(cat(enorm(emb), hnorm(h)))``, embedding first), which
+is also megatron-core's order:
+
+    h_0      = the main model's last hidden state after its final norm, h_0[i] for token i
+    x_k[i]   = eh_proj_k(cat(enorm_k(embed(t[i + k + 1])), hnorm_k(h_k[i])))
+    h_{k+1}  = shared_head.norm_k(decoder_layer_k(x_k))       (causal, RoPE positions 0..S-1)
+    logits_k = shared_head.head_k(h_{k+1})                    (predicts t[i + k + 2])
+
+The decoder layer is transformers' own decoder-layer class of the model (built for layer index
+``num_hidden_layers + k``, so it is MoE where HF's layer of that index would be), run inside a
+one-layer instance of transformers' own base model (its causal mask and rotary embedding).
+Positions ``i >= S - k - 1`` have no real token ``t[i + k + 1]`` and are not compared.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+REFERENCE = ("ours (verify/mtp.py): the published MTP formula on the HF weights, with transformers' decoder "
+             "layer; transformers has no MTP forward")
+
+
+def depths(model_dir: Path) -> int:
+    """MTP layers the checkpoint holds (0 when the config declares none or the tensors are absent)."""
+    import json
+
+    from mcore_bridge.hf_io import HFCheckpoint
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    n = int(config.get("num_nextn_predict_layers") or 0)
+    if not n or "vision_config" in config:
+        return 0
+    names = set(HFCheckpoint(model_dir).names())
+    return n if f"model.layers.{config['num_hidden_layers']}.eh_proj.weight" in names else 0
+
+
+def load(model_dir: Path, dtype, device, n: int):
+    """The transformers model of ``model_dir`` with its MTP layers' decoder layers loaded by
+    transformers itself (built as layers ``N .. N+n-1``, its own weight conversions applied), then
+    split off: ``(model running the N main layers, [decoder layer of MTP depth k])``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    import json
+
+    layers = int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the MTP-only tensors (enorm, eh_proj, ...) are "unexpected" to it
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, num_hidden_layers=layers + n)
+    finally:
+        logging.set_verbosity(verbosity)
+    model = model.to(device).eval()
+    mtp_layers = list(model.model.layers[layers:])
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    return model, mtp_layers
+
+
+def reference(model, mtp_layers, model_dir: Path, input_ids: torch.Tensor) -> list[dict]:
+    """Per MTP depth: ``{"hidden": [S, H], "logits": [S, V]}`` (fp32) for one sample ``[S]``."""
+    from mcore_bridge.hf_io import HFCheckpoint
+
+    ckpt = HFCheckpoint(model_dir)
+    inner, cfg = model.model, model.config
+    layers = cfg.num_hidden_layers
+    param = next(model.parameters())
+    dtype, device = param.dtype, param.device
+    ids = input_ids[None].to(device)
+    one = copy.deepcopy(cfg)
+    one.num_hidden_layers = 1
+    out = []
+    with torch.no_grad():
+        h = inner(input_ids=ids, use_cache=False).last_hidden_state  # after the final norm
+        for k, layer in enumerate(mtp_layers):
+            p = f"model.layers.{layers + k}."
+
+            def w(name):
+                return ckpt.read(p + name).to(device=device, dtype=dtype)
+
+            shifted = torch.roll(ids, -(k + 1), dims=-1)
+            shifted[..., ids.shape[-1] - k - 1:] = 0  # no real token there (megatron rolls in 0s too)
+            e = torch.nn.functional.embedding(shifted, w("embed_tokens.weight"))  # the MTP layer's own copy
+            norm = type(inner.norm)
+            enorm, hnorm, final = (norm(cfg.hidden_size, eps=cfg.rms_norm_eps).to(device=device, dtype=dtype)
+                                   for _ in range(3))
+            enorm.weight.copy_(w("enorm.weight"))
+            hnorm.weight.copy_(w("hnorm.weight"))
+            final.weight.copy_(w("shared_head.norm.weight"))
+            x = torch.nn.functional.linear(torch.cat([enorm(e), hnorm(h)], dim=-1), w("eh_proj.weight"))
+            with torch.device("meta"):  # a one-layer base model for its causal mask and RoPE; nothing allocated
+                body = type(inner)(one)
+            body.rotary_emb, body.norm = inner.rotary_emb, final
+            body.layers = torch.nn.ModuleList([layer])
+            h = body.eval()(inputs_embeds=x, use_cache=False).last_hidden_state
+            logits = torch.nn.functional.linear(h, w("shared_head.head.weight"))
+            out.append({"hidden": h[0].float().cpu(), "logits": logits[0].float().cpu()})
+    return out
+
+
+def compare(samples, ref: dict, got: dict, limits: dict, gate: str, bridge) -> tuple[dict | None, list[str], dict | None]:
+    """(report section, failures, first diverging) for the MTP depths of ``ref``/``got``."""
+    from . import metrics
+
+    if not any(ref[s.name].get("mtp") for s in samples):
+        return None, [], None
+    n = len(ref[samples[0].name]["mtp"])
+    # the MTP layer's routing is not probed (a flipped expert choice shows as drift of its output)
+    limits = {k: v for k, v in limits.items() if not k.startswith("router_agreement")}
+    section = {"reference": REFERENCE, "depths": []}
+    fails, first = [], None
+    for k in range(n):
+        per_input, weights, drift = {}, {}, 0.0
+        for s in samples:
+            keep = s.input_ids.numel() - k - 1  # positions with a real next token
+            r, g = ref[s.name]["mtp"][k], got[s.name]["mtp_logits"][k]
+            labels = torch.roll(s.labels, -(k + 1))[:keep]  # position i's label read at i + 1: t[i + k + 2]
+            per_input[s.name] = metrics.compare_logits(r["logits"][:keep], g[:keep], labels)
+            weights[s.name] = keep
+            d = metrics.probe_drift(r["hidden"][:keep], got[s.name]["probes"][f"mtp.{k}"][:keep])
+            drift = max(drift, d["rel_mean_diff"])
+        m = metrics.combine(per_input, weights)
+        depth_fails = [f"mtp.{k} {f}" for f in metrics.failures(m, limits, gate)]
+        if drift > limits["layer_rel_drift"]:
+            depth_fails.append(f"mtp.{k} drift {drift:.2e} > {limits['layer_rel_drift']:.1e}")
+        section["depths"].append({"depth": k, "probe": f"mtp.{k}", "rel_mean_diff": drift, **m,
+                                  "ok": not depth_fails})
+        if depth_fails and first is None:
+            units = [u for u in bridge.units if u.rule.mcore.startswith(f"mtp.layers.{k}.")]
+            first = {"probe": f"mtp.{k}", "layer": None, "rel_mean_diff": drift, "cause": "weights",
+                     "hf_params": [x for u in units for x in u.hf_names],
+                     "mcore_params": list(dict.fromkeys(u.rule.mcore for u in units))}
+        fails += depth_fails
+    return section, fails, first
