@@ -209,8 +209,8 @@ def test_lora_with_mtp_is_refused(zoo_model):
     from mcore_bridge.lora import AdapterError
 
     with pytest.raises(AdapterError, match=r"multi-token-prediction layers \(deepseek_v3, num_nextn_predict_layers=1"):
-        Bridge(str(zoo_model(MODEL)))._check_lora_support()
-    Bridge(str(zoo_model("deepseek_v3")))._check_lora_support()  # control: no MTP tensors, no MTP layers
+        Bridge(str(zoo_model(MODEL))).family.check_lora()
+    Bridge(str(zoo_model("deepseek_v3"))).family.check_lora()  # control: no MTP tensors, no MTP layers
 
 
 def test_grad_verification_with_mtp_is_refused(zoo_model):
