@@ -54,6 +54,17 @@ ZOO = {
                         n_group=4, topk_group=2, n_shared_experts=1, moe_intermediate_size=32,
                         routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # gpt-oss: window 4 (verification sequences are longer), [sliding, full] x 2, yarn as published
+    # (truncate false) at original length 32 so positions past it take the scaled frequencies;
+    # gate_up scaled so the SwiGLU clamp (limit 7) bites on some tokens; sinks of order 1.
+    "gpt_oss": dict(model_type="gpt_oss", tie_word_embeddings=False, head_dim=16, num_local_experts=8,
+                    max_position_embeddings=1024,
+                    num_experts_per_tok=2, intermediate_size=32, sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention"] * 2, rms_norm_eps=1e-5,
+                    swiglu_limit=7.0, qk_sharpen=True, scale={"experts.gate_up_proj": 25.0, "sinks": 50.0},
+                    rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                     "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                     "original_max_position_embeddings": 32}),
 }
 
 # Vision-language: text and vision towers small, 4 language layers (pp 2 keeps the deepstack
@@ -89,7 +100,7 @@ ZOO.update({
                                             deepstack_visual_indexes=[1, 2])),
 })
 
-MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"]
 MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 DENSE = [n for n in ZOO if n not in MOE + MULTIMODAL]
 TEXT = DENSE + MOE
@@ -150,6 +161,8 @@ def build(name: str, out: Path, seed: int = 0):
 
     spec = dict(ZOO[name])
     shard = spec.pop("max_shard_size", "50GB")
+    sharpen = spec.pop("qk_sharpen", False)  # text models whose RoPE/window must show: sharp attention
+    scale = spec.pop("scale", {})  # parameter-name fragment -> factor on its initial values
     multimodal = "vision_config" in spec
     cfg = AutoConfig.for_model(**(spec if multimodal else {**_COMMON, **spec}))
     torch.manual_seed(seed)
@@ -165,6 +178,11 @@ def build(name: str, out: Path, seed: int = 0):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.1 * torch.randn_like(p))
             elif _is_router(pname):  # clear routing margins: fp32 noise must not flip a top-k choice
                 p.mul_(5.0 if cfg.model_type == "deepseek_v3" else 25.0)  # sigmoid scores saturate sooner
+            for fragment, factor in scale.items():
+                if pname.endswith(fragment):
+                    p.mul_(factor)
+            if sharpen and any(k in pname for k in ("q_proj.weight", "k_proj.weight")):
+                p.mul_(QK_SHARPEN)
             if multimodal and _is_query_key(pname):
                 # Sharp attention: with the default init, attention is near uniform and positions
                 # barely matter, so a wrong multimodal RoPE split would hide below fp32 noise.
@@ -204,6 +222,8 @@ def _is_query_key(pname: str) -> bool:
 
 
 def _is_router(pname: str) -> bool:
+    if pname.endswith("mlp.router.weight"):  # gpt-oss
+        return True
     return pname.endswith("gate.weight") and "proj" not in pname and "shared_expert_gate" not in pname
 
 
