@@ -172,6 +172,17 @@ class GptOss(MoEMixin, Llama):
 
         return YarnTransformerConfig
 
+    def check_layout(self, layout) -> None:
+        """Expert biases: megatron-core (0.16.1 and 0.19.2) asserts expert-TP 1 for them."""
+        from ..layout import LayoutError
+
+        if layout.etp != 1:
+            raise LayoutError(
+                f"{self.name}: the experts have biases, which megatron-core supports only at expert-tensor-"
+                f"parallel size 1 (its TransformerConfig asserts 'Bias in Moe is only supported when "
+                f"ETP==1'); this layout has etp={layout.etp}" + (" (etp defaults to tp)" if layout.etp == layout.tp
+                                                                 else "") + ": use --etp 1")
+
     # -- weights -----------------------------------------------------------------------------
     def attention_rules(self):
         H = self.hf_layer_prefix
