@@ -56,12 +56,15 @@ ZOO = {
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     # gpt-oss: window 4 (verification sequences are longer), [sliding, full] x 2, yarn as published
     # (truncate false) at original length 32 so positions past it take the scaled frequencies;
-    # gate_up scaled so the SwiGLU clamp (limit 7) bites on some tokens; sinks of order 1.
+    # gate_up scaled so the SwiGLU clamp (limit 7) bites on some tokens; sinks near 2, where a sink
+    # takes a good share of a sliding layer's attention (a 1% error in one shows); router biases that
+    # change which experts win.
     "gpt_oss": dict(model_type="gpt_oss", tie_word_embeddings=False, head_dim=16, num_local_experts=8,
                     max_position_embeddings=1024,
                     num_experts_per_tok=2, intermediate_size=32, sliding_window=4,
                     layer_types=["sliding_attention", "full_attention"] * 2, rms_norm_eps=1e-5,
-                    swiglu_limit=7.0, qk_sharpen=True, scale={"experts.gate_up_proj": 25.0, "sinks": 50.0},
+                    swiglu_limit=7.0, qk_sharpen=True, scale={"experts.gate_up_proj": 25.0},
+                    init={"sinks": (2.0, 0.5), "mlp.router.bias": (0.0, 2.0)},
                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
                                      "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                                      "original_max_position_embeddings": 32}),
@@ -162,7 +165,8 @@ def build(name: str, out: Path, seed: int = 0):
     spec = dict(ZOO[name])
     shard = spec.pop("max_shard_size", "50GB")
     sharpen = spec.pop("qk_sharpen", False)  # text models whose RoPE/window must show: sharp attention
-    scale = spec.pop("scale", {})  # parameter-name fragment -> factor on its initial values
+    scale = spec.pop("scale", {})  # parameter-name suffix -> factor on its initial values
+    init = spec.pop("init", {})  # parameter-name suffix -> (mean, std) of its values
     multimodal = "vision_config" in spec
     cfg = AutoConfig.for_model(**(spec if multimodal else {**_COMMON, **spec}))
     torch.manual_seed(seed)
@@ -178,9 +182,12 @@ def build(name: str, out: Path, seed: int = 0):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.1 * torch.randn_like(p))
             elif _is_router(pname):  # clear routing margins: fp32 noise must not flip a top-k choice
                 p.mul_(5.0 if cfg.model_type == "deepseek_v3" else 25.0)  # sigmoid scores saturate sooner
-            for fragment, factor in scale.items():
-                if pname.endswith(fragment):
+            for suffix, factor in scale.items():
+                if pname.endswith(suffix):
                     p.mul_(factor)
+            for suffix, (mean, std) in init.items():
+                if pname.endswith(suffix):
+                    p.copy_(mean + std * torch.randn_like(p))
             if sharpen and any(k in pname for k in ("q_proj.weight", "k_proj.weight")):
                 p.mul_(QK_SHARPEN)
             if multimodal and _is_query_key(pname):
