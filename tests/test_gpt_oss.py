@@ -293,3 +293,23 @@ def test_grouped_experts_are_refused_for_biased_experts():
     with pytest.raises(UsageError, match="gpt_oss's experts have biases.*GroupedMLP asserts add_bias_linear=False"):
         _check_grouped_experts(fam, True)
     _check_grouped_experts(fam, False)
+
+
+def test_declares_its_classes_and_spec():
+    """YarnTransformerConfig (TransformerConfig with the yarn_* fields declared), GPTModel, and
+    megatron's decoder block spec with every layer MoE."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from mcore_bridge.model import transformer_config
+
+    fam = family_for(hf_raw(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2))
+    arch = fam.architecture
+    assert arch.config_class().__name__ == "YarnTransformerConfig" and arch.model_class().__name__ == "GPTModel"
+    assert issubclass(arch.config_class(), TransformerConfig)
+    config = transformer_config(fam, ParallelLayout(), torch.float32, "cpu")
+    spec = arch.layer_spec(config, None, 0)
+    assert isinstance(spec, TransformerBlockSubmodules) and len(spec.layer_specs) == 4
+    assert all("experts" in str(s.submodules.mlp) for s in spec.layer_specs)
+    # without the subclass, megatron's GPTModel(position_embedding_type="yarn") has no fields to read
+    assert not hasattr(TransformerConfig, "yarn_rotary_scaling_factor")
