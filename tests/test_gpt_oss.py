@@ -313,3 +313,29 @@ def test_declares_its_classes_and_spec():
     assert all("experts" in str(s.submodules.mlp) for s in spec.layer_specs)
     # without the subclass, megatron's GPTModel(position_embedding_type="yarn") has no fields to read
     assert not hasattr(TransformerConfig, "yarn_rotary_scaling_factor")
+
+
+def test_out_in_stacks_read_the_same_experts(zoo_model, tmp_path):
+    """The same experts stored [E, 2F, H] / [E, H, F] (nn.Linear orientation, as the dequantised
+    MXFP4 blocks come): detected as such, and every per-expert view equals the [E, H, 2F] one."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = zoo_model("gpt_oss")
+    ckpt = HFCheckpoint(src)
+    tensors = {n: ckpt.read(n).clone() for n in ckpt.tensors}
+    for n in list(tensors):
+        if n.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[n] = tensors[n].transpose(1, 2).contiguous()
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    fam = family_for(ckpt.config)
+    a, a_kind = stacked.open_checkpoint(ckpt, fam)
+    b, b_kind = stacked.open_checkpoint(HFCheckpoint(tmp_path), fam)
+    assert (a_kind, b_kind) == (stacked.IN_OUT, stacked.OUT_IN)
+    assert set(a.tensors) == set(b.tensors)
+    for name in a.views:
+        assert torch.equal(a.read(name), b.read(name)), name
+        region = (slice(4, 12),) + ((slice(None),) if len(a.views[name].shape) == 2 else ())
+        assert torch.equal(a.read(name, region), b.read(name, region)), name
