@@ -339,3 +339,15 @@ def test_out_in_stacks_read_the_same_experts(zoo_model, tmp_path):
         assert torch.equal(a.read(name), b.read(name)), name
         region = (slice(4, 12),) + ((slice(None),) if len(a.views[name].shape) == 2 else ())
         assert torch.equal(a.read(name, region), b.read(name, region)), name
+
+
+def test_verify_matrix_skips_expert_tp_with_the_reason():
+    from verify.matrix import expand
+
+    fam = family_for(published("openai__gpt-oss-20b.json"))
+    valid, skipped = expand("tp=2 sp=1 ep=1,2", fam.layout_dims(), fam.check_layout)  # etp = tp = 2
+    assert valid == [] and len(skipped) == 2
+    assert all("Bias in Moe is only supported when ETP==1" in r for _, r in skipped)
+    valid, skipped = expand("tp=2 sp=1 ep=1,2 etp=1", fam.layout_dims(), fam.check_layout)
+    assert [lay.etp for lay in valid] == [1, 1] and skipped == []
+    assert len(expand("tp=2 sp=1 ep=1,2", fam.layout_dims())[0]) == 2  # control: without the check
