@@ -194,7 +194,7 @@ class GptOss(MoEMixin, Llama):
 
     def mlp_rules(self):
         H, moe_ = self.hf_layer_prefix, Layers.MOE
-        rows = [r for r in super().mlp_rules() if r.when == Layers.MOE]  # every layer is MoE
+        rows = super().mlp_rules()  # (its dense-layer rules never apply: every layer is MoE)
         gate, up, down = (H + n for n in self.expert_bias_hf)
         return rows + [
             rule(L + "mlp.router.bias", H + self.router_linear_bias_hf, REPLICATED, when=moe_),
