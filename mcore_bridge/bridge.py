@@ -111,6 +111,8 @@ class Bridge:
         if self.hf is not None:  # stacked experts: from here on seen as one tensor per expert
             self.hf, expert_storage = stacked.open_checkpoint(self.hf, self.family)
             hf_tensors = {n: (i.shape, i.dtype) for n, i in self.hf.tensors.items()}
+        elif expert_storage is None and not getattr(self.family, "per_expert_storage", True):
+            expert_storage = stacked.IN_OUT  # experts exist only stacked: as transformers saves them
         self.hf_config = hf_config
         self.hf_tensors = hf_tensors  # name -> (shape, dtype), per-expert names: the export target
         self.expert_storage = expert_storage  # how the source stores experts; export default
@@ -325,6 +327,12 @@ class Bridge:
         """(views, stacked shapes) when exporting stacked experts, else None. ``expert_storage``:
         "source" (as the checkpoint stored them), "per_expert", or a ``stacked`` orientation."""
         storage = self.expert_storage if expert_storage == "source" else expert_storage
+        if storage in (None, "per_expert") and self.family.num_experts and \
+                not getattr(self.family, "per_expert_storage", True):
+            raise UsageError(f"expert_storage={expert_storage!r}: {self.family.name} checkpoints hold their experts "
+                             f"only stacked ({self.family.stacked_hf[0]}, ...), which transformers expects; "
+                             f"one tensor per expert would not load: use source, "
+                             f"{', '.join(stacked.ORIENTATIONS)}")
         if storage in (None, "per_expert"):
             return None
         if storage not in stacked.ORIENTATIONS:

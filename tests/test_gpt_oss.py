@@ -351,3 +351,25 @@ def test_verify_matrix_skips_expert_tp_with_the_reason():
     valid, skipped = expand("tp=2 sp=1 ep=1,2 etp=1", fam.layout_dims(), fam.check_layout)
     assert [lay.etp for lay in valid] == [1, 1] and skipped == []
     assert len(expand("tp=2 sp=1 ep=1,2", fam.layout_dims())[0]) == 2  # control: without the check
+
+
+def test_export_writes_experts_stacked_only(zoo_model):
+    """transformers knows gpt-oss experts only stacked: without a source checkpoint the export
+    storage is transformers' [E, H, 2F]; one tensor per expert is refused with the reason."""
+    from mcore_bridge import Bridge
+    from mcore_bridge.errors import UsageError
+
+    ckpt = HFCheckpoint(zoo_model("gpt_oss"))
+    from_source = Bridge(zoo_model("gpt_oss"))
+    assert from_source.expert_storage == stacked.IN_OUT
+    no_source = Bridge(None, hf_config=ckpt.config, hf_tensors=from_source.hf_tensors)
+    assert no_source.expert_storage == stacked.IN_OUT
+    for b in (from_source, no_source):
+        views, shapes = b._stacking("source")
+        assert shapes["model.layers.0.mlp.experts.gate_up_proj"] == (8, 64, 64)
+        assert shapes["model.layers.0.mlp.experts.gate_up_proj_bias"] == (8, 64)
+        with pytest.raises(UsageError, match="gpt_oss checkpoints hold their experts only stacked"):
+            b._stacking("per_expert")
+    # control: a family with a per-expert HF layout still exports per expert when asked
+    qwen = Bridge(zoo_model("qwen3_moe"))
+    assert qwen._stacking("per_expert") is None

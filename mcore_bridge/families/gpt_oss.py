@@ -52,6 +52,7 @@ class GptOss(MoEMixin, Llama):
     stacked_hf = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
     stacked_bias_hf = ("mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj_bias")
     stacked_gate_up = INTERLEAVED
+    per_expert_storage = False  # transformers' GptOssExperts has only the stacked parameters
 
     # -- config ------------------------------------------------------------------------------
     @property
