@@ -478,7 +478,7 @@ def cmd_verify(args, argv) -> int:
     plans, unplanned = [], 0
     for model in models:
         family = Bridge(model).family  # fails early on unknown architectures / bad checkpoints
-        layouts, skipped = expand(args.matrix, family.layout_dims())
+        layouts, skipped = expand(args.matrix, family.layout_dims(), family.check_layout)
         refused = [forward_unsupported(layout) for layout in layouts if forward_unsupported(layout)]
         if refused:
             raise LayoutError(f"--matrix {args.matrix!r}: {refused[0]}")

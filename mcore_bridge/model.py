@@ -70,6 +70,11 @@ def local_grouped_experts_available() -> bool:
 
 
 def _check_grouped_experts(family: Family, grouped: bool) -> None:
+    if grouped and family.num_experts and family.architecture.config.get("add_bias_linear"):
+        raise UsageError(
+            f"grouped_experts=True: {family.name}'s experts have biases, and megatron-core's grouped-GEMM "
+            f"experts have none (GroupedMLP asserts add_bias_linear=False); build with "
+            f"grouped_experts=False (CLI: drop --moe-grouped-gemm)")
     if grouped and family.num_experts and not local_grouped_experts_available():
         import megatron.core
 

@@ -6,6 +6,12 @@ Llama-4 on disk; transformers keeps ``[E, 2F, H]`` / ``[E, H, F]`` in memory). R
 second set of family rules, a stacked checkpoint is *viewed* as the per-expert one: each
 per-expert name maps to a region of the stack, so loading reads only the rows of the experts (and
 expert-TP slice) a rank holds; on export the per-expert tensors are stacked back as they stream.
+
+Two properties of a stack are declared by the family (never inferred from its name): how gate and
+up share the ``2F`` axis (``stacked_gate_up``: ``CONCATENATED`` ``[gate; up]`` or ``INTERLEAVED``,
+gate on even and up on odd positions), and whether the experts' biases are stacked too
+(``stacked_bias_hf``: ``[E, 2F]`` and ``[E, H]``, viewed as the per-expert ``expert_bias_hf``). An
+interleaved part is read as the contiguous span that holds its rows, then every other row kept.
 """
 
 from __future__ import annotations
@@ -21,60 +27,88 @@ from .hf_io import CheckpointError, TensorInfo
 IN_OUT = "in_out"  # gate_up [E, H, 2F], down [E, F, H]  (Qwen3-VL-MoE / Llama-4 files)
 OUT_IN = "out_in"  # gate_up [E, 2F, H], down [E, H, F]  (nn.Linear orientation)
 ORIENTATIONS = (IN_OUT, OUT_IN)
+CONCATENATED = "concatenated"  # gate_up's 2F axis is [gate (F); up (F)]
+INTERLEAVED = "interleaved"  # gate_up's 2F axis is gate, up, gate, up, ... (gate = even positions)
+ARRANGEMENTS = (CONCATENATED, INTERLEAVED)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpertView:
-    """Per-expert tensor ``[rows, cols]`` (nn.Linear orientation) inside a stacked tensor."""
+    """Per-expert tensor ``[rows, cols]`` (nn.Linear orientation) or bias ``[rows]`` inside a
+    stacked tensor. Row ``r`` of this part is row ``offset + r * stride`` of the expert's slot."""
 
     stacked: str
     expert: int
     num_experts: int
-    offset: int  # first row of this part (gate 0, up F) in the per-expert ``[2F or H, ...]`` frame
-    shape: tuple[int, int]  # the per-expert tensor's shape
+    offset: int  # first row of this part in the per-expert ``[2F or H, ...]`` frame
+    shape: tuple[int, ...]  # the per-expert tensor's shape: (rows, cols), or (rows,) for a bias
     orientation: str
     parts: int  # per-expert tensors sharing one expert's slot: 2 (gate, up) or 1 (down)
+    stride: int = 1  # 2 where gate and up interleave
+
+    def _span(self, rows: slice) -> slice:
+        """The contiguous stacked rows that hold this part's ``rows``."""
+        if rows.stop <= rows.start:
+            return slice(self.offset, self.offset)
+        return slice(self.offset + rows.start * self.stride, self.offset + (rows.stop - 1) * self.stride + 1)
 
     def stacked_region(self, region) -> tuple:
-        rows, cols = _resolve(region, self.shape)
-        rows = slice(rows.start + self.offset, rows.stop + self.offset)
         e = slice(self.expert, self.expert + 1)
+        if len(self.shape) == 1:
+            return e, self._span(_resolve(region, self.shape)[0])
+        rows, cols = _resolve(region, self.shape)
+        rows = self._span(rows)
         return (e, rows, cols) if self.orientation == OUT_IN else (e, cols, rows)
 
     def from_stacked(self, piece: torch.Tensor) -> torch.Tensor:
         piece = piece[0]
-        return piece if self.orientation == OUT_IN else piece.t()
+        if len(self.shape) == 1:
+            return piece[::self.stride]
+        if self.orientation != OUT_IN:
+            piece = piece.t()
+        return piece[::self.stride]
+
+    def slot_rows(self) -> slice:
+        """This part's rows in the expert's slot of the stack (for writing it back)."""
+        return slice(self.offset, self.offset + self.shape[0] * self.stride, self.stride)
 
 
-def _resolve(region, shape) -> tuple[slice, slice]:
-    region = tuple(region or ()) + (slice(None),) * (2 - len(region or ()))
+def _resolve(region, shape) -> list[slice]:
+    region = tuple(region or ()) + (slice(None),) * (len(shape) - len(region or ()))
     out = []
     for s, n in zip(region, shape):
         start, stop, step = s.indices(n)
         if step != 1:
             raise ValueError("stacked expert views support contiguous regions only")
         out.append(slice(start, stop))
-    return out[0], out[1]
+    return out
 
 
 def view_table(family, orientation: str) -> dict[str, ExpertView]:
     """Per-expert HF name (the family's spelling) -> its place in the stacked tensors."""
     s = family.architecture.config
     hidden, ffn, experts = s["hidden_size"], s["moe_ffn_hidden_size"], family.num_experts
-    gate, up, down = family.expert_hf
-    gate_up, down_stacked = family.stacked_hf
+    arrangement = getattr(family, "stacked_gate_up", CONCATENATED)
+    if arrangement not in ARRANGEMENTS:
+        raise ValueError(f"{family.name}.stacked_gate_up={arrangement!r}: choose {', '.join(ARRANGEMENTS)}")
+    # (offset, stride) of gate and up along the 2F axis
+    gate_at, up_at = ((0, 1), (ffn, 1)) if arrangement == CONCATENATED else ((0, 2), (1, 2))
+    stacks = [(family.expert_hf, family.stacked_hf, (ffn, hidden), (hidden, ffn))]
+    if getattr(family, "stacked_bias_hf", None):
+        stacks.append((family.expert_bias_hf, family.stacked_bias_hf, (ffn,), (hidden,)))
     prefix = family.hf_layer_prefix
     out = {}
     for layer in range(family.num_layers):
         if not family.is_moe_layer(layer):
             continue
         p = prefix.format(L=layer)
-        for e in range(experts):
-            for name, offset in ((gate, 0), (up, ffn)):
-                out[p + name.format(E=e)] = ExpertView(p + gate_up, e, experts, offset, (ffn, hidden),
-                                                       orientation, 2)
-            out[p + down.format(E=e)] = ExpertView(p + down_stacked, e, experts, 0, (hidden, ffn),
-                                                   orientation, 1)
+        for (gate, up, down), (gate_up, down_stacked), fc1_shape, fc2_shape in stacks:
+            for e in range(experts):
+                for name, (offset, stride) in ((gate, gate_at), (up, up_at)):
+                    out[p + name.format(E=e)] = ExpertView(p + gate_up, e, experts, offset, fc1_shape,
+                                                           orientation, 2, stride)
+                out[p + down.format(E=e)] = ExpertView(p + down_stacked, e, experts, 0, fc2_shape,
+                                                       orientation, 1)
     return out
 
 
@@ -83,8 +117,11 @@ def stacked_shapes(family, orientation: str) -> dict[str, tuple[int, ...]]:
     out = {}
     for v in view_table(family, orientation).values():
         rows = v.shape[0] * v.parts  # 2F for gate_up, H for down
-        out[v.stacked] = (v.num_experts, rows, v.shape[1]) if orientation == OUT_IN else \
-            (v.num_experts, v.shape[1], rows)
+        if len(v.shape) == 1:
+            out[v.stacked] = (v.num_experts, rows)
+        else:
+            out[v.stacked] = (v.num_experts, rows, v.shape[1]) if orientation == OUT_IN else \
+                (v.num_experts, v.shape[1], rows)
     return out
 
 
@@ -155,8 +192,8 @@ def restack(stream: Iterable[tuple[str, torch.Tensor]], views: dict[str, ExpertV
             filling[v.stacked] = (tensor.new_empty(shapes[v.stacked]), set())
         buf, seen = filling[v.stacked]
         dst = buf[v.expert]
-        rows = slice(v.offset, v.offset + v.shape[0])
-        (dst[rows] if v.orientation == OUT_IN else dst[:, rows].t()).copy_(tensor)
+        rows = v.slot_rows()
+        (dst[rows] if v.orientation == OUT_IN or dst.dim() == 1 else dst[:, rows].t()).copy_(tensor)
         seen.add((v.expert, v.offset))
         if len(seen) == v.num_experts * v.parts:
             del filling[v.stacked]

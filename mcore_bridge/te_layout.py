@@ -14,7 +14,8 @@ TE-spec models (``tests/te_standin.py``), on megatron-core 0.16.1, the layouts d
   of a dense MLA layer is ``mlp.linear_fc1.layer_norm_weight`` (local: ``pre_mlp_layernorm.weight``);
 * ``_extra_state``: every TE module has one (the local linears have one too, ``None``); TE 2.x's
   norms (TENorm: ``input_layernorm`` under MLA, ``pre_mlp_layernorm`` of MoE layers, ``q/k_layernorm``,
-  and ``final_layernorm`` of block-spec models) add theirs.
+  and ``final_layernorm`` of block-spec models) add theirs; so does the core attention where it has a
+  learnable softmax offset (attention sinks: megatron then saves that module's whole state dict).
 
 Why the extra states are written: a TE model's ``sharded_state_dict()`` asks for them (megatron wraps
 every ``_extra_state`` of a module's ``state_dict`` in a ``ShardedObject``), and
@@ -50,8 +51,9 @@ class LayoutMismatch(MappingError):
 
 
 def _te_rest_map(rests: set[str]) -> tuple[dict, list]:
-    """For one layer's key suffixes (local spec): {local suffix: TE suffix} and the TE norms whose
-    extra state the TE layer has in addition."""
+    """For one layer's key suffixes (local spec): {local suffix: TE suffix} and the TE modules whose
+    extra state the TE layer has in addition, with its payload (norms: an op state, others: a module
+    state)."""
     mla = "self_attention.linear_kv_down_proj.weight" in rests
     moe = "mlp.router.weight" in rests
     rename, norms = {}, []
@@ -78,7 +80,10 @@ def _te_rest_map(rests: set[str]) -> tuple[dict, list]:
     # the layer's own norms that no TE linear absorbs (sandwich post-norms): standalone TENorms
     norms += sorted(r[: -len(".weight")] for r in rests if r.endswith("layernorm.weight") and r.count(".") == 1
                     and r[: -len(".weight")] not in ("input_layernorm", "pre_mlp_layernorm"))
-    return {k: v for k, v in rename.items() if k in rests}, norms
+    extras = [(n, _empty_op_state) for n in norms]
+    if "self_attention.core_attention.softmax_offset" in rests:
+        extras.append(("self_attention.core_attention", _empty_module_state))
+    return {k: v for k, v in rename.items() if k in rests}, extras
 
 
 def _sharded_items(state: dict):
@@ -116,10 +121,11 @@ def _plan(state: dict, block: bool):
                 # one template per layer of the chunk (stacked layers share the key, not the dict key)
                 templates.setdefault(dkey[: -len(m["rest"])], (m["pre"], container, v))
         elif v.key.endswith("final_layernorm.weight") and block:
-            extras.append((v, v.key[: -len("weight")] + _EXTRA, container, dkey[: -len("weight")] + _EXTRA))
+            extras.append((v, v.key[: -len("weight")] + _EXTRA, container, dkey[: -len("weight")] + _EXTRA,
+                           _empty_op_state))
     for dpre, (pre, container, tmpl) in templates.items():
-        for norm in maps[pre][1]:
-            extras.append((tmpl, f"{pre}{norm}.{_EXTRA}", container, f"{dpre}{norm}.{_EXTRA}"))
+        for module, payload in maps[pre][1]:
+            extras.append((tmpl, f"{pre}{module}.{_EXTRA}", container, f"{dpre}{module}.{_EXTRA}", payload))
     return renames, extras
 
 
@@ -145,12 +151,12 @@ def to_te(state: dict, block: bool) -> dict:
             v.key = renames[v.key]
         if isinstance(v, ShardedObject) and v.key.endswith(_EXTRA):
             v.data = _empty_module_state()
-    for tmpl, key, container, dkey in extras:
+    for tmpl, key, container, dkey, payload in extras:
         if isinstance(tmpl, ShardedTensor):  # final norm: one object, replicated like the weight
-            obj = ShardedObject(key, _empty_op_state(), (1,), (0,), replica_id=tmpl.replica_id)
+            obj = ShardedObject(key, payload(), (1,), (0,), replica_id=tmpl.replica_id)
         else:
             obj = copy.copy(tmpl)
-            obj.key, obj.data = key, _empty_op_state()
+            obj.key, obj.data = key, payload()
         container[dkey] = obj
     return state
 

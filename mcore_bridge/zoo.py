@@ -73,6 +73,20 @@ ZOO = {
     "glm4": dict(model_type="glm4", tie_word_embeddings=False, head_dim=16, attention_bias=True,
                  partial_rotary_factor=0.5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    # gpt-oss: window 4 (verification sequences are longer), [sliding, full] x 2, yarn as published
+    # (truncate false) at original length 32 so positions past it take the scaled frequencies;
+    # gate_up scaled so the SwiGLU clamp (limit 7) bites on some tokens; sinks near 2, where a sink
+    # takes a good share of a sliding layer's attention (a 1% error in one shows); router biases that
+    # change which experts win.
+    "gpt_oss": dict(model_type="gpt_oss", tie_word_embeddings=False, head_dim=16, num_local_experts=8,
+                    max_position_embeddings=1024,
+                    num_experts_per_tok=2, intermediate_size=32, sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention"] * 2, rms_norm_eps=1e-5,
+                    swiglu_limit=7.0, qk_sharpen=True, scale={"experts.gate_up_proj": 25.0},
+                    init={"sinks": (2.0, 0.5), "mlp.router.bias": (0.0, 2.0)},
+                    rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                     "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                     "original_max_position_embeddings": 32}),
 }
 # Text models whose attention is sharpened at build time (q/k scaled by QK_SHARPEN): positions then
 # matter well above fp32 noise, so a wrong rotary split or swapped q/k rows shows in verification.
@@ -118,7 +132,7 @@ ZOO.update({
                                             deepstack_visual_indexes=[1, 2])),
 })
 
-MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"]
 MTP = ["deepseek_v3_mtp"]  # MoE with MTP layers (tests/test_mtp.py), kept out of the MoE matrix
 MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 QUANTIZED = ["deepseek_v3_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)
@@ -182,6 +196,9 @@ def build(name: str, out: Path, seed: int = 0):
     spec = dict(ZOO[name])
     shard = spec.pop("max_shard_size", "50GB")
     fp8_block = spec.pop("fp8_block", None)
+    sharpen = spec.pop("qk_sharpen", False)  # text models whose RoPE/window must show: sharp attention
+    scale = spec.pop("scale", {})  # parameter-name suffix -> factor on its initial values
+    init = spec.pop("init", {})  # parameter-name suffix -> (mean, std) of its values
     multimodal = "vision_config" in spec
     mtp = int(spec.get("num_nextn_predict_layers", 0))
     main_layers = _COMMON["num_hidden_layers"]
@@ -206,6 +223,14 @@ def build(name: str, out: Path, seed: int = 0):
                 p.copy_(QK_SHARPEN ** 0.5 * (1.0 + p) - 1.0)
             if name in SHARPEN_QK:
                 _sharpen_text_qk(pname, p, cfg)
+            for suffix, factor in scale.items():
+                if pname.endswith(suffix):
+                    p.mul_(factor)
+            for suffix, (mean, std) in init.items():
+                if pname.endswith(suffix):
+                    p.copy_(mean + std * torch.randn_like(p))
+            if sharpen and any(k in pname for k in ("q_proj.weight", "k_proj.weight")):
+                p.mul_(QK_SHARPEN)
             if multimodal and _is_query_key(pname):
                 # Sharp attention: with the default init, attention is near uniform and positions
                 # barely matter, so a wrong multimodal RoPE split would hide below fp32 noise.
@@ -313,6 +338,8 @@ def _sharpen_text_qk(pname: str, p, cfg):
 
 
 def _is_router(pname: str) -> bool:
+    if pname.endswith("mlp.router.weight"):  # gpt-oss
+        return True
     return pname.endswith("gate.weight") and "proj" not in pname and "shared_expert_gate" not in pname
 
 

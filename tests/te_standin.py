@@ -98,8 +98,11 @@ class GroupedLinear(_Module):
 
 
 class DotProductAttention(_Module):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, num_attention_heads=None, *args, softmax_type="vanilla", tp_size=1, params_dtype=None,
+                 **kwargs):
         super().__init__()
+        if softmax_type == "learnable":  # TE's learnable softmax offset: one per local head
+            self.softmax_offset = torch.nn.Parameter(torch.empty(num_attention_heads // tp_size, dtype=params_dtype))
 
 
 class _NormOp(torch.nn.Module):

@@ -42,12 +42,19 @@ LAYOUTS = [
 ]
 
 
+def runs(model, layout, grouped=False) -> bool:
+    """gpt-oss's expert biases need etp 1 and SequentialMLP experts (megatron-core asserts both;
+    test_gpt_oss checks the refusals)."""
+    return not (model == "gpt_oss" and (layout.etp != 1 or grouped))
+
+
 def _param(model, world, layout, grouped):
     cid = case_id(model, world, layout) + ("-grouped" if grouped else "")
     return pytest.param(model, world, layout, grouped, id=cid, marks=pytest.mark.world(world))
 
 
-@pytest.mark.parametrize("model,world,layout,grouped", [_param(m, *c) for c in LAYOUTS for m in MOE])
+@pytest.mark.parametrize("model,world,layout,grouped", [_param(m, *c) for c in LAYOUTS for m in MOE
+                                                       if runs(m, c[1], c[2])])
 def test_moe_roundtrip_is_byte_exact(model, world, layout, grouped, pools, zoo_model, tmp_path):
     src = zoo_model(model)
     if grouped and not GROUPED:
@@ -56,7 +63,8 @@ def test_moe_roundtrip_is_byte_exact(model, world, layout, grouped, pools, zoo_m
     results = pools.get(world).run(cases.roundtrip, timeout=300, source=str(src), layout=layout.to_dict(),
                                    out_dir=str(out), grouped=grouped)
     expected = cases.check_roundtrip(results, src, out)
-    assert any(".experts.7." in n for n in expected)  # the checkpoint really stores per-expert tensors
+    # the experts really went through: one tensor per expert, or stacked [E, ...] (gpt-oss)
+    assert any(".experts.7." in n or n.endswith(".experts.gate_up_proj") for n in expected)
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +85,8 @@ VERIFY = [(1, L()), (2, L(ep=2)), (2, L(tp=2, sp=True, ep=2, etp=1)), (4, L(tp=2
 
 
 @pytest.mark.parametrize("model,world,layout", [
-    pytest.param(m, w, lay, id=case_id(m, w, lay), marks=pytest.mark.world(w)) for w, lay in VERIFY for m in MOE])
+    pytest.param(m, w, lay, id=case_id(m, w, lay), marks=pytest.mark.world(w)) for w, lay in VERIFY for m in MOE
+    if runs(m, lay)])
 def test_moe_verifies_fp32_with_full_router_agreement(model, world, layout, pools, zoo_model, ref_cache):
     r = verify(pools, zoo_model, ref_cache, model, world, layout)
     assert r["verdict"] == "pass", r["failures"]

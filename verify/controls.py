@@ -22,6 +22,8 @@ harness catches them and points at the right place. Used by the tests and by
                                                        reach + delta (delta 1: HF's off-by-one)
   mrope_contiguous                                     Qwen3-VL's interleaved t/h/w frequencies laid
                                                        out in contiguous sections (megatron's default)
+  config:<megatron config field>:<JSON value>          the model built with that config field changed,
+                                                       e.g. config:window_size:[4,0] (a wrong window)
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ import torch
 from mcore_bridge.errors import UsageError
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-KINDS = ("scale", "swap_qk", "rope_base", "local_rope_base", "window", "zero", "swap_experts", "mrope_section", "mrope_contiguous", "grad_scale",
-         "optimizer_exclude")
-BUILD_KINDS = ("rope_base", "local_rope_base", "window", "mrope_section", "mrope_contiguous")
+KINDS = ("scale", "swap_qk", "rope_base", "local_rope_base", "window", "zero", "swap_experts", "mrope_section",
+         "mrope_contiguous", "grad_scale", "optimizer_exclude", "config")
+BUILD_KINDS = ("rope_base", "local_rope_base", "window", "mrope_section", "mrope_contiguous", "config")
 
 
 def parse(spec: str | None) -> tuple[str, list[str]] | None:
@@ -68,6 +70,8 @@ def before_build(bridge, spec: str | None):
             raise UsageError(f"control window: {family.name} has no sliding window")
         left, right = config["window_size"]
         config = dict(config, window_size=(left + int(args[0]), right))
+    elif kind == "config":
+        config = dict(config, **{args[0]: _config_value(config, args[0], ":".join(args[1:]))})
     elif "mrope_section" not in config:
         raise UsageError(f"control {kind}: {family.name} has no multimodal RoPE")
     elif kind == "mrope_section":
@@ -75,6 +79,19 @@ def before_build(bridge, spec: str | None):
     else:
         model = dict(model, vision=dataclasses.replace(model["vision"], mrope_interleaved=False))
     family.architecture = dataclasses.replace(arch, config=config, model=model)  # this bridge's family only
+
+
+def _config_value(config, field: str, text: str):
+    import json
+
+    if field not in config:
+        raise UsageError(f"control config:{field}: the model's config has no such field "
+                         f"(has e.g. {', '.join(sorted(config)[:8])})")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise UsageError(f"control config:{field}:{text}: the value must be JSON (e.g. 0, true, [4,0])") from None
+    return tuple(value) if isinstance(config[field], tuple) and isinstance(value, list) else value
 
 
 def _layer_param(models, layer: int, rest: str):

@@ -36,15 +36,18 @@ def parse(text: str) -> list[dict]:
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
-def expand(text: str, dims: dict | None = None) -> tuple[list[ParallelLayout], list[tuple[dict, str]]]:
-    """Valid layouts of the matrix (checked against a model's ``dims`` when given) and the skipped
-    combinations with the reason, in matrix order, without duplicates."""
+def expand(text: str, dims: dict | None = None, check=None) -> tuple[list[ParallelLayout], list[tuple[dict, str]]]:
+    """Valid layouts of the matrix (checked against a model's ``dims`` when given, and by ``check``,
+    e.g. ``Family.check_layout``) and the skipped combinations with the reason, in matrix order,
+    without duplicates."""
     valid, skipped, seen = [], [], set()
     for fields in parse(text):
         try:
             layout = ParallelLayout(**fields)
             if dims is not None:
                 layout.validate(**dims)
+            if check is not None:
+                check(layout)
         except LayoutError as e:
             skipped.append((fields, str(e)))
             continue

@@ -76,11 +76,11 @@ def _routing_map(indices, num_experts: int):
 def _hf_routing(layers, store: dict):
     """Capture the expert choice of each HF MoE block: from ``route_tokens_to_experts`` where the
     block has one (DeepSeek-V3: sigmoid + bias + groups), else from the router's returned indices
-    (Mixtral, Qwen-MoE routers return ``(logits, weights, indices)``)."""
+    (Mixtral, Qwen-MoE routers, gpt-oss's ``mlp.router`` return ``(logits, weights, indices)``)."""
     undo = []
     for i, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None)
-        gate = getattr(mlp, "gate", None)
+        gate = getattr(mlp, "gate", None) or getattr(mlp, "router", None)
         if gate is None or not hasattr(gate, "weight") or gate.weight.shape[0] < 2:
             continue
         num_experts, name = gate.weight.shape[0], f"router.{i}"

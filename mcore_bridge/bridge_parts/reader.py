@@ -50,6 +50,8 @@ class CheckpointReader:
         if self.hf is not None:  # stacked experts: from here on seen as one tensor per expert
             self.hf, expert_storage = stacked.open_checkpoint(self.hf, self.family)
             hf_tensors = tensor_table(self.hf)
+        elif expert_storage is None and not getattr(self.family, "per_expert_storage", True):
+            expert_storage = stacked.IN_OUT  # experts exist only stacked: as transformers saves them
         self.hf_config = hf_config
         self.hf_tensors = hf_tensors
         self.expert_storage = expert_storage

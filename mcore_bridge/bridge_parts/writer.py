@@ -56,6 +56,11 @@ class Writer:
         "source" (as the checkpoint stored them), "per_expert", or a ``stacked`` orientation."""
         family = self.reader.family
         storage = self.reader.expert_storage if expert_storage == "source" else expert_storage
+        if storage in (None, "per_expert") and family.num_experts and not getattr(family, "per_expert_storage", True):
+            raise UsageError(f"expert_storage={expert_storage!r}: {family.name} checkpoints hold their experts "
+                             f"only stacked ({family.stacked_hf[0]}, ...), which transformers expects; "
+                             f"one tensor per expert would not load: use source, "
+                             f"{', '.join(stacked.ORIENTATIONS)}")
         if storage in (None, "per_expert"):
             return None
         if storage not in stacked.ORIENTATIONS:

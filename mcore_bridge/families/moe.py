@@ -30,6 +30,7 @@ class MoEMixin:
                  "mlp.experts.{E}.down_proj.weight")
     # the same experts stacked [E, ...] (see ``stacked``): gate_up_proj and down_proj
     stacked_hf = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    per_expert_storage = True  # False: HF knows only the stacked storage (export never writes per expert)
     shared_expert = False
     shared_hf = "mlp.shared_expert."  # HF module of the shared expert(s)
     shared_gate_hf = "mlp.shared_expert_gate.weight"  # sigmoid gate on the shared expert, or None
