@@ -365,11 +365,11 @@ def test_export_writes_experts_stacked_only(zoo_model):
     no_source = Bridge(None, hf_config=ckpt.config, hf_tensors=from_source.hf_tensors)
     assert no_source.expert_storage == stacked.IN_OUT
     for b in (from_source, no_source):
-        views, shapes = b._stacking("source")
+        views, shapes = b.writer.stacking("source")
         assert shapes["model.layers.0.mlp.experts.gate_up_proj"] == (8, 64, 64)
         assert shapes["model.layers.0.mlp.experts.gate_up_proj_bias"] == (8, 64)
         with pytest.raises(UsageError, match="gpt_oss checkpoints hold their experts only stacked"):
-            b._stacking("per_expert")
+            b.writer.stacking("per_expert")
     # control: a family with a per-expert HF layout still exports per expert when asked
     qwen = Bridge(zoo_model("qwen3_moe"))
-    assert qwen._stacking("per_expert") is None
+    assert qwen.writer.stacking("per_expert") is None
