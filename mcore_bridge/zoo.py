@@ -54,6 +54,26 @@ ZOO = {
                         n_group=4, topk_group=2, n_shared_experts=1, moe_intermediate_size=32,
                         routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # V2-Lite's shape (no q_lora, yarn) with V2's group-limited softmax routing (top-2 of 2 groups)
+    "deepseek_v2": dict(model_type="deepseek_v2", tie_word_embeddings=False, num_key_value_heads=8,
+                        max_position_embeddings=2560,
+                        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16,
+                        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+                        topk_method="group_limited_greedy", n_group=4, topk_group=2, n_shared_experts=2,
+                        moe_intermediate_size=32, routed_scaling_factor=2.0, norm_topk_prob=False,
+                        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                                         "original_max_position_embeddings": 64, "beta_fast": 32.0,
+                                         "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}),
+    # partial rotary over head_dim 16 (8 dims rotate), q/k/v bias, q/k norm, sigmoid group routing
+    "glm4_moe": dict(model_type="glm4_moe", tie_word_embeddings=False, head_dim=16, attention_bias=True,
+                     use_qk_norm=True, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=4,
+                     n_group=4, topk_group=2, n_shared_experts=1, moe_intermediate_size=32,
+                     routed_scaling_factor=2.5, norm_topk_prob=True, num_nextn_predict_layers=0,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    # q/k norms over the full projection width (GQA: k over 4 x 8), softmax top-2 not renormalised
+    "olmoe": dict(model_type="olmoe", tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                  intermediate_size=32, norm_topk_prob=False, clip_qkv=None, eos_token_id=2, pad_token_id=1,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
 # Vision-language: text and vision towers small, 4 language layers (pp 2 keeps the deepstack
@@ -89,7 +109,7 @@ ZOO.update({
                                             deepstack_visual_indexes=[1, 2])),
 })
 
-MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe"]
 MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 DENSE = [n for n in ZOO if n not in MOE + MULTIMODAL]
 TEXT = DENSE + MOE
@@ -164,8 +184,8 @@ def build(name: str, out: Path, seed: int = 0):
             if "norm" in pname or pname.endswith("bias"):  # not all ones/zeros: a swap must show
                 p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.1 * torch.randn_like(p))
             elif _is_router(pname):  # clear routing margins: fp32 noise must not flip a top-k choice
-                p.mul_(5.0 if cfg.model_type == "deepseek_v3" else 25.0)  # sigmoid scores saturate sooner
-            if multimodal and _is_query_key(pname):
+                p.mul_(5.0 if cfg.model_type in SIGMOID_ROUTERS else 25.0)  # sigmoid scores saturate sooner
+            if (multimodal or cfg.model_type in SHARPEN_TEXT) and _is_query_key(pname, multimodal):
                 # Sharp attention: with the default init, attention is near uniform and positions
                 # barely matter, so a wrong multimodal RoPE split would hide below fp32 noise.
                 # (q/k norms scale both factors of every score already: a milder factor.)
@@ -194,11 +214,13 @@ def image_processor(cfg):
 
 
 QK_SHARPEN = 4.0
+SIGMOID_ROUTERS = ("deepseek_v3", "glm4_moe")
+SHARPEN_TEXT = ("glm4_moe", "olmoe")  # partial rotary / full-width q/k norms: wrong ones must show
 
 
-def _is_query_key(pname: str) -> bool:
+def _is_query_key(pname: str, multimodal: bool = True) -> bool:
     """Language-model query/key scales: the q/k norms where the model has them, else q/k_proj."""
-    if "language_model" not in pname or "self_attn" not in pname:
+    if (multimodal and "language_model" not in pname) or "self_attn" not in pname:
         return False
     return any(k in pname for k in ("q_norm", "k_norm", "q_proj", "k_proj"))
 
