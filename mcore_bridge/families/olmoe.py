@@ -59,6 +59,14 @@ class FullWidthRMSNorm(torch.nn.Module):
         normed = flat * torch.rsqrt(squares / self.full_width + self.eps)
         return (self.weight * normed.to(x.dtype)).view_as(x)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """megatron distributed checkpoints: the weight is split over TP along axis 0 (a plain
+        module would be saved as a replica, and TP ranks hold different slices)."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
+                                                   {"weight": 0}, sharded_offsets)
+
     def extra_repr(self) -> str:
         return f"local {tuple(self.weight.shape)} of {self.full_width}, eps={self.eps}"
 
