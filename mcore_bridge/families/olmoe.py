@@ -24,13 +24,31 @@ from .moe import MoEMixin
 A = "decoder.layers.{L}.self_attention."
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced gradient: every rank's output depends on
+    every rank's input."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class FullWidthRMSNorm(torch.nn.Module):
     """RMSNorm over all query (or key) heads of a token, as one vector of ``heads x head_dim``.
 
     Built by megatron's attention with ``hidden_size`` = head_dim; ``heads_field`` names the config
     field that counts the heads it sees. Under tensor parallelism each rank holds its own heads and
     the matching slice of the weight; the sum of squares is all-reduced over the TP group
-    (``torch.distributed.nn``: differentiable both ways)."""
+    (differentiable: the gradient is all-reduced too)."""
 
     heads_field = "num_attention_heads"
 
@@ -53,9 +71,8 @@ class FullWidthRMSNorm(torch.nn.Module):
         squares = flat.pow(2).sum(-1, keepdim=True)
         if self.tp > 1:
             from megatron.core import parallel_state
-            from torch.distributed.nn.functional import all_reduce
 
-            squares = all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())
+            squares = _SumOverRanks.apply(squares, parallel_state.get_tensor_model_parallel_group())
         normed = flat * torch.rsqrt(squares / self.full_width + self.eps)
         return (self.weight * normed.to(x.dtype)).view_as(x)
 
