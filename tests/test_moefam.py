@@ -276,3 +276,78 @@ def test_olmoe_spec_carries_the_full_width_norms():
 
     plain = MoEMixin.layer_spec(fam, config, None, 0).layer_specs[0].submodules.self_attention.submodules
     assert plain.q_layernorm is not FullWidthRMSNorm and plain.k_layernorm is not FullWidthKeyRMSNorm
+
+
+# ---- the flagships' shapes -------------------------------------------------------------------------
+# Model-defining fields of the published config.json files (read from copies of them; the verbatim
+# files belong in tests/published/, see the report). transformers fills the rest with its defaults.
+FLAGSHIPS = {
+    "deepseek-ai/DeepSeek-V2-Lite": ("deepseek_v2", dict(
+        hidden_size=2048, intermediate_size=10944, num_hidden_layers=27, num_attention_heads=16,
+        num_key_value_heads=16, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, moe_intermediate_size=1408, moe_layer_freq=1, n_group=1,
+        n_routed_experts=64, n_shared_experts=2, norm_topk_prob=False, num_experts_per_tok=6, topk_group=1,
+        topk_method="greedy", routed_scaling_factor=1.0, scoring_func="softmax", rms_norm_eps=1e-6,
+        max_position_embeddings=163840, vocab_size=102400, rope_theta=10000,
+        rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                      "original_max_position_embeddings": 4096, "type": "yarn"})),
+    "zai-org/GLM-4.5": ("glm4_moe", dict(
+        hidden_size=5120, intermediate_size=12288, num_hidden_layers=92, num_attention_heads=96,
+        num_key_value_heads=8, head_dim=128, attention_bias=True, use_qk_norm=True, partial_rotary_factor=0.5,
+        first_k_dense_replace=3, n_routed_experts=160, n_shared_experts=1, num_experts_per_tok=8,
+        moe_intermediate_size=1536, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+        num_nextn_predict_layers=1, rms_norm_eps=1e-5, rope_theta=1000000, max_position_embeddings=131072,
+        vocab_size=151552)),
+    "zai-org/GLM-4.5-Air": ("glm4_moe", dict(
+        hidden_size=4096, intermediate_size=10944, num_hidden_layers=46, num_attention_heads=96,
+        num_key_value_heads=8, head_dim=128, attention_bias=True, use_qk_norm=False, partial_rotary_factor=0.5,
+        first_k_dense_replace=1, n_routed_experts=128, n_shared_experts=1, num_experts_per_tok=8,
+        moe_intermediate_size=1408, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
+        num_nextn_predict_layers=1, rms_norm_eps=1e-5, rope_theta=1000000, max_position_embeddings=131072,
+        vocab_size=151552)),
+    "allenai/OLMoE-1B-7B-0924": ("olmoe", dict(
+        hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, clip_qkv=None,
+        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096, vocab_size=50304,
+        tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.parametrize("name", list(FLAGSHIPS))
+def test_flagship_shapes_are_accepted_and_mapped(name):
+    model_type, fields = FLAGSHIPS[name]
+    raw = {"model_type": model_type, **fields}  # as config.json holds them (4.x spellings)
+    fam = family_for(raw)
+    s = fam.model_settings()
+    c, m = s["config"], s["model"]
+    assert c["num_layers"] == fields["num_hidden_layers"] and c["hidden_size"] == fields["hidden_size"]
+    experts = fields.get("n_routed_experts", fields.get("num_experts"))
+    assert c["num_moe_experts"] == experts and c["moe_router_topk"] == fields["num_experts_per_tok"]
+    dense = fields.get("first_k_dense_replace", 0)
+    assert c["moe_layer_freq"] == [0] * dense + [1] * (fields["num_hidden_layers"] - dense)
+    if model_type == "deepseek_v2":  # V2-Lite: plain top-6 of a softmax, yarn x40 with both mscales
+        assert c["moe_router_score_function"] == "softmax" and c["moe_router_pre_softmax"]
+        assert c["moe_router_num_groups"] is None and c["q_lora_rank"] is None
+        assert c["rope_type"] == "yarn" and c["rotary_scaling_factor"] == 40 and c["mscale_all_dim"] == 0.707
+        assert c["moe_shared_expert_intermediate_size"] == 2 * 1408
+    elif model_type == "glm4_moe":
+        assert m["rotary_percent"] == 0.5 and c["kv_channels"] == 128 and c["add_qkv_bias"]
+        assert c["qk_layernorm"] is fields["use_qk_norm"] and c["moe_router_score_function"] == "sigmoid"
+        assert c["moe_router_topk_scaling_factor"] == fields["routed_scaling_factor"]
+        assert c["moe_router_num_groups"] is None  # n_group 1: plain top-8 of the biased scores
+        assert c["moe_shared_expert_intermediate_size"] == fields["moe_intermediate_size"]
+        assert m["rotary_base"] == 1000000
+    else:
+        assert c["moe_router_pre_softmax"] and c["moe_ffn_hidden_size"] == 1024 and c["qk_layernorm"]
+    ParallelLayout(tp=8, sp=True, ep=8).validate(**fam.layout_dims())  # one node of 8 GPUs
+
+
+def test_deepseek_v2_flagship_is_refused_by_its_group_scoring():
+    """DeepSeek-V2 (236B): top-6 of 160 experts in 8 groups, 3 groups kept. megatron-core would score
+    groups by their top-2 sum, transformers by their top-1 (test above shows the choices differ)."""
+    fields = dict(FLAGSHIPS["deepseek-ai/DeepSeek-V2-Lite"][1], hidden_size=5120, intermediate_size=12288,
+                  num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536,
+                  moe_intermediate_size=1536, n_routed_experts=160, n_group=8, topk_group=3,
+                  topk_method="group_limited_greedy", routed_scaling_factor=16.0)
+    with pytest.raises(UnsupportedConfig, match="num_experts_per_tok=6, topk_group=3"):
+        family_for({"model_type": "deepseek_v2", **fields}).model_settings()
