@@ -64,6 +64,26 @@ def test_deepseek_v2_group_limited_with_q_lora():
     assert c["moe_router_num_groups"] is None and c["moe_router_group_topk"] is None
 
 
+def test_deepseek_v2_lite_query_is_a_plain_projection_in_the_spec():
+    """megatron-core 0.19's MLA would demand a fused norm+linear query projection (TE only) for a
+    model without q_lora; the family's spec keeps megatron's plain ColumnParallelLinear, no q norm."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from mcore_bridge.families.deepseek_v2 import plain_query_mla
+    from mcore_bridge.model import transformer_config
+
+    for q_lora, plain in [(None, True), (32, False)]:
+        fam = family_for(dsv2(q_lora_rank=q_lora))
+        config = transformer_config(fam, ParallelLayout(), torch.float32, "cpu")
+        for layer in fam.architecture.layer_spec(config, None, 0).layer_specs:
+            attn = layer.submodules.self_attention
+            assert (attn.module is plain_query_mla()) is plain
+            if plain:
+                assert attn.submodules.q_layernorm is IdentityOp
+                assert attn.submodules.linear_q_proj is ColumnParallelLinear
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(topk_method="group_limited_greedy", n_group=4, topk_group=1), r"num_experts_per_tok=2, topk_group=1"),
     (dict(topk_method="noaux_tc"), "topk_method='noaux_tc'"),
@@ -351,3 +371,22 @@ def test_deepseek_v2_flagship_is_refused_by_its_group_scoring():
                   topk_method="group_limited_greedy", routed_scaling_factor=16.0)
     with pytest.raises(UnsupportedConfig, match="num_experts_per_tok=6, topk_group=3"):
         family_for({"model_type": "deepseek_v2", **fields}).model_settings()
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2", "glm4_moe", "olmoe"])
+def test_rules_match_saved_zoo_checkpoint(zoo_model, name):
+    """The rule table names exactly the tensors transformers saves (strict accounting both ways),
+    on every layout's inventory."""
+    from safetensors import safe_open
+
+    from mcore_bridge.plan import expected_hf_names
+
+    path = zoo_model(name)
+    saved = set()
+    for f in path.glob("*.safetensors"):
+        with safe_open(f, "pt") as h:
+            saved |= set(h.keys())
+    fam = family_for(json.loads((path / "config.json").read_text()))
+    for layout in [ParallelLayout(), ParallelLayout(tp=2, sp=True), ParallelLayout(ep=4),
+                   ParallelLayout(pp=2, ep=2), ParallelLayout(tp=2, sp=True, ep=2, etp=1)]:
+        assert expected_hf_names(inventory(fam, layout)) == saved, (name, layout.short())

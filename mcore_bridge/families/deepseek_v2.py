@@ -16,10 +16,29 @@ then top-k, then the scaling factor). What it cannot express is refused (``check
 
 from __future__ import annotations
 
+import copy
+import functools
+
 from .base import UnsupportedConfig
 from .deepseek import HF_LATENT_NORM_EPS, DeepSeekV3
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
+
+
+@functools.cache
+def plain_query_mla() -> type:
+    """megatron's MLASelfAttention, building the spec's ``linear_q_proj`` / ``linear_kv_up_proj`` /
+    ``kv_layernorm`` as given (a model without q_lora: no q norm, no fused projections)."""
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    class PlainQueryMLA(MLASelfAttention):
+        def _resolve_qk_norm_config(self, submodules):
+            return dict(linear_q_proj=submodules.linear_q_proj, linear_q_up_proj=IdentityOp,
+                        linear_kv_up_proj=submodules.linear_kv_up_proj, q_layernorm=IdentityOp,
+                        kv_layernorm=submodules.kv_layernorm)
+
+    return PlainQueryMLA
 
 
 class DeepSeekV2(DeepSeekV3):
@@ -72,6 +91,24 @@ class DeepSeekV2(DeepSeekV3):
                     f"topk_group={topk_group}: transformers scores a group by its largest expert score, "
                     f"megatron-core by the sum of its top num_experts_per_tok // topk_group = {topk // topk_group}; "
                     f"they agree only when topk_group <= num_experts_per_tok < 2 x topk_group")
+
+    def layer_spec(self, config, vp_stage, pp_rank):
+        """Without q_lora (V2-Lite) the query is one plain column-parallel projection with no norm.
+        megatron-core 0.19's MLA resolver insists on a fused norm+linear there when qk_layernorm
+        is on (TransformerEngine's; none exists without it) and refuses an explicit q norm, while
+        0.16 builds the plain projection: the copy of the spec uses ``PlainQueryMLA``, which keeps
+        the spec's own modules (0.16 never calls the hook it overrides)."""
+        spec = super().layer_spec(config, vp_stage, pp_rank)
+        if self.q_lora:
+            return spec
+        from megatron.core.transformer.identity_op import IdentityOp
+
+        spec = copy.deepcopy(spec)
+        for layer in spec.layer_specs:
+            attn = layer.submodules.self_attention
+            attn.module = plain_query_mla()
+            attn.submodules.q_layernorm = IdentityOp
+        return spec
 
     def model_settings(self) -> dict:
         settings = super().model_settings()
