@@ -3,8 +3,8 @@ together: ``q_norm.weight`` is ``[heads x head_dim]``), softmax top-k routing, r
 (``norm_topk_prob``), every layer sparse, no shared expert.
 
 megatron-core's ``qk_layernorm`` normalises each head on its own, which computes something else (a
-test shows it). The full-width norm is a small subclass-level replacement of the norm module in
-megatron's own attention spec (``FullWidthRMSNorm``): it receives megatron's per-head
+test shows it). The full-width norm is a small module put into megatron's own attention spec in
+place of its per-head norm (``FullWidthRMSNorm``): it receives megatron's per-head
 ``[s, b, heads, head_dim]`` query/key, takes the mean square over all heads, summed over the
 tensor-parallel ranks (each holds a contiguous block of heads, and the matching block of the
 norm weight), and scales as HF does. Nothing else of megatron's attention changes.
@@ -13,6 +13,7 @@ norm weight), and scales as HF does. Nothing else of megatron's attention change
 from __future__ import annotations
 
 import copy
+import pickle
 
 import torch
 
@@ -75,6 +76,15 @@ class FullWidthRMSNorm(torch.nn.Module):
             squares = _SumOverRanks.apply(squares, parallel_state.get_tensor_model_parallel_group())
         normed = flat * torch.rsqrt(squares / self.full_width + self.eps)
         return (self.weight * normed.to(x.dtype)).view_as(x)
+
+    # The extra state TransformerEngine 2.x's op-based norms carry (a pickled empty dict without
+    # FP8): this norm's checkpoint entries are then those a TE-spec q/k norm has, as the TE layout
+    # writer (``te_layout``) writes them.
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.frombuffer(bytearray(pickle.dumps({})), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        pass
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """megatron distributed checkpoints: the weight is split over TP along axis 0 (a plain
