@@ -87,6 +87,26 @@ ZOO = {
                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
                                      "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                                      "original_max_position_embeddings": 32}),
+    # V2-Lite's shape (no q_lora, yarn) with V2's group-limited softmax routing (top-2 of 2 groups)
+    "deepseek_v2": dict(model_type="deepseek_v2", tie_word_embeddings=False, num_key_value_heads=8,
+                        max_position_embeddings=2560,
+                        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16,
+                        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+                        topk_method="group_limited_greedy", n_group=4, topk_group=2, n_shared_experts=2,
+                        moe_intermediate_size=32, routed_scaling_factor=2.0, norm_topk_prob=False,
+                        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                                         "original_max_position_embeddings": 64, "beta_fast": 32.0,
+                                         "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}),
+    # partial rotary over head_dim 16 (8 dims rotate), q/k/v bias, q/k norm, sigmoid group routing
+    "glm4_moe": dict(model_type="glm4_moe", tie_word_embeddings=False, head_dim=16, attention_bias=True,
+                     use_qk_norm=True, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=4,
+                     n_group=4, topk_group=2, n_shared_experts=1, moe_intermediate_size=32,
+                     routed_scaling_factor=2.5, norm_topk_prob=True, num_nextn_predict_layers=0,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    # q/k norms over the full projection width (GQA: k over 4 x 8), softmax top-2 not renormalised
+    "olmoe": dict(model_type="olmoe", tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                  intermediate_size=32, norm_topk_prob=False, clip_qkv=None, eos_token_id=2, pad_token_id=1,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 # Text models whose attention is sharpened at build time (q/k scaled by QK_SHARPEN): positions then
 # matter well above fp32 noise, so a wrong rotary split or swapped q/k rows shows in verification.
@@ -98,6 +118,7 @@ ZOO["deepseek_v3_fp8"] = dict(ZOO["deepseek_v3"], fp8_block=[32, 48])
 
 # Multi-token prediction: DeepSeek-V3 with its MTP layer stored as layer 4 (``_add_mtp``)
 ZOO["deepseek_v3_mtp"] = dict(ZOO["deepseek_v3"], num_nextn_predict_layers=1)
+ZOO["glm4_moe_mtp"] = dict(ZOO["glm4_moe"], num_nextn_predict_layers=1)
 
 # Vision-language: text and vision towers small, 4 language layers (pp 2 keeps the deepstack
 # layers on the first stage), 3 vision blocks; image/video ids inside the vocabulary; MoE experts
@@ -132,8 +153,8 @@ ZOO.update({
                                             deepstack_visual_indexes=[1, 2])),
 })
 
-MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"]
-MTP = ["deepseek_v3_mtp"]  # MoE with MTP layers (tests/test_mtp.py), kept out of the MoE matrix
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe", "gpt_oss"]
+MTP = ["deepseek_v3_mtp", "glm4_moe_mtp"]  # MoE with MTP layers (tests/test_mtp.py), kept out of the MoE matrix
 MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 QUANTIZED = ["deepseek_v3_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)
 DENSE = [n for n in ZOO if n not in MOE + MTP + MULTIMODAL + QUANTIZED]
@@ -217,7 +238,7 @@ def build(name: str, out: Path, seed: int = 0):
             if "norm" in pname or pname.endswith("bias"):  # not all ones/zeros: a swap must show
                 p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.1 * torch.randn_like(p))
             elif _is_router(pname):  # clear routing margins: fp32 noise must not flip a top-k choice
-                p.mul_(5.0 if cfg.model_type == "deepseek_v3" else 25.0)  # sigmoid scores saturate sooner
+                p.mul_(5.0 if cfg.model_type in SIGMOID_ROUTERS else 25.0)  # sigmoid scores saturate sooner
             if cfg.model_type == "gemma3_text" and pname.endswith(("q_norm.weight", "k_norm.weight")):
                 # (1 + w) norms: sharpen the effective scale (see below), keep w an offset
                 p.copy_(QK_SHARPEN ** 0.5 * (1.0 + p) - 1.0)
@@ -231,7 +252,7 @@ def build(name: str, out: Path, seed: int = 0):
                     p.copy_(mean + std * torch.randn_like(p))
             if sharpen and any(k in pname for k in ("q_proj.weight", "k_proj.weight")):
                 p.mul_(QK_SHARPEN)
-            if multimodal and _is_query_key(pname):
+            if (multimodal or cfg.model_type in SHARPEN_TEXT) and _is_query_key(pname, multimodal):
                 # Sharp attention: with the default init, attention is near uniform and positions
                 # barely matter, so a wrong multimodal RoPE split would hide below fp32 noise.
                 # (q/k norms scale both factors of every score already: a milder factor.)
@@ -317,11 +338,13 @@ def image_processor(cfg):
 
 
 QK_SHARPEN = 4.0
+SIGMOID_ROUTERS = ("deepseek_v3", "glm4_moe")
+SHARPEN_TEXT = ("glm4_moe", "olmoe")  # partial rotary / full-width q/k norms: wrong ones must show
 
 
-def _is_query_key(pname: str) -> bool:
+def _is_query_key(pname: str, multimodal: bool = True) -> bool:
     """Language-model query/key scales: the q/k norms where the model has them, else q/k_proj."""
-    if "language_model" not in pname or "self_attn" not in pname:
+    if (multimodal and "language_model" not in pname) or "self_attn" not in pname:
         return False
     return any(k in pname for k in ("q_norm", "k_norm", "q_proj", "k_proj"))
 

@@ -52,6 +52,9 @@ def test_refusals_surface_when_the_architecture_is_declared():
     ("qwen3", "TransformerConfig", "GPTModel", False),
     ("mixtral", "TransformerConfig", "GPTModel", True),
     ("deepseek_v3", "MLATransformerConfig", "GPTModel", True),
+    ("deepseek_v2", "MLATransformerConfig", "GPTModel", True),
+    ("glm4_moe", "TransformerConfig", "GPTModel", True),
+    ("olmoe", "TransformerConfig", "GPTModel", True),
     ("qwen3_vl", "TransformerConfig", "VisionLanguageGPT", False),
     ("qwen3_vl_moe", "TransformerConfig", "VisionLanguageGPT", True),
 ])

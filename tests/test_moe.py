@@ -94,7 +94,8 @@ def test_moe_verifies_fp32_with_full_router_agreement(model, world, layout, pool
     assert m["max_diff"] < 1e-4 and m["top1_agreement"] == 1.0
     assert m["router_agreement"] == 1.0 and r["thresholds"]["router_agreement_min"] == 0.99
     routed = [x["layer"] for x in r["layers"] if "router_agreement" in x]
-    dense = {"qwen2_moe": 1, "deepseek_v3": 0}.get(model)  # mlp_only_layers / first_k_dense_replace
+    # mlp_only_layers / first_k_dense_replace
+    dense = {"qwen2_moe": 1, "deepseek_v3": 0, "deepseek_v2": 0, "glm4_moe": 0}.get(model)
     assert routed == [i for i in range(4) if i != dense]
 
 
@@ -129,6 +130,10 @@ CONTROLS = [  # (model, world, layout, control, probe named first, cause)
     # a dropped e_score_correction_bias changes which experts win, not their weights
     ("deepseek_v3", 4, L(tp=2, sp=True, ep=2), "zero:decoder.layers.2.mlp.router.expert_bias", "layer.2",
      "routing"),
+    ("deepseek_v2", 2, L(ep=2), "scale:decoder.layers.1.mlp.router.weight:-1", "layer.1", "routing"),
+    ("glm4_moe", 2, L(tp=2, sp=True, ep=2, etp=1), "zero:decoder.layers.2.mlp.router.expert_bias", "layer.2",
+     "routing"),
+    ("olmoe", 2, L(tp=2, sp=True), "swap_experts:2:0:1", "layer.2", "weights"),
 ]
 
 
@@ -148,6 +153,16 @@ def test_moe_negative_controls_are_caught_and_located(model, world, layout, cont
         assert entry["router_agreement"] < 0.99
     else:  # the experts got the same tokens: the error is in weights, not in routing
         assert entry["router_agreement"] == 1.0
+
+
+@pytest.mark.world(2)
+def test_olmoe_full_width_q_norm_error_is_located(pools, zoo_model, ref_cache):
+    """OLMoE's q norm spans all heads and is split over TP: 2% off is caught at its layer. (Its
+    layer's router reads the changed attention output, so the cause reads as routing.)"""
+    r = verify(pools, zoo_model, ref_cache, "olmoe", 2, L(tp=2, sp=True),
+               control="scale:decoder.layers.1.self_attention.q_layernorm.weight:1.02")
+    assert r["verdict"] == "fail" and r["first_diverging"]["probe"] == "layer.1"
+    assert [x["ok"] for x in r["layers"][:2]] == [True, True]  # embedding, layer.0
 
 
 @pytest.mark.world(4)

@@ -242,3 +242,30 @@ def test_copies_transform():
         t.local_shape([(10, 4), (11, 4)], 1)
     a, b = t.to_hf([torch.cat([full, torch.zeros(2, 4)])], hf)
     assert torch.equal(a, full) and torch.equal(b, full) and a.data_ptr() != b.data_ptr()
+
+
+# ---- GLM-4.5: the same MTP layout through the same mixin (one base class in families/glm4_moe.py) ----
+GLM = "glm4_moe_mtp"
+
+
+@pytest.mark.parametrize("world,layout", [
+    pytest.param(w, lay, id=case_id(GLM, w, lay), marks=pytest.mark.world(w)) for w, lay in [(1, L()), (2, L(pp=2))]])
+def test_glm4_moe_mtp_roundtrip_is_byte_exact(world, layout, pools, zoo_model, tmp_path):
+    src = zoo_model(GLM)
+    out = tmp_path / "converted"
+    results = pools.get(world).run(cases.roundtrip, timeout=600, source=str(src), layout=layout.to_dict(),
+                                   out_dir=str(out))
+    expected = cases.check_roundtrip(results, src, out)
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    assert {f"model.layers.{layers}." + n for n in MTP_ONLY} <= set(expected)
+
+
+def test_glm4_moe_mtp_verifies_fp32(pools, zoo_model, ref_cache):
+    from tests import verify_cases
+
+    out = pools.get(1).run(verify_cases.verify, timeout=600, source=str(zoo_model(GLM)), layout=L().to_dict(),
+                           reference_cache=ref_cache)
+    (r,) = [r for r in out if r is not None]
+    assert r["verdict"] == "pass", r["failures"]
+    (depth,) = r["mtp"]["depths"]
+    assert depth["ok"] and depth["max_diff"] < 1e-4 and depth["top1_agreement"] == 1.0

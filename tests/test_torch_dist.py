@@ -42,6 +42,7 @@ PAIRS = [  # (model, written at (world, layout), read at (world, layout))
     ("mixtral", (2, L(ep=2)), (4, L(tp=2, sp=True, ep=2))),
     ("deepseek_v3", (4, L(tp=2, sp=True, ep=2)), (4, L(pp=2, ep=2))),
     ("qwen2_moe", (4, L(pp=2, ep=2)), (2, L(tp=2, sp=True))),
+    ("olmoe", (2, L(tp=2, sp=True)), (2, L(ep=2))),  # the full-width q/k norms, split over TP
 ]
 
 

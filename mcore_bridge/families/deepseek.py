@@ -13,6 +13,8 @@ Kimi-K2 (``model_type: kimi_k2``) is this architecture under another name.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..transforms import COLUMN, REPLICATED, ROW
@@ -24,6 +26,22 @@ from .mtp import MTPMixin
 L = "decoder.layers.{L}."
 A = L + "self_attention."
 HF_LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps
+
+
+@functools.cache
+def plain_query_mla() -> type:
+    """megatron's MLASelfAttention, building the spec's ``linear_q_proj`` / ``linear_kv_up_proj`` /
+    ``kv_layernorm`` as given (a model without q_lora: no q norm, no fused projections)."""
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    class PlainQueryMLA(MLASelfAttention):
+        def _resolve_qk_norm_config(self, submodules):
+            return dict(linear_q_proj=submodules.linear_q_proj, linear_q_up_proj=IdentityOp,
+                        linear_kv_up_proj=submodules.linear_kv_up_proj, q_layernorm=IdentityOp,
+                        kv_layernorm=submodules.kv_layernorm)
+
+    return PlainQueryMLA
 
 
 class DeepSeekV3(MTPMixin, MoEMixin, Llama):
@@ -70,19 +88,32 @@ class DeepSeekV3(MTPMixin, MoEMixin, Llama):
                 f"num_experts_per_tok = 2 x topk_group")
 
     def layer_spec(self, config, vp_stage, pp_rank):
-        """The MoE block spec, its q/kv latent norms built with HF's fixed eps (``latent_norm``)."""
+        """The MoE block spec, its q/kv latent norms built with HF's fixed eps (``latent_norm``).
+
+        Without q_lora (DeepSeek-V2-Lite, Moonlight) the query is one plain column-parallel
+        projection with no norm. megatron-core 0.19's MLA resolver insists on a fused norm+linear
+        there when qk_layernorm is on (TransformerEngine's; none exists without it) and refuses an
+        explicit q norm, while 0.16 builds the plain projection: the spec then uses
+        ``PlainQueryMLA``, which keeps the spec's own modules (0.16 never calls the hook it overrides)."""
         import copy
 
+        from megatron.core.transformer.identity_op import IdentityOp
+
         spec = super().layer_spec(config, vp_stage, pp_rank)
-        if float(self.cfg.get("rms_norm_eps", default=1e-6)) == HF_LATENT_NORM_EPS:
+        latent_eps = float(self.cfg.get("rms_norm_eps", default=1e-6)) != HF_LATENT_NORM_EPS
+        if not latent_eps and self.q_lora:
             return spec
         spec = copy.deepcopy(spec)
         for layer in spec.layer_specs:
-            attn = layer.submodules.self_attention.submodules
-            for field in ("q_layernorm", "kv_layernorm"):
-                norm = getattr(attn, field)
-                if isinstance(norm, type) and norm.__name__ != "IdentityOp":
-                    setattr(attn, field, latent_norm(norm))
+            attn = layer.submodules.self_attention
+            if latent_eps:
+                for field in ("q_layernorm", "kv_layernorm"):
+                    norm = getattr(attn.submodules, field)
+                    if isinstance(norm, type) and norm.__name__ != "IdentityOp":
+                        setattr(attn.submodules, field, latent_norm(norm))
+            if not self.q_lora:
+                attn.module = plain_query_mla()
+                attn.submodules.q_layernorm = IdentityOp
         return spec
 
     def rope_settings(self) -> dict:
