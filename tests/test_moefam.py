@@ -14,7 +14,7 @@ import torch
 from mcore_bridge.families import UnsupportedConfig, family_for
 from mcore_bridge.families.olmoe import FullWidthKeyRMSNorm, FullWidthRMSNorm
 from mcore_bridge.layout import ParallelLayout
-from mcore_bridge.plan import inventory
+from mcore_bridge.plan import MappingError, inventory
 
 transformers = pytest.importorskip("transformers")
 PUBLISHED = Path(__file__).parent / "published"
@@ -189,12 +189,19 @@ def test_glm4_moe_refuses_what_megatron_cannot_express(change, message):
         family_for(glm(**change)).model_settings()
 
 
-def test_glm4_moe_mtp_tensors_are_refused_not_dropped():
+def test_glm4_moe_mtp_tensors_are_converted_not_dropped():
+    """GLM-4.5's MTP layer (stored as layer num_hidden_layers) is part of the plan (MTPMixin): a
+    checkpoint holding only some of its tensors is refused by strict accounting, naming the rest."""
+    from mcore_bridge.plan import check_names, expected_hf_names, inventory
+
     fam = family_for(glm(num_nextn_predict_layers=1))
-    with pytest.raises(UnsupportedConfig, match=r"multi-token-prediction layer \(2 tensors model\.layers\.4\.\*"):
-        fam.check_tensors({"model.layers.3.mlp.gate.weight", "model.layers.4.eh_proj.weight",
-                           "model.layers.4.enorm.weight"})
-    fam.check_tensors({"model.layers.3.mlp.gate.weight"})
+    partial = {"model.layers.3.mlp.gate.weight", "model.layers.4.eh_proj.weight", "model.layers.4.enorm.weight"}
+    fam.adapt(partial)
+    expected = expected_hf_names(inventory(fam, ParallelLayout()))
+    assert {"model.layers.4.eh_proj.weight", "model.layers.4.hnorm.weight",
+            "model.layers.4.shared_head.norm.weight", "model.layers.4.mlp.gate.weight"} <= expected
+    with pytest.raises(MappingError, match=r"missing \d+ tensor\(s\): .*model\.layers\.4\."):
+        check_names(inventory(fam, ParallelLayout()), expected - {"model.layers.4.hnorm.weight"}, "ckpt")
 
 
 def test_partial_rotary_megatron_equals_transformers_glm4_moe():
