@@ -28,6 +28,7 @@ from mcore_bridge.runtime import dist as rt
 from . import metrics
 
 FINAL_NORM, OUTPUT = "final_norm", "output_layer"  # keys beside the layer numbers
+ROUTER = "router"  # beside the expert numbers: the router's logits on the same tokens
 MAX_EXPERT_TOKENS = 256  # tokens each expert is re-run on (per side); enough to see a x1.01 weight
 
 
@@ -76,7 +77,7 @@ def _hf_isolation_reference(hf_dir, samples, device: str, adapter=None) -> dict:
         model = PeftModel.from_pretrained(model, str(adapter)).get_base_model().eval()
     inner = _text_model(model)
     layers = inner.layers
-    out = {"inputs": {}, "outputs": {}, "expert_in": {}, "expert_out": {}}
+    out = {"inputs": {}, "outputs": {}, "expert_in": {}, "expert_out": {}, "router_out": {}}
     experts = {i: layer.mlp.experts for i, layer in enumerate(layers)
                if hasattr(getattr(layer, "mlp", None), "experts")}
     seen: dict[int, list] = {i: [] for i in experts}
@@ -111,6 +112,8 @@ def _hf_isolation_reference(hf_dir, samples, device: str, adapter=None) -> dict:
             xd = x.to(dev)
             ones = torch.ones(x.shape[0], 1, device=dev)
             num = _num_experts(module)
+            gate = layers[i].mlp.gate  # the router: logits = linear(x, weight[, bias])
+            out["router_out"][i] = torch.nn.functional.linear(xd, gate.weight, getattr(gate, "bias", None)).float().cpu()
             out["expert_out"][i] = torch.stack([
                 module(xd, torch.full((x.shape[0], 1), e, dtype=torch.long, device=dev), ones).float().cpu()
                 for e in range(num)])
@@ -176,7 +179,8 @@ def _local_expert_layers(models) -> dict:
 
 def megatron_expert_outputs(models, expert_in: dict) -> dict | None:
     """Collective: each megatron expert applied to ``expert_in[layer]``; on rank 0
-    ``{layer: {global expert: [T, H]}}`` (expert-tensor-parallel partials summed), None elsewhere.
+    ``{layer: {global expert: [T, H], "router": [T, E]}}`` (expert-tensor-parallel partials summed),
+    None elsewhere.
     Layers whose experts are not one module each (grouped GEMM) are absent."""
     from megatron.core import parallel_state as ps
 
@@ -195,6 +199,9 @@ def megatron_expert_outputs(models, expert_in: dict) -> dict | None:
                 for e, expert in zip(indices, local):
                     y = expert(x)
                     mine[(int(e), etp)] = (y[0] if isinstance(y, tuple) else y).float().cpu()
+                router = moe.router  # replicated on every rank of the layer
+                mine[(ROUTER, 0)] = torch.nn.functional.linear(
+                    x.to(router.weight.dtype), router.weight, getattr(router, "bias", None)).float().cpu()
         parts = [None] * rt.world_size() if rt.rank() == 0 else None
         if dist.is_initialized() and rt.world_size() > 1:
             dist.gather_object(mine, parts, dst=0)
@@ -207,8 +214,8 @@ def megatron_expert_outputs(models, expert_in: dict) -> dict | None:
             for key, y in (part or {}).items():
                 partial.setdefault(key, y)  # ranks that only replicate an expert shard (data parallel)
         summed = {}
-        for (e, _), y in sorted(partial.items()):
-            summed[e] = summed[e] + y if e in summed else y
+        for (e, _), y in sorted(partial.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+            summed[e] = y if e == ROUTER or e not in summed else summed[e] + y
         if summed:
             result[layer] = summed
     return result if rt.rank() == 0 else None
@@ -267,13 +274,17 @@ def summarise(report: dict, samples, ref: dict, got: dict, experts: dict, params
         entry = {"probe": probe, "layer": layer if isinstance(layer, int) else None, "isolated_rel_mean_diff": worst["rel_mean_diff"],
                  "isolated_max_diff": worst["max_diff"], "end_to_end_rel_mean_diff": e2e.get("rel_mean_diff"),
                  "threshold": limit, "isolated_ok": worst["rel_mean_diff"] <= limit}
-        failing_experts = []
+        failing_experts, router_fails = [], False
         if layer in ref["expert_out"]:
             hf = ref["expert_out"][layer]
             mine = experts.get(layer)
             if mine is None:
                 entry["experts"] = "not compared (experts are not one module each: grouped GEMM)"
             else:
+                mine = dict(mine)
+                router = metrics.probe_drift(ref["router_out"][layer], mine.pop(ROUTER))["rel_mean_diff"]
+                entry["router_rel_mean_diff"] = router
+                router_fails = gate_experts and router > limit
                 drift = {e: metrics.probe_drift(hf[e], y)["rel_mean_diff"] for e, y in sorted(mine.items())}
                 if sorted(drift) != list(range(hf.shape[0])):
                     raise RuntimeError(f"isolated comparison: layer {layer} experts {sorted(drift)} came back, "
@@ -282,12 +293,16 @@ def summarise(report: dict, samples, ref: dict, got: dict, experts: dict, params
                 entry["worst_expert"] = max(drift, key=drift.get)
                 failing_experts = [e for e, v in drift.items() if v > limit] if gate_experts else []
         entry["failing_experts"] = failing_experts
-        entry["ok"] = entry["isolated_ok"] and not failing_experts
+        entry["router_ok"] = not router_fails
+        entry["ok"] = entry["isolated_ok"] and not failing_experts and not router_fails
         layers.append(entry)
         if not entry["ok"] and first is None:
             first = {"probe": probe, "layer": entry["layer"], "isolated_rel_mean_diff": worst["rel_mean_diff"],
                      "threshold": limit, **params(probe)}
-            if failing_experts:
+            if router_fails:
+                first.update(component="router", router_rel_mean_diff=entry["router_rel_mean_diff"],
+                             **params(f"router.{layer}"))
+            elif failing_experts:
                 worst_e = max(failing_experts, key=lambda e: entry["experts"][str(e)])
                 first.update(expert=worst_e, expert_rel_mean_diff=entry["experts"][str(worst_e)],
                              failing_experts=failing_experts, **expert_params(layer, worst_e))
@@ -301,7 +316,8 @@ def apply(report: dict, isolation: dict) -> None:
     first = isolation["first_failing"]
     if first is None:
         return
-    what = (f"expert {first['expert']} drift {first['expert_rel_mean_diff']:.2e}" if "expert" in first
+    what = (f"router logits drift {first['router_rel_mean_diff']:.2e}" if first.get("component") == "router"
+            else f"expert {first['expert']} drift {first['expert_rel_mean_diff']:.2e}" if "expert" in first
             else f"drift {first['isolated_rel_mean_diff']:.2e}")
     report["failures"].append(f"isolated {first['probe']}: {what} > {first['threshold']:.1e}")
     report["verdict"] = "fail"
@@ -313,7 +329,8 @@ def line(isolation: dict | None) -> str:
     first = isolation["first_failing"]
     if first is None:
         return "isolated: every layer within its threshold"
-    return f"isolated: first failing {first['probe']}" + (f" expert {first['expert']}" if "expert" in first else "")
+    return (f"isolated: first failing {first['probe']}" + (f" expert {first['expert']}" if "expert" in first else "")
+            + (" router" if first.get("component") == "router" else ""))
 
 
 def markdown(report: dict) -> list[str]:
@@ -324,13 +341,14 @@ def markdown(report: dict) -> list[str]:
     if not iso:
         return []
     out = ["## Layer-isolated drift (each layer fed the HF layer's input)", "", line(iso), ""]
-    out += ["| layer | isolated rel_mean_diff | end-to-end rel_mean_diff | threshold | worst expert | ok |",
-            "|---|---|---|---|---|---|"]
+    out += ["| layer | isolated rel_mean_diff | end-to-end rel_mean_diff | threshold | router logits | worst expert | ok |",
+            "|---|---|---|---|---|---|---|"]
     first = (iso["first_failing"] or {}).get("probe")
     for e in iso["layers"]:
         worst = e.get("worst_expert")
         expert = "" if worst is None else f"{worst} ({fmt(e['experts'][str(worst)])})"
         ok = ("yes" if e["ok"] else "**NO**") + (" ← first failing" if e["probe"] == first else "")
         out.append(f"| {e['probe']} | {fmt(e['isolated_rel_mean_diff'])} | {fmt(e['end_to_end_rel_mean_diff'])} | "
-                   f"{fmt(e['threshold'])} | {expert} | {ok} |")
+                   f"{fmt(e['threshold'])} | {fmt(e.get('router_rel_mean_diff')) if 'router_rel_mean_diff' in e else ''} | "
+                   f"{expert} | {ok} |")
     return out + [""]
