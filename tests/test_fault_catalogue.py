@@ -42,6 +42,16 @@ EP = [  # qwen3_moe, ep2: experts 0-3 on rank 0, 4-7 on rank 1
     fault("swap_gate_up:3:6", "layer.3", expert=[6]),
     fault(f"scale:{D}.3.mlp.router.weight:1.01", "layer.3", param=f"{D}.3.mlp.router.weight"),
     fault("router_score:sigmoid", "layer.0"),
+    fault(f"scale:{D}.1.self_attention.k_layernorm.weight:1.01", "layer.1", param=f"{D}.1.self_attention.k_layernorm.weight"),
+]
+VPP = [  # llama, pp2 vpp2: four chunks of one layer each, interleaved schedule
+    fault(None),
+    fault(f"scale:{D}.2.mlp.linear_fc2.weight:1.01", "layer.2", param=f"{D}.2.mlp.linear_fc2.weight"),
+    fault("swap_gate_up:1", "layer.1", param=f"{D}.1.mlp.linear_fc1.weight"),
+]
+ETP1 = [  # qwen3_moe, tp2 sp ep2 with expert-TP 1: attention sharded, experts whole on their EP rank
+    fault(None),
+    fault("scale_expert:3:1:fc1:1.05", "layer.3", expert=[1], param=f"{D}.3.mlp.experts.local_experts.1.linear_fc1.weight"),
 ]
 WS4_DENSE = [  # llama, tp2 pp2 sp
     fault(None),
@@ -67,6 +77,8 @@ CASES = [  # (id, model, layout, faults[, sample lengths])
     ("llama-tp2-sp", "llama", L(tp=2, sp=True), TP_SP),
     ("llama-pp2", "llama", L(pp=2), PP),
     ("qwen3_moe-ep2", "qwen3_moe", L(ep=2), EP),
+    ("llama-pp2-vpp2", "llama", L(pp=2, vpp=2), VPP),
+    ("qwen3_moe-tp2-sp-ep2-etp1", "qwen3_moe", L(tp=2, sp=True, ep=2, etp=1), ETP1),
     ("qwen2-tp2", "qwen2", L(tp=2), [fault(f"zero:{D}.2.self_attention.linear_qkv.bias", "layer.2",
                                            param=f"{D}.2.self_attention.linear_qkv.bias")]),
     ("qwen2_vl-tp2", "qwen2_vl", L(tp=2), F.VL_WS1),

@@ -41,12 +41,10 @@ def test_expert_fault_is_named_in_every_form_of_the_report(expert_report, tmp_pa
     assert by_probe["layer.2"]["experts"]["3"] > 1e-2
     # the end-to-end drift of the layers after it carries the fault on; the isolated one does not
     assert by_probe["layer.3"]["end_to_end_rel_mean_diff"] > 10 * by_probe["layer.3"]["isolated_rel_mean_diff"]
-    write_report(r, tmp_path)
-    (page,) = tmp_path.glob("*.md")
-    md = page.read_text()
+    js = write_report(r, tmp_path)
+    md = js.with_suffix(".md").read_text()
     assert "## Layer-isolated drift" in md and "isolated: first failing layer.2 expert 3" in md
     assert "| layer.2 |" in md and "← first failing" in md
-    (js,) = tmp_path.glob("*.json")
     assert json.loads(js.read_text())["isolation"]["first_failing"]["expert"] == 3
     assert "isolated: first failing layer.2 expert 3" in summary_line(r)
 
