@@ -116,8 +116,8 @@ DENSE_WS1 = [  # llama: untied output layer, llama3 RoPE scaling
 ]
 MOE_WS1 = [  # qwen3_moe: softmax router, q/k norms, 8 experts
     fault(None),
-    fault(f"scale_expert:2:3:fc1:1.05", "layer.2", expert=[3], param=f"{L}.2.mlp.experts.local_experts.3.linear_fc1.weight"),
-    fault(f"scale_expert:1:6:fc2:1.01", "layer.1", expert=[6], param=f"{L}.1.mlp.experts.local_experts.6.linear_fc2.weight"),
+    fault("scale_expert:2:3:fc1:1.05", "layer.2", expert=[3], param=f"{L}.2.mlp.experts.local_experts.3.linear_fc1.weight"),
+    fault("scale_expert:1:6:fc2:1.01", "layer.1", expert=[6], param=f"{L}.1.mlp.experts.local_experts.6.linear_fc2.weight"),
     fault("swap_experts:1:0:1", "layer.1", expert=[0, 1]),
     fault("swap_gate_up:3:5", "layer.3", expert=[5]),
     fault(f"scale:{L}.2.mlp.router.weight:1.01", "layer.2", param=f"{L}.2.mlp.router.weight"),

@@ -133,3 +133,20 @@ def test_check_rejects_a_wrong_location():
     assert check(f, dict(good, isolated=dict(good["isolated"], expert=4, failing_experts=[4])))
     assert check(f, dict(good, verdict="pass"))
     assert check(fault(None), dict(good, verdict="pass"))  # clean model, yet a layer named
+
+
+def test_build_faults_name_what_the_model_lacks(bridge_cache):
+    """A build-time fault that does not apply is refused with the reason, not silently ignored."""
+    from mcore_bridge.bridge import Bridge
+    from mcore_bridge.errors import UsageError
+    from verify import controls
+
+    with pytest.raises(UsageError, match="qwen3 has no RoPE scaling"):
+        controls.before_build(Bridge("builtin:qwen3"), "rope_scaling:0.5")
+    with pytest.raises(UsageError, match="needs an MoE model"):
+        controls.before_build(Bridge("builtin:llama"), "router_score:sigmoid")
+    with pytest.raises(UsageError, match="unknown kind"):
+        controls.parse("swap_bias:1")
+    bridge = Bridge("builtin:llama")
+    controls.before_build(bridge, "rope_scaling:0.125")
+    assert bridge.family.architecture.model["rope_scaling_factor"] == 1.0
