@@ -65,6 +65,18 @@ WS4_MOE = [  # qwen3_moe, tp2 ep2 sp (experts tensor-parallel over 2 ranks: thei
     fault("swap_experts:2:4:5", "layer.2", expert=[4, 5]),
 ]
 
+FAMILIES = {  # the other MoE and vision-language families, single rank: clean, and one expert (or weight) fault
+    "deepseek_v3": [fault(None), fault("scale_expert:2:4:fc2:1.01", "layer.2", expert=[4]),  # MLA, grouped sigmoid router
+                    fault(f"scale:{D}.1.mlp.shared_experts.linear_fc2.weight:1.01", "layer.1",
+                          param=f"{D}.1.mlp.shared_experts.linear_fc2.weight"),
+                    fault(f"scale:{D}.2.self_attention.linear_kv_up_proj.weight:1.01", "layer.2",
+                          param=f"{D}.2.self_attention.linear_kv_up_proj.weight")],
+    "mixtral": [fault(None), fault("swap_experts:2:2:3", "layer.2", expert=[2, 3])],
+    "qwen2_moe": [fault(None), fault("scale_expert:3:7:fc1:1.01", "layer.3", expert=[7])],  # shared expert + gate
+    "qwen3_vl_moe": [fault(None), fault("scale_expert:2:1:fc2:1.01", "layer.2", expert=[1])],  # passes end to end
+    "qwen3_vl": [fault(None), fault(f"scale:{D}.1.mlp.linear_fc2.weight:1.01", "layer.1")],  # deepstack layers
+}
+
 CASES = [  # (id, model, layout, faults[, sample lengths])
     ("llama-ws1", "llama", L(), F.DENSE_WS1),
     # llama3 scaling only touches the low frequencies: dropping it (factor 8 -> 1) shows from ~400
@@ -74,6 +86,7 @@ CASES = [  # (id, model, layout, faults[, sample lengths])
     ("qwen3_moe-ws1", "qwen3_moe", L(), F.MOE_WS1),
     ("qwen2-ws1", "qwen2", L(), F.BIAS_WS1),
     ("qwen2_vl-ws1", "qwen2_vl", L(), F.VL_WS1),
+    *[(f"{m}-ws1", m, L(), faults) for m, faults in FAMILIES.items()],
     ("llama-tp2-sp", "llama", L(tp=2, sp=True), TP_SP),
     ("llama-pp2", "llama", L(pp=2), PP),
     ("qwen3_moe-ep2", "qwen3_moe", L(ep=2), EP),
