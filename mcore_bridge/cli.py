@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also compare one backward pass: per-parameter gradients in HF names (fp32)")
     ver.add_argument("--train-steps", type=int, default=0, metavar="N",
                      help="also run N AdamW steps on both sides and compare losses and trained weights (fp32)")
+    ver.add_argument("--isolate", action="store_true",
+                     help="also compare each layer on its own: every megatron layer fed the HF layer's input "
+                          "(teacher forcing), every MoE expert re-run on the same tokens on both sides; the report "
+                          "names the first layer (and expert) whose own error fails")
     ver.add_argument("--no-detection", action="store_true",
                      help="skip the standard positive controls (x1.01 of a mid-depth weight; swapped experts) "
                           "that each report runs to state whether the gate would catch a fault")
@@ -511,7 +515,7 @@ def cmd_verify(args, argv) -> int:
                     cmd += ["--grouped-experts"]
                 if args.adapters:
                     cmd += ["--adapters", args.adapters]  # as given (it lands in the report); same cwd
-                cmd += ["--no-detection"] * args.no_detection
+                cmd += ["--no-detection"] * args.no_detection + ["--isolate"] * args.isolate
                 cmd += ["--grad"] * args.grad + (["--train-steps", str(args.train_steps)] if args.train_steps else [])
                 env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                            MCORE_BRIDGE_QUIET="1", PYTHONWARNINGS="ignore")

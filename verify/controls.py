@@ -24,10 +24,27 @@ harness catches them and points at the right place. Used by the tests and by
                                                        out in contiguous sections (megatron's default)
   config:<megatron config field>:<JSON value>          the model built with that config field changed,
                                                        e.g. config:window_size:[4,0] (a wrong window)
+  add:<megatron param>:<value>                         value added to a weight, e.g. 1.0 to a norm weight:
+                                                       a ``1 + w`` norm offset applied twice or dropped
+  eps:<layer>:<norm module>:<factor>                   that norm's epsilon x factor (set on the built
+                                                       module after loading), e.g. eps:1:input_layernorm:100
+  swap_gate_up:<layer>[:<expert>]                      the gate and up halves of linear_fc1 exchanged (dense
+                                                       MLP, or one routed expert: global expert index)
+  activation:<layer>:<gelu|relu|silu>                  that layer's MLP (and its experts') activation replaced
+  scale_expert:<layer>:<expert>:<fc1|fc2>:<factor>     one routed expert's weight scaled (global expert index,
+                                                       on whichever expert-parallel rank holds it)
+  rope_scaling:<factor>                                the model built with rope_scaling_factor x factor
+  router_score:<softmax|sigmoid>                       the model built with that router score function
+
+``scale``/``add``/``zero`` also take the non-layer weights ``embedding.word_embeddings.weight``,
+``decoder.final_layernorm.weight`` and ``output_layer.weight``. Controls are injected after the load
+into the built megatron model, except the build kinds (``BUILD_KINDS``: rotary base and scaling,
+router scoring, multimodal RoPE), which change the family's megatron settings before the build.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 
@@ -37,8 +54,11 @@ from mcore_bridge.errors import UsageError
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 KINDS = ("scale", "swap_qk", "rope_base", "local_rope_base", "window", "zero", "swap_experts", "mrope_section",
-         "mrope_contiguous", "grad_scale", "optimizer_exclude", "config")
-BUILD_KINDS = ("rope_base", "local_rope_base", "window", "mrope_section", "mrope_contiguous", "config")
+         "mrope_contiguous", "grad_scale", "optimizer_exclude", "config", "add", "eps", "swap_gate_up",
+         "activation", "scale_expert", "rope_scaling", "router_score")
+BUILD_KINDS = ("rope_base", "local_rope_base", "window", "mrope_section", "mrope_contiguous", "config",
+               "rope_scaling", "router_score")
+_GLOBAL = ("embedding.", "decoder.final_layernorm.", "output_layer.")
 
 
 def parse(spec: str | None) -> tuple[str, list[str]] | None:
@@ -72,6 +92,14 @@ def before_build(bridge, spec: str | None):
         config = dict(config, window_size=(left + int(args[0]), right))
     elif kind == "config":
         config = dict(config, **{args[0]: _config_value(config, args[0], ":".join(args[1:]))})
+    elif kind == "rope_scaling":
+        if not model.get("rope_scaling"):
+            raise UsageError(f"control {kind}: {family.name} has no RoPE scaling")
+        model = dict(model, rope_scaling_factor=model["rope_scaling_factor"] * float(args[0]))
+    elif kind == "router_score":
+        if "moe_router_score_function" not in config or args[0] not in ("softmax", "sigmoid"):
+            raise UsageError(f"control {kind}: needs an MoE model and softmax or sigmoid")
+        config = dict(config, moe_router_score_function=args[0])
     elif "mrope_section" not in config:
         raise UsageError(f"control {kind}: {family.name} has no multimodal RoPE")
     elif kind == "mrope_section":
@@ -129,6 +157,14 @@ def _mtp_param(models, name: str):
             if rest not in tensors:
                 raise UsageError(f"control: the MTP block has no {rest!r} (has e.g. {', '.join(sorted(tensors)[:6])})")
             return tensors[rest]
+
+
+def _global_param(models, name: str):
+    """embedding / final norm / output layer weight of the chunk holding it (None elsewhere)."""
+    for chunk in models:
+        tensors = dict(chunk.named_parameters())
+        if name in tensors:
+            return tensors[name]
     return None
 
 
@@ -137,6 +173,8 @@ def _param(models, spec_name: str):
         return _vision_param(models, spec_name)
     if spec_name.startswith("mtp."):
         return _mtp_param(models, spec_name)
+    if spec_name.startswith(_GLOBAL):
+        return _global_param(models, spec_name)
     return _layer_param(models, *_named(spec_name))
 
 
@@ -175,6 +213,76 @@ def _swap_experts(models, bridge, layer: int, a: int, b: int):
             y.copy_(tmp)
 
 
+def _layer_module(models, layer: int):
+    for chunk in models:
+        for module in chunk.decoder.layers:
+            if module.layer_number - 1 == layer:
+                return module
+    return None  # another pipeline stage holds it
+
+
+def _local_expert(models, bridge, layer: int, expert: int):
+    """This rank's module of global ``expert`` in ``layer``; None where another rank holds it."""
+    from megatron.core import parallel_state as ps
+
+    module = _layer_module(models, layer)
+    if module is None:
+        return None
+    owner, local = bridge.layout.expert_owner(bridge.family.num_experts, expert)
+    if ps.get_expert_model_parallel_rank() != owner:
+        return None
+    return module.mlp.experts.local_experts[local]
+
+
+def _swap_halves(weight):
+    """[gate; up] -> [up; gate] on this rank's shard (each TP shard holds its own gate and up rows)."""
+    half = weight.shape[0] // 2
+    gate = weight[:half].clone()
+    weight[:half] = weight[half:]
+    weight[half:] = gate
+
+
+ACTIVATIONS = {"gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu, "silu": torch.nn.functional.silu}
+
+
+def _more_after_load(models, bridge, kind: str, args: list[str]):
+    if kind == "add":
+        p = _param(models, args[0])
+        if p is not None:
+            p.add_(float(args[1]))
+    elif kind == "eps":
+        module = _layer_module(models, int(args[0]))
+        if module is not None:
+            norm = module.get_submodule(args[1])
+            if not hasattr(norm, "eps"):
+                raise UsageError(f"control eps: {args[1]} of layer {args[0]} ({type(norm).__name__}) has no eps")
+            norm.eps = norm.eps * float(args[2])
+    elif kind == "swap_gate_up":
+        if len(args) > 1:
+            expert = _local_expert(models, bridge, int(args[0]), int(args[1]))
+            if expert is not None:
+                _swap_halves(expert.linear_fc1.weight)
+        else:
+            p = _layer_param(models, int(args[0]), "mlp.linear_fc1.weight")
+            if p is not None:
+                _swap_halves(p)
+    elif kind == "activation":
+        if args[1] not in ACTIVATIONS:
+            raise UsageError(f"control activation: one of {', '.join(ACTIVATIONS)}")
+        module = _layer_module(models, int(args[0]))
+        if module is not None:
+            mlps = [module.mlp] + list(getattr(getattr(module.mlp, "experts", None), "local_experts", []))
+            for mlp in mlps:
+                if hasattr(mlp, "activation_func"):  # gated MLPs read it from their config: a copy for this layer
+                    mlp.activation_func = ACTIVATIONS[args[1]]
+                    mlp.config = copy.copy(mlp.config)
+                    mlp.config.activation_func = ACTIVATIONS[args[1]]
+    elif kind == "scale_expert":
+        expert = _local_expert(models, bridge, int(args[0]), int(args[1]))
+        if expert is not None:
+            getattr(expert, f"linear_{args[2]}").weight.mul_(float(args[3]))
+
+
 def after_load(models, bridge, spec: str | None):
     """Controls that change loaded weights (scale, swap_qk); ranks not holding the layer skip."""
     parsed = parse(spec)
@@ -182,7 +290,9 @@ def after_load(models, bridge, spec: str | None):
         return
     kind, args = parsed
     with torch.no_grad():
-        if kind == "scale":
+        if kind in ("add", "eps", "swap_gate_up", "activation", "scale_expert"):
+            _more_after_load(models, bridge, kind, args)
+        elif kind == "scale":
             p = _param(models, args[0])
             if p is not None:
                 p.mul_(float(args[1]))

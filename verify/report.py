@@ -413,6 +413,9 @@ def render_markdown(report: dict) -> str:
             params = first.get(key) or []
             out += [f"{side}:", ""] + ([f"- {_code(p)}" for p in params] or ["- (none recorded)"]) + [""]
 
+    from .isolate import markdown as isolation_markdown
+
+    out += isolation_markdown(r)
     per_input = r.get("per_input") or {}
     if per_input:
         out += ["## Per input", ""]

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from mcore_bridge.bridge import DTYPES, Bridge
+from mcore_bridge.errors import UsageError
 from mcore_bridge.layout import ParallelLayout
 from mcore_bridge.runtime import dist as rt
 
@@ -96,8 +97,11 @@ def reference(model_dir: Path, samples, dtype: str, device: str, cache_dir: Path
 
 
 # ---- megatron side -----------------------------------------------------------------------------
-def megatron_outputs(models, samples, vocab: int, sequence_parallel: bool) -> dict:
-    """Per sample: logits (last stage) and probes (all stages), merged on rank 0 (None elsewhere)."""
+def megatron_outputs(models, samples, vocab: int, sequence_parallel: bool, inject=None) -> dict:
+    """Per sample: logits (last stage) and probes (all stages), merged on rank 0 (None elsewhere).
+    ``inject(sample name)``: a context manager held around that sample's forward (``verify.isolate``)."""
+    import contextlib
+
     from megatron.core import parallel_state as ps
 
     mine = {}
@@ -106,7 +110,8 @@ def megatron_outputs(models, samples, vocab: int, sequence_parallel: bool) -> di
         store = {}
         pos = None if s.position_ids is None else s.position_ids[:, None]
         heads = []  # MTP logits per depth (models with MTP layers)
-        with megatron_probes(models, store, sequence_parallel):
+        with (inject(s.name) if inject else contextlib.nullcontext()), \
+                megatron_probes(models, store, sequence_parallel):
             logits = megatron_logits(models, s.input_ids[None], vocab, pos, s.vision, mtp=heads)
         if keep:
             mine[s.name] = {"logits": None if logits is None else logits[0],
@@ -187,17 +192,31 @@ def routing(samples, ref: dict, got: dict, num_layers: int) -> dict[int, float]:
 def layer_params(bridge: Bridge, probe: str) -> tuple[list[str], list[str]]:
     """HF and megatron parameter names behind a probe (what to look at when it drifts)."""
     layer = probe_layer(probe)
-    if layer is not None:
+    if probe.startswith("router."):  # one MoE layer's router (verify.isolate)
+        layer = int(probe.split(".")[1])
+        units = [u for u in bridge.units if u.layer == layer and ".mlp.router." in u.rule.mcore]
+    elif layer is not None:
         units = [u for u in bridge.units if u.layer == layer]
     elif probe.startswith("vision."):
         units = [u for u in bridge.units if u.rule.mcore.startswith(vision_prefixes(probe))]
     elif probe == "embedding":
         units = [u for u in bridge.units if u.rule.mcore.startswith("embedding.")]
+    elif probe == "output_layer":  # tied embeddings: the word embedding is the output layer
+        units = [u for u in bridge.units if u.rule.mcore.startswith("output_layer.")] or \
+            [u for u in bridge.units if u.rule.mcore.startswith("embedding.word_embeddings.")]
     else:
         units = [u for u in bridge.units if u.rule.mcore.startswith("decoder.final_layernorm")]
     hf = [n for u in units for n in u.hf_names]
     mc = list(dict.fromkeys(u.rule.mcore.replace("{L}", str(layer)) for u in units))
     return hf, mc
+
+
+def expert_params(bridge: Bridge, layer: int, expert: int) -> dict:
+    """HF and megatron parameter names of one routed expert of one layer."""
+    units = [u for u in bridge.units if u.layer == layer and getattr(u, "expert", None) == expert]
+    return {"hf_params": [n for u in units for n in u.hf_names],
+            "mcore_params": list(dict.fromkeys(u.rule.mcore.replace("{L}", str(layer)).replace("{E}", str(expert))
+                                               for u in units))}
 
 
 def vision_prefixes(probe: str) -> tuple[str, ...]:
@@ -298,12 +317,13 @@ def model_name(source: str) -> str:
 def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device: str = "auto",
                control: str | None = None, reference_cache: Path | None = None,
                lengths=None, grouped_experts: bool = False, adapter: str | None = None, grad: bool = False,
-               train_steps: int = 0, detection: bool = True) -> dict | None:
+               train_steps: int = 0, detection: bool = True, isolate: bool = False) -> dict | None:
     """Collective: convert ``source`` into ``layout`` and verify it. The report on rank 0.
     ``grouped_experts``: MoE experts built as megatron's grouped-GEMM module (bf16 only in 0.16).
     ``adapter``: a PEFT directory put on both sides (megatron LoRA vs HF + PeftModel).
     ``grad`` / ``train_steps``: also compare gradients / N AdamW steps (``verify.grad``, fp32).
-    ``detection``: also run the standard positive controls (``verify.detection``; not with ``control``)."""
+    ``detection``: also run the standard positive controls (``verify.detection``; not with ``control``).
+    ``isolate``: also the layer-isolated (teacher-forced) comparison (``verify.isolate``)."""
     t0 = time.time()
     _refuse_unsupported(layout)
     bridge = Bridge(source, layout)
@@ -323,7 +343,7 @@ def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device:
     report = verify_loaded(bridge, models, bridge.source, dtype=dtype, name=model_name(source),
                            reference_cache=reference_cache, lengths=lengths, load_s=time.time() - t0,
                            adapter=Path(adapter) if adapter else None, source=str(source),
-                           detection=detection and not control)
+                           detection=detection and not control, isolate=isolate)
     if grad or train_steps:
         if dtype != "fp32":
             raise ValueError("--grad / --train-steps compare fp32 gradients: use --dtype fp32")
@@ -341,10 +361,13 @@ def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device:
 
 def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str,
                   reference_cache: Path | None = None, lengths=None, load_s: float = 0.0,
-                  adapter: Path | None = None, source: str | None = None, detection: bool = False) -> dict | None:
+                  adapter: Path | None = None, source: str | None = None, detection: bool = False,
+                  isolate: bool = False) -> dict | None:
     """Collective: compare loaded megatron ``models`` with the HF model in ``hf_dir`` (plus the
     PEFT ``adapter`` on it). ``detection``: also the standard positive controls, one more megatron
-    forward each against the same reference (``verify.detection``). Runs megatron forwards: the
+    forward each against the same reference (``verify.detection``). ``isolate``: also every layer
+    fed the HF layer's input, and every MoE expert re-run on the same tokens on both sides
+    (``verify.isolate``; one more HF and one more megatron forward). Runs megatron forwards: the
     caller keeps a ``compat.scope`` open."""
     _refuse_unsupported(bridge.layout)
     t0 = time.time()
@@ -354,6 +377,16 @@ def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str
     t_mg = time.time() - t0
     runs = perturbed_outputs(bridge, models, samples, vocab, megatron_outputs) if detection else []
     t_det = time.time() - t0 - t_mg
+    if isolate:
+        from . import isolate as iso
+
+        if bridge.layout.cp > 1:
+            raise UsageError("the isolated comparison (--isolate) does not split the injected hidden states "
+                             "for context parallelism: run it with cp=1")
+        t_iso = time.time()
+        iso_ref = iso.hf_isolation_reference(hf_dir, samples, bridge.device, adapter) if rt.rank() == 0 else None
+        iso_got, iso_experts = iso.run_megatron(models, samples, vocab, bridge.layout.sp, iso_ref, megatron_outputs)
+        t_iso = time.time() - t_iso
     if rt.rank() != 0:
         return None
     t1 = time.time()
@@ -371,6 +404,11 @@ def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str
         control_reports = [(run, build_report(got=run["got"], **kw)) for run in runs]
         apply_detection(report, summarise(report, control_reports))
         report["timing"]["detection_s"] = t_det
+    if isolate:
+        iso.apply(report, iso.summarise(report, samples, iso_ref, iso_got, iso_experts,
+                                        lambda probe: dict(zip(("hf_params", "mcore_params"), layer_params(bridge, probe))),
+                                        lambda layer, e: expert_params(bridge, layer, e)))
+        report["timing"]["isolate_s"] = t_iso
     report["timing"]["total_s"] = load_s + time.time() - t0
     if bridge.lora is not None:  # another case than the bare model: megatron LoRA vs the reference
         report["adapter"] = {"reference": str(adapter) if adapter else f"{source or hf_dir} (merged)", **bridge.lora.to_dict()}
@@ -417,6 +455,9 @@ def main(argv=None) -> int:
     ap.add_argument("--adapters", default=None, help="PEFT adapter directory (megatron LoRA vs HF + PeftModel)")
     ap.add_argument("--grad", action="store_true", help="also compare one backward pass (verify/grad.py)")
     ap.add_argument("--train-steps", type=int, default=0, help="also compare N AdamW steps (verify/train.py)")
+    ap.add_argument("--isolate", action="store_true",
+                    help="also feed every megatron layer the HF layer's input and compare each layer (and "
+                         "each MoE expert) on its own (verify/isolate.py)")
     ap.add_argument("--no-detection", action="store_true",
                     help="skip the standard positive controls (verify/detection.py) that measure detection power")
     args = ap.parse_args(argv)
@@ -427,7 +468,8 @@ def main(argv=None) -> int:
         report = run_layout(args.model, ParallelLayout(**json.loads(args.layout)), args.dtype, device,
                             args.control, Path(args.reference_cache) if args.reference_cache else None,
                             grouped_experts=args.grouped_experts, adapter=args.adapters, grad=args.grad,
-                            train_steps=args.train_steps, detection=not args.no_detection)
+                            train_steps=args.train_steps, detection=not args.no_detection,
+                            isolate=args.isolate)
     if report is not None:
         if args.report:
             from .report import write_report
@@ -446,7 +488,13 @@ def summary_line(r: dict) -> str:
     where = f"  first diverging: {first['probe']}" if first else ""
     return (f"{r['model']:<12} {r['layout_id']:<16} {r['dtype']:<5} mean_diff {m['mean_diff']:.2e} "
             f"max_diff {m['max_diff']:.2e} (with loss {m['mean_diff_with_loss']:.2e}/{m['max_diff_with_loss']:.2e}) "
-            f"top1 {m['top1_agreement']:.4f}  {r['verdict'].upper()}{where}{_checks(r)}{_detection(r)}")
+            f"top1 {m['top1_agreement']:.4f}  {r['verdict'].upper()}{where}{_checks(r)}{_detection(r)}{_isolated(r)}")
+
+
+def _isolated(r: dict) -> str:
+    from .isolate import line
+
+    return f"  {line(r['isolation'])}" if r.get("isolation") else ""
 
 
 def _detection(r: dict) -> str:
