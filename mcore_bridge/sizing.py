@@ -40,7 +40,8 @@ class Plan:
     model_type: str
     layout: dict
     world_size: int  # the smallest world the layout runs on
-    total_params: int  # the model's own count (vocabulary not padded)
+    total_params: int  # the model's own count (vocabulary not padded), MTP layers included
+    mtp_params: int  # of which in multi-token-prediction layers (transformers builds none)
     ranks: list[RankShare]
 
     @property
@@ -49,7 +50,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         return dict(model_type=self.model_type, layout=self.layout, world_size=self.world_size,
-                    total_params=self.total_params, max_rank_params=self.max_rank_params,
+                    total_params=self.total_params, mtp_params=self.mtp_params, max_rank_params=self.max_rank_params,
                     max_rank_weight_bytes_bf16=2 * self.max_rank_params,
                     max_rank_train_bytes=TRAIN_BYTES_PER_PARAM * self.max_rank_params,
                     ranks=[dataclasses.asdict(r) for r in self.ranks])
@@ -68,8 +69,10 @@ def read_config(path: str | Path) -> dict:
 
 
 def parameter_sizes(family) -> dict[tuple, int]:
-    """Unit key (megatron rule, layer, expert) -> elements of the whole (unsplit) parameter, from a
-    megatron model built on the meta device. Needs megatron's parallel state at tp = pp = ep = 1."""
+    """A unit's HF tensor names -> elements of the whole (unsplit) megatron parameter, from a model
+    built on the meta device. Keyed by HF names so that a tied output layer, its own parameter only
+    under pipeline parallelism, finds the embedding's size. Needs megatron's parallel state at
+    tp = pp = ep = 1."""
     import torch
 
     from .layout import ParallelLayout
@@ -81,7 +84,7 @@ def parameter_sizes(family) -> dict[tuple, int]:
         models = build_model(family, whole, dtype=torch.bfloat16, device="cpu")
     views = param_views(models, family, whole)
     names = [[n for (c, n) in views if c == i] for i in range(len(models))]
-    return {it.unit.key: views[(it.chunk, it.param)].numel() for it in local_items(family, whole, 0, names)}
+    return {it.unit.hf_names: views[(it.chunk, it.param)].numel() for it in local_items(family, whole, 0, names)}
 
 
 def plan(family, layout, sizes: dict[tuple, int]) -> Plan:
@@ -95,15 +98,16 @@ def plan(family, layout, sizes: dict[tuple, int]) -> Plan:
     vocab_ratio = padded_vocab_size(vocab, layout.tp) / padded_vocab_size(vocab, 1)
     dense: dict[int, float] = {}
     experts: dict[tuple[int, int], float] = {}
-    total = 0
+    total = mtp = 0
     for u in inventory(family, layout):
-        n = sizes[u.key]
+        n = sizes[u.hf_names]
         own = u.rule.export  # False: a copy (a tied output layer held by the last stage)
         if u.rule.mcore in VOCAB_PARAMS:  # megatron pads rows to a multiple of 128 * tp
             total += own * n * vocab / padded_vocab_size(vocab, 1)
             n = n * vocab_ratio
         else:
             total += own * n
+            mtp += own * n * u.rule.mcore.startswith("mtp.")
         split = 1 if u.rule.transform.parallel_mode == "replicated" else (layout.etp if u.rule.expert else layout.tp)
         if u.ep_rank is None:
             dense[u.stage] = dense.get(u.stage, 0) + n / split
@@ -111,7 +115,7 @@ def plan(family, layout, sizes: dict[tuple, int]) -> Plan:
             experts[(u.stage, u.ep_rank)] = experts.get((u.stage, u.ep_rank), 0) + n / split
     ranks = [RankShare(s, e, int(dense.get(s, 0)), int(experts.get((s, e), 0)))
              for s in range(layout.pp) for e in range(layout.ep)]
-    return Plan(family.name, layout.to_dict(), layout.min_world_size, int(total), ranks)
+    return Plan(family.name, layout.to_dict(), layout.min_world_size, int(total), int(mtp), ranks)
 
 
 def plan_config(raw_config: dict, layout) -> Plan:
@@ -140,7 +144,8 @@ def _human(n: float, unit: str = "") -> str:
 
 def render(p: Plan) -> str:
     lay = ", ".join(f"{k}={v}" for k, v in p.layout.items() if v not in (None, False))
-    lines = [f"{p.model_type}: {_human(p.total_params)} parameters; layout {lay} runs on {p.world_size}+ ranks",
+    mtp = f" (MTP layers {_human(p.mtp_params)})" if p.mtp_params else ""
+    lines = [f"{p.model_type}: {_human(p.total_params)} parameters{mtp}; layout {lay} runs on {p.world_size}+ ranks",
              "stage  ep  params/rank  weights bf16  training (bf16 + fp32 grad + Adam, no dist-opt)"]
     for stage in sorted({r.stage for r in p.ranks}):
         rows = [r for r in p.ranks if r.stage == stage]
