@@ -9,7 +9,7 @@
 # FP8 configs also get an FP8 copy (`export --export-dtype fp8`) that is verified and round-tripped.
 # Results: $OUT/published.log, $OUT/reports/<config>-m<V>/ (report.md / report.json).
 set -u -o pipefail
-OUT=${OUT:-/tmp/gpu-published-out}
+OUT=${PUB_OUT:-/tmp/gpu-published-out}
 mkdir -p "$OUT/reports"
 LOG=$OUT/published.log
 export OMP_NUM_THREADS=4 MCORE_BRIDGE_QUIET=1 PYTHONWARNINGS=ignore
@@ -17,9 +17,9 @@ step() { echo "== $* ($(date -u +%T))" | tee -a "$LOG"; }
 nvidia-smi -L | tee -a "$LOG"
 # layers / experts per config: real shapes, depth cut so one H200 holds bf16 + fp32 reference
 declare -A LAYERS=( [deepseek-ai__DeepSeek-V3]=4 [deepseek-ai__DeepSeek-V3.1]=4 [moonshotai__Kimi-K2-Instruct]=2
-                    [zai-org__GLM-4.5]=4 [openai__gpt-oss-120b]=2 )
+                    [zai-org__GLM-4.5]=4 [openai__gpt-oss-120b]=2 [google__gemma-3-1b-it]=6 )
 declare -A EXPERTS=( [deepseek-ai__DeepSeek-V3]=32 [deepseek-ai__DeepSeek-V3.1]=32 [moonshotai__Kimi-K2-Instruct]=32
-                     [zai-org__GLM-4.5]=32 [openai__gpt-oss-120b]=32 )
+                     [zai-org__GLM-4.5]=32 [openai__gpt-oss-120b]=32 [moonshotai__Moonlight-16B-A3B-Instruct]=32 )
 same_bytes() { python3 - "$1" "$2" <<'PY'
 import sys, torch
 from mcore_bridge.hf_io import HFCheckpoint
@@ -56,12 +56,12 @@ for V in "$@"; do
     for src in "${sources[@]}"; do
       tag=$(basename "$src")
       step "m$V $tag: HF -> megatron -> HF (cuda)"
-      run python3 -m mcore_bridge.cli export --model "$src" --to-hf --save "/tmp/rt-$tag" --overwrite --device cuda \
+      run timeout ${STEP_TIMEOUT:-300} python3 -m mcore_bridge.cli export --model "$src" --to-hf --save "/tmp/rt-$tag" --overwrite --device cuda \
           $( [[ "$src" == *-fp8 ]] && echo --export-dtype fp8 ) 2>&1 | tail -1 | tee -a "$LOG"
       run same_bytes "$src" "/tmp/rt-$tag" 2>&1 | tee -a "$LOG"
       rm -rf "/tmp/rt-$tag"
       step "m$V $tag: verify fp32,bf16"
-      run python3 -m mcore_bridge.cli verify --model "$src" --dtype fp32,bf16 --device cuda \
+      run timeout ${STEP_TIMEOUT:-300} python3 -m mcore_bridge.cli verify --model "$src" --matrix "tp=1" --dtype fp32,bf16 --device cuda \
           --report "$OUT/reports/$tag-m$V" 2>&1 | grep -E "PASS|FAIL|verdict|error" | tail -4 | tee -a "$LOG"
     done
   done
