@@ -34,7 +34,7 @@ run() { "$@" || { echo "FAILED: $*" | tee -a "$LOG"; rc=1; }; }
 CONFIGS=$(ls tests/published/*.json)
 for V in "$@"; do
   SITE=/tmp/site$V
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" ${WHL_ROOT:-.whl}/m$V/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target "$SITE" ${WHL_ROOT:-.whl}/m$V/*.whl || exit 1
   export PYTHONPATH=$SITE:$PWD
   step "megatron-core $(python3 -c 'import megatron.core as m; print(m.__version__)')"
   for cfg in $CONFIGS; do
