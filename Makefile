@@ -23,7 +23,9 @@ STAMP312 := $(VENV312)/.installed
 # qwen3's dense path, mixtral repeats qwen3_moe's). Override either to run more, e.g. K312=.
 TESTS312 ?= tests/test_roundtrip.py tests/test_families.py tests/test_moe.py tests/test_moe_families.py \
             tests/test_multimodal.py tests/test_lora.py tests/test_torch_dist.py tests/test_sync.py \
-            tests/test_export.py
+            tests/test_export.py tests/test_quant.py tests/test_deepseek_variants.py tests/test_moefam.py \
+            tests/test_gpt_oss.py tests/test_gemma.py tests/test_phi3_glm4.py tests/test_mtp.py tests/test_isolate.py \
+            tests/test_published.py tests/test_core_boundaries.py
 K312     ?= not llama and not qwen2-tiny and not mixtral
 
 .PHONY: install install312 demo test test311 test312 clean
