@@ -72,7 +72,9 @@ FAMILIES = {  # the other MoE and vision-language families, single rank: clean, 
                     fault(f"scale:{D}.2.self_attention.linear_kv_up_proj.weight:1.01", "layer.2",
                           param=f"{D}.2.self_attention.linear_kv_up_proj.weight")],
     "mixtral": [fault(None), fault("swap_experts:2:2:3", "layer.2", expert=[2, 3])],
-    "qwen2_moe": [fault(None), fault("scale_expert:3:7:fc1:1.01", "layer.3", expert=[7])],  # shared expert + gate
+    "qwen2_moe": [fault(None), fault("scale_expert:3:7:fc1:1.01", "layer.3", expert=[7]),  # shared expert + gate
+                  fault(f"scale:{D}.3.mlp.shared_experts.gate_weight:1.01", "layer.3",  # passes end to end
+                        param=f"{D}.3.mlp.shared_experts.gate_weight")],
     "qwen3_vl_moe": [fault(None), fault("scale_expert:2:1:fc2:1.01", "layer.2", expert=[1])],  # passes end to end
     "qwen3_vl": [fault(None), fault(f"scale:{D}.1.mlp.linear_fc2.weight:1.01", "layer.1")],  # deepstack layers
 }
@@ -92,6 +94,10 @@ CASES = [  # (id, model, layout, faults[, sample lengths])
     ("qwen3_moe-ep2", "qwen3_moe", L(ep=2), EP),
     ("llama-pp2-vpp2", "llama", L(pp=2, vpp=2), VPP),
     ("qwen3_moe-tp2-sp-ep2-etp1", "qwen3_moe", L(tp=2, sp=True, ep=2, etp=1), ETP1),
+    # the shared expert re-run under tensor + sequence parallelism (its linears communicate)
+    ("qwen2_moe-tp2-sp", "qwen2_moe", L(tp=2, sp=True), [
+        fault(None), fault(f"scale:{D}.2.mlp.shared_experts.linear_fc1.weight:1.01", "layer.2",
+                           param=f"{D}.2.mlp.shared_experts.linear_fc1.weight")]),
     ("qwen2-tp2", "qwen2", L(tp=2), [fault(f"zero:{D}.2.self_attention.linear_qkv.bias", "layer.2",
                                            param=f"{D}.2.self_attention.linear_qkv.bias")]),
     ("qwen2_vl-tp2", "qwen2_vl", L(tp=2), F.VL_WS1),

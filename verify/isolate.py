@@ -12,7 +12,9 @@ from the injected inputs; expert-parallel layers dispatch the injected tokens as
 MoE expert localisation: every expert is re-run on the same tokens on both sides (the HF experts
 module with each token routed to that one expert at weight 1; each megatron ``SequentialMLP``
 local expert called on the same tokens, its expert-tensor-parallel partial outputs summed), so a
-wrong expert is named even when the layer's output drift stays under its threshold.
+wrong expert is named even when the layer's output drift stays under its threshold. The router's
+logits and the shared expert(s) (with their sigmoid gate where the model has one) are re-run on the
+same tokens too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from . import metrics
 
 FINAL_NORM, OUTPUT = "final_norm", "output_layer"  # keys beside the layer numbers
 ROUTER = "router"  # beside the expert numbers: the router's logits on the same tokens
+SHARED = "shared"  # beside the expert numbers: the shared expert(s), gated as the model gates them
 MAX_EXPERT_TOKENS = 256  # tokens each expert is re-run on (per side); enough to see a x1.01 weight
 
 
@@ -77,7 +80,7 @@ def _hf_isolation_reference(hf_dir, samples, device: str, adapter=None) -> dict:
         model = PeftModel.from_pretrained(model, str(adapter)).get_base_model().eval()
     inner = _text_model(model)
     layers = inner.layers
-    out = {"inputs": {}, "outputs": {}, "expert_in": {}, "expert_out": {}, "router_out": {}}
+    out = {"inputs": {}, "outputs": {}, "expert_in": {}, "expert_out": {}, "router_out": {}, "shared_out": {}}
     experts = {i: layer.mlp.experts for i, layer in enumerate(layers)
                if hasattr(getattr(layer, "mlp", None), "experts")}
     seen: dict[int, list] = {i: [] for i in experts}
@@ -116,11 +119,26 @@ def _hf_isolation_reference(hf_dir, samples, device: str, adapter=None) -> dict:
             if isinstance(getattr(gate, "weight", None), torch.Tensor):
                 out["router_out"][i] = torch.nn.functional.linear(
                     xd, gate.weight, getattr(gate, "bias", None)).float().cpu()
+            shared = _hf_shared(layers[i].mlp)
+            if shared is not None:
+                out["shared_out"][i] = shared(xd).float().cpu()
             out["expert_out"][i] = torch.stack([
                 module(xd, torch.full((x.shape[0], 1), e, dtype=torch.long, device=dev), ones).float().cpu()
                 for e in range(num)])
     del model
     return out
+
+
+def _hf_shared(mlp):
+    """The HF MoE block's shared expert(s) as one function of the tokens, gate included (Qwen2-MoE's
+    ``shared_expert`` x sigmoid(``shared_expert_gate``), DeepSeek's / GLM's ``shared_experts``), or None."""
+    shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
+    if shared is None:
+        return None
+    gate = getattr(mlp, "shared_expert_gate", None)
+    if gate is None:
+        return shared
+    return lambda x: torch.sigmoid(gate(x)) * shared(x)
 
 
 def _num_experts(module) -> int:
@@ -179,7 +197,7 @@ def _local_expert_layers(models) -> dict:
     return out
 
 
-def megatron_expert_outputs(models, expert_in: dict) -> dict | None:
+def megatron_expert_outputs(models, expert_in: dict, shared_layers=()) -> dict | None:
     """Collective: each megatron expert applied to ``expert_in[layer]``; on rank 0
     ``{layer: {global expert: [T, H], "router": [T, E]}}`` (expert-tensor-parallel partials summed),
     None elsewhere.
@@ -204,6 +222,13 @@ def megatron_expert_outputs(models, expert_in: dict) -> dict | None:
                 router = moe.router  # replicated on every rank of the layer
                 mine[(ROUTER, 0)] = torch.nn.functional.linear(
                     x.to(router.weight.dtype), router.weight, getattr(router, "bias", None)).float().cpu()
+                shared = getattr(moe, "shared_experts", None)
+                if shared is not None and layer in shared_layers:
+                    # every tensor-parallel rank of the layer calls it (its linears communicate); with
+                    # sequence parallelism each rank's identical tokens come back whole (gathered
+                    # tp-fold, then reduce-scattered back to this rank's copy)
+                    y = shared(x)
+                    mine[(SHARED, 0)] = (y[0] if isinstance(y, tuple) else y).float().cpu()
         parts = [None] * rt.world_size() if rt.rank() == 0 else None
         if dist.is_initialized() and rt.world_size() > 1:
             dist.gather_object(mine, parts, dst=0)
@@ -217,7 +242,7 @@ def megatron_expert_outputs(models, expert_in: dict) -> dict | None:
                 partial.setdefault(key, y)  # ranks that only replicate an expert shard (data parallel)
         summed = {}
         for (e, _), y in sorted(partial.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
-            summed[e] = y if e == ROUTER or e not in summed else summed[e] + y
+            summed[e] = y if e in (ROUTER, SHARED) or e not in summed else summed[e] + y
         if summed:
             result[layer] = summed
     return result if rt.rank() == 0 else None
@@ -235,10 +260,11 @@ def broadcast(obj):
 def run_megatron(models, samples, vocab: int, sequence_parallel: bool, ref: dict | None, outputs) -> tuple:
     """Collective: the isolated megatron outputs (``outputs`` as ``verify.run.megatron_outputs``)
     and the per-expert outputs; ``ref`` is ``hf_isolation_reference`` on rank 0 (None elsewhere)."""
-    shared = broadcast(None if ref is None else {"inputs": ref["inputs"], "expert_in": ref["expert_in"]})
+    shared = broadcast(None if ref is None else {"inputs": ref["inputs"], "expert_in": ref["expert_in"],
+                                                 "shared_layers": sorted(ref["shared_out"])})
     got = outputs(models, samples, vocab, sequence_parallel,
                   inject=lambda name: injected(models, shared["inputs"][name], sequence_parallel))
-    experts = megatron_expert_outputs(models, shared["expert_in"])
+    experts = megatron_expert_outputs(models, shared["expert_in"], shared["shared_layers"])
     return got, experts
 
 
@@ -276,7 +302,7 @@ def summarise(report: dict, samples, ref: dict, got: dict, experts: dict, params
         entry = {"probe": probe, "layer": layer if isinstance(layer, int) else None, "isolated_rel_mean_diff": worst["rel_mean_diff"],
                  "isolated_max_diff": worst["max_diff"], "end_to_end_rel_mean_diff": e2e.get("rel_mean_diff"),
                  "threshold": limit, "isolated_ok": worst["rel_mean_diff"] <= limit}
-        failing_experts, router_fails = [], False
+        failing_experts, router_fails, shared_fails = [], False, False
         if layer in ref["expert_out"]:
             hf = ref["expert_out"][layer]
             mine = experts.get(layer)
@@ -285,6 +311,11 @@ def summarise(report: dict, samples, ref: dict, got: dict, experts: dict, params
             else:
                 mine = dict(mine)
                 logits = mine.pop(ROUTER, None)
+                shared_y = mine.pop(SHARED, None)
+                if layer in ref.get("shared_out", {}) and shared_y is not None:
+                    sd = metrics.probe_drift(ref["shared_out"][layer], shared_y)["rel_mean_diff"]
+                    entry["shared_expert_rel_mean_diff"] = sd
+                    shared_fails = gate_experts and sd > limit
                 if layer in ref["router_out"] and logits is not None:
                     router = metrics.probe_drift(ref["router_out"][layer], logits)["rel_mean_diff"]
                     entry["router_rel_mean_diff"] = router
@@ -298,7 +329,8 @@ def summarise(report: dict, samples, ref: dict, got: dict, experts: dict, params
                 failing_experts = [e for e, v in drift.items() if v > limit] if gate_experts else []
         entry["failing_experts"] = failing_experts
         entry["router_ok"] = not router_fails
-        entry["ok"] = entry["isolated_ok"] and not failing_experts and not router_fails
+        entry["shared_expert_ok"] = not shared_fails
+        entry["ok"] = entry["isolated_ok"] and not failing_experts and not router_fails and not shared_fails
         layers.append(entry)
         if not entry["ok"] and first is None:
             first = {"probe": probe, "layer": entry["layer"], "isolated_rel_mean_diff": worst["rel_mean_diff"],
@@ -306,6 +338,10 @@ def summarise(report: dict, samples, ref: dict, got: dict, experts: dict, params
             if router_fails:
                 first.update(component="router", router_rel_mean_diff=entry["router_rel_mean_diff"],
                              **params(f"router.{layer}"))
+            elif shared_fails:
+                first.update(component="shared_expert",
+                             shared_expert_rel_mean_diff=entry["shared_expert_rel_mean_diff"],
+                             **params(f"shared_experts.{layer}"))
             elif failing_experts:
                 worst_e = max(failing_experts, key=lambda e: entry["experts"][str(e)])
                 first.update(expert=worst_e, expert_rel_mean_diff=entry["experts"][str(worst_e)],
@@ -321,6 +357,8 @@ def apply(report: dict, isolation: dict) -> None:
     if first is None:
         return
     what = (f"router logits drift {first['router_rel_mean_diff']:.2e}" if first.get("component") == "router"
+            else f"shared expert drift {first['shared_expert_rel_mean_diff']:.2e}"
+            if first.get("component") == "shared_expert"
             else f"expert {first['expert']} drift {first['expert_rel_mean_diff']:.2e}" if "expert" in first
             else f"drift {first['isolated_rel_mean_diff']:.2e}")
     report["failures"].append(f"isolated {first['probe']}: {what} > {first['threshold']:.1e}")

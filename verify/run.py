@@ -192,9 +192,10 @@ def routing(samples, ref: dict, got: dict, num_layers: int) -> dict[int, float]:
 def layer_params(bridge: Bridge, probe: str) -> tuple[list[str], list[str]]:
     """HF and megatron parameter names behind a probe (what to look at when it drifts)."""
     layer = probe_layer(probe)
-    if probe.startswith("router."):  # one MoE layer's router (verify.isolate)
+    if probe.startswith(("router.", "shared_experts.")):  # one MoE layer's router / shared expert(s) (verify.isolate)
         layer = int(probe.split(".")[1])
-        units = [u for u in bridge.units if u.layer == layer and ".mlp.router." in u.rule.mcore]
+        part = ".mlp.router." if probe.startswith("router.") else ".mlp.shared_experts."
+        units = [u for u in bridge.units if u.layer == layer and part in u.rule.mcore]
     elif layer is not None:
         units = [u for u in bridge.units if u.layer == layer]
     elif probe.startswith("vision."):
