@@ -110,7 +110,7 @@ ZOO = {
 }
 # Text models whose attention is sharpened at build time (q/k scaled by QK_SHARPEN): positions then
 # matter well above fp32 noise, so a wrong rotary split or swapped q/k rows shows in verification.
-SHARPEN_QK = ("phi3", "glm4")
+SHARPEN_QK = ("phi3", "phi3_window", "glm4")
 # DeepSeek-V3 stored as DeepSeek publishes it: blockwise FP8 linear weights with float32
 # ``weight_scale_inv`` (blocks of 32 x 48, so many tensors end in partial blocks and TP shards
 # start mid-block); norms, embeddings, lm_head and the router stay unquantised.
@@ -119,6 +119,8 @@ ZOO["deepseek_v3_fp8"] = dict(ZOO["deepseek_v3"], fp8_block=[32, 48])
 # Multi-token prediction: DeepSeek-V3 with its MTP layer stored as layer 4 (``_add_mtp``)
 ZOO["deepseek_v3_mtp"] = dict(ZOO["deepseek_v3"], num_nextn_predict_layers=1)
 ZOO["glm4_moe_mtp"] = dict(ZOO["glm4_moe"], num_nextn_predict_layers=1)
+# Phi-3 with Phi-3-mini-4k's kind of window (every layer), shorter than the verification sequences
+ZOO["phi3_window"] = dict(ZOO["phi3"], sliding_window=20)
 
 # Vision-language: text and vision towers small, 4 language layers (pp 2 keeps the deepstack
 # layers on the first stage), 3 vision blocks; image/video ids inside the vocabulary; MoE experts
@@ -157,7 +159,8 @@ MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_
 MTP = ["deepseek_v3_mtp", "glm4_moe_mtp"]  # MoE with MTP layers (tests/test_mtp.py), kept out of the MoE matrix
 MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 QUANTIZED = ["deepseek_v3_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)
-DENSE = [n for n in ZOO if n not in MOE + MTP + MULTIMODAL + QUANTIZED]
+VARIANTS = ["phi3_window"]  # a family's other setting, tested where it matters (tests/test_sliding_window.py)
+DENSE = [n for n in ZOO if n not in MOE + MTP + MULTIMODAL + QUANTIZED + VARIANTS]
 TEXT = DENSE + MOE
 
 

@@ -56,15 +56,15 @@ def test_phi4_published_config_maps_to_these_settings():
     assert rules["decoder.layers.{L}.mlp.linear_fc1.weight"].hf == ("model.layers.{L}.mlp.gate_up_proj.weight",)
 
 
-def test_phi3_mini_4k_published_config_is_refused_for_its_sliding_window():
+def test_phi3_mini_4k_published_config_maps_its_sliding_window():
+    """Phi-3-mini-4k's window (2047 latest tokens, itself included, on every layer) is megatron's
+    window_size=(2046, 0); verified past the window in tests/test_sliding_window.py (phi3_window)."""
     raw = published("microsoft__Phi-3-mini-4k-instruct")
-    with pytest.raises(UnsupportedConfig, match=r"sliding_window=2047 \(< max_position_embeddings=4096\)"):
-        family_for(raw).architecture
-    # the same model with a window that covers every position it can see is accepted
-    config, model = settings({**raw, "sliding_window": 4096})
+    config, model = settings(raw)
+    assert config["window_size"] == (2046, 0) and not config.get("window_attn_skip_freq")
     assert (config["num_attention_heads"], config["num_query_groups"], config["kv_channels"]) == (32, 32, 96)
     assert (config["ffn_hidden_size"], model["vocab_size"], model["rotary_base"]) == (8192, 32064, 10000.0)
-    settings({**raw, "sliding_window": None})
+    assert not settings({**raw, "sliding_window": None})[0].get("window_size")
 
 
 def test_glm4_0414_published_config_maps_to_these_settings():
@@ -143,15 +143,14 @@ def _phi3_logits(window, seq):
 
 
 def test_short_sliding_window_changes_hf_outputs_and_a_covering_one_does_not():
-    """Why a window below max_position_embeddings is refused: HF masks keys older than the window
-    (here 8 tokens on a 32-token input: the logits change); a window >= every position the model
-    can see masks nothing (identical logits), so it is accepted."""
+    """Why the window must be mapped, not ignored: HF masks keys older than the window (here 8
+    tokens on a 32-token input: the logits change); a window >= every position the model can see
+    masks nothing (identical logits)."""
     full = _phi3_logits(None, 32)
     assert (_phi3_logits(8, 32) - full).abs().max() > 1e-3
     assert torch.equal(_phi3_logits(TINY["max_position_embeddings"], 32), full)
-    with pytest.raises(UnsupportedConfig, match="sliding_window=8"):
-        family_for({**TINY, "model_type": "phi3", "sliding_window": 8}).architecture
-    family_for({**TINY, "model_type": "phi3", "sliding_window": TINY["max_position_embeddings"]}).architecture
+    config = family_for({**TINY, "model_type": "phi3", "sliding_window": 8}).architecture.config
+    assert config["window_size"] == (7, 0)
 
 
 @pytest.mark.parametrize("model_type,change,field", [

@@ -28,9 +28,6 @@ LAYOUTS = {
     "openai__gpt-oss-120b.json": dict(tp=2, pp=4, ep=8, etp=1, sp=True),
     "openai__gpt-oss-20b.json": dict(ep=8),
 }
-# Published models megatron-core cannot express, refused naming the field (each family's tests show
-# the difference): file -> what the refusal must name.
-REFUSED = {"microsoft__Phi-3-mini-4k-instruct.json": "sliding_window"}
 # Model-card totals (billions of weights, main model) for configs transformers cannot build.
 CARD_TOTALS_B = {"kimi_k2": 1040}
 
@@ -48,7 +45,6 @@ def plans():
     if not PUBLISHED:
         pytest.fail("tests/published holds no config.json: the flagship configs are part of the test suite")
     args = [f"{p}={json.dumps(layout_for(p, json.loads(p.read_text())))}" for p in PUBLISHED]
-    args = [a for a, p in zip(args, PUBLISHED) if p.name not in REFUSED]
     proc = subprocess.run([sys.executable, str(HERE / "published_cases.py"), *args], capture_output=True, text=True,
                           timeout=1200)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PLANS ")), None)
@@ -56,15 +52,7 @@ def plans():
     return json.loads(line[len("PLANS "):])
 
 
-@pytest.mark.parametrize("path", [p for p in PUBLISHED if p.name in REFUSED], ids=lambda p: p.stem)
-def test_published_config_megatron_cannot_express_is_refused_by_field(path):
-    from mcore_bridge.families import UnsupportedConfig, family_for
-
-    with pytest.raises(UnsupportedConfig, match=REFUSED[path.name]):
-        family_for(json.loads(path.read_text())).architecture
-
-
-@pytest.mark.parametrize("path", [p for p in PUBLISHED if p.name not in REFUSED], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", PUBLISHED, ids=lambda p: p.stem)
 def test_published_config_is_planned_at_its_real_size(plans, path):
     raw = json.loads(path.read_text())
     result = plans[str(path)]

@@ -105,6 +105,7 @@ def run(pools, zoo_model, ref_cache, model, layout, **kw) -> dict:
     pytest.param("mistral", L(), id="mistral-ws1", marks=pytest.mark.world(1)),
     pytest.param("qwen2", L(tp=2, sp=True), id="qwen2-tp2-sp", marks=pytest.mark.world(2)),
     pytest.param("mistral", L(pp=2), id="mistral-pp2", marks=pytest.mark.world(2)),
+    pytest.param("phi3_window", L(tp=2, sp=True), id="phi3-tp2-sp", marks=pytest.mark.world(2)),
 ])
 def test_windowed_models_pass_fp32_past_the_window(model, layout, pools, zoo_model, ref_cache):
     cfg = json.loads((zoo_model(model) / "config.json").read_text())
@@ -117,6 +118,7 @@ def test_windowed_models_pass_fp32_past_the_window(model, layout, pools, zoo_mod
 @pytest.mark.parametrize("model,layout,where", [
     pytest.param("mistral", L(), "layer.0", id="mistral-ws1", marks=pytest.mark.world(1)),
     pytest.param("qwen2", L(pp=2), "layer.2", id="qwen2-pp2", marks=pytest.mark.world(2)),
+    pytest.param("phi3_window", L(), "layer.0", id="phi3-ws1", marks=pytest.mark.world(1)),
 ])
 def test_off_by_one_window_is_caught_at_the_first_sliding_layer(model, layout, where, pools, zoo_model, ref_cache):
     r = run(pools, zoo_model, ref_cache, model, layout, control="window:1")

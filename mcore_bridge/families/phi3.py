@@ -1,7 +1,8 @@
 """Phi-3 / Phi-4 (``phi3``): a Llama-shaped decoder whose checkpoint stores the attention input as one
 fused ``self_attn.qkv_proj`` ([q; k; v] rows) and the MLP input as one ``mlp.gate_up_proj``
 ([gate; up] rows). The fused transforms read each rank's rows of those tensors and write them back
-fused. LongRoPE (Phi-3-mini-128k, Phi-4-mini) is refused: megatron-core's rotary embedding has no
+fused. A ``sliding_window`` is megatron's ``window_size`` on every layer. LongRoPE (Phi-3-mini-128k,
+Phi-4-mini) is refused: megatron-core's rotary embedding has no
 per-dimension rescaling factors. Partial rotary (``partial_rotary_factor``) maps onto
 ``rotary_percent`` (both rotate the first dims, halves not interleaved).
 """
@@ -24,14 +25,8 @@ class Phi3(Llama):
                                        self.cfg.get("partial_rotary_factor", default=1.0)))
 
     def check_unsupported(self):
-        c = self.cfg
-        window = c.get("sliding_window")
-        max_pos = int(c.get("max_position_embeddings", default=4096))
-        if window is not None and int(window) < max_pos:
-            raise UnsupportedConfig(
-                f"sliding_window={window} (< max_position_embeddings={max_pos}): megatron-core's local "
-                f"attention here has no sliding window, so sequences longer than {window} tokens would "
-                f"attend differently from HF (a window >= max_position_embeddings is a no-op and is accepted)")
+        """``sliding_window`` (Phi-3-mini-4k: 2047) is HF's Mistral-style window on every layer:
+        ``Llama.layer_windows`` maps it to megatron's ``window_size=(w - 1, 0)``."""
         self.check_unsupported_common()
 
     def check_unsupported_common(self):
