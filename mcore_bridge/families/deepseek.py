@@ -44,6 +44,20 @@ def plain_query_mla() -> type:
     return PlainQueryMLA
 
 
+def check_sigmoid_router(c) -> None:
+    """Refuse what megatron-core's sigmoid router (DeepSeek-V3's, also GLM-4.5's) computes otherwise."""
+    topk, groups = int(c.require("num_experts_per_tok")), int(c.get("n_group", default=1))
+    topk_group = int(c.get("topk_group", default=groups))
+    if topk > 1 and not c.get("norm_topk_prob", default=True):
+        raise UnsupportedConfig("norm_topk_prob=false: megatron-core always renormalises sigmoid top-k "
+                                "weights, so expert outputs would be scaled differently")
+    if 1 < groups and topk_group < groups and topk != 2 * topk_group:
+        raise UnsupportedConfig(
+            f"num_experts_per_tok={topk} with topk_group={topk_group}: HF scores a group by the sum of "
+            f"its top 2 experts, megatron-core by its top {topk // topk_group}; they agree only when "
+            f"num_experts_per_tok = 2 x topk_group")
+
+
 class DeepSeekV3(MTPMixin, MoEMixin, Llama):
     model_types = ("deepseek_v3", "kimi_k2")
     name = "deepseek_v3"
@@ -76,16 +90,7 @@ class DeepSeekV3(MTPMixin, MoEMixin, Llama):
         if c.get("rope_interleave", default=True) is False:
             raise UnsupportedConfig("rope_interleave=false: megatron-core's MLA always applies RoPE to "
                                     "interleaved pairs; the converted model would rotate other dimensions")
-        topk, groups = int(c.require("num_experts_per_tok")), int(c.get("n_group", default=1))
-        topk_group = int(c.get("topk_group", default=groups))
-        if topk > 1 and not c.get("norm_topk_prob", default=True):
-            raise UnsupportedConfig("norm_topk_prob=false: megatron-core always renormalises sigmoid top-k "
-                                    "weights, so expert outputs would be scaled differently")
-        if 1 < groups and topk_group < groups and topk != 2 * topk_group:
-            raise UnsupportedConfig(
-                f"num_experts_per_tok={topk} with topk_group={topk_group}: HF scores a group by the sum of "
-                f"its top 2 experts, megatron-core by its top {topk // topk_group}; they agree only when "
-                f"num_experts_per_tok = 2 x topk_group")
+        check_sigmoid_router(c)
 
     def layer_spec(self, config, vp_stage, pp_rank):
         """The MoE block spec, its q/kv latent norms built with HF's fixed eps (``latent_norm``).

@@ -13,6 +13,7 @@ megatron-core's ``rotary_percent`` does the same (non-interleaved ``rotate_half`
 from __future__ import annotations
 
 from .base import UnsupportedConfig
+from .deepseek import check_sigmoid_router
 from .llama import Llama
 from .moe import MoEMixin
 from .mtp import MTPMixin
@@ -54,16 +55,7 @@ class Glm4Moe(MTPMixin, MoEMixin, Llama):
         c = self.cfg
         if c.get("hidden_act", default="silu") != "silu":
             raise UnsupportedConfig(f"hidden_act={c.get('hidden_act')!r}: only 'silu' (SwiGLU) is mapped")
-        topk, groups = int(c.require("num_experts_per_tok")), int(c.get("n_group", default=1))
-        topk_group = int(c.get("topk_group", default=groups))
-        if topk > 1 and not c.get("norm_topk_prob", default=True):
-            raise UnsupportedConfig("norm_topk_prob=false: megatron-core always renormalises sigmoid top-k "
-                                    "weights, so expert outputs would be scaled differently")
-        if 1 < groups and topk_group < groups and topk != 2 * topk_group:
-            raise UnsupportedConfig(
-                f"num_experts_per_tok={topk} with topk_group={topk_group}: HF scores a group by the sum of "
-                f"its top 2 experts, megatron-core by its top {topk // topk_group}; they agree only when "
-                f"num_experts_per_tok = 2 x topk_group")
+        check_sigmoid_router(c)
 
     def rope_settings(self) -> dict:
         out = super().rope_settings()
