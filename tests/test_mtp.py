@@ -269,3 +269,12 @@ def test_glm4_moe_mtp_verifies_fp32(pools, zoo_model, ref_cache):
     assert r["verdict"] == "pass", r["failures"]
     (depth,) = r["mtp"]["depths"]
     assert depth["ok"] and depth["max_diff"] < 1e-4 and depth["top1_agreement"] == 1.0
+
+
+def test_mtp_model_runs_the_standard_positive_controls(pools, zoo_model, ref_cache):
+    """The standard controls (x1.01 of a mid-depth weight, two swapped experts) skip the MTP layer's
+    own experts (``mtp.layers.0.transformer_layer...``) and are caught in the decoder layer they name."""
+    r = _verify(pools, zoo_model, ref_cache, 1, L(), detection=True)
+    assert r["verdict"] == "pass", r["failures"]
+    assert r["detection"]["caught"] and r["detection"]["located"], r["detection"]
+    assert any(c["control"].startswith("swap_experts:") for c in r["detection"]["controls"])

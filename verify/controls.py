@@ -203,6 +203,8 @@ def _swap_experts(models, bridge, layer: int, a: int, b: int):
                  if n.endswith(f"mlp.experts.local_experts.{local_a}.{fc}.weight")]
         for chunk, name in found:
             m = re.match(r"decoder\.layers\.(\d+)\.", name)
+            if m is None:  # an MTP layer's experts (mtp.layers.<k>.*): not a decoder layer
+                continue
             chunk_layers = [x.layer_number - 1 for x in models[chunk].decoder.layers]
             if chunk_layers[int(m.group(1))] != layer:
                 continue
