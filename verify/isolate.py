@@ -229,12 +229,8 @@ def megatron_expert_outputs(models, expert_in: dict, shared_layers=()) -> dict |
                     # tp-fold, then reduce-scattered back to this rank's copy)
                     y = shared(x)
                     mine[(SHARED, 0)] = (y[0] if isinstance(y, tuple) else y).float().cpu()
-        parts = [None] * rt.world_size() if rt.rank() == 0 else None
-        if dist.is_initialized() and rt.world_size() > 1:
-            dist.gather_object(mine, parts, dst=0)
-        else:
-            parts = [mine]
-        if rt.rank() != 0:
+        parts = gather(mine)
+        if parts is None:
             continue
         partial = {}
         for part in parts:
@@ -246,6 +242,15 @@ def megatron_expert_outputs(models, expert_in: dict, shared_layers=()) -> dict |
         if summed:
             result[layer] = summed
     return result if rt.rank() == 0 else None
+
+
+def gather(obj) -> list | None:
+    """Every rank's ``obj`` on rank 0 (in rank order), None elsewhere."""
+    if not (dist.is_initialized() and rt.world_size() > 1):
+        return [obj]
+    parts = [None] * rt.world_size() if rt.rank() == 0 else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
 
 
 def broadcast(obj):

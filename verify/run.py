@@ -25,6 +25,7 @@ from mcore_bridge.layout import ParallelLayout
 from mcore_bridge.runtime import dist as rt
 
 from . import controls, metrics, mtp
+from . import isolate as iso
 from .detection import apply as apply_detection
 from .detection import perturbed_outputs, summarise
 from .forward import hf_forward, hf_model, megatron_logits
@@ -118,12 +119,8 @@ def megatron_outputs(models, samples, vocab: int, sequence_parallel: bool, injec
                             "probes": {k: v[0] for k, v in store.items()}}
             if heads:
                 mine[s.name]["mtp_logits"] = [h[0] for h in heads]
-    parts = [None] * rt.world_size() if rt.rank() == 0 else None
-    if dist.is_initialized() and rt.world_size() > 1:
-        dist.gather_object(mine, parts, dst=0)
-    else:
-        parts = [mine]
-    if rt.rank() != 0:
+    parts = iso.gather(mine)
+    if parts is None:
         return None
     merged = {s.name: {"logits": None, "probes": {}} for s in samples}
     for part in parts:
@@ -379,7 +376,6 @@ def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str
     runs = perturbed_outputs(bridge, models, samples, vocab, megatron_outputs) if detection else []
     t_det = time.time() - t0 - t_mg
     if isolate:
-        from . import isolate as iso
 
         if bridge.layout.cp > 1:
             raise UsageError("the isolated comparison (--isolate) does not split the injected hidden states "
