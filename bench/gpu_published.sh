@@ -3,18 +3,22 @@
 # (and expert count where one GPU needs it), on the oldest and newest supported megatron-core.
 #   bash bench/gpu_published.sh 016 019          # wheels in ${WHL_ROOT:-.whl}/m016/ and .../m019/
 #   ONLY="deepseek-ai__DeepSeek-V3 openai__gpt-oss-20b" bash bench/gpu_published.sh 019
-# Per config: bench/reduce_published.py writes a random bf16 checkpoint with transformers'
-# save_pretrained (once); per version: HF -> megatron -> HF through the CLI must give the same bytes,
-# and `mcore-bridge verify --dtype fp32,bf16` writes the reports (each names its megatron-core).
+#   ONLY_019="openai__gpt-oss-20b" ... narrows the 019 lane only
+# Phase 1 (CPU, ${MAKE_JOBS:-4} at a time): bench/reduce_published.py writes a random bf16 checkpoint
+# per config with transformers' save_pretrained (once); an MXFP4 config (gpt-oss) also gets its
+# as-published MXFP4 copy. Phase 2: one lane per megatron-core version, the lanes run at the same
+# time on the one GPU. Per version: HF -> megatron -> HF through the CLI must give the same bytes
+# (an MXFP4 source: the bf16 output equals its dequantised view), and
+# `mcore-bridge verify --dtype fp32,bf16` writes the reports (each names its megatron-core).
 # FP8 configs also get an FP8 copy (`export --export-dtype fp8`) that is verified and round-tripped.
-# Results: $OUT/published.log, $OUT/reports/<config>-m<V>/ (report.md / report.json).
+# Results: $OUT/published-m<V>.log, $OUT/reports/<config>-m<V>/ (index.md and the case pages).
+# VERIFY_ARGS (default --dtype fp32,bf16) replaces the verify options, e.g. "--dtype fp32 --isolate".
 set -u -o pipefail
 OUT=${PUB_OUT:-/tmp/gpu-published-out}
 mkdir -p "$OUT/reports"
-LOG=$OUT/published.log
 export OMP_NUM_THREADS=4 MCORE_BRIDGE_QUIET=1 PYTHONWARNINGS=ignore
-step() { echo "== $* ($(date -u +%T))" | tee -a "$LOG"; }
-nvidia-smi -L | tee -a "$LOG"
+stamp() { echo "== $* ($(date -u +%T))"; }
+nvidia-smi -L
 # layers / experts per config: real shapes, depth cut so one H200 holds bf16 + fp32 reference
 declare -A LAYERS=( [deepseek-ai__DeepSeek-V3]=4 [deepseek-ai__DeepSeek-V3.1]=4 [moonshotai__Kimi-K2-Instruct]=2
                     [zai-org__GLM-4.5]=4 [openai__gpt-oss-120b]=2 [google__gemma-3-1b-it]=6 )
@@ -22,49 +26,78 @@ declare -A EXPERTS=( [deepseek-ai__DeepSeek-V3]=32 [deepseek-ai__DeepSeek-V3.1]=
                      [zai-org__GLM-4.5]=32 [openai__gpt-oss-120b]=32 [moonshotai__Moonlight-16B-A3B-Instruct]=32 )
 same_bytes() { python3 - "$1" "$2" <<'PY'
 import sys, torch
+from mcore_bridge import quant
 from mcore_bridge.hf_io import HFCheckpoint
-a, b = HFCheckpoint(sys.argv[1]), HFCheckpoint(sys.argv[2])
-bad = sorted(set(a.names()) ^ set(b.names())) + [n for n in a.names() if n in b.tensors and not torch.equal(a.read(n).view(torch.uint8), b.read(n).view(torch.uint8))]
-print(f"byte-exact: {not bad} ({len(a.names())} tensors){'' if not bad else ' differ: ' + ', '.join(bad[:5])}")
+src, b = HFCheckpoint(sys.argv[1]), HFCheckpoint(sys.argv[2])
+# an MXFP4 source comes back in bf16 (MXFP4 export is refused): compared with its dequantised view
+a = quant.open_quantized(src) if isinstance(quant.open_quantized(src), quant.MXFP4Checkpoint) else src
+bad = sorted(set(a.names()) ^ set(b.names())) + [n for n in a.names() if n in b.tensors and not torch.equal(a.read(n).contiguous().view(torch.uint8), b.read(n).contiguous().view(torch.uint8))]
+print(f"byte-exact: {not bad} ({len(a.names())} tensors{', vs the bf16 view of MXFP4' if a is not src else ''}){'' if not bad else ' differ: ' + ', '.join(bad[:5])}")
 sys.exit(1 if bad else 0)
 PY
 }
-rc=0
-run() { "$@" || { echo "FAILED: $*" | tee -a "$LOG"; rc=1; }; }
-CONFIGS=$(ls tests/published/*.json)
-for V in "$@"; do
+CONFIGS=()
+for cfg in tests/published/*.json; do
+  name=$(basename "$cfg" .json)
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
+  CONFIGS+=("$name")
+done
+make_one() {  # phase 1, one config
+  name=$1; cfg=tests/published/$name.json; ck=/tmp/pub/$name
+  [ -f "$ck/config.json" ] && return 0
+  mx=""; grep -q '"quant_method": *"mxfp4"' "$cfg" && mx="--mxfp4 $ck-mxfp4"
+  python3 bench/reduce_published.py "$cfg" --out "$ck" --layers "${LAYERS[$name]:-2}" \
+      ${EXPERTS[$name]:+--experts ${EXPERTS[$name]}} $mx > "/tmp/pub/$name.make.log" 2>&1 \
+    && echo "made $name: $(tail -c 300 /tmp/pub/$name.make.log | tail -1 | cut -c1-160)" \
+    || { echo "FAILED: make $name: $(tail -3 /tmp/pub/$name.make.log)"; return 1; }
+}
+export -f make_one; export LAYERS_DECL="$(declare -p LAYERS EXPERTS)"
+mkdir -p /tmp/pub
+stamp "phase 1: ${#CONFIGS[@]} checkpoints" | tee "$OUT/make.log"
+printf '%s\n' "${CONFIGS[@]}" | xargs -P "${MAKE_JOBS:-4}" -I{} bash -c 'eval "$LAYERS_DECL"; make_one {}' \
+  2>&1 | tee -a "$OUT/make.log"
+lane() {  # phase 2, one megatron-core version
+  V=$1; LOG=$OUT/published-m$V.log; rc=0
+  run() { "$@" || { echo "FAILED: $*"; rc=1; }; }
   SITE=/tmp/site$V
-  python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target "$SITE" ${WHL_ROOT:-.whl}/m$V/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target "$SITE" ${WHL_ROOT:-.whl}/m$V/*.whl || return 1
   export PYTHONPATH=$SITE:$PWD
-  step "megatron-core $(python3 -c 'import megatron.core as m; print(m.__version__)')"
-  for cfg in $CONFIGS; do
-    name=$(basename "$cfg" .json)
-    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
-    ck=/tmp/pub/$name
-    if [ ! -f "$ck/config.json" ]; then
-      step "make $name (layers ${LAYERS[$name]:-2}, experts ${EXPERTS[$name]:-all})"
-      run python3 bench/reduce_published.py "$cfg" --out "$ck" --layers "${LAYERS[$name]:-2}" \
-          ${EXPERTS[$name]:+--experts ${EXPERTS[$name]}} 2>&1 | tail -1 | cut -c1-200 | tee -a "$LOG"
-    fi
+  stamp "megatron-core $(python3 -c 'import megatron.core as m; print(m.__version__)')"
+  only_v=ONLY_$V  # ONLY_016="..." narrows one lane further
+  for name in "${CONFIGS[@]}"; do
+    if [ -n "${!only_v:-}" ] && [[ " ${!only_v} " != *" $name "* ]]; then continue; fi
+    ck=/tmp/pub/$name; cfg=tests/published/$name.json
+    [ -f "$ck/config.json" ] || { echo "FAILED: no checkpoint for $name"; rc=1; continue; }
     sources=("$ck")
+    [ -d "$ck-mxfp4" ] && sources+=("$ck-mxfp4")
     if grep -q '"quant_method": *"fp8"' "$cfg"; then
-      step "m$V $name: FP8 copy"
-      run python3 -m mcore_bridge.cli export --model "$ck" --to-hf --export-dtype fp8 --save "$ck-fp8" --overwrite \
-          --device cuda 2>&1 | tail -1 | tee -a "$LOG"
-      sources+=("$ck-fp8")
+      q=/tmp/pubq-m$V/$name-fp8
+      stamp "m$V $name: FP8 copy"
+      run python3 -m mcore_bridge.cli export --model "$ck" --to-hf --export-dtype fp8 --save "$q" --overwrite \
+          --device cuda 2>&1 | tail -1
+      sources+=("$q")
     fi
     for src in "${sources[@]}"; do
       tag=$(basename "$src")
-      step "m$V $tag: HF -> megatron -> HF (cuda)"
-      run timeout ${STEP_TIMEOUT:-300} python3 -m mcore_bridge.cli export --model "$src" --to-hf --save "/tmp/rt-$tag" --overwrite --device cuda \
-          $( [[ "$src" == *-fp8 ]] && echo --export-dtype fp8 ) 2>&1 | tail -1 | tee -a "$LOG"
-      run same_bytes "$src" "/tmp/rt-$tag" 2>&1 | tee -a "$LOG"
-      rm -rf "/tmp/rt-$tag"
-      step "m$V $tag: verify fp32,bf16"
-      run timeout ${STEP_TIMEOUT:-300} python3 -m mcore_bridge.cli verify --model "$src" --matrix "tp=1" --dtype fp32,bf16 --device cuda \
-          --report "$OUT/reports/$tag-m$V" 2>&1 | grep -E "PASS|FAIL|verdict|error" | tail -4 | tee -a "$LOG"
+      stamp "m$V $tag: HF -> megatron -> HF (cuda)"
+      run timeout ${STEP_TIMEOUT:-300} python3 -m mcore_bridge.cli export --model "$src" --to-hf --save "/tmp/rt-m$V-$tag" \
+          --overwrite --device cuda $( [[ "$src" == *-fp8 ]] && echo --export-dtype fp8 ) 2>&1 | tail -1
+      run same_bytes "$src" "/tmp/rt-m$V-$tag" 2>&1
+      rm -rf "/tmp/rt-m$V-$tag"
+      stamp "m$V $tag: verify fp32,bf16"
+      rep=$OUT/reports/$tag-m$V
+      run timeout ${STEP_TIMEOUT:-300} python3 -m mcore_bridge.cli verify --model "$src" --matrix "tp=1" ${VERIFY_ARGS:---dtype fp32,bf16} \
+          --device cuda --report "$rep" 2>&1 | grep --line-buffered -E "PASS|FAIL|verdict|rror" | tail -4
+      for f in "$rep"/*/*.md; do [ -f "$f" ] && cp "$f" "$rep/"; done  # the case pages one level up (the
+      rm -rf "$rep/.cache"                                               # device returns two levels only)
     done
   done
-done
-step "done rc=$rc"
+  stamp "m$V done rc=$rc"
+  return $rc
+}
+pids=()
+for V in "$@"; do lane "$V" > "$OUT/published-m$V.log" 2>&1 & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=1; done
+tail -n 3 "$OUT"/published-m*.log
 exit $rc

@@ -11,6 +11,12 @@ new depth, MTP layers (``num_nextn_predict_layers``: transformers builds none, s
 has none either) and ``quantization_config`` (the weights are written in bf16; FP8 checkpoints are
 then made from them by ``mcore-bridge export --export-dtype fp8``). The config actually used is
 written next to the weights and printed.
+
+``--mxfp4 OUT2`` (a published config with ``quant_method: mxfp4``, i.e. gpt-oss): also write the
+checkpoint as gpt-oss publishes it -- every stacked expert tensor ``P`` (``[E, in, out]``) replaced by
+random ``P_blocks`` (uint8 ``[E, out, in/32, 16]``, two FP4 codes each) and ``P_scales`` (uint8
+``[E, out, in/32]``, exponents 2^-8..2^-6), and the published ``quantization_config`` put back. Its
+bf16 view (``mcore_bridge.quant``) is what a conversion must reproduce.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=None, help="at most this many routed experts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mxfp4", default=None, metavar="OUT2",
+                   help="also write an MXFP4 copy here (configs whose quant_method is mxfp4)")
     args = p.parse_args(argv)
 
     import transformers
@@ -86,9 +94,45 @@ def main(argv=None) -> int:
                 param.normal_(0.0, 0.5)
     model.save_pretrained(out, max_shard_size="4GB")
     n = sum(t.numel() for t in model.state_dict().values())
+    if args.mxfp4:
+        write_mxfp4(out, Path(args.mxfp4), raw.get("quantization_config") or {}, args.seed)
     print(json.dumps({"out": str(out), "model_type": model_type, "params": n,
                       "config": {k: v for k, v in cfg_dict.items() if not isinstance(v, dict)}}))
     return 0
+
+
+def write_mxfp4(src: Path, dst: Path, qconfig: dict, seed: int) -> None:
+    """``src`` (bf16, stacked experts) rewritten with MXFP4 experts, as gpt-oss is published."""
+    from safetensors.torch import load_file, save_file
+
+    if qconfig.get("quant_method") != "mxfp4":
+        raise SystemExit(f"--mxfp4: the published config's quant_method is {qconfig.get('quant_method')!r}")
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    gen = torch.Generator().manual_seed(seed + 1)
+    index = dst / "model.safetensors.index.json"
+    files = sorted(dst.glob("*.safetensors"))
+    weight_map = {}
+    for f in files:
+        tensors, out = load_file(f), {}
+        for name, t in tensors.items():
+            if ".mlp.experts." in name and name.endswith(("gate_up_proj", "down_proj")) and t.dim() == 3:
+                e, n_in, n_out = t.shape
+                g = n_in // 32
+                out[name + "_blocks"] = torch.randint(0, 256, (e, n_out, g, 16), dtype=torch.uint8, generator=gen)
+                out[name + "_scales"] = torch.randint(119, 122, (e, n_out, g), dtype=torch.uint8, generator=gen)
+            else:
+                out[name] = t
+        save_file(out, f, metadata={"format": "pt"})
+        weight_map.update({n: f.name for n in out})
+    if index.exists():
+        idx = json.loads(index.read_text())
+        idx["weight_map"] = dict(sorted(weight_map.items()))
+        index.write_text(json.dumps(idx, indent=2))
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = qconfig
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    print(json.dumps({"mxfp4": str(dst), "quantised": sum(n.endswith("_blocks") for n in weight_map)}))
 
 
 if __name__ == "__main__":
