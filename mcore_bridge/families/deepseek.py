@@ -132,10 +132,17 @@ class DeepSeekV3(MTPMixin, MoEMixin, Llama):
         if rope.get("truncate", True) is False or rope.get("attention_factor") is not None:
             raise UnsupportedConfig("yarn with truncate=false or an explicit attention_factor: megatron-core's "
                                     "MLA yarn rotary has neither")
+        # transformers: cos/sin x m(factor, mscale) / m(factor, mscale_all_dim) when both are set, else
+        # x m(factor, 1) (mscale alone is ignored); softmax x m(factor, mscale_all_dim)^2 when it is set.
+        # megatron-core: cos/sin x m(factor, mscale) / m(factor, mscale_all_dim), softmax x
+        # m(factor, mscale_all_dim)^2; with m(f, 0) = 1, mscale alone maps to mscale=1. mscale_all_dim
+        # alone has no megatron counterpart (its cos/sin would be divided by m(factor, mscale_all_dim)).
         mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
-        if bool(mscale) != bool(mscale_all):
-            raise UnsupportedConfig(f"yarn mscale={mscale}, mscale_all_dim={mscale_all}: transformers and "
-                                    f"megatron-core scale attention differently unless both or neither are set")
+        if mscale_all and not mscale and float(rope.get("factor") or 1.0) > 1.0:
+            raise UnsupportedConfig(f"yarn mscale_all_dim={mscale_all} without mscale: transformers leaves cos/sin "
+                                    f"at m(factor, 1), megatron-core's MLA divides them by m(factor, mscale_all_dim)")
+        if not (mscale and mscale_all):
+            mscale = 1.0  # what transformers uses in place of a lone mscale
         factor = rope.get("factor")
         orig = rope.get("original_max_position_embeddings")
         if factor is None:
@@ -143,7 +150,7 @@ class DeepSeekV3(MTPMixin, MoEMixin, Llama):
         return {**out, "rope_type": "yarn", "rotary_scaling_factor": float(factor),
                 "original_max_position_embeddings": int(orig or self.cfg.require("max_position_embeddings")),
                 "beta_fast": float(rope.get("beta_fast", 32.0)), "beta_slow": float(rope.get("beta_slow", 1.0)),
-                "mscale": float(mscale or 1.0), "mscale_all_dim": float(mscale_all or 0.0)}
+                "mscale": float(mscale), "mscale_all_dim": float(mscale_all or 0.0)}
 
     def model_settings(self) -> dict:
         self.check_unsupported()
