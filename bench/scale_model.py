@@ -176,7 +176,8 @@ def table(rates: Rates, models: dict = MODELS) -> tuple[str, list[dict]]:
     from mcore_bridge.layout import ParallelLayout
 
     rows, lines = [], [
-        "| model | GPUs | layout | largest rank holds GB (bf16) | reads GB | writes GB | HF -> torch_dist s "
+        "| model | GPUs | layout | largest rank holds GB (bf16) | reads GB (max rank) | writes GB (max rank) "
+        "| HF -> torch_dist s "
         "| torch_dist -> HF s | peak GB import / export | fits "
         f"{rates.device_gb:.0f} GB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, layouts in models.items():
