@@ -4,12 +4,12 @@ from transformers' own parameter count. No timing is measured or asserted."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import scale_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -38,26 +38,9 @@ def test_each_rank_reading_one_nth_is_one_node_share_over_the_node_rate():
 MOE = dict(model_type="qwen3_moe", vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
            num_experts_per_tok=2, tie_word_embeddings=False)
-CASE = """
-import json, sys
-sys.path.insert(0, sys.argv[1] + "/bench"); sys.path.insert(0, sys.argv[1])
-import scale_model as sm
-from mcore_bridge.layout import ParallelLayout
-from tests.published_cases import hf_count
-raw = json.loads(sys.argv[2])
-family, sizes = sm.model_sizes(raw)
-layout = ParallelLayout(ep=4)
-per = sm.loads(family, layout, sizes, False)
-print("LOADS " + json.dumps(dict(hf=hf_count(raw), ranks=[r.__dict__ for r in sm.world_ranks(layout, per)])))
-"""
-
-
-def test_expert_parallel_reads_and_writes_follow_from_the_config():
-    proc = subprocess.run([sys.executable, "-c", CASE, str(ROOT), json.dumps(MOE)], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("LOADS ")), None)
-    assert proc.returncode == 0 and line, proc.stderr[-3000:]
-    got = json.loads(line[len("LOADS "):])
+@pytest.mark.world(1)
+def test_expert_parallel_reads_and_writes_follow_from_the_config(pools):
+    got = pools.get(1).run(scale_cases.ep4_loads, timeout=300, raw=MOE)[0]
     ranks, hf_bytes = got["ranks"], 2 * got["hf"]
     experts = 2 * MOE["num_hidden_layers"] * MOE["num_experts"] * 3 * MOE["hidden_size"] * MOE["moe_intermediate_size"]
     assert len(ranks) == 4
