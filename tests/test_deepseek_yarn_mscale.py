@@ -89,3 +89,12 @@ def test_a_lone_mscale_verifies_against_transformers(lone_mscale_model, pools):
     diff = pools.get(1).run(cases.logits, timeout=300, source=str(lone_mscale_model), layout={})[0]
     print(f"\nDeepSeek-V3 yarn with a lone mscale 0.707: max |megatron - HF| logits {diff:.2e}")
     assert diff < 1e-5, diff
+
+
+def test_an_explicit_attention_factor_is_accepted_where_megatron_derives_the_same():
+    raw = v3(mscale=0.707, mscale_all_dim=0.707, attention_factor=1.0)  # m / m = 1 exactly
+    assert megatron_scales(raw) == pytest.approx(hf_scales(raw), rel=1e-12)
+    other = v3(mscale=0.707, mscale_all_dim=0.707, attention_factor=1.2)
+    with pytest.raises(UnsupportedConfig, match="attention_factor=1.2"):
+        family_for(other).model_settings()
+    assert abs(megatron_scales(raw)[0] / hf_scales(other)[0] - 1) > 0.1  # what megatron would compute instead
