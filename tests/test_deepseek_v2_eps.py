@@ -34,6 +34,7 @@ def test_deepseek_v2_with_another_eps_verifies_against_transformers(v2_eps_model
     fixed = pools.get(1).run(fp8_cases.logits_latent_eps, timeout=300, source=str(v2_eps_model), layout={})[0]
     control = pools.get(1).run(fp8_cases.logits_latent_eps, timeout=300, source=str(v2_eps_model), layout={},
                                latent_eps=1e-5)[0]
-    print(f"\nDeepSeek-V2 rms_norm_eps 1e-5: max |megatron - HF| logits {fixed:.2e}; latent norms at 1e-5 {control:.2e}")
+    print(f"\nDeepSeek-V2 rms_norm_eps 1e-5: max |megatron - HF| logits {fixed:.2e}; "
+          f"latent norms at 1e-5 {control:.2e}")
     assert fixed < 1e-5, fixed
     assert control > 20 * fixed and control > 2e-5, (fixed, control)
