@@ -199,7 +199,8 @@ def test_deepseek_v3_yarn_fields_by_name():
     (dict(norm_topk_prob=False), "norm_topk_prob=false"),
     (dict(num_experts_per_tok=2), "num_experts_per_tok=2 with topk_group=2"),
     (dict(attention_bias=True), "attention_bias"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "mscale": 1.0}), "mscale"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "mscale_all_dim": 1.0}),
+     "mscale_all_dim=1.0 without mscale"),
 ])
 def test_deepseek_v3_refuses_what_megatron_cannot_express(change, message):
     with pytest.raises(UnsupportedConfig, match=message):

@@ -89,7 +89,6 @@ def test_deepseek_v2_lite_query_is_a_plain_projection_in_the_spec():
     (dict(topk_method="noaux_tc"), "topk_method='noaux_tc'"),
     (dict(norm_topk_prob=True), "norm_topk_prob=true"),
     (dict(moe_layer_freq=2), "moe_layer_freq=2"),
-    (dict(rms_norm_eps=1e-5), "rms_norm_eps=1e-05"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(scoring_func="sigmoid"), "scoring_func='sigmoid'"),
 ])

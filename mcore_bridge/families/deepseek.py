@@ -14,6 +14,7 @@ Kimi-K2 (``model_type: kimi_k2``) is this architecture under another name.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -129,21 +130,36 @@ class DeepSeekV3(MTPMixin, MoEMixin, Llama):
             return {**out, "rope_type": "rope"}
         if kind != "yarn":
             raise UnsupportedConfig(f"rope_type={kind!r}: megatron-core's MLA supports default and yarn")
-        if rope.get("truncate", True) is False or rope.get("attention_factor") is not None:
-            raise UnsupportedConfig("yarn with truncate=false or an explicit attention_factor: megatron-core's "
-                                    "MLA yarn rotary has neither")
-        mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
-        if bool(mscale) != bool(mscale_all):
-            raise UnsupportedConfig(f"yarn mscale={mscale}, mscale_all_dim={mscale_all}: transformers and "
-                                    f"megatron-core scale attention differently unless both or neither are set")
+        if rope.get("truncate", True) is False:
+            raise UnsupportedConfig("yarn with truncate=false: megatron-core's MLA yarn rotary always truncates "
+                                    "the correction range")
         factor = rope.get("factor")
         orig = rope.get("original_max_position_embeddings")
         if factor is None:
             raise UnsupportedConfig("yarn rope_parameters without 'factor'")
+        # cos/sin factor. transformers: attention_factor if given, else m(f, mscale) / m(f, mscale_all_dim)
+        # when both mscales are set, else m(f, 1) (a lone mscale is ignored); megatron-core's MLA:
+        # m(f, mscale) / m(f, mscale_all_dim) with m(f, 0) = 1. Both scale the softmax by
+        # m(f, mscale_all_dim)^2. A lone mscale therefore maps to megatron's mscale = 1; whatever else
+        # leaves the two cos/sin factors unequal is refused.
+        f, mscale, mscale_all = float(factor), rope.get("mscale"), rope.get("mscale_all_dim")
+        both = bool(mscale) and bool(mscale_all)
+        given = rope.get("attention_factor")
+        if given is None and mscale_all and not mscale and f > 1.0:
+            raise UnsupportedConfig(f"yarn mscale_all_dim={mscale_all} without mscale: transformers leaves cos/sin "
+                                    f"at m(factor, 1), megatron-core's MLA divides them by m(factor, mscale_all_dim)")
+        hf = float(given) if given is not None else (
+            float(_yarn_m(f, mscale) / _yarn_m(f, mscale_all)) if both else _yarn_m(f))
+        mscale = float(mscale) if both else 1.0
+        megatron = float(_yarn_m(f, mscale) / _yarn_m(f, float(mscale_all or 0.0)))
+        if hf != megatron:
+            raise UnsupportedConfig(
+                f"yarn attention_factor={given}: megatron-core's MLA derives its cos/sin factor from factor, "
+                f"mscale and mscale_all_dim ({megatron}); another value cannot be expressed")
         return {**out, "rope_type": "yarn", "rotary_scaling_factor": float(factor),
                 "original_max_position_embeddings": int(orig or self.cfg.require("max_position_embeddings")),
                 "beta_fast": float(rope.get("beta_fast", 32.0)), "beta_slow": float(rope.get("beta_slow", 1.0)),
-                "mscale": float(mscale or 1.0), "mscale_all_dim": float(mscale_all or 0.0)}
+                "mscale": mscale, "mscale_all_dim": float(mscale_all or 0.0)}
 
     def model_settings(self) -> dict:
         self.check_unsupported()
@@ -210,6 +226,11 @@ class DeepSeekV3(MTPMixin, MoEMixin, Llama):
             rule(A + "linear_kv_up_proj.weight", HA + "kv_b_proj.weight", COLUMN),
             rule(A + "linear_proj.weight", HA + "o_proj.weight", ROW),
         ]
+
+
+def _yarn_m(factor: float, mscale: float = 1.0) -> float:
+    """yarn's attention scale m(factor, mscale), as transformers and megatron-core both define it."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def latent_norm(norm: type) -> type:
