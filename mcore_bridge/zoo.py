@@ -167,9 +167,10 @@ ZOO["internvl"] = dict(
                        image_size=64, patch_size=8, use_qk_norm=True, attention_bias=True, use_mean_pooling=False,
                        norm_type="layer_norm"),
     # transformers zeroes the CLS token and position embeddings and sets every layer scale to 0.1:
-    # random values, so that a misplaced one shows
+    # random values, so that a misplaced one shows, and layer scales near 1, so that each vision
+    # block moves the features well above fp32 noise
     init={"embeddings.cls_token": (0.0, 0.5), "embeddings.position_embeddings": (0.0, 0.5),
-          "lambda_1": (0.1, 0.05), "lambda_2": (0.1, 0.05)})
+          "lambda_1": (1.0, 0.2), "lambda_2": (1.0, 0.2)})
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe", "gpt_oss"]
 MTP = ["deepseek_v3_mtp", "glm4_moe_mtp"]  # MoE with MTP layers (tests/test_mtp.py), kept out of the MoE matrix
