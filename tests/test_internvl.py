@@ -209,9 +209,10 @@ def _verify(pools, zoo_model, ref_cache, world, layout, **kw) -> dict:
     return reports[0]
 
 
-@pytest.mark.world(2)
-def test_verification_passes_fp32_with_image_tiles(pools, zoo_model, ref_cache):
-    r = _verify(pools, zoo_model, ref_cache, 2, L(tp=2, sp=True))
+@pytest.mark.parametrize("layout", [pytest.param(lay, id=lay.short(), marks=pytest.mark.world(2))
+                                    for lay in (L(tp=2, sp=True), L(pp=2))])
+def test_verification_passes_fp32_with_image_tiles(layout, pools, zoo_model, ref_cache):
+    r = _verify(pools, zoo_model, ref_cache, 2, layout)
     assert r["verdict"] == "pass", r["failures"]
     assert r["gate"] == "with_loss" and "mean_diff" not in r["thresholds"]
     m = r["metrics"]
