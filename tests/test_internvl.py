@@ -242,3 +242,25 @@ def test_negative_control_is_caught_and_located(world, layout, control, where, h
     assert control.split(":")[1] in first["mcore_params"]
     order = [e["probe"] for e in r["layers"]]
     assert all(e["ok"] for e in r["layers"][: order.index(where)])  # nothing before it drifted
+
+
+def test_transformers_default_config_maps_at_full_size():
+    """transformers' own ``InternVLConfig()`` (InternViT-300M at 448 px, 14 px patches; a default
+    Qwen2 language model): 256 tokens per tile as its ``image_seq_length`` says, and the rules name
+    exactly the state dict transformers builds for it (on the meta device)."""
+    from transformers import AutoModelForImageTextToText, InternVLConfig
+
+    from mcore_bridge.plan import expected_hf_names, inventory
+
+    cfg = InternVLConfig()
+    fam = _family(cfg.to_dict())
+    v = fam.architecture.model["vision"]
+    assert (v.image_size, v.patch_size, v.tokens_per_tile) == (448, 14, cfg.image_seq_length) == (448, 14, 256)
+    assert fam.tied and fam.architecture.config["num_layers"] == cfg.text_config.num_hidden_layers
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(cfg)
+    memory = set(model.state_dict()) - {"lm_head.weight"}
+    fam.adapt(memory)
+    assert expected_hf_names(inventory(fam, L(tp=2, sp=True, pp=2))) == memory
+    layers = {n.split(".")[4] for n in memory if n.startswith("model.vision_tower.encoder.layer.")}
+    assert layers == {str(i) for i in range(24)}  # the whole 24-layer tower is mapped
