@@ -172,10 +172,21 @@ ZOO["internvl"] = dict(
     init={"embeddings.cls_token": (0.0, 0.5), "embeddings.position_embeddings": (0.0, 0.5),
           "lambda_1": (1.0, 0.2), "lambda_2": (1.0, 0.2)})
 
+# InternVL3's shape (a Qwen2 language model with q/k/v bias; InternViT-300M's choices: no q/k norm,
+# mean pooling, so no final vision norm) and InternVL3.5-MoE's (a Qwen3-MoE language model, untied)
+ZOO["internvl_qwen2"] = dict(
+    ZOO["internvl"], text_config=dict(ZOO["internvl"]["text_config"], model_type="qwen2"),
+    vision_config=dict(ZOO["internvl"]["vision_config"], use_qk_norm=False, use_mean_pooling=True))
+ZOO["internvl_moe"] = dict(
+    ZOO["internvl"], tie_word_embeddings=False,
+    text_config=dict(ZOO["internvl"]["text_config"], model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=48, mlp_only_layers=[0], norm_topk_prob=True,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}))
+
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe", "gpt_oss"]
 MTP = ["deepseek_v3_mtp", "glm4_moe_mtp"]  # MoE with MTP layers (tests/test_mtp.py), kept out of the MoE matrix
 MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
-TILED_VL = ["internvl"]  # vision-language with fixed-size image tiles and 1-D RoPE (tests/test_internvl.py)
+TILED_VL = ["internvl", "internvl_qwen2", "internvl_moe"]  # vision-language with fixed-size image tiles and 1-D RoPE (tests/test_internvl.py)
 QUANTIZED = ["deepseek_v3_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)
 VARIANTS = ["phi3_window"]  # a family's other setting, tested where it matters (tests/test_sliding_window.py)
 DENSE = [n for n in ZOO if n not in MOE + MTP + MULTIMODAL + QUANTIZED + VARIANTS + TILED_VL]

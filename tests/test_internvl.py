@@ -201,18 +201,22 @@ def test_in_memory_spelling_round_trips(pools, zoo_model, tmp_path):
 
 
 # ---- verification -----------------------------------------------------------------------------
-def _verify(pools, zoo_model, ref_cache, world, layout, **kw) -> dict:
-    out = pools.get(world).run(verify_cases.verify, timeout=300, source=str(zoo_model(MODEL)),
+def _verify(pools, zoo_model, ref_cache, world, layout, model=MODEL, **kw) -> dict:
+    out = pools.get(world).run(verify_cases.verify, timeout=300, source=str(zoo_model(model)),
                                layout=layout.to_dict(), reference_cache=ref_cache, **kw)
     reports = [r for r in out if r is not None]
     assert len(reports) == 1
     return reports[0]
 
 
-@pytest.mark.parametrize("layout", [pytest.param(lay, id=lay.short(), marks=pytest.mark.world(2))
-                                    for lay in (L(tp=2, sp=True), L(pp=2))])
-def test_verification_passes_fp32_with_image_tiles(layout, pools, zoo_model, ref_cache):
-    r = _verify(pools, zoo_model, ref_cache, 2, layout)
+VERIFY = [  # InternVL3.5-style (Qwen3 LM) over TP+SP and PP; InternVL3-style (Qwen2 LM); InternVL3.5-MoE over EP
+    (MODEL, 2, L(tp=2, sp=True)), (MODEL, 2, L(pp=2)), ("internvl_qwen2", 1, L()), ("internvl_moe", 2, L(ep=2))]
+
+
+@pytest.mark.parametrize("model,world,layout", [pytest.param(m, w, lay, id=case_id(m, w, lay), marks=pytest.mark.world(w))
+                                                for m, w, lay in VERIFY])
+def test_verification_passes_fp32_with_image_tiles(model, world, layout, pools, zoo_model, ref_cache):
+    r = _verify(pools, zoo_model, ref_cache, world, layout, model)
     assert r["verdict"] == "pass", r["failures"]
     assert r["gate"] == "with_loss" and "mean_diff" not in r["thresholds"]
     m = r["metrics"]
@@ -221,6 +225,8 @@ def test_verification_passes_fp32_with_image_tiles(layout, pools, zoo_model, ref
     probes = [entry["probe"] for entry in r["layers"]]
     assert probes[:4] == ["vision.block.0", "vision.block.1", "vision.block.2", "vision.merger"]
     assert probes[4:] == ["embedding"] + [f"layer.{i}" for i in range(4)] + ["final_norm"]
+    if model == "internvl_moe":
+        assert r["metrics"]["router_agreement"] >= 0.99
 
 
 CONTROLS = [  # (world, layout, control, first diverging probe, an HF tensor behind it)
