@@ -8,7 +8,6 @@ Under sequence parallelism the embedding is built for the whole sequence and sca
 
 from __future__ import annotations
 
-import torch
 from megatron.core.models.gpt import GPTModel
 
 from ..errors import UsageError
