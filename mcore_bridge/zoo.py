@@ -155,12 +155,41 @@ ZOO.update({
                                             deepstack_visual_indexes=[1, 2])),
 })
 
+# InternVL (InternViT + pixel shuffle + projector + a Qwen3 LM): 64 x 64 tiles of 8 x 8 patches,
+# pixel-shuffled to 16 tokens per tile; q/k norms and qkv bias in the vision tower; its final norm
+# kept (use_mean_pooling off); tied embeddings (the outer config decides); dynamic-NTK RoPE as
+# InternVL3's configs declare it (the default frequencies below max_position_embeddings).
+ZOO["internvl"] = dict(
+    model_type="internvl", tie_word_embeddings=True, image_token_id=999, image_seq_length=16, downsample_ratio=0.5,
+    text_config=dict(_VL_TEXT, model_type="qwen3", head_dim=32, use_sliding_window=False,
+                     rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1000000.0}),
+    vision_config=dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                       image_size=64, patch_size=8, use_qk_norm=True, attention_bias=True, use_mean_pooling=False,
+                       norm_type="layer_norm"),
+    # transformers zeroes the CLS token and position embeddings and sets every layer scale to 0.1:
+    # random values, so that a misplaced one shows, and layer scales near 1, so that each vision
+    # block moves the features well above fp32 noise
+    init={"embeddings.cls_token": (0.0, 0.5), "embeddings.position_embeddings": (0.0, 0.5),
+          "lambda_1": (1.0, 0.2), "lambda_2": (1.0, 0.2)})
+
+# InternVL3's shape (a Qwen2 language model with q/k/v bias; InternViT-300M's choices: no q/k norm,
+# mean pooling, so no final vision norm) and InternVL3.5-MoE's (a Qwen3-MoE language model, untied)
+ZOO["internvl_qwen2"] = dict(
+    ZOO["internvl"], text_config=dict(ZOO["internvl"]["text_config"], model_type="qwen2"),
+    vision_config=dict(ZOO["internvl"]["vision_config"], use_qk_norm=False, use_mean_pooling=True))
+ZOO["internvl_moe"] = dict(
+    ZOO["internvl"], tie_word_embeddings=False,
+    text_config=dict(ZOO["internvl"]["text_config"], model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=48, mlp_only_layers=[0], norm_topk_prob=True,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}))
+
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe", "gpt_oss"]
 MTP = ["deepseek_v3_mtp", "glm4_moe_mtp"]  # MoE with MTP layers (tests/test_mtp.py), kept out of the MoE matrix
 MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+TILED_VL = ["internvl", "internvl_qwen2", "internvl_moe"]  # vision-language with fixed-size image tiles and 1-D RoPE (tests/test_internvl.py)
 QUANTIZED = ["deepseek_v3_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)
 VARIANTS = ["phi3_window"]  # a family's other setting, tested where it matters (tests/test_sliding_window.py)
-DENSE = [n for n in ZOO if n not in MOE + MTP + MULTIMODAL + QUANTIZED + VARIANTS]
+DENSE = [n for n in ZOO if n not in MOE + MTP + MULTIMODAL + QUANTIZED + VARIANTS + TILED_VL]
 TEXT = DENSE + MOE
 
 
@@ -327,6 +356,18 @@ def _add_mtp(out: Path, main_layers: int, mtp: int, seed: int):
 
 
 def image_processor(cfg):
+    """The model's real image processor (PIL backend: no torchvision needed): InternVL's tiling one
+    (GotOcr2: up to 4 tiles + a thumbnail), else Qwen-VL's."""
+    if cfg.model_type == "internvl":
+        from transformers import GotOcr2ImageProcessorPil
+
+        side = cfg.vision_config.image_size[0]
+        return GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=True, min_patches=1,
+                                        max_patches=4)
+    return _qwen_image_processor(cfg)
+
+
+def _qwen_image_processor(cfg):
     """The real Qwen-VL image processor (PIL backend: no torchvision needed) for a vision config;
     it accepts any image whose sides are multiples of patch x merge up to 16 x 16 such tiles."""
     from transformers import Qwen2VLImageProcessorPil

@@ -36,6 +36,8 @@ class Sample:
         out = {"name": self.name, "tokens": int(self.input_ids.numel()), "loss_tokens": self.loss_tokens}
         if "image_grid_thw" in self.vision:
             out["images"] = self.vision["image_grid_thw"].tolist()
+        elif "pixel_values" in self.vision:  # image tiles (InternVL)
+            out["tiles"] = int(self.vision["pixel_values"].shape[0])
         return out
 
 
@@ -90,7 +92,12 @@ IMAGE_SAMPLES = {"image": [(3, 4)], "images-2": [(2, 5), (4, 2)]}
 
 def multimodal_samples(family, model_dir: Path | None, lengths=LENGTHS, seed: int = 7) -> list[Sample]:
     """Image samples (synthetic pixels through the model's real image processor; loss only on the
-    text after the last image) and text-only samples, all with transformers' 3-D position ids."""
+    text after the last image) and text-only samples, all with transformers' 3-D position ids.
+    Models whose images are fixed-size tiles (``family.vision_input == "tiles"``): ``tile_inputs``."""
+    if getattr(family, "vision_input", None) == "tiles":
+        from .tile_inputs import tile_samples
+
+        return tile_samples(family, model_dir, lengths, seed)
     from mcore_bridge.families.qwen_vl import hf_config
     from mcore_bridge.families.vl_model import mrope_position_ids
 

@@ -45,6 +45,16 @@ def vision_targets(visual) -> list:
     return targets
 
 
+def _tower_targets(inner) -> list:
+    """The same probes on a transformers ``vision_tower`` + ``multi_modal_projector`` model
+    (InternVL): its layers, then the projector (megatron's ``visual.merger`` ends with it)."""
+    tower = getattr(inner, "vision_tower", None)
+    if tower is None:
+        return []
+    targets = [(f"vision.block.{i}", block) for i, block in enumerate(tower.encoder.layer)]
+    return targets + [("vision.merger", inner.multi_modal_projector)]
+
+
 def _unbatched(hidden):
     return hidden.float()[None]
 
@@ -57,7 +67,7 @@ def hf_probes(model, store: dict):
     targets = [("embedding", inner.embed_tokens)]
     targets += [(f"layer.{i}", layer) for i, layer in enumerate(inner.layers)]
     targets.append(("final_norm", inner.norm))
-    vision = vision_targets(getattr(model.model, "visual", None))
+    vision = vision_targets(getattr(model.model, "visual", None)) or _tower_targets(model.model)
     with _hooked(targets, store, lambda hidden: hidden.float()), _hooked(vision, store, _unbatched), \
             _hf_routing(inner.layers, store):
         yield store

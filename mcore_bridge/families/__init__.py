@@ -9,6 +9,7 @@ from .gemma import Gemma3Text
 from .glm4 import Glm4
 from .glm4_moe import Glm4Moe
 from .gpt_oss import GptOss
+from .internvl import InternVL
 from .llama import Llama
 from .moe import Mixtral, Qwen2MoE, Qwen3MoE
 from .olmoe import Olmoe
@@ -18,7 +19,7 @@ from .qwen_vl import Qwen2VL, Qwen3VL, Qwen3VLMoE, Qwen25VL
 
 FAMILIES: dict[str, type[Family]] = {}
 for _cls in (Llama, Qwen2, Qwen3, Mixtral, Qwen2MoE, Qwen3MoE, DeepSeekV3, DeepSeekV2, Glm4Moe, Olmoe, GptOss, Qwen2VL,
-             Qwen25VL, Qwen3VL, Qwen3VLMoE, Gemma3Text, Phi3, Glm4):
+             Qwen25VL, Qwen3VL, Qwen3VLMoE, Gemma3Text, Phi3, Glm4, InternVL):
     for _t in _cls.model_types:
         FAMILIES[_t] = _cls
 
