@@ -41,6 +41,10 @@ def _same(ref: dict, got: dict, what: str) -> None:
     assert got["names"] == ref["names"]
     for name, a, b in zip(ref["names"], ref["losses"], got["losses"]):
         assert abs(a - b) <= 1e-5 * abs(a), f"{what}: loss of {name}: {b} vs {a}"
+    _same_grads(ref, got, what)
+
+
+def _same_grads(ref: dict, got: dict, what: str) -> None:
     c = compare(ref["grads"], got["grads"], rel_max=TIGHT, cos_min=1 - 1e-9)
     assert not c["failures"] and not c["missing"] and len(c["params"]) == len(ref["grads"]), (what, c["failures"])
     assert any("deepstack" in n or "merger" in n for n in ref["grads"])  # the vision side is compared too
@@ -74,6 +78,10 @@ def test_recompute_and_packing_match_the_plain_run(model, pools, zoo_model):
         _same(ref, got, f"recompute {training}")
     packed = _run(pools, 1, src, L(), packed=True)
     _same(ref, packed, "packed")
+    if deepstack:  # one sample's gradient alone (the others weighted 0): packed = on its own
+        one = [0.0, 1.0, 0.0]
+        _same(_run(pools, 1, src, L(), weights=one), _run(pools, 1, src, L(), packed=True, weights=one),
+              "packed, sample 1's gradient")
 
 
 @pytest.mark.world(1)
@@ -87,6 +95,14 @@ def test_wrong_packed_position_offset_is_caught_in_its_sample(pools, zoo_model):
     assert rel[0] < 1e-6 and rel[2] < 1e-6 and rel[1] > 1e-4, rel
     c = compare(ref["grads"], bad["grads"], rel_max=TIGHT)
     assert c["failures"] and c["first_diverging"] is not None
+    # per-sample gradients: the other samples' are untouched, sample 1's diverges
+    others = [1.0, 0.0, 1.0]
+    _same_grads(_run(pools, 1, src, L(), weights=others),
+                _run(pools, 1, src, L(), packed=True, bad_offset=(1, 3), weights=others), "samples 0 and 2")
+    one = [0.0, 1.0, 0.0]
+    c = compare(_run(pools, 1, src, L(), weights=one)["grads"],
+                _run(pools, 1, src, L(), packed=True, bad_offset=(1, 3), weights=one)["grads"], rel_max=TIGHT)
+    assert c["failures"], "sample 1's gradient should diverge"
 
 
 @pytest.mark.world(1)

@@ -26,11 +26,12 @@ def _build(source: str, layout: dict, training: dict | None):
     return bridge, models
 
 
-def _backward(ddp, batches, vocab: int) -> list[float] | None:
+def _backward(ddp, batches, vocab: int, weights=None) -> list[float] | None:
     """One backward over ``batches`` (each: input_ids [1, T], position_ids [3, 1, T], vision,
     packed_seq_params or None, labels [T], bounds [(start, end)] of its samples); the loss is the
-    summed next-token cross-entropy of every sample over all loss tokens. Returns each sample's
-    summed loss in order (tensor-parallel rank 0; None elsewhere)."""
+    summed next-token cross-entropy of every sample (times its ``weights`` entry: 0 leaves a sample
+    out of the gradient) over all loss tokens. Returns each sample's summed loss in order
+    (tensor-parallel rank 0; None elsewhere)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -55,8 +56,10 @@ def _backward(ddp, batches, vocab: int) -> list[float] | None:
         def loss_func(logits):
             full = gather_from_tensor_model_parallel_region(logits)[0, :, :vocab].float()
             parts = [loss_sum(full[lo:hi], b["labels"][lo:hi]) for lo, hi in b["bounds"]]
+            first = len(losses)
             losses.extend(float(p.detach()) for p in parts)
-            return torch.stack(parts).sum() * (n / total), {}
+            w = torch.tensor([1.0 if weights is None else float(weights[first + i]) for i in range(len(parts))])
+            return (torch.stack(parts) * w).sum() * (n / total), {}
 
         return out, loss_func
 
@@ -69,7 +72,8 @@ def _backward(ddp, batches, vocab: int) -> list[float] | None:
 
 
 def train_grads(source: str, layout: dict, training: dict | None = None, packed: bool = False,
-                bad_offset: tuple[int, int] | None = None, control: str | None = None) -> dict | None:
+                bad_offset: tuple[int, int] | None = None, control: str | None = None,
+                weights: list[float] | None = None) -> dict | None:
     """Per-sample losses, the gradients (HF names, fp32) of one backward pass and how often the
     layers / core attentions ran (recomputation runs them again); rank 0 only."""
     from mcore_bridge.families.vl_train import pack
@@ -94,7 +98,7 @@ def train_grads(source: str, layout: dict, training: dict | None = None, packed:
         handles.append(layer.self_attention.core_attention.register_forward_hook(
             lambda *_: calls.__setitem__("core_attention", calls["core_attention"] + 1)))
     ddp = wrap_ddp(models)
-    losses = _backward(ddp, batches, int(bridge.family.cfg.require("vocab_size")))
+    losses = _backward(ddp, batches, int(bridge.family.cfg.require("vocab_size")), weights)
     for h in handles:
         h.remove()
     grads = megatron_grads(bridge, models)

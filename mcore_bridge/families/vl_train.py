@@ -11,15 +11,17 @@ forward it replays. A decoder-only GPT layer has no cross-attention (``IdentityO
 carries nothing else; ``DeepstackLayer`` keeps ``context`` away from the layer's own forward and
 adds its slice to the layer's output.
 
-Packed sequences. megatron-core's local ``DotProductAttention`` (the only core attention without
-TransformerEngine) asserts ``packed_seq_params is None`` (0.16.1 and 0.19.2 measured).
-``PackedLocalAttention`` is a scoped CPU adaptation, installed on this model's own attention
-modules only (no global patch): a THD call ([T, heads, dim] with ``cu_seqlens``) runs as one
-batch row with a block-diagonal causal mask, which is what THD attention computes. Everything
+Packed sequences. megatron-core's local ``DotProductAttention`` (the core attention of the local
+spec the bridge builds with, on CPU and GPU) asserts ``packed_seq_params is None`` (0.16.1 and
+0.19.2 measured). ``PackedLocalAttention`` is a scoped adaptation, installed on this model's own
+attention modules only (no global patch): a THD call ([T, heads, dim] with ``cu_seqlens``) runs as
+one batch row with a block-diagonal causal mask, which is what THD attention computes (dense
+[T, T] scores: memory grows with the square of the packed length; a fused THD kernel needs
+TransformerEngine's attention). Everything
 around it is megatron's own THD path: the RoPE of each packed sample is applied by
 ``apply_rotary_pos_emb`` with ``cu_seqlens`` over the whole packed frequency table, so each sample
-keeps the 3-D mRoPE positions transformers' ``get_rope_index`` gave it. With TransformerEngine the
-attention module is TE's, which takes THD natively, and nothing is swapped.
+keeps the 3-D mRoPE positions transformers' ``get_rope_index`` gave it. An attention module that is
+not the local one (TransformerEngine's, which takes THD natively) is left alone.
 """
 
 from __future__ import annotations
