@@ -190,3 +190,17 @@ def test_moe_training_options_reach_the_config(zoo_model):
         transformer_config(family, L(), torch.float32, "cpu", training=TrainOptions(moe_permute_fusion=True))
     with pytest.raises(UsageError, match=r"recompute_granularity='full': megatron-core refused .*recompute_method"):
         transformer_config(family, L(), torch.float32, "cpu", training=TrainOptions(recompute_granularity="full"))
+
+
+@pytest.mark.world(1)
+def test_moe_aux_loss_and_capacity_act_in_training(pools, zoo_model):
+    """The options are live in the backward: the auxiliary loss leaves the LM loss alone and moves
+    the router's gradient; a capacity factor below 1 drops tokens, so the losses move."""
+    src = zoo_model("qwen3_vl_moe")
+    ref = _run(pools, 1, src, L())
+    aux = _run(pools, 1, src, L(), training={"moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": 1e-2})
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(ref["losses"], aux["losses"]))
+    c = compare(ref["grads"], aux["grads"], rel_max=TIGHT)
+    assert any(p["name"].endswith("mlp.gate.weight") and not p["ok"] for p in c["params"]), c["failures"]
+    dropped = _run(pools, 1, src, L(), training={"moe_expert_capacity_factor": 0.5})
+    assert all(abs(a - b) > 1e-4 for a, b in zip(ref["losses"], dropped["losses"])), dropped["losses"]
