@@ -146,6 +146,10 @@ def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = tor
     layout.validate(**family.layout_dims())
     family.check_layout(layout)
     grouped_experts = grouped_experts or bool(training is not None and training.moe_grouped_gemm)
+    if training is not None:
+        from .train_options import check_freeze
+
+        check_freeze(family, training.freeze)
     _check_grouped_experts(family, grouped_experts)
     config = transformer_config(family, layout, dtype, device, grouped_experts, training)
     model_kw = dict(arch.model)

@@ -68,11 +68,34 @@ class TrainOptions:
                 if getattr(self, f.name) != f.default]
 
 
+# megatron-side names: the vision tower and its projector(s) live under ``visual.`` (first stage)
+PROJECTOR_PREFIXES = ("visual.merger.", "visual.deepstack_merger_list.", "visual.multi_modal_projector.")
+
+
+def part_of(name: str) -> str:
+    """``vision`` (the vision tower), ``projector`` (the merger(s) into the language model's
+    width) or ``language``, for a megatron-side parameter name."""
+    if name.startswith(PROJECTOR_PREFIXES):
+        return "projector"
+    if name.startswith("visual."):
+        return "vision"
+    return "language"
+
+
+def check_freeze(family, parts) -> None:
+    """A vision part frozen on a model without one is a mistake: refuse it, naming the family."""
+    wrong = [p for p in parts if p != "language"]
+    if wrong and not getattr(family, "multimodal", False):
+        raise UsageError(f"freeze {tuple(parts)}: {family.name} has no vision tower or projector; only "
+                         f"'language' applies to a text model")
+
+
 def freeze(models, parts) -> int:
-    """``requires_grad=False`` on the parameters of ``parts`` (see ``PARTS``) in this rank's
-    chunks; call it before wrapping the chunks in megatron's DDP (which allocates gradient buffers
-    only for trainable parameters, as megatron's optimizer takes only those). Returns how many
-    tensors were frozen here. A vision part on a model without a vision tower is an error."""
+    """``requires_grad=False`` on the parameters of ``parts`` (see ``PARTS``, ``part_of``) in this
+    rank's chunks; call it before wrapping the chunks in megatron's DDP (which allocates gradient
+    buffers only for trainable parameters, as megatron's optimizer takes only those). Returns how
+    many tensors were frozen on this rank (a pipeline stage without the vision tower freezes none
+    of it)."""
     parts = tuple(parts)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -80,13 +103,8 @@ def freeze(models, parts) -> int:
     frozen = 0
     for chunk in models:
         module = getattr(chunk, "module", chunk)
-        part_of = getattr(module, "part_of", None)
-        if part_of is None and set(parts) - {"language"}:
-            raise UsageError(f"freeze {parts}: {type(module).__name__} has no vision tower or projector; "
-                             f"only 'language' applies to a text model")
         for name, p in module.named_parameters():
-            part = part_of(name) if part_of is not None else "language"
-            if part in parts:
+            if part_of(name) in parts:
                 p.requires_grad_(False)
                 frozen += 1
     return frozen

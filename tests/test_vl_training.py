@@ -145,9 +145,11 @@ def test_frozen_parts_get_no_gradient_and_no_update(pools, zoo_model):
     assert p["params"] > 0 and p["trainable"] == p["with_grad"] == p["changed"] == p["params"], s
 
 
-def test_parts_and_freeze_errors():
-    from mcore_bridge.families.vl_train import part_of
-    from mcore_bridge.train_options import TrainOptions, freeze
+def test_parts_and_freeze_errors(zoo_model):
+    import json
+
+    from mcore_bridge.families import family_for
+    from mcore_bridge.train_options import TrainOptions, check_freeze, freeze, part_of
 
     assert part_of("visual.blocks.0.attn.qkv.weight") == "vision"
     assert part_of("visual.merger.linear_fc1.weight") == "projector"
@@ -156,10 +158,14 @@ def test_parts_and_freeze_errors():
     assert part_of("embedding.word_embeddings.weight") == "language"
     with pytest.raises(UsageError, match=r"freeze=\('tower',\).*unknown part.*'vision', 'projector', 'language'"):
         TrainOptions(freeze=("tower",))
-    text = torch.nn.Linear(2, 2)
-    with pytest.raises(UsageError, match="Linear has no vision tower .* only 'language'"):
-        freeze([text], ["vision"])
-    assert freeze([text], ["language"]) == 2 and not text.weight.requires_grad
+    text = family_for(json.loads((zoo_model("qwen3") / "config.json").read_text()))
+    with pytest.raises(UsageError, match=r"freeze \('vision',\): qwen3 has no vision tower .* only 'language'"):
+        check_freeze(text, ["vision"])
+    check_freeze(text, ["language"])
+    check_freeze(family_for(json.loads((zoo_model("qwen2_vl") / "config.json").read_text())), ["vision"])
+    lin = torch.nn.Linear(2, 2)
+    assert freeze([lin], ["vision"]) == 0 and lin.weight.requires_grad  # nothing of a vision tower here
+    assert freeze([lin], ["language"]) == 2 and not lin.weight.requires_grad
 
 
 # ---- MoE training options ---------------------------------------------------------------------------

@@ -126,6 +126,7 @@ def freeze_step(source: str, layout: dict, parts: list[str]) -> dict | None:
     """Build with ``freeze=parts``, one backward and one step of megatron's optimizer; per part:
     parameters, how many are trainable, have a gradient, changed in the step. Rank 0 only."""
     from mcore_bridge.runtime import dist as rt
+    from mcore_bridge.train_options import part_of
     from verify.grad import wrap_ddp
     from verify.train import AdamW, megatron_optimizer
 
@@ -144,7 +145,7 @@ def freeze_step(source: str, layout: dict, parts: list[str]) -> dict | None:
     sched.step(1)
     summary = {}
     for n, p in chunk.named_parameters():
-        s = summary.setdefault(chunk.part_of(n), {"params": 0, "trainable": 0, "with_grad": 0, "changed": 0})
+        s = summary.setdefault(part_of(n), {"params": 0, "trainable": 0, "with_grad": 0, "changed": 0})
         s["params"] += 1
         s["trainable"] += int(p.requires_grad)
         s["with_grad"] += int(n in with_grad)

@@ -20,7 +20,7 @@ from megatron.core.models.gpt import GPTModel
 
 from ..errors import UsageError
 from .qwen_vl import VisionSettings, build_vision
-from .vl_train import enable_packed_attention, make_deepstack_layer, part_of
+from .vl_train import enable_packed_attention, make_deepstack_layer
 
 
 class InterleavedMRoPE(MultimodalRotaryEmbedding):
@@ -66,11 +66,6 @@ class VisionLanguageGPT(GPTModel):
             # the features reach these layers as a forward argument (the block's ``context``), so
             # activation recomputation replays them too (see vl_train)
             make_deepstack_layer(self.decoder.layers[k], k)
-
-    @staticmethod
-    def part_of(name: str) -> str:
-        """``vision`` / ``projector`` / ``language``: the part a parameter belongs to (freezing)."""
-        return part_of(name)
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, *args,
                 pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, **kwargs):

@@ -1,6 +1,5 @@
 """Training pieces of the vision-language model (``vl_model.VisionLanguageGPT``): deepstack
-features passed through the transformer block, packed (THD) sequences, and which part of the
-model a parameter belongs to (for freezing).
+features passed through the transformer block, and packed (THD) sequences.
 
 Deepstack through the block. Qwen3-VL adds vision features to the outputs of the first language
 layers. They travel as the block's ``context`` argument, stacked ``[k, S, B, H]``: megatron's
@@ -190,17 +189,3 @@ def pack(samples, align: int = 1, pad_id: int = 0, bad_offset: tuple[int, int] |
         if parts:
             vision[key] = torch.cat(parts, dim=dim)
     return PackedBatch(torch.cat(ids)[None], position_ids[:, None], torch.cat(labels), vision, params, bounds)
-
-
-# ---- parts (freezing) -----------------------------------------------------------------------------
-PROJECTOR_PREFIXES = ("visual.merger.", "visual.deepstack_merger_list.")
-
-
-def part_of(name: str) -> str:
-    """``vision`` (the vision tower), ``projector`` (its merger(s) into the language model's width)
-    or ``language`` for a megatron-side parameter name of the vision-language model."""
-    if name.startswith(PROJECTOR_PREFIXES):
-        return "projector"
-    if name.startswith("visual."):
-        return "vision"
-    return "language"
