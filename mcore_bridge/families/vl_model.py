@@ -7,8 +7,9 @@ output replaces the token embeddings at image/video positions, exactly as transf
 added to the outputs of the first language layers at the same positions, passed to them through
 the transformer block as a forward argument so that activation recomputation replays them
 (``vl_train``); those layers must sit on the first pipeline stage, next to the vision tower.
-Packed sequences (THD ``packed_seq_params``) keep each sample's own mRoPE positions. Under sequence parallelism the embedding is
-built for the whole sequence and scattered afterwards, so vision features land where they belong.
+Packed sequences (THD ``packed_seq_params``) keep each sample's own mRoPE positions. Under
+sequence parallelism the embedding is built for the whole sequence and scattered afterwards, so
+vision features land where they belong.
 """
 
 from __future__ import annotations
