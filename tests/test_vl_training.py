@@ -210,3 +210,31 @@ def test_moe_aux_loss_and_capacity_act_in_training(pools, zoo_model):
     assert any(p["name"].endswith("mlp.gate.weight") and not p["ok"] for p in c["params"]), c["failures"]
     dropped = _run(pools, 1, src, L(), training={"moe_expert_capacity_factor": 0.5})
     assert all(abs(a - b) > 1e-4 for a, b in zip(ref["losses"], dropped["losses"])), dropped["losses"]
+
+
+def test_pack_layout_and_mask():
+    """Two samples of 2 and 3 tokens packed to a multiple of 4: the padding is a third segment
+    without loss; the mask lets a token see only its own sample's past."""
+    from mcore_bridge.families.vl_train import pack, packed_mask
+    from verify.inputs import Sample
+
+    def sample(n, start):
+        ids = torch.arange(start, start + n)
+        return Sample(f"s{n}", ids, ids.clone(), torch.arange(n).expand(3, n) + torch.tensor([[0], [1], [2]]),
+                      {"image_grid_thw": torch.tensor([[1, 2, 2]]) * n})
+
+    p = pack([sample(2, 10), sample(3, 20)], align=4)
+    assert p.input_ids.tolist() == [[10, 11, 20, 21, 22, 0, 0, 0]]
+    assert p.labels.tolist() == [10, 11, 20, 21, 22, -100, -100, -100]
+    assert p.bounds == [(0, 2), (2, 5)]
+    assert p.packed_seq_params.qkv_format == "thd" and p.packed_seq_params.max_seqlen_q == 3
+    assert p.packed_seq_params.cu_seqlens_q.tolist() == [0, 2, 5, 8]
+    assert p.position_ids.shape == (3, 1, 8) and p.position_ids[:, 0, 2:5].tolist() == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
+    assert p.vision["image_grid_thw"].tolist() == [[2, 4, 4], [3, 6, 6]]
+    allowed = ~packed_mask(p.packed_seq_params.cu_seqlens_q, 8, "cpu")[0, 0]
+    expect = torch.zeros(8, 8, dtype=torch.bool)
+    for lo, hi in [(0, 2), (2, 5), (5, 8)]:
+        expect[lo:hi, lo:hi] = torch.ones(hi - lo, hi - lo, dtype=torch.bool).tril()
+    assert torch.equal(allowed, expect)
+    bad = pack([sample(2, 10), sample(3, 20)], align=4, bad_offset=(1, 5))
+    assert bad.position_ids[0, 0, 2:5].tolist() == [0, 6, 7]  # the offset one token late
