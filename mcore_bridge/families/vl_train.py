@@ -90,7 +90,8 @@ class PackedLocalAttention:
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if packed_seq_params is None:
-            if attention_mask is None and attn_mask_type == AttnMaskType.causal and query.device.type == "cpu":
+            causal = (attn_mask_type if attn_mask_type is not None else self.attn_mask_type) == AttnMaskType.causal
+            if attention_mask is None and causal and query.device.type == "cpu":
                 # the mask megatron's softmax would build with device="cuda" (transformer/utils.py);
                 # compat's CUDA-to-CPU redirection is off inside backward, where recomputation runs
                 attention_mask = torch.triu(torch.ones(query.shape[0], key.shape[0], dtype=torch.bool), 1)
