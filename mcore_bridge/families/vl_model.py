@@ -57,7 +57,7 @@ class VisionLanguageGPT(GPTModel):
         if vision.mrope_interleaved:
             # same module and state, another frequency selection (see InterleavedMRoPE)
             self.rotary_pos_emb.__class__ = InterleavedMRoPE
-        # THD packed sequences through megatron's local attention (a no-op with TransformerEngine)
+        # THD packed sequences through megatron's local attention, which asserts on them (see vl_train)
         enable_packed_attention(self.decoder)
         if not self.pre_process:
             return
