@@ -129,15 +129,17 @@ class Bridge:
 
     @functools.partial(_scoped, reinit=None)
     def build_model(self, dtype: torch.dtype | str = torch.float32, parallel_output: bool = True,
-                    grouped_experts: bool = False) -> list:
+                    grouped_experts: bool = False, training=None) -> list:
         """This rank's model chunks. ``grouped_experts``: MoE experts in one grouped-GEMM module
-        per layer (megatron-core 0.16's legacy GroupedMLP) instead of SequentialMLP."""
+        per layer (megatron-core 0.16's legacy GroupedMLP) instead of SequentialMLP. ``training``:
+        ``TrainOptions`` (recomputation, MoE training options, frozen parts)."""
         from .model import build_model
 
         if self.device is None:
             self.setup()
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        return build_model(self.family, self.layout, dtype, self.device, parallel_output, grouped_experts)
+        return build_model(self.family, self.layout, dtype, self.device, parallel_output, grouped_experts,
+                           training)
 
     # -- LoRA --------------------------------------------------------------------------------
     @_scoped

@@ -11,7 +11,9 @@ from .lora import is_lora_param
 
 
 def transformer_config(family: Family, layout: ParallelLayout, dtype: torch.dtype, device: str,
-                       grouped: bool = False):
+                       grouped: bool = False, training=None):
+    """``training``: ``train_options.TrainOptions`` (recomputation, MoE training options), set
+    over the execution defaults; megatron-core validates them (its refusal -> ``UsageError``)."""
     arch = family.architecture
     kw = dict(arch.config)
     first, last = layout.first_stage_layers, layout.last_stage_layers
@@ -19,6 +21,19 @@ def transformer_config(family: Family, layout: ParallelLayout, dtype: torch.dtyp
         # Same split (validated: first + last == num_layers), but megatron-core's layer offset
         # divides by the number of middle stages (0 here) under vpp: pass only the first size.
         last = None
+    runtime = moe_runtime(kw, layout, grouped)
+    if training is not None:
+        runtime.update(training.config_kwargs(moe=bool(kw.get("num_moe_experts"))))
+    try:
+        return _config(arch, kw, layout, dtype, device, first, last, runtime)
+    except (ValueError, AssertionError, ImportError) as e:
+        if training is None:
+            raise
+        raise UsageError(f"training options {', '.join(training.set_fields())}: megatron-core refused the "
+                         f"config: {type(e).__name__}: {e}") from e
+
+
+def _config(arch, kw, layout, dtype, device, first, last, runtime):
     return arch.config_class()(
         **kw,
         tensor_model_parallel_size=layout.tp,
@@ -42,7 +57,7 @@ def transformer_config(family: Family, layout: ParallelLayout, dtype: torch.dtyp
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
-        **moe_runtime(kw, layout, grouped),
+        **runtime,
     )
 
 
@@ -113,7 +128,8 @@ def forward_unsupported(layout: ParallelLayout) -> str | None:
 
 
 def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = torch.float32,
-                device: str = "cpu", parallel_output: bool = True, grouped_experts: bool = False) -> list:
+                device: str = "cpu", parallel_output: bool = True, grouped_experts: bool = False,
+                training=None) -> list:
     """This rank's model chunks (one per virtual pipeline stage). Needs ``runtime.dist.setup``.
     ``grouped_experts``: MoE experts as one grouped-GEMM module per layer instead of SequentialMLP
     (megatron-core 0.16's legacy GroupedMLP in the local spec; refused where the local spec has none,
@@ -121,14 +137,21 @@ def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = tor
 
     At cp > 1 the chunks are built with ``context_parallel_size=1`` in their config (the local
     spec cannot build CP attention, see ``CP_ATTENTION``): they hold the same weights as CP-built
-    ones, the parallel state has the CP groups, and their forward is refused (``forward_unsupported``)."""
+    ones, the parallel state has the CP groups, and their forward is refused (``forward_unsupported``).
+
+    ``training``: ``train_options.TrainOptions`` (recomputation, MoE options, frozen parts)."""
     from megatron.core import parallel_state as ps
 
     arch = family.architecture
     layout.validate(**family.layout_dims())
     family.check_layout(layout)
+    grouped_experts = grouped_experts or bool(training is not None and training.moe_grouped_gemm)
+    if training is not None:
+        from .train_options import check_freeze
+
+        check_freeze(family, training.freeze)
     _check_grouped_experts(family, grouped_experts)
-    config = transformer_config(family, layout, dtype, device, grouped_experts)
+    config = transformer_config(family, layout, dtype, device, grouped_experts, training)
     model_kw = dict(arch.model)
     model_kw["vocab_size"] = padded_vocab_size(model_kw["vocab_size"], layout.tp)
     model_class = arch.model_class()
@@ -149,6 +172,10 @@ def build_model(family: Family, layout: ParallelLayout, dtype: torch.dtype = tor
                                f"expected {expected}: layout arithmetic disagrees with this megatron-core")
         _check_experts_built(chunk, grouped_experts)
         chunks.append(chunk.eval())
+    if training is not None and training.freeze:
+        from .train_options import freeze
+
+        freeze(chunks, training.freeze)
     return chunks
 
 

@@ -19,8 +19,8 @@ def _first(output):
 @contextlib.contextmanager
 def _hooked(targets, store: dict, convert, pick=_first):
     """Record ``convert(pick(output))`` of each ``(name, module)`` into ``store`` (first call wins).
-    The hooks run before any hook the model itself registered (megatron's deepstack additions),
-    so a layer's probe is its own output, as on the HF side."""
+    The hooks run before any hook the model itself registered, so a layer's probe is its own
+    output, as on the HF side."""
     def hook_for(name):
         def hook(_module, _inputs, out):
             store.setdefault(name, convert(pick(out).detach()).cpu())
@@ -129,7 +129,9 @@ def megatron_probes(models, store: dict, sequence_parallel: bool):
             sharded = getattr(chunk.embedding, "scatter_to_sequence_parallel", True)
             (targets if sharded else whole).append(("embedding", chunk.embedding))
             vision += vision_targets(getattr(chunk, "visual", None))
-        targets += [(f"layer.{layer.layer_number - 1}", layer) for layer in chunk.decoder.layers]
+        # a deepstack layer's own output is seen before its vision addition, as on the HF side
+        targets += [(f"layer.{layer.layer_number - 1}", getattr(layer, "before_deepstack", layer))
+                    for layer in chunk.decoder.layers]
         if getattr(chunk, "post_process", False) and chunk.decoder.final_layernorm is not None:
             targets.append(("final_norm", chunk.decoder.final_layernorm))
         if getattr(chunk, "mtp_process", False):  # MTP layers: output after their final norm (verify.mtp)

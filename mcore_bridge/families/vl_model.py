@@ -4,9 +4,12 @@ the real transformers vision tower on the first pipeline stage.
 The vision tower (with its merger) is kept whole and replicated across tensor-parallel ranks; its
 output replaces the token embeddings at image/video positions, exactly as transformers'
 ``masked_scatter`` does. Qwen3-VL's deepstack features (taken from intermediate vision blocks) are
-added to the outputs of the first language layers at the same positions; those layers must sit on
-the first pipeline stage, next to the vision tower. Under sequence parallelism the embedding is
-built for the whole sequence and scattered afterwards, so vision features land where they belong.
+added to the outputs of the first language layers at the same positions, passed to them through
+the transformer block as a forward argument so that activation recomputation replays them
+(``vl_train``); those layers must sit on the first pipeline stage, next to the vision tower.
+Packed sequences (THD ``packed_seq_params``) keep each sample's own mRoPE positions. Under
+sequence parallelism the embedding is built for the whole sequence and scattered afterwards, so
+vision features land where they belong.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from megatron.core.models.gpt import GPTModel
 
 from ..errors import UsageError
 from .qwen_vl import VisionSettings, build_vision
+from .vl_train import enable_packed_attention, make_deepstack_layer
 
 
 class InterleavedMRoPE(MultimodalRotaryEmbedding):
@@ -53,37 +57,31 @@ class VisionLanguageGPT(GPTModel):
         if vision.mrope_interleaved:
             # same module and state, another frequency selection (see InterleavedMRoPE)
             self.rotary_pos_emb.__class__ = InterleavedMRoPE
-        self._deepstack = None
+        # THD packed sequences through megatron's local attention, which asserts on them (see vl_train)
+        enable_packed_attention(self.decoder)
         if not self.pre_process:
             return
         # deepstack layers sit on this (first) stage: ``Family.check_layout`` refused other layouts
         self.visual = build_vision(vision.model_type, vision.vision_class, hf_config).to(config.params_dtype)
-        if vision.deepstack_layers and config.recompute_granularity is not None:
-            # the hooks read this forward's features; a recomputed layer would run without them
-            raise UsageError(f"{vision.model_type}: deepstack features are added by forward hooks, which "
-                             f"activation recomputation (recompute_granularity="
-                             f"{config.recompute_granularity!r}) would replay without them: turn it off")
         for k in range(vision.deepstack_layers):
-            self.decoder.layers[k].register_forward_hook(self._deepstack_hook(k))
-
-    def _deepstack_hook(self, k: int):
-        def hook(_module, _inputs, output):
-            if self._deepstack is None:
-                return None
-            if isinstance(output, tuple):
-                return (output[0] + self._deepstack[k], *output[1:])
-            return output + self._deepstack[k]
-        return hook
+            # the features reach these layers as a forward argument (the block's ``context``), so
+            # activation recomputation replays them too (see vl_train)
+            make_deepstack_layer(self.decoder.layers[k], k)
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, *args,
                 pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, **kwargs):
+        """``packed_seq_params`` (THD): ``input_ids [1, T]`` holding several samples, their
+        ``position_ids [3, 1, T]`` each sample's own (``vl_train.pack``), vision inputs in order."""
         if self.pre_process and decoder_input is None:
-            decoder_input, self._deepstack = self.embed(input_ids, pixel_values, image_grid_thw,
-                                                        pixel_values_videos, video_grid_thw)
-        try:
-            return super().forward(input_ids, position_ids, attention_mask, decoder_input, *args, **kwargs)
-        finally:
-            self._deepstack = None
+            decoder_input, deepstack = self.embed(input_ids, pixel_values, image_grid_thw,
+                                                  pixel_values_videos, video_grid_thw)
+            if deepstack is not None:
+                block_kwargs = dict(kwargs.get("extra_block_kwargs") or {})
+                if block_kwargs.get("context") is not None:
+                    raise UsageError("extra_block_kwargs['context'] is taken by the deepstack features")
+                block_kwargs["context"] = torch.stack(deepstack)
+                kwargs["extra_block_kwargs"] = block_kwargs
+        return super().forward(input_ids, position_ids, attention_mask, decoder_input, *args, **kwargs)
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
               video_grid_thw=None):
