@@ -39,6 +39,9 @@ def vision_targets(visual) -> list:
     Their outputs are ``[patches or tokens, W]`` (no batch dimension)."""
     if visual is None:
         return []
+    if hasattr(visual, "multi_modal_projector"):  # a SigLIP tower + projector (Gemma 3), both sides
+        blocks = visual.vision_tower.encoder.layers
+        return [(f"vision.block.{i}", b) for i, b in enumerate(blocks)] + [("vision.merger", visual.multi_modal_projector)]
     targets = [(f"vision.block.{i}", block) for i, block in enumerate(visual.blocks)]
     targets.append(("vision.merger", visual.merger))
     targets += [(f"vision.deepstack.{k}", m) for k, m in enumerate(getattr(visual, "deepstack_merger_list", []))]
@@ -57,7 +60,8 @@ def hf_probes(model, store: dict):
     targets = [("embedding", inner.embed_tokens)]
     targets += [(f"layer.{i}", layer) for i, layer in enumerate(inner.layers)]
     targets.append(("final_norm", inner.norm))
-    vision = vision_targets(getattr(model.model, "visual", None))
+    tower = model.model if hasattr(model.model, "multi_modal_projector") else getattr(model.model, "visual", None)
+    vision = vision_targets(tower)
     with _hooked(targets, store, lambda hidden: hidden.float()), _hooked(vision, store, _unbatched), \
             _hf_routing(inner.layers, store):
         yield store
