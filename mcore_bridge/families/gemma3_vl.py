@@ -101,16 +101,17 @@ class Gemma3VL(Gemma3Text):
         return int(self.full_config.get("mm_tokens_per_image", 256))
 
     def check_vision(self) -> None:
-        cfg = resolved_configs(self.full_config)
-        v = cfg.vision_config
-        if getattr(v, "vision_use_head", False):
-            raise UnsupportedConfig("vision_config.vision_use_head=true: Gemma 3 uses the SigLIP tower without "
-                                    "its attention-pooling head (transformers would build it, unused)")
+        """transformers' projector pools the ``p x p`` patches with kernel ``p // side`` (side =
+        int(sqrt(mm_tokens_per_image))); where that does not give ``mm_tokens_per_image`` tokens,
+        its own image/token count check fails on every image: refused here, before conversion."""
+        v = resolved_configs(self.full_config).vision_config
         patches = v.image_size // v.patch_size
         side = int(self.tokens_per_image ** 0.5)
-        if side * side != self.tokens_per_image or patches % side:
-            raise UnsupportedConfig(f"mm_tokens_per_image={self.tokens_per_image}: must be a square whose side "
-                                    f"divides the {patches} x {patches} patches of an image")
+        pooled = (patches // (patches // side)) ** 2 if 0 < side <= patches else 0
+        if pooled != self.tokens_per_image:
+            raise UnsupportedConfig(f"mm_tokens_per_image={self.tokens_per_image}: the projector pools the "
+                                    f"{patches} x {patches} patches of an image into {pooled} tokens (a square whose "
+                                    f"side divides {patches} is needed)")
 
     def model_settings(self) -> dict:
         self.check_vision()
