@@ -56,7 +56,8 @@ class GemmaSelfAttention(SelfAttention):
 
     def forward(self, *args, **kwargs):
         if self.mask_channel is not None and kwargs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = kwargs["attention_mask"][:, self.mask_channel:self.mask_channel + 1]
+            # contiguous: megatron's fused masked softmax (GPU, half precision) reads the mask as laid out
+            kwargs["attention_mask"] = kwargs["attention_mask"][:, self.mask_channel:self.mask_channel + 1].contiguous()
         emb = kwargs.get("rotary_pos_emb")
         if self.local_rope is not None and emb is not None:
             if isinstance(emb, tuple) or kwargs.get("packed_seq_params") is not None:
