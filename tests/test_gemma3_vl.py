@@ -166,6 +166,34 @@ def test_masks_equal_transformers_and_images_see_each_other(zoo_model):
     assert torch.equal(attention_masks(1, seq, window)[0, 0], ~torch.ones(seq, seq, dtype=torch.bool).tril())
 
 
+def test_megatron_local_softmax_takes_an_arbitrary_mask_but_not_with_a_window():
+    """The measured reason for folding the window into the mask: megatron-core's local attention
+    softmax applies a given mask (``AttnMaskType.arbitrary``), but on a window layer it builds its
+    own sliding-window mask and drops the given one."""
+    from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.utils import attention_mask_func
+
+    from mcore_bridge.families.gemma3_vl_model import attention_masks
+    from mcore_bridge.runtime import compat
+
+    def softmax(window):
+        return FusedScaleMaskSoftmax(input_in_fp16=False, input_in_bf16=False, attn_mask_type=AttnMaskType.arbitrary,
+                                     scaled_masked_softmax_fusion=False, mask_func=attention_mask_func,
+                                     softmax_in_fp32=True, scale=None, window_size=window)
+
+    seq = 12
+    tt = torch.zeros(1, seq, dtype=torch.long)
+    tt[0, 2:8] = 1  # one image of 6 tokens
+    mask = attention_masks(1, seq, 4, tt)[:, 1:]  # sliding: window 4 AND (causal OR same image)
+    scores = torch.randn(1, 2, seq, seq, generator=torch.Generator().manual_seed(0))
+    with compat.scope("cpu"):
+        folded = softmax(None)(scores.clone(), mask)
+        windowed = softmax((3, 0))(scores.clone(), mask)
+    assert torch.equal(folded == 0, mask.expand_as(folded))  # the given mask, exactly
+    assert (windowed[0, :, 2, 3:8] == 0).all() and (folded[0, :, 2, 3:8] > 0).all()  # window: no look ahead
+
+
 def test_transformers_uses_the_bidirectional_mask(zoo_model):
     """Why it must be expressed: transformers' logits with ``token_type_ids`` (what its processor
     gives) differ from those without (causal) far beyond fp32 noise."""
