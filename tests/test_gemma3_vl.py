@@ -129,6 +129,16 @@ def test_vision_weights_are_accounted_strictly(zoo_model, tmp_path):
         Bridge(_copy(src, tmp_path / "extra", add={extra: torch.zeros(64, 32)}))
 
 
+def test_standard_detection_control_is_not_undone_by_the_post_mlp_norm(zoo_model):
+    """Gemma's norm after the MLP cancels a scaled linear_fc2 (measured: gemma3_text's ws1 detection
+    was "caught, not located", 1.2e-5 against the 1e-5 gate); the standard control scales linear_fc1."""
+    from mcore_bridge.bridge import Bridge
+    from verify import detection
+
+    assert detection.standard_controls(Bridge(zoo_model("gemma3"))) == [
+        ("scale:decoder.layers.2.mlp.linear_fc1.weight:1.01", 2)]
+
+
 def test_lora_is_refused(zoo_model):
     from mcore_bridge.bridge import Bridge
     from mcore_bridge.lora import AdapterError, LoraSpec
