@@ -130,8 +130,9 @@ def test_vision_weights_are_accounted_strictly(zoo_model, tmp_path):
 
 
 def test_standard_detection_control_is_not_undone_by_the_post_mlp_norm(zoo_model):
-    """Gemma's norm after the MLP cancels a scaled linear_fc2 (measured: gemma3_text's ws1 detection
-    was "caught, not located", 1.2e-5 against the 1e-5 gate); the standard control scales linear_fc1."""
+    """Gemma's norm after the MLP cancels a scaled linear_fc2 (measured at ws1: builtin:gemma3 and
+    gemma3_text were "caught, not located", gemma3 at 1.2e-5 against the 1e-5 gate); the standard
+    control scales linear_fc1 instead."""
     from mcore_bridge.bridge import Bridge
     from verify import detection
 
@@ -166,7 +167,8 @@ def test_masks_equal_transformers_and_images_see_each_other(zoo_model):
     tt[1, 0:3] = 1
     tt[2, 10:40] = 1  # 30 image tokens, the window is 20
     pos = torch.arange(seq)[None].expand(3, -1)
-    hf = create_masks_for_vision_model(cfg, torch.zeros(3, seq, 8), None, None, pos, get_block_sequence_ids_for_mask(tt))
+    blocks = get_block_sequence_ids_for_mask(tt)
+    hf = create_masks_for_vision_model(cfg, torch.zeros(3, seq, 8), None, None, pos, blocks)
     ours = attention_masks(3, seq, window, tt)
     for channel, kind in enumerate(("full_attention", "sliding_attention")):
         assert torch.equal(hf[kind][:, 0] != 0, ours[:, channel]), kind  # eager: 0 where visible

@@ -41,7 +41,8 @@ def vision_targets(visual) -> list:
         return []
     if hasattr(visual, "multi_modal_projector"):  # a SigLIP tower + projector (Gemma 3), both sides
         blocks = visual.vision_tower.encoder.layers
-        return [(f"vision.block.{i}", b) for i, b in enumerate(blocks)] + [("vision.merger", visual.multi_modal_projector)]
+        merger = [("vision.merger", visual.multi_modal_projector)]
+        return [(f"vision.block.{i}", b) for i, b in enumerate(blocks)] + merger
     targets = [(f"vision.block.{i}", block) for i, block in enumerate(visual.blocks)]
     targets.append(("vision.merger", visual.merger))
     targets += [(f"vision.deepstack.{k}", m) for k, m in enumerate(getattr(visual, "deepstack_merger_list", []))]

@@ -111,7 +111,8 @@ class Gemma3VLGPT(Gemma3GPT):
             if mask.any():
                 raise UsageError(f"input_ids hold {int(mask.sum())} image tokens but no pixel_values were given")
         else:
-            feats = self.visual(pixel_values.to(emb.device, self.visual.multi_modal_projector.mm_input_projection_weight.dtype))
+            dtype = self.visual.multi_modal_projector.mm_input_projection_weight.dtype
+            feats = self.visual(pixel_values.to(emb.device, dtype))
             if int(mask.sum()) != feats.shape[0] * feats.shape[1]:
                 raise UsageError(f"image tokens ({int(mask.sum())}) and image features ({feats.shape[0]} images x "
                                  f"{feats.shape[1]}) do not match: the inputs were built for another config")
