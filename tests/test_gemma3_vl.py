@@ -289,3 +289,17 @@ def test_negative_control_is_caught_and_located(layout, control, where, pools, z
     if where.startswith("vision."):
         assert control.split(":")[1] in first["mcore_params"]
         assert all(n.startswith(("vision_tower.", "multi_modal_projector.")) for n in first["hf_params"]), first
+
+
+@pytest.mark.world(2)
+def test_megatron_dist_checkpoint_reshards(pools, zoo_model, tmp_path):
+    """HF -> torch_dist at tp2+sp -> read at pp2 -> HF, byte-exact: the Gemma norms (``OffsetRMSNorm``,
+    replicated over TP) and the vision tower go through megatron's dist_checkpointing."""
+    src = zoo_model("gemma3")
+    pools.get(2).run(cases.mcore_save, timeout=300, source=str(src), layout=L(tp=2, sp=True).to_dict(),
+                     out_dir=str(tmp_path / "dist"))
+    pools.get(2).run(cases.mcore_to_hf, timeout=300, ckpt=str(tmp_path / "dist"), layout=L(pp=2).to_dict(),
+                     out_dir=str(tmp_path / "hf"), hf_dir=None)
+    a, b = HFCheckpoint(src), HFCheckpoint(tmp_path / "hf")
+    assert sorted(a.names()) == sorted(b.names())
+    assert all(cases.same_bytes(a.read(n), b.read(n)) for n in a.names())

@@ -34,6 +34,17 @@ class OffsetRMSNorm(torch.nn.RMSNorm):
         # a per-token norm: under sequence parallelism its grads are partial sums, as for megatron's norms
         self.weight.sequence_parallel = config.sequence_parallel
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Replicated over tensor parallelism, as megatron's default for a plain module (megatron's
+        MLP asks each child for this method: a post-MLP norm inside it needs it for dist checkpoints)."""
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {},
+                                                   sharded_offsets, dp_cp_group=metadata["dp_cp_group"],
+                                                   tp_group=parallel_state.get_tensor_model_parallel_group())
+
     def forward(self, x):
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
