@@ -252,8 +252,9 @@ def _verify(pools, zoo_model, ref_cache, layout, **kw) -> dict:
     return [r for r in out if r is not None][0]
 
 
-@pytest.mark.parametrize("layout", [pytest.param(lay, id=lay.short(), marks=pytest.mark.world(2))
-                                    for lay in (L(tp=2, sp=True), L(pp=2))])
+@pytest.mark.parametrize("layout", [pytest.param(lay, id=lay.short() or "ws1",
+                                                  marks=pytest.mark.world(lay.model_parallel_size))
+                                    for lay in (L(), L(tp=2, sp=True), L(pp=2))])
 def test_verifies_fp32_with_images(layout, pools, zoo_model, ref_cache):
     r = _verify(pools, zoo_model, ref_cache, layout)
     assert r["verdict"] == "pass", r["failures"]
