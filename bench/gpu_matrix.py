@@ -85,7 +85,8 @@ def run_case(name: str, layout: ParallelLayout, out_root: Path, device: str) -> 
         from verify.inputs import multimodal_samples
 
         sample = multimodal_samples(bridge.family, bridge.source)[0]
-        ids, pos, vision = sample.input_ids[None], sample.position_ids[:, None], sample.vision
+        ids, vision = sample.input_ids[None], sample.vision
+        pos = None if sample.position_ids is None else sample.position_ids[:, None]  # Gemma 3: 1-D
     else:
         ids = torch.randint(0, vocab, (2, 128), generator=torch.Generator().manual_seed(0))
     got = megatron_logits(models, ids, vocab, pos, vision)

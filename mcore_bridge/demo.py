@@ -49,7 +49,7 @@ def roundtrip_one(name: str, layout: ParallelLayout, device: str, work: Path) ->
 
         sample = multimodal_samples(bridge.family, bridge.source)[0]
         ids, vision = sample.input_ids[None], sample.vision
-        pos = None if sample.position_ids is None else sample.position_ids[:, None]
+        pos = None if sample.position_ids is None else sample.position_ids[:, None]  # Gemma 3: 1-D
     else:
         ids = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(0))
     logits = megatron_logits(fresh, ids, vocab, pos, vision)

@@ -183,9 +183,21 @@ ZOO["internvl_moe"] = dict(
                      moe_intermediate_size=48, mlp_only_layers=[0], norm_topk_prob=True,
                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}))
 
+# Gemma 3 vision-language: the gemma3_text language model (sliding layers 0, 1, 3, window 20 <
+# the verification sequences), a 3-block SigLIP (32 x 32 images, 8 x 8 patches) pooled to 16
+# tokens per image; ids of the image tokens inside the vocabulary; the projector (zeros in
+# transformers' init) seeded so images matter.
+ZOO["gemma3"] = dict(
+    model_type="gemma3", tie_word_embeddings=True, image_token_index=996, boi_token_index=997, eoi_token_index=998,
+    mm_tokens_per_image=16, init={"mm_input_projection_weight": (0.0, 0.05)},
+    text_config=dict({k: v for k, v in ZOO["gemma3_text"].items() if k != "model_type"},
+                     model_type="gemma3_text", **_COMMON, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, image_size=32, patch_size=4, vision_use_head=False))
+
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe", "gpt_oss"]
 MTP = ["deepseek_v3_mtp", "glm4_moe_mtp"]  # MoE with MTP layers (tests/test_mtp.py), kept out of the MoE matrix
-MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3"]
 TILED_VL = ["internvl", "internvl_qwen2", "internvl_moe"]  # vision-language with fixed-size image tiles and 1-D RoPE (tests/test_internvl.py)
 QUANTIZED = ["deepseek_v3_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)
 VARIANTS = ["phi3_window"]  # a family's other setting, tested where it matters (tests/test_sliding_window.py)
@@ -369,10 +381,16 @@ def image_processor(cfg):
 
 def _qwen_image_processor(cfg):
     """The real Qwen-VL image processor (PIL backend: no torchvision needed) for a vision config;
-    it accepts any image whose sides are multiples of patch x merge up to 16 x 16 such tiles."""
+    it accepts any image whose sides are multiples of patch x merge up to 16 x 16 such tiles.
+    Gemma 3: its own processor, resizing to the tower's square ``image_size``."""
     from transformers import Qwen2VLImageProcessorPil
 
     v = cfg.vision_config
+    if cfg.model_type == "gemma3":
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        return Gemma3ImageProcessorPil(size={"height": v.image_size, "width": v.image_size}, do_pan_and_scan=False,
+                                       image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     tile = v.patch_size * v.spatial_merge_size
     kw = dict(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
               size={"shortest_edge": tile * tile, "longest_edge": 256 * tile * tile})

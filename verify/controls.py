@@ -24,6 +24,8 @@ harness catches them and points at the right place. Used by the tests and by
                                                        out in contiguous sections (megatron's default)
   config:<megatron config field>:<JSON value>          the model built with that config field changed,
                                                        e.g. config:window_size:[4,0] (a wrong window)
+  model:<model argument>:<JSON value>                  the model built with that model-class argument changed,
+                                                       e.g. model:bidirectional_images:false (Gemma 3)
   add:<megatron param>:<value>                         value added to a weight, e.g. 1.0 to a norm weight:
                                                        a ``1 + w`` norm offset applied twice or dropped
   eps:<layer>:<norm module>:<factor>                   that norm's epsilon x factor (set on the built
@@ -55,9 +57,9 @@ from mcore_bridge.errors import UsageError
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 KINDS = ("scale", "swap_qk", "rope_base", "local_rope_base", "window", "zero", "swap_experts", "mrope_section",
          "mrope_contiguous", "grad_scale", "optimizer_exclude", "config", "add", "eps", "swap_gate_up",
-         "activation", "scale_expert", "rope_scaling", "router_score")
+         "activation", "scale_expert", "rope_scaling", "router_score", "model")
 BUILD_KINDS = ("rope_base", "local_rope_base", "window", "mrope_section", "mrope_contiguous", "config",
-               "rope_scaling", "router_score")
+               "rope_scaling", "router_score", "model")
 _GLOBAL = ("embedding.", "decoder.final_layernorm.", "output_layer.")
 
 
@@ -92,6 +94,8 @@ def before_build(bridge, spec: str | None):
         config = dict(config, window_size=(left + int(args[0]), right))
     elif kind == "config":
         config = dict(config, **{args[0]: _config_value(config, args[0], ":".join(args[1:]))})
+    elif kind == "model":
+        model = dict(model, **{args[0]: _config_value(model, args[0], ":".join(args[1:]), "model")})
     elif kind == "rope_scaling":
         if not model.get("rope_scaling"):
             raise UsageError(f"control {kind}: {family.name} has no RoPE scaling")
@@ -109,16 +113,16 @@ def before_build(bridge, spec: str | None):
     family.architecture = dataclasses.replace(arch, config=config, model=model)  # this bridge's family only
 
 
-def _config_value(config, field: str, text: str):
+def _config_value(config, field: str, text: str, kind: str = "config"):
     import json
 
     if field not in config:
-        raise UsageError(f"control config:{field}: the model's config has no such field "
+        raise UsageError(f"control {kind}:{field}: the model's {kind} settings have no such field "
                          f"(has e.g. {', '.join(sorted(config)[:8])})")
     try:
         value = json.loads(text)
     except ValueError:
-        raise UsageError(f"control config:{field}:{text}: the value must be JSON (e.g. 0, true, [4,0])") from None
+        raise UsageError(f"control {kind}:{field}:{text}: the value must be JSON (e.g. 0, true, [4,0])") from None
     return tuple(value) if isinstance(config[field], tuple) and isinstance(value, list) else value
 
 

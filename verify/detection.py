@@ -3,7 +3,8 @@ model for one extra forward each, compared with the same HF reference, then take
 
 The controls (``verify.controls`` specs):
   * ``scale:decoder.layers.<L>.mlp.linear_fc2.weight:1.01`` with ``L = num_layers // 2`` (a model
-    whose middle layer has no dense ``linear_fc2``, i.e. an MoE layer: its ``linear_proj``);
+    whose middle layer has no dense ``linear_fc2``, i.e. an MoE layer: its ``linear_proj``; a layer
+    with a norm after its MLP: its ``linear_fc1``, which that norm does not undo);
   * MoE models: ``swap_experts:<L>:0:1`` in the MoE layer nearest the middle (when experts 0 and 1
     live on one expert-parallel rank).
 
@@ -31,6 +32,10 @@ def standard_controls(bridge) -> list[tuple[str, int]]:
     names = {u.rule.mcore for u in units if u.layer == mid}
     weight = ("mlp.linear_fc2.weight" if "decoder.layers.{L}.mlp.linear_fc2.weight" in names
               else "self_attention.linear_proj.weight")
+    if names & {"decoder.layers.{L}.mlp.post_layernorm.weight", "decoder.layers.{L}.post_mlp_layernorm.weight"}:
+        # a norm right after the MLP (Gemma 3, GLM-4) undoes a scaled linear_fc2 up to its epsilon;
+        # the gated activation is not homogeneous, so a scaled linear_fc1 is not undone
+        weight = "mlp.linear_fc1.weight"
     out = [(f"scale:decoder.layers.{mid}.{weight}:{FACTOR}", mid)]
     experts = bridge.family.num_experts or 0
     moe_layers = sorted({u.layer for u in units if u.layer is not None and "local_experts" in u.rule.mcore})

@@ -36,6 +36,8 @@ class Sample:
         out = {"name": self.name, "tokens": int(self.input_ids.numel()), "loss_tokens": self.loss_tokens}
         if "image_grid_thw" in self.vision:
             out["images"] = self.vision["image_grid_thw"].tolist()
+        elif "token_type_ids" in self.vision:  # square images of one size (Gemma 3): [images, 3, H, W]
+            out["images"] = [list(p.shape[-2:]) for p in self.vision["pixel_values"]]
         elif "pixel_values" in self.vision:  # image tiles (InternVL)
             out["tiles"] = int(self.vision["pixel_values"].shape[0])
         return out
@@ -93,11 +95,14 @@ IMAGE_SAMPLES = {"image": [(3, 4)], "images-2": [(2, 5), (4, 2)]}
 def multimodal_samples(family, model_dir: Path | None, lengths=LENGTHS, seed: int = 7) -> list[Sample]:
     """Image samples (synthetic pixels through the model's real image processor; loss only on the
     text after the last image) and text-only samples, all with transformers' 3-D position ids.
-    Models whose images are fixed-size tiles (``family.vision_input == "tiles"``): ``tile_inputs``."""
+    Models whose images are fixed-size tiles (``family.vision_input == "tiles"``): ``tile_inputs``;
+    models with a fixed number of tokens per image (Gemma 3): ``fixed_token_samples``."""
     if getattr(family, "vision_input", None) == "tiles":
         from .tile_inputs import tile_samples
 
         return tile_samples(family, model_dir, lengths, seed)
+    if getattr(family, "tokens_per_image", None):
+        return fixed_token_samples(family, model_dir, lengths, seed)
     from mcore_bridge.families.qwen_vl import hf_config
     from mcore_bridge.families.vl_model import mrope_position_ids
 
@@ -148,3 +153,47 @@ def _image(processor, cfg, rows: int, cols: int, seed: int) -> dict:
     tile = cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size
     pixels = np.random.default_rng(seed).integers(0, 256, size=(rows * tile, cols * tile, 3), dtype=np.uint8)
     return processor(images=[Image.fromarray(pixels)], return_tensors="pt")
+
+
+def fixed_token_samples(family, model_dir: Path | None, lengths=LENGTHS, seed: int = 7) -> list[Sample]:
+    """Gemma 3: each image is ``<boi>``, ``tokens_per_image`` image tokens, ``<eoi>`` (as its processor
+    writes it) and ``token_type_ids`` mark the image tokens (transformers then lets each image attend
+    to itself bidirectionally); pixels are square images through the model's image processor. One
+    image, then two; text-only samples; 1-D positions."""
+    from mcore_bridge.families.qwen_vl import hf_config
+
+    cfg = hf_config(family.full_config)
+    if model_dir is not None and (Path(model_dir) / "preprocessor_config.json").exists():
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        processor = Gemma3ImageProcessorPil.from_pretrained(model_dir)
+    else:
+        from mcore_bridge.zoo import image_processor as built
+
+        processor = built(cfg)
+    special = (family.image_token_id, int(cfg.boi_token_index), int(cfg.eoi_token_index))
+    text_vocab = min(int(family.cfg.require("vocab_size")), *special)
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for name, count in (("image", 1), ("images-2", 2)):
+        ids, answer_from, pixels = [], 0, []
+        for i in range(count):
+            pixels.append(_square_image(processor, cfg.vision_config.image_size, seed + i))
+            ids += torch.randint(5, text_vocab, (5,), generator=g).tolist()
+            ids += [special[1]] + [special[0]] * family.tokens_per_image + [special[2]]
+            answer_from = len(ids)
+        ids += torch.randint(5, text_vocab, (24 + (-len(ids) - 24) % ALIGN,), generator=g).tolist()
+        input_ids = torch.tensor(ids)
+        labels = input_ids.clone()
+        labels[:answer_from + 4] = -100  # image and prompt tokens carry no loss
+        vis = {"pixel_values": torch.cat(pixels), "token_type_ids": (input_ids == special[0]).long()[None]}
+        samples.append(Sample(name, input_ids, labels, None, vis))
+    return samples + [random_sample(text_vocab, n, seed=1000 + n) for n in lengths]
+
+
+def _square_image(processor, side: int, seed: int) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(side + 3, side + 5, 3), dtype=np.uint8)
+    return processor(images=[Image.fromarray(pixels)], return_tensors="pt")["pixel_values"]

@@ -39,20 +39,17 @@ def vision_targets(visual) -> list:
     Their outputs are ``[patches or tokens, W]`` (no batch dimension)."""
     if visual is None:
         return []
+    if hasattr(visual, "multi_modal_projector"):
+        # a vision_tower + multi_modal_projector model (Gemma 3's SigLIP: encoder.layers; InternVL's
+        # InternViT: encoder.layer): its blocks, then the projector (megatron's visual.merger ends with it)
+        encoder = visual.vision_tower.encoder
+        blocks = encoder.layers if hasattr(encoder, "layers") else encoder.layer
+        merger = [("vision.merger", visual.multi_modal_projector)]
+        return [(f"vision.block.{i}", b) for i, b in enumerate(blocks)] + merger
     targets = [(f"vision.block.{i}", block) for i, block in enumerate(visual.blocks)]
     targets.append(("vision.merger", visual.merger))
     targets += [(f"vision.deepstack.{k}", m) for k, m in enumerate(getattr(visual, "deepstack_merger_list", []))]
     return targets
-
-
-def _tower_targets(inner) -> list:
-    """The same probes on a transformers ``vision_tower`` + ``multi_modal_projector`` model
-    (InternVL): its layers, then the projector (megatron's ``visual.merger`` ends with it)."""
-    tower = getattr(inner, "vision_tower", None)
-    if tower is None:
-        return []
-    targets = [(f"vision.block.{i}", block) for i, block in enumerate(tower.encoder.layer)]
-    return targets + [("vision.merger", inner.multi_modal_projector)]
 
 
 def _unbatched(hidden):
@@ -67,7 +64,8 @@ def hf_probes(model, store: dict):
     targets = [("embedding", inner.embed_tokens)]
     targets += [(f"layer.{i}", layer) for i, layer in enumerate(inner.layers)]
     targets.append(("final_norm", inner.norm))
-    vision = vision_targets(getattr(model.model, "visual", None)) or _tower_targets(model.model)
+    tower = model.model if hasattr(model.model, "multi_modal_projector") else getattr(model.model, "visual", None)
+    vision = vision_targets(tower)
     with _hooked(targets, store, lambda hidden: hidden.float()), _hooked(vision, store, _unbatched), \
             _hf_routing(inner.layers, store):
         yield store

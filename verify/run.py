@@ -221,10 +221,13 @@ def vision_prefixes(probe: str) -> tuple[str, ...]:
     """Megatron parameter prefixes behind a vision probe; the first block also owns what comes
     before it (patch embedding, learned position embedding)."""
     _, kind, *index = probe.split(".")
+    siglip = "visual.vision_tower."  # a SigLIP tower + projector (Gemma 3)
     if kind == "block":
-        own = (f"visual.blocks.{index[0]}.",)
-        return own + (("visual.patch_embed.", "visual.pos_embed.") if index[0] == "0" else ())
-    return (f"visual.deepstack_merger_list.{index[0]}.",) if kind == "deepstack" else ("visual.merger.",)
+        own = (f"visual.blocks.{index[0]}.", f"{siglip}encoder.layers.{index[0]}.")
+        return own + (("visual.patch_embed.", "visual.pos_embed.", f"{siglip}embeddings.") if index[0] == "0" else ())
+    if kind == "deepstack":
+        return (f"visual.deepstack_merger_list.{index[0]}.",)
+    return ("visual.merger.", f"{siglip}post_layernorm.", "visual.multi_modal_projector.")
 
 
 def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=None, timing, name,

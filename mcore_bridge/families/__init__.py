@@ -6,6 +6,7 @@ from .base import Family, HFConfig, Rule, UnsupportedConfig, canonical_param_nam
 from .deepseek import DeepSeekV3
 from .deepseek_v2 import DeepSeekV2
 from .gemma import Gemma3Text
+from .gemma3_vl import Gemma3VL
 from .glm4 import Glm4
 from .glm4_moe import Glm4Moe
 from .gpt_oss import GptOss
@@ -19,7 +20,7 @@ from .qwen_vl import Qwen2VL, Qwen3VL, Qwen3VLMoE, Qwen25VL
 
 FAMILIES: dict[str, type[Family]] = {}
 for _cls in (Llama, Qwen2, Qwen3, Mixtral, Qwen2MoE, Qwen3MoE, DeepSeekV3, DeepSeekV2, Glm4Moe, Olmoe, GptOss, Qwen2VL,
-             Qwen25VL, Qwen3VL, Qwen3VLMoE, Gemma3Text, Phi3, Glm4, InternVL):
+             Qwen25VL, Qwen3VL, Qwen3VLMoE, Gemma3Text, Phi3, Glm4, InternVL, Gemma3VL):
     for _t in _cls.model_types:
         FAMILIES[_t] = _cls
 

@@ -34,6 +34,17 @@ class OffsetRMSNorm(torch.nn.RMSNorm):
         # a per-token norm: under sequence parallelism its grads are partial sums, as for megatron's norms
         self.weight.sequence_parallel = config.sequence_parallel
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Replicated over tensor parallelism, as megatron's default for a plain module (megatron's
+        MLP asks each child for this method: a post-MLP norm inside it needs it for dist checkpoints)."""
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {},
+                                                   sharded_offsets, dp_cp_group=metadata["dp_cp_group"],
+                                                   tp_group=parallel_state.get_tensor_model_parallel_group())
+
     def forward(self, x):
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -52,8 +63,12 @@ class GemmaSelfAttention(SelfAttention):
         super().__init__(config, *args, **kwargs)
         self.post_layernorm = post_norm(config)
         self.local_rope = None
+        self.mask_channel = None  # vision-language: which of the model's [B, 2, S, S] masks is this layer's
 
     def forward(self, *args, **kwargs):
+        if self.mask_channel is not None and kwargs.get("attention_mask") is not None:
+            # contiguous: megatron's fused masked softmax (GPU, half precision) reads the mask as laid out
+            kwargs["attention_mask"] = kwargs["attention_mask"][:, self.mask_channel:self.mask_channel + 1].contiguous()
         emb = kwargs.get("rotary_pos_emb")
         if self.local_rope is not None and emb is not None:
             if isinstance(emb, tuple) or kwargs.get("packed_seq_params") is not None:
@@ -116,8 +131,9 @@ def _with_module(spec, cls):
     raise TypeError(f"megatron spec {spec!r}: neither a ModuleSpec nor a class builder")
 
 
-def layer_block_spec(config, vp_stage, pp_rank):
-    """megatron's local GPT layer spec with the Gemma modules in place, every norm an OffsetRMSNorm."""
+def layer_block_spec(config, vp_stage, pp_rank, arbitrary_mask: bool = False):
+    """megatron's local GPT layer spec with the Gemma modules in place, every norm an OffsetRMSNorm;
+    ``arbitrary_mask``: attention takes the model's mask (``AttnMaskType.arbitrary``), not causal."""
     import dataclasses
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -128,6 +144,10 @@ def layer_block_spec(config, vp_stage, pp_rank):
     attn = sub.self_attention
     attn = dataclasses.replace(_with_module(attn, GemmaSelfAttention), submodules=dataclasses.replace(
         attn.submodules, q_layernorm=OffsetRMSNorm, k_layernorm=OffsetRMSNorm))
+    if arbitrary_mask:
+        from megatron.core.transformer.enums import AttnMaskType
+
+        attn = dataclasses.replace(attn, params={**(attn.params or {}), "attn_mask_type": AttnMaskType.arbitrary})
     mlp = _with_module(sub.mlp, GemmaMLP)
     layer = dataclasses.replace(spec, submodules=dataclasses.replace(
         sub, input_layernorm=OffsetRMSNorm, pre_mlp_layernorm=OffsetRMSNorm, self_attention=attn, mlp=mlp))
