@@ -387,6 +387,124 @@ class FusedGatedMLP(GatedMLP):
 FUSED_GATED_MLP = FusedGatedMLP()
 
 
+
+# -- hybrid models (Qwen3.5): gated attention and gated delta-net projections -------------------
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class GatedQKV(QKV):
+    """``QKV`` with an output gate: the HF ``q_proj`` holds ``2 x head_dim`` rows per head,
+    ``[q_h; gate_h]`` (Qwen3-Next / Qwen3.5 gated attention); megatron's ``linear_qkv`` with
+    ``attention_output_gate`` holds ``[q heads, gate heads, k, v]`` per query group."""
+
+    n_sources = 3
+    parallel_mode = "column"
+    as_stored = False  # megatron regroups q/gate/k/v per query group
+
+    def lora_factor_transforms(self, n, per_projection):
+        return None  # the gate rows interleave inside one projection: LoRA not mapped
+
+    def _plain(self, hf):
+        (rows, *rest), d = hf[0], self.head_dim
+        _check(rows == 2 * self.heads * d, f"gated q_proj rows {rows} != 2 x heads {self.heads} x head_dim {d}")
+        return [(self.heads * d, *rest), tuple(hf[1]), tuple(hf[2])]
+
+    def local_shape(self, hf, tp):
+        rows, *rest = super().local_shape(self._plain(hf), tp)
+        return (rows + self.heads * self.head_dim // tp, *rest)
+
+    def slices(self, hf, local, tp, rank):
+        self._check_sources(self._plain(hf))
+        g = self.groups // tp
+        d, qg, nd = self.head_dim, self.q_per_group, len(hf[0])
+        g0 = rank * g
+        return [_rows(g0 * qg * 2 * d, (g0 + g) * qg * 2 * d, nd),
+                _rows(g0 * d, (g0 + g) * d, nd),
+                _rows(g0 * d, (g0 + g) * d, nd)]
+
+    def to_mcore(self, pieces, local, tp, rank):
+        q, k, v = pieces
+        g, d, qg = self.groups // tp, self.head_dim, self.q_per_group
+        rest = tuple(q.shape[1:])
+        qgate = q.reshape(g, qg, 2, d, *rest)
+        fused = torch.cat([qgate[:, :, 0].reshape(g, qg * d, *rest), qgate[:, :, 1].reshape(g, qg * d, *rest),
+                           k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1)
+        return fused.reshape(-1, *rest)
+
+    def to_mcore_into(self, pieces, out, tp, rank):
+        out.copy_(self.to_mcore(pieces, tuple(out.shape), tp, rank))
+
+    def to_hf(self, shards, hf):
+        full = torch.cat(shards, dim=0) if len(shards) > 1 else shards[0]
+        d, qg, rest = self.head_dim, self.q_per_group, tuple(full.shape[1:])
+        grouped = full.reshape(self.groups, (2 * qg + 2) * d, *rest)
+        q, gate, k, v = torch.split(grouped, [qg * d, qg * d, d, d], dim=1)
+        qgate = torch.stack([q.reshape(self.groups, qg, d, *rest), gate.reshape(self.groups, qg, d, *rest)], dim=2)
+        return [qgate.reshape(-1, *rest)] + [t.reshape(-1, *rest) for t in (k, v)]
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class ColumnBlocks(Transform):
+    """Row blocks of one or more HF tensors, each block split over tp, a rank's shard holding its
+    part of every block in order. ``blocks`` lists each HF source's row blocks. megatron's
+    ``GatedDeltaNet``: ``in_proj`` is ``[q_r; k_r; v_r; z_r; b_r; a_r]`` from Qwen3.5's
+    ``in_proj_qkv`` ([q; k; v]), ``in_proj_z``, ``in_proj_b``, ``in_proj_a``; ``conv1d`` is
+    ``[q_r; k_r; v_r]`` from the ``[q; k; v]`` channels of HF's ``conv1d``."""
+
+    blocks: tuple = ()
+    parallel_mode = "column"
+    as_stored = True  # an unsplit shard is the HF tensors' blocks in order
+
+    @property
+    def n_sources(self):
+        return len(self.blocks)
+
+    def region_sources(self, n_regions):
+        return [i for i, source in enumerate(self.blocks) for _ in source]
+
+    def _check_sources(self, hf):
+        _check(len(hf) == len(self.blocks), f"{len(hf)} HF tensors for {len(self.blocks)} block lists")
+        for shape, source in zip(hf, self.blocks):
+            _check(shape[0] == sum(source), f"HF rows {shape[0]} != blocks {list(source)} (sum {sum(source)})")
+            _check(tuple(shape[1:]) == tuple(hf[0][1:]), f"trailing dims differ: {list(hf)}")
+
+    def local_shape(self, hf, tp):
+        self._check_sources(hf)
+        sizes = [b for source in self.blocks for b in source]
+        _check(all(b % tp == 0 for b in sizes), f"row blocks {sizes} do not split over tp={tp}")
+        return (sum(sizes) // tp,) + tuple(hf[0][1:])
+
+    def slices(self, hf, local, tp, rank):
+        self._check_sources(hf)
+        out = []
+        for shape, source in zip(hf, self.blocks):
+            start = 0
+            for b in source:
+                n = b // tp
+                out.append(_rows(start + rank * n, start + (rank + 1) * n, len(shape)))
+                start += b
+        return out
+
+    def to_mcore(self, pieces, local, tp, rank):
+        return torch.cat(pieces, dim=0)
+
+    def to_mcore_into(self, pieces, out, tp, rank):
+        start = 0
+        for p in pieces:
+            out[start:start + p.shape[0]].copy_(p)
+            start += p.shape[0]
+
+    def to_hf(self, shards, hf):
+        tp = len(shards)
+        sizes = [b // tp for source in self.blocks for b in source]
+        per_rank = [torch.split(s, sizes, dim=0) for s in shards]
+        blocks = [torch.cat([r[i] for r in per_rank], dim=0) for i in range(len(sizes))]
+        out, i = [], 0
+        for source in self.blocks:
+            out.append(torch.cat(blocks[i:i + len(source)], dim=0))
+            i += len(source)
+        return out
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class Copies(Transform):
     """One megatron parameter stored ``n`` times in the HF checkpoint (a main tensor and copies of it,

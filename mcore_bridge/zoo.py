@@ -155,12 +155,34 @@ ZOO.update({
                                             deepstack_visual_indexes=[1, 2])),
 })
 
+# Qwen3.5: hybrid language model (gated delta-net layers 0 and 2, gated attention layers 1 and 3),
+# partial rotary 0.25 of head_dim 32 with an interleaved mRoPE section, Qwen3-VL's vision tower
+# without deepstack; the MoE variant has 8 stacked experts and a gated shared expert on every layer.
+_Q35_TEXT = dict(_VL_TEXT, head_dim=32, layer_types=["linear_attention", "full_attention"] * 2,
+                 linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                 linear_num_key_heads=2, linear_num_value_heads=4,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [2, 1, 1],
+                                  "mrope_interleaved": True, "partial_rotary_factor": 0.25})
+_Q35_VIT = dict(_VIT, patch_size=16, num_position_embeddings=64)
+ZOO.update({
+    "qwen3_5": dict(model_type="qwen3_5", tie_word_embeddings=False, **_VL_IDS, text_config=_Q35_TEXT,
+                    vision_config=_Q35_VIT),
+    "qwen3_5_moe": dict(model_type="qwen3_5_moe", tie_word_embeddings=False, **_VL_IDS,
+                        text_config=dict(_Q35_TEXT, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         shared_expert_intermediate_size=64),
+                        vision_config=_Q35_VIT),
+    # all layers gated attention: what megatron-core builds on CPU today (no delta-net there yet)
+    "qwen3_5_attn": dict(model_type="qwen3_5", tie_word_embeddings=False, **_VL_IDS,
+                         text_config=dict(_Q35_TEXT, layer_types=["full_attention"] * 4), vision_config=_Q35_VIT),
+})
+
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe", "gpt_oss"]
 MTP = ["deepseek_v3_mtp", "glm4_moe_mtp"]  # MoE with MTP layers (tests/test_mtp.py), kept out of the MoE matrix
 MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 QUANTIZED = ["deepseek_v3_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)
 VARIANTS = ["phi3_window"]  # a family's other setting, tested where it matters (tests/test_sliding_window.py)
-DENSE = [n for n in ZOO if n not in MOE + MTP + MULTIMODAL + QUANTIZED + VARIANTS]
+HYBRID = ["qwen3_5", "qwen3_5_moe", "qwen3_5_attn"]  # delta-net + attention, vision (tests/test_qwen3_5.py)
+DENSE = [n for n in ZOO if n not in MOE + MTP + MULTIMODAL + QUANTIZED + VARIANTS + HYBRID]
 TEXT = DENSE + MOE
 
 

@@ -27,6 +27,9 @@ class Layers(enum.StrEnum):
     ALL = "all"
     DENSE = "dense"
     MOE = "moe"
+    # hybrid models (Qwen3.5): the layer's attention kind, as HF's ``layer_types`` spells it
+    LINEAR_ATTENTION = "linear_attention"
+    FULL_ATTENTION = "full_attention"
 
 
 @dataclasses.dataclass(frozen=True)

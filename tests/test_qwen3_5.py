@@ -1,0 +1,276 @@
+"""Qwen3.5 (``qwen3_5``, ``qwen3_5_moe``): hybrid gated delta-net / gated attention language model
+with a vision tower. What megatron-core can build here today (gated attention, (1 + w) norms,
+interleaved mRoPE with partial rotary, Qwen3-VL's tower without deepstack) converts byte-exactly and
+verifies in fp32 with images; the delta-net layers are mapped (names and byte layout tested against
+transformers' own modules) and refused at build, by name, until megatron's GatedDeltaNet runs here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mcore_bridge import ParallelLayout as L
+from mcore_bridge import transforms as T
+from mcore_bridge.errors import UnsupportedConfig
+from mcore_bridge.families import family_for
+from mcore_bridge.layout import ParallelLayout
+from mcore_bridge.plan import expected_hf_names, inventory
+from tests import cases, verify_cases
+from tests.matrix import case_id
+
+
+def _config(name: str) -> dict:
+    from transformers import AutoConfig
+
+    from mcore_bridge.zoo import ZOO
+
+    return AutoConfig.for_model(**ZOO[name]).to_dict()
+
+
+def _saved_names(path) -> set[str]:
+    from safetensors import safe_open
+
+    names = set()
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            names |= set(h.keys())
+    return names
+
+
+# ---- config mapping ---------------------------------------------------------------------------
+def test_settings_carry_hybrid_layers_gate_rope_and_vision():
+    fam = family_for(_config("qwen3_5"))
+    c, m = fam.architecture.config, fam.architecture.model
+    assert type(fam).__name__ == "Qwen35" and fam.hf_prefix == "model.language_model."
+    assert c["attention_output_gate"] is True and c["qk_layernorm"] is True and c["kv_channels"] == 32
+    assert c["experimental_attention_variant"] == "gated_delta_net"
+    assert c["linear_attention_freq"] == [1, 0, 1, 0]  # layer_types: linear, full, linear, full
+    assert (c["linear_key_head_dim"], c["linear_value_head_dim"], c["linear_num_key_heads"],
+            c["linear_num_value_heads"], c["linear_conv_kernel_dim"]) == (16, 16, 2, 4, 4)
+    assert c["mrope_section"] == [2, 1, 1] and m["rotary_percent"] == 0.25 and m["position_embedding_type"] == "mrope"
+    assert m["rotary_base"] == 1e7
+    v = m["vision"]
+    assert v.deepstack_layers == 0 and v.mrope_interleaved and v.vision_class.endswith("Qwen3_5VisionModel")
+    assert [fam.layer_kind(i) for i in range(4)] == ["linear_attention", "full_attention"] * 2
+
+
+def test_moe_settings_shared_gate_renormalised_topk_every_layer():
+    fam = family_for(_config("qwen3_5_moe"))
+    c = fam.architecture.config
+    assert c["num_moe_experts"] == 8 and c["moe_router_topk"] == 2 and c["moe_ffn_hidden_size"] == 48
+    assert c["moe_shared_expert_intermediate_size"] == 64 and c["moe_shared_expert_gate"] is True
+    assert c["moe_router_pre_softmax"] is False  # top-k renormalised (Qwen3_5MoeTopKRouter, always)
+    assert c["moe_layer_freq"] == [1, 1, 1, 1] and c["attention_output_gate"] is True
+
+
+def test_transformers_defaults_where_the_config_is_silent():
+    """No layer_types: every 4th layer is full attention (full_attention_interval); no
+    partial_rotary_factor: 0.25 -- as transformers' Qwen3_5TextConfig fills them in."""
+    from transformers import AutoConfig
+
+    raw = _config("qwen3_5")
+    text = {k: v for k, v in raw["text_config"].items() if k != "layer_types"}
+    text["num_hidden_layers"] = 8
+    text["rope_parameters"] = {k: v for k, v in text["rope_parameters"].items() if k != "partial_rotary_factor"}
+    raw = {**raw, "text_config": text}
+    fam = family_for(raw)
+    hf = AutoConfig.for_model(**raw).text_config
+    assert fam.layer_types == hf.layer_types == ["linear_attention"] * 3 + ["full_attention"] + \
+        ["linear_attention"] * 3 + ["full_attention"]
+    assert fam.architecture.model["rotary_percent"] == hf.rope_parameters["partial_rotary_factor"] == 0.25
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"layer_types": ["linear_attention", "sliding_attention", "linear_attention", "full_attention"]}, "layer_types"),
+    ({"layer_types": ["full_attention"] * 3}, "layer_types"),
+    ({"attn_output_gate": False}, "attn_output_gate"),
+    ({"linear_num_value_heads": 3}, "linear_num_value_heads"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_refusals_name_the_field(change, field):
+    raw = _config("qwen3_5")
+    raw = {**raw, "text_config": {**raw["text_config"], **change}}
+    with pytest.raises(UnsupportedConfig, match=field):
+        family_for(raw).architecture
+
+
+@pytest.mark.parametrize("rope,field", [
+    ({"mrope_section": [2, 2, 1]}, "mrope_section"),  # sums to 5, rotary dim 8 needs 4
+    ({"partial_rotary_factor": 0.5}, "mrope_section"),  # rotary dim 16: the section no longer fits
+    ({"mrope_interleaved": False}, "mrope_interleaved"),
+])
+def test_rope_refusals(rope, field):
+    raw = _config("qwen3_5")
+    text = raw["text_config"]
+    raw = {**raw, "text_config": {**text, "rope_parameters": {**text["rope_parameters"], **rope}}}
+    with pytest.raises(UnsupportedConfig, match=field):
+        family_for(raw).architecture
+
+
+def test_delta_net_layers_are_refused_at_build_naming_the_missing_piece():
+    fam = family_for(_config("qwen3_5"))
+    fam.architecture  # the mapping itself is declared
+    with pytest.raises(UnsupportedConfig, match=r"linear_attention' \(layers \[0, 2\]\).*GatedDeltaNet.*fla"):
+        fam.megatron_config_class()
+    assert family_for(_config("qwen3_5_attn")).megatron_config_class().__name__ == "TransformerConfig"
+
+
+def test_mtp_tensors_are_refused_by_name():
+    fam = family_for(_config("qwen3_5_moe"))
+    fam.check_tensors({"model.language_model.norm.weight"})  # nothing to refuse
+    with pytest.raises(UnsupportedConfig, match=r"mtp\.fc\.weight.*drop the mtp"):
+        fam.check_tensors({"model.language_model.norm.weight", "mtp.fc.weight", "mtp.norm.weight"})
+
+
+# ---- weights ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe", "qwen3_5_attn"])
+def test_rules_match_transformers_checkpoint(name, zoo_model):
+    """Every tensor transformers saves (stacked experts included) is claimed, nothing more, in
+    every layout; the vision tower has no deepstack merger."""
+    path = zoo_model(name)
+    saved = _saved_names(path)
+    fam = family_for(json.loads((path / "config.json").read_text()))
+    fam.adapt(saved)
+    assert not any("deepstack" in n for n in saved) and any(n.startswith("model.visual.merger.") for n in saved)
+    layouts = [ParallelLayout(), ParallelLayout(tp=2), ParallelLayout(pp=2)]
+    layouts += [ParallelLayout(ep=2), ParallelLayout(tp=2, sp=True, ep=2, etp=1)] if "moe" in name else []
+    for layout in layouts:
+        assert expected_hf_names(inventory(fam, layout)) == saved, layout.short()
+    linear = [n for n in saved if ".linear_attn." in n]
+    assert bool(linear) == (name != "qwen3_5_attn")
+
+
+def _hf_delta_net(tp_ok: bool = True):
+    from transformers import AutoConfig
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
+
+    cfg = AutoConfig.for_model(**__import__("mcore_bridge.zoo", fromlist=["ZOO"]).ZOO["qwen3_5"]).text_config
+    torch.manual_seed(0)
+    net = Qwen3_5GatedDeltaNet(cfg, 0)
+    for p in net.parameters():
+        torch.nn.init.normal_(p)
+    return cfg, net
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_delta_net_in_proj_shards_hold_megatrons_layout(tp):
+    """megatron's GatedDeltaNet splits its ``in_proj`` output as [q, k, v, z, b, a] per rank
+    (q/k/v through the depthwise conv1d, [q; k; v] channels); each rank's shard built from
+    transformers' module computes exactly that rank's heads of transformers' projections."""
+    cfg, net = _hf_delta_net()
+    fam = family_for(_config("qwen3_5"))
+    rules = {r.mcore.split(".", 3)[-1]: r for r in fam.rules() if r.when == "linear_attention"}
+    sd = net.state_dict()
+    hf = lambda r: [sd[n.split("linear_attn.")[1]] for n in r.hf]  # noqa: E731
+    x = torch.randn(5, cfg.hidden_size)
+    net.requires_grad_(False)
+    qk, v, nv = 2 * 16, 4 * 16, 4
+    for rank in range(tp):
+        in_proj = rules["self_attention.in_proj.weight"]
+        tensors = hf(in_proj)
+        shard = in_proj.transform.split(tensors, in_proj.transform.local_shape([t.shape for t in tensors], tp), tp, rank)
+        q, k, vv, z, b, a = torch.split(x @ shard.T, [qk // tp, qk // tp, v // tp, v // tp, nv // tp, nv // tp], -1)
+        qkv_full = net.in_proj_qkv(x)
+        for got, full in ((q, qkv_full[:, :qk]), (k, qkv_full[:, qk:2 * qk]), (vv, qkv_full[:, 2 * qk:]),
+                          (z, net.in_proj_z(x)), (b, net.in_proj_b(x)), (a, net.in_proj_a(x))):
+            n = full.shape[-1] // tp
+            torch.testing.assert_close(got, full[:, rank * n:(rank + 1) * n], rtol=1e-6, atol=1e-5)  # matmul blocking
+        conv = rules["self_attention.conv1d.weight"]
+        cshard = conv.transform.split(hf(conv), conv.transform.local_shape([sd["conv1d.weight"].shape], tp), tp, rank)
+        cq, ck, cv = torch.split(cshard, [qk // tp, qk // tp, v // tp])
+        w = sd["conv1d.weight"]
+        assert torch.equal(cq, w[rank * qk // tp:(rank + 1) * qk // tp])
+        assert torch.equal(cv, w[2 * qk + rank * v // tp:2 * qk + (rank + 1) * v // tp])
+        assert torch.equal(ck, w[qk + rank * qk // tp:qk + (rank + 1) * qk // tp])
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_hybrid_transforms_round_trip_byte_exact(tp):
+    """Shards of every rank rebuild the HF tensors bit for bit (export), for both new transforms."""
+    g = torch.Generator().manual_seed(1)
+    qkv = T.GatedQKV(8, 4, 3)
+    hf = [torch.randn(2 * 8 * 3, 5, generator=g), torch.randn(12, 5, generator=g), torch.randn(12, 5, generator=g)]
+    blocks = T.ColumnBlocks(((8, 8, 16), (16,), (4,), (4,)))
+    hf2 = [torch.randn(32, 7, generator=g), torch.randn(16, 7, generator=g), torch.randn(4, 7, generator=g),
+           torch.randn(4, 7, generator=g)]
+    for t, tensors in ((qkv, hf), (blocks, hf2)):
+        shapes = [x.shape for x in tensors]
+        local = t.local_shape(shapes, tp)
+        shards = [t.split(tensors, local, tp, r) for r in range(tp)]
+        into = torch.empty(local)
+        regions = t.slices(shapes, local, tp, tp - 1)
+        t.to_mcore_into([tensors[i][r] for i, r in zip(t.region_sources(len(regions)), regions)], into, tp, tp - 1)
+        assert torch.equal(into, shards[-1])
+        for got, want in zip(t.to_hf(shards, shapes), tensors):
+            assert torch.equal(got, want)
+    # negative control: a shard of the wrong rank does not rebuild the tensors
+    shards = [blocks.split(hf2, blocks.local_shape([x.shape for x in hf2], 2), 2, r) for r in (1, 0)]
+    assert not torch.equal(blocks.to_hf(shards, [x.shape for x in hf2])[0], hf2[0])
+
+
+def test_gated_qkv_matches_megatrons_query_gate_split():
+    """megatron's ``get_query_key_value_tensors(output_gate=True)`` on our shard returns the HF
+    query and gate of each head (transformers: ``q_proj`` rows [q_h; gate_h] per head)."""
+    heads, groups, d = 8, 4, 3
+    qkv = T.GatedQKV(heads, groups, d)
+    g = torch.Generator().manual_seed(2)
+    hf = [torch.randn(2 * heads * d, 6, generator=g), torch.randn(groups * d, 6, generator=g),
+          torch.randn(groups * d, 6, generator=g)]
+    shard = qkv.split(hf, qkv.local_shape([t.shape for t in hf], 1), 1, 0)
+    x = torch.randn(6)
+    mixed = (shard @ x).view(groups, (2 * heads // groups + 2) * d)
+    q, gate, k, v = torch.split(mixed, [heads // groups * d, heads // groups * d, d, d], dim=1)
+    hq = (hf[0] @ x).view(heads, 2 * d)
+    assert torch.equal(q.reshape(heads, d), hq[:, :d]) and torch.equal(gate.reshape(heads, d), hq[:, d:])
+    assert torch.equal(k.reshape(-1), hf[1] @ x) and torch.equal(v.reshape(-1), hf[2] @ x)
+
+
+# ---- through megatron-core (gated attention layers; the delta-net is refused) -----------------------
+RT = [(1, L()), (2, L(tp=2, sp=True))]
+
+
+@pytest.mark.parametrize("world,layout", [pytest.param(w, lay, id=case_id("qwen3_5_attn", w, lay),
+                                                        marks=pytest.mark.world(w)) for w, lay in RT])
+def test_roundtrip_is_byte_exact(world, layout, pools, zoo_model, tmp_path):
+    src = zoo_model("qwen3_5_attn")
+    out = tmp_path / "converted"
+    results = pools.get(world).run(cases.roundtrip, timeout=300, source=str(src), layout=layout.to_dict(),
+                                   out_dir=str(out))
+    expected = cases.check_roundtrip(results, src, out)
+    assert sum(".visual." in f".{n}" for n in expected) > 20
+
+
+@pytest.fixture(scope="module")
+def ref_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("q35-reference-cache"))
+
+
+def _verify(pools, zoo_model, ref_cache, world, layout, **kw) -> dict:
+    out = pools.get(world).run(verify_cases.verify, timeout=300, source=str(zoo_model("qwen3_5_attn")),
+                               layout=layout.to_dict(), reference_cache=ref_cache, **kw)
+    reports = [r for r in out if r is not None]
+    assert len(reports) == 1
+    return reports[0]
+
+
+@pytest.mark.world(2)
+def test_verification_passes_fp32_with_images_and_controls_are_located(pools, zoo_model, ref_cache):
+    layout = L(tp=2, sp=True)
+    r = _verify(pools, zoo_model, ref_cache, 2, layout)
+    assert r["verdict"] == "pass", r["failures"]
+    m = r["metrics"]
+    assert r["gate"] == "with_loss"
+    assert m["mean_diff_with_loss"] < 1e-5 and m["max_diff"] < 1e-3 and m["top1_agreement_with_loss"] == 1.0
+    assert len([i for i in r["inputs"] if i.get("images")]) == 2
+    probes = [entry["probe"] for entry in r["layers"]]
+    assert "vision.merger" in probes and not any(p.startswith("vision.deepstack") for p in probes)
+    for control, where in (("scale:visual.blocks.1.attn.qkv.weight:1.01", "vision.block.1"),
+                           ("mrope_contiguous", "layer.")):
+        bad = _verify(pools, zoo_model, ref_cache, 2, layout, control=control)
+        assert bad["verdict"] == "fail", (control, bad["metrics"])
+        first = bad["first_diverging"]
+        assert first["probe"].startswith(where), (control, first)
+        if where.startswith("vision."):
+            assert control.split(":")[1] in first["mcore_params"], first
