@@ -334,17 +334,17 @@ def _gated_delta_net_on_cpu():
             mod = importlib.import_module(name)
         except ImportError:
             continue
-        torch_rule = getattr(mod, "torch_chunk_gated_delta_rule", None)
-        if "HAVE_FLA" in vars(mod):
+        if hasattr(mod, "__path__"):  # 0.19.2's package: re-exports only, read by nobody
+            continue
+        torch_rule = getattr(mod, "torch_chunk_gated_delta_rule")
+        if not name.endswith(".gdn"):  # the module whose __init__ / forward read these
             mod.HAVE_FLA = True
-        if "l2norm" in vars(mod):
-            mod.l2norm = _torch_l2norm
-        if "chunk_gated_delta_rule" in vars(mod) and torch_rule is not None:
-            mod.chunk_gated_delta_rule = _torch_gated_delta_rule(torch_rule)
-        if "causal_conv1d_fn" in vars(mod):
-            mod.causal_conv1d_fn = None
-        if "causal_conv1d" in vars(mod) and name.endswith((".common", ".gdn")):
+            mod.l2norm = _torch_l2norm  # 0.16 leaves the name unbound without fla
+        mod.chunk_gated_delta_rule = _torch_gated_delta_rule(torch_rule)
+        if name.endswith((".common", ".gdn")):
             mod.causal_conv1d = _torch_causal_conv1d
+        else:
+            mod.causal_conv1d_fn = None
 
 
 @_patches("megatron.core.models.common.language_module.language_module:LanguageModule._set_attention_backend")
