@@ -150,13 +150,18 @@ def hybrid_block_spec(config, vp_stage, pp_rank, linear: list[bool], norm=None, 
     """megatron's local decoder block spec (dense / MoE layers from ``moe_layer_freq``) with the
     delta-net as the token mixer of the ``linear`` layers; ``norm`` replaces the layer and final norms,
     ``qk_norm`` the attention's q/k norms (``(1 + w)`` norms for Qwen3-Next), where given."""
+    import copy
     import dataclasses
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules, get_num_layers_to_build,
                                                              get_transformer_layer_offset)
 
-    specs = get_gpt_decoder_layer_specs(config, use_transformer_engine=False, normalization="RMSNorm")
+    # the dense / MoE pattern of every layer; 0.19.2 asserts no experimental attention variant there
+    # (the token mixer is replaced below), so it reads a copy without it
+    plain = copy.copy(config)
+    object.__setattr__(plain, "experimental_attention_variant", None)
+    specs = get_gpt_decoder_layer_specs(plain, use_transformer_engine=False, normalization="RMSNorm")
     gdn = gdn_module_spec()
     out = []
     for i, spec in enumerate(specs):
