@@ -388,59 +388,7 @@ FUSED_GATED_MLP = FusedGatedMLP()
 
 
 
-# -- hybrid models (Qwen3.5): gated attention and gated delta-net projections -------------------
-
-@dataclasses.dataclass(frozen=True, repr=False)
-class GatedQKV(QKV):
-    """``QKV`` with an output gate: the HF ``q_proj`` holds ``2 x head_dim`` rows per head,
-    ``[q_h; gate_h]`` (Qwen3-Next / Qwen3.5 gated attention); megatron's ``linear_qkv`` with
-    ``attention_output_gate`` holds ``[q heads, gate heads, k, v]`` per query group."""
-
-    n_sources = 3
-    parallel_mode = "column"
-    as_stored = False  # megatron regroups q/gate/k/v per query group
-
-    def lora_factor_transforms(self, n, per_projection):
-        return None  # the gate rows interleave inside one projection: LoRA not mapped
-
-    def _plain(self, hf):
-        (rows, *rest), d = hf[0], self.head_dim
-        _check(rows == 2 * self.heads * d, f"gated q_proj rows {rows} != 2 x heads {self.heads} x head_dim {d}")
-        return [(self.heads * d, *rest), tuple(hf[1]), tuple(hf[2])]
-
-    def local_shape(self, hf, tp):
-        rows, *rest = super().local_shape(self._plain(hf), tp)
-        return (rows + self.heads * self.head_dim // tp, *rest)
-
-    def slices(self, hf, local, tp, rank):
-        self._check_sources(self._plain(hf))
-        g = self.groups // tp
-        d, qg, nd = self.head_dim, self.q_per_group, len(hf[0])
-        g0 = rank * g
-        return [_rows(g0 * qg * 2 * d, (g0 + g) * qg * 2 * d, nd),
-                _rows(g0 * d, (g0 + g) * d, nd),
-                _rows(g0 * d, (g0 + g) * d, nd)]
-
-    def to_mcore(self, pieces, local, tp, rank):
-        q, k, v = pieces
-        g, d, qg = self.groups // tp, self.head_dim, self.q_per_group
-        rest = tuple(q.shape[1:])
-        qgate = q.reshape(g, qg, 2, d, *rest)
-        fused = torch.cat([qgate[:, :, 0].reshape(g, qg * d, *rest), qgate[:, :, 1].reshape(g, qg * d, *rest),
-                           k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1)
-        return fused.reshape(-1, *rest)
-
-    def to_mcore_into(self, pieces, out, tp, rank):
-        out.copy_(self.to_mcore(pieces, tuple(out.shape), tp, rank))
-
-    def to_hf(self, shards, hf):
-        full = torch.cat(shards, dim=0) if len(shards) > 1 else shards[0]
-        d, qg, rest = self.head_dim, self.q_per_group, tuple(full.shape[1:])
-        grouped = full.reshape(self.groups, (2 * qg + 2) * d, *rest)
-        q, gate, k, v = torch.split(grouped, [qg * d, qg * d, d, d], dim=1)
-        qgate = torch.stack([q.reshape(self.groups, qg, d, *rest), gate.reshape(self.groups, qg, d, *rest)], dim=2)
-        return [qgate.reshape(-1, *rest)] + [t.reshape(-1, *rest) for t in (k, v)]
-
+# -- Qwen3.5's gated delta-net projections (several HF tensors of row blocks) ---------------------
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class ColumnBlocks(Transform):
@@ -659,3 +607,124 @@ class Blocks(Transform):
             off = torch.cat([t[:, :i * r], t[:, (i + 1) * r:]], dim=1)
             _check(not off.any(), f"projection {i}'s LoRA B has non-zero entries outside its block")
         return [t[:, i * r:(i + 1) * r] for i, t in enumerate(full)]
+
+
+# -- head-grouped HF tensors (linear attention, gated attention) ------------------------------------
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class GroupedRows(Transform):
+    """HF tensors made of ``groups`` equal row blocks (one per head group, in order), each block cut
+    into ``sections[source]`` row counts; tensor parallelism splits the groups (a rank reads one
+    contiguous run of blocks per source). megatron's shard lists the sections in ``order``
+    ((source, section) pairs, each once): group by group (``per_group``: all of group g's listed
+    sections, then group g+1's) or section by section over the rank's groups.
+
+    Qwen3-Next's delta-net ``in_proj_qkvz`` / ``in_proj_ba`` (per key head [q, k, v, z] and [b, a];
+    megatron: [q; k; v; z; b; a] of the rank's heads) and its gated attention's ``q_proj`` (per head
+    [query, gate]; megatron: per query group [queries, gates, k, v]) are two instances."""
+
+    groups: int
+    sections: tuple  # per source: the row counts of one group's block, in HF order
+    order: tuple  # (source, section) pairs in megatron's order
+    per_group: bool
+    parallel_mode = "column"
+    as_stored = False  # megatron regroups the rows
+
+    def __post_init__(self):
+        every = sorted((s, k) for s, secs in enumerate(self.sections) for k in range(len(secs)))
+        if sorted(self.order) != every:
+            raise ValueError(f"GroupedRows order {self.order} must list each (source, section) of "
+                             f"{self.sections} exactly once")
+
+    @property
+    def n_sources(self):
+        return len(self.sections)
+
+    def _block(self, i: int) -> int:
+        return sum(self.sections[i])
+
+    def _check_sources(self, hf):
+        _check(len(hf) == len(self.sections), f"{len(hf)} HF tensors for {len(self.sections)} sources")
+        for i, s in enumerate(hf):
+            _check(s[0] == self.groups * self._block(i),
+                   f"HF tensor {i}: {s[0]} rows != {self.groups} head groups x {self._block(i)} rows")
+            _check(tuple(s[1:]) == tuple(hf[0][1:]), f"HF tensors' trailing dims differ: {list(hf)}")
+
+    def local_shape(self, hf, tp):
+        self._check_sources(hf)
+        _check(self.groups % tp == 0, f"{self.groups} head groups do not split over tp={tp}")
+        rows = sum(self._block(i) for i in range(len(hf))) * self.groups // tp
+        return (rows,) + tuple(hf[0][1:])
+
+    def slices(self, hf, local, tp, rank):
+        self._check_sources(hf)
+        g = self.groups // tp
+        return [_rows(rank * g * self._block(i), (rank + 1) * g * self._block(i), len(s)) for i, s in enumerate(hf)]
+
+    def to_mcore(self, pieces, local, tp, rank):
+        g = self.groups // tp
+        rest = tuple(pieces[0].shape[1:])
+        parts = [torch.split(p.reshape(g, self._block(i), *rest), list(self.sections[i]), dim=1)
+                 for i, p in enumerate(pieces)]
+        chosen = [parts[s][k] for s, k in self.order]
+        if self.per_group:
+            return torch.cat(chosen, dim=1).reshape(-1, *rest)
+        return torch.cat([c.reshape(-1, *rest) for c in chosen], dim=0)
+
+    def to_hf(self, shards, hf):
+        g = self.groups // len(shards)
+        rest = tuple(shards[0].shape[1:])
+        sizes = [self.sections[s][k] for s, k in self.order]
+        per_source = [[] for _ in self.sections]
+        for shard in shards:
+            if self.per_group:
+                chunks = torch.split(shard.reshape(g, sum(sizes), *rest), sizes, dim=1)
+            else:
+                chunks = [c.reshape(g, n, *rest)
+                          for c, n in zip(torch.split(shard, [g * n for n in sizes], dim=0), sizes)]
+            found = dict(zip(self.order, chunks))
+            for i, secs in enumerate(self.sections):
+                per_source[i].append(torch.cat([found[(i, k)] for k in range(len(secs))], dim=1).reshape(-1, *rest))
+        return [torch.cat(p, dim=0) if len(p) > 1 else p[0] for p in per_source]
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class FusedBlocks(Transform):
+    """One HF tensor of row blocks of ``sizes``, each split evenly over tensor parallelism; a rank's
+    shard is its slice of every block, in order (``FusedGatedMLP`` with any number of blocks of any
+    size: the delta-net's ``conv1d`` over [q; k; v] channels)."""
+
+    sizes: tuple
+    n_sources = 1
+    parallel_mode = "column"
+    as_stored = True  # a single shard is the blocks in order: the HF tensor's bytes
+
+    def region_sources(self, n_regions):
+        return [0] * n_regions
+
+    def _check_rows(self, hf, tp):
+        _check(hf[0][0] == sum(self.sizes), f"{hf[0][0]} rows != blocks {list(self.sizes)}")
+        for n in self.sizes:
+            _check(n % tp == 0, f"block of {n} rows does not split over tp={tp}")
+
+    def local_shape(self, hf, tp):
+        self._check_rows(hf, tp)
+        return (hf[0][0] // tp,) + tuple(hf[0][1:])
+
+    def slices(self, hf, local, tp, rank):
+        self._check_rows(hf, tp)
+        out, start = [], 0
+        for n in self.sizes:
+            out.append(_rows(start + rank * n // tp, start + (rank + 1) * n // tp, len(hf[0])))
+            start += n
+        return out
+
+    def to_mcore(self, pieces, local, tp, rank):
+        return torch.cat(pieces, dim=0)
+
+    def to_hf(self, shards, hf):
+        if len(shards) == 1:
+            return [shards[0]]
+        tp = len(shards)
+        per = [torch.split(s, [n // tp for n in self.sizes], dim=0) for s in shards]
+        return [torch.cat([p[b] for b in range(len(self.sizes)) for p in per], dim=0)]

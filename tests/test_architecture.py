@@ -57,6 +57,7 @@ def test_refusals_surface_when_the_architecture_is_declared():
     ("olmoe", "TransformerConfig", "GPTModel", True),
     ("qwen3_vl", "TransformerConfig", "VisionLanguageGPT", False),
     ("qwen3_vl_moe", "TransformerConfig", "VisionLanguageGPT", True),
+    ("qwen3_next", "TransformerConfig", "GPTModel", True),
 ])
 def test_each_family_declares_its_classes_and_spec(name, config_class, model_class, block):
     from megatron.core.transformer.spec_utils import ModuleSpec

@@ -1,8 +1,8 @@
 """Qwen3.5 (``qwen3_5``, ``qwen3_5_moe``): hybrid gated delta-net / gated attention language model
-with a vision tower. What megatron-core can build here today (gated attention, (1 + w) norms,
-interleaved mRoPE with partial rotary, Qwen3-VL's tower without deepstack) converts byte-exactly and
-verifies in fp32 with images; the delta-net layers are mapped (names and byte layout tested against
-transformers' own modules) and refused at build, by name, until megatron's GatedDeltaNet runs here."""
+with a vision tower (Qwen3-VL's, without deepstack). Settings and refusals; the weight layout
+against transformers' own modules (Qwen3.5 stores the delta-net projections unfused); byte-exact
+round trips (ws1, tp2+sp, ep2); fp32 verification with images gated on the loss tokens; negative
+controls (a perturbed vision tensor and a perturbed delta-net tensor, each located)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_settings_carry_hybrid_layers_gate_rope_and_vision():
     assert m["rotary_base"] == 1e7
     v = m["vision"]
     assert v.deepstack_layers == 0 and v.mrope_interleaved and v.vision_class.endswith("Qwen3_5VisionModel")
-    assert [fam.layer_kind(i) for i in range(4)] == ["linear_attention", "full_attention"] * 2
+    assert [fam.layer_mixer(i) for i in range(4)] == ["linear", "attention"] * 2
 
 
 def test_moe_settings_shared_gate_renormalised_topk_every_layer():
@@ -77,8 +77,7 @@ def test_transformers_defaults_where_the_config_is_silent():
     raw = {**raw, "text_config": text}
     fam = family_for(raw)
     hf = AutoConfig.for_model(**raw).text_config
-    assert fam.layer_types == hf.layer_types == ["linear_attention"] * 3 + ["full_attention"] + \
-        ["linear_attention"] * 3 + ["full_attention"]
+    assert fam.linear() == [t == "linear_attention" for t in hf.layer_types] == [True, True, True, False] * 2
     assert fam.architecture.model["rotary_percent"] == hf.rope_parameters["partial_rotary_factor"] == 0.25
 
 
@@ -109,23 +108,23 @@ def test_rope_refusals(rope, field):
         family_for(raw).architecture
 
 
-def test_delta_net_layers_are_refused_at_build_naming_the_missing_piece():
-    fam = family_for(_config("qwen3_5"))
-    fam.architecture  # the mapping itself is declared
-    with pytest.raises(UnsupportedConfig, match=r"linear_attention' \(layers \[0, 2\]\).*GatedDeltaNet.*fla"):
-        fam.megatron_config_class()
-    assert family_for(_config("qwen3_5_attn")).megatron_config_class().__name__ == "TransformerConfig"
+def test_attention_only_config_has_no_delta_net():
+    raw = _config("qwen3_5")
+    raw = {**raw, "text_config": {**raw["text_config"], "layer_types": ["full_attention"] * 4}}
+    fam = family_for(raw)
+    assert "experimental_attention_variant" not in fam.architecture.config
+    assert not any(".linear_attn." in n for r in fam.rules() for n in r.hf)
 
 
 def test_mtp_tensors_are_refused_by_name():
     fam = family_for(_config("qwen3_5_moe"))
     fam.check_tensors({"model.language_model.norm.weight"})  # nothing to refuse
-    with pytest.raises(UnsupportedConfig, match=r"mtp\.fc\.weight.*drop the mtp"):
+    with pytest.raises(UnsupportedConfig, match=r"mtp\.fc\.weight.*without the mtp\.\* tensors"):
         fam.check_tensors({"model.language_model.norm.weight", "mtp.fc.weight", "mtp.norm.weight"})
 
 
 # ---- weights ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe", "qwen3_5_attn"])
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
 def test_rules_match_transformers_checkpoint(name, zoo_model):
     """Every tensor transformers saves (stacked experts included) is claimed, nothing more, in
     every layout; the vision tower has no deepstack merger."""
@@ -138,11 +137,12 @@ def test_rules_match_transformers_checkpoint(name, zoo_model):
     layouts += [ParallelLayout(ep=2), ParallelLayout(tp=2, sp=True, ep=2, etp=1)] if "moe" in name else []
     for layout in layouts:
         assert expected_hf_names(inventory(fam, layout)) == saved, layout.short()
-    linear = [n for n in saved if ".linear_attn." in n]
-    assert bool(linear) == (name != "qwen3_5_attn")
+    assert {n.split(".linear_attn.")[1] for n in saved if ".layers.0.linear_attn." in n} == {
+        "in_proj_qkv.weight", "in_proj_z.weight", "in_proj_b.weight", "in_proj_a.weight", "conv1d.weight",
+        "A_log", "dt_bias", "norm.weight", "out_proj.weight"}
 
 
-def _hf_delta_net(tp_ok: bool = True):
+def _hf_delta_net():
     from transformers import AutoConfig
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
 
@@ -161,7 +161,7 @@ def test_delta_net_in_proj_shards_hold_megatrons_layout(tp):
     transformers' module computes exactly that rank's heads of transformers' projections."""
     cfg, net = _hf_delta_net()
     fam = family_for(_config("qwen3_5"))
-    rules = {r.mcore.split(".", 3)[-1]: r for r in fam.rules() if r.when == "linear_attention"}
+    rules = {r.mcore.split(".", 3)[-1]: r for r in fam.rules() if r.mixer == "linear"}
     sd = net.state_dict()
     hf = lambda r: [sd[n.split("linear_attn.")[1]] for n in r.hf]  # noqa: E731
     x = torch.randn(5, cfg.hidden_size)
@@ -187,15 +187,14 @@ def test_delta_net_in_proj_shards_hold_megatrons_layout(tp):
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_hybrid_transforms_round_trip_byte_exact(tp):
-    """Shards of every rank rebuild the HF tensors bit for bit (export), for both new transforms."""
+def test_column_blocks_round_trip_byte_exact(tp):
+    """Shards of every rank rebuild the HF tensors bit for bit (export); the in-place assembly
+    (load) equals the reference split."""
     g = torch.Generator().manual_seed(1)
-    qkv = T.GatedQKV(8, 4, 3)
-    hf = [torch.randn(2 * 8 * 3, 5, generator=g), torch.randn(12, 5, generator=g), torch.randn(12, 5, generator=g)]
     blocks = T.ColumnBlocks(((8, 8, 16), (16,), (4,), (4,)))
     hf2 = [torch.randn(32, 7, generator=g), torch.randn(16, 7, generator=g), torch.randn(4, 7, generator=g),
            torch.randn(4, 7, generator=g)]
-    for t, tensors in ((qkv, hf), (blocks, hf2)):
+    for t, tensors in ((blocks, hf2),):
         shapes = [x.shape for x in tensors]
         local = t.local_shape(shapes, tp)
         shards = [t.split(tensors, local, tp, r) for r in range(tp)]
@@ -210,36 +209,22 @@ def test_hybrid_transforms_round_trip_byte_exact(tp):
     assert not torch.equal(blocks.to_hf(shards, [x.shape for x in hf2])[0], hf2[0])
 
 
-def test_gated_qkv_matches_megatrons_query_gate_split():
-    """megatron's ``get_query_key_value_tensors(output_gate=True)`` on our shard returns the HF
-    query and gate of each head (transformers: ``q_proj`` rows [q_h; gate_h] per head)."""
-    heads, groups, d = 8, 4, 3
-    qkv = T.GatedQKV(heads, groups, d)
-    g = torch.Generator().manual_seed(2)
-    hf = [torch.randn(2 * heads * d, 6, generator=g), torch.randn(groups * d, 6, generator=g),
-          torch.randn(groups * d, 6, generator=g)]
-    shard = qkv.split(hf, qkv.local_shape([t.shape for t in hf], 1), 1, 0)
-    x = torch.randn(6)
-    mixed = (shard @ x).view(groups, (2 * heads // groups + 2) * d)
-    q, gate, k, v = torch.split(mixed, [heads // groups * d, heads // groups * d, d, d], dim=1)
-    hq = (hf[0] @ x).view(heads, 2 * d)
-    assert torch.equal(q.reshape(heads, d), hq[:, :d]) and torch.equal(gate.reshape(heads, d), hq[:, d:])
-    assert torch.equal(k.reshape(-1), hf[1] @ x) and torch.equal(v.reshape(-1), hf[2] @ x)
+# ---- through megatron-core (the delta-net on CPU: runtime/compat.py) ---------------------------------
+RT = [("qwen3_5", 1, L()), ("qwen3_5", 2, L(tp=2, sp=True)), ("qwen3_5_moe", 2, L(ep=2))]
 
 
-# ---- through megatron-core (gated attention layers; the delta-net is refused) -----------------------
-RT = [(1, L()), (2, L(tp=2, sp=True))]
-
-
-@pytest.mark.parametrize("world,layout", [pytest.param(w, lay, id=case_id("qwen3_5_attn", w, lay),
-                                                        marks=pytest.mark.world(w)) for w, lay in RT])
-def test_roundtrip_is_byte_exact(world, layout, pools, zoo_model, tmp_path):
-    src = zoo_model("qwen3_5_attn")
+@pytest.mark.parametrize("model,world,layout", [pytest.param(m, w, lay, id=case_id(m, w, lay),
+                                                              marks=pytest.mark.world(w)) for m, w, lay in RT])
+def test_roundtrip_is_byte_exact(model, world, layout, pools, zoo_model, tmp_path):
+    src = zoo_model(model)
     out = tmp_path / "converted"
     results = pools.get(world).run(cases.roundtrip, timeout=300, source=str(src), layout=layout.to_dict(),
                                    out_dir=str(out))
     expected = cases.check_roundtrip(results, src, out)
-    assert sum(".visual." in f".{n}" for n in expected) > 20
+    assert sum(".visual." in f".{n}" for n in expected) > 20 and sum(".linear_attn." in n for n in expected) == 18
+    if model == "qwen3_5_moe":
+        # transformers 5 saves the experts it stacks in memory one tensor per expert (its conversion mapping)
+        assert "model.language_model.layers.0.mlp.experts.7.gate_proj.weight" in expected
 
 
 @pytest.fixture(scope="module")
@@ -247,18 +232,27 @@ def ref_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("q35-reference-cache"))
 
 
-def _verify(pools, zoo_model, ref_cache, world, layout, **kw) -> dict:
-    out = pools.get(world).run(verify_cases.verify, timeout=300, source=str(zoo_model("qwen3_5_attn")),
+def _verify(pools, zoo_model, ref_cache, model, world, layout, **kw) -> dict:
+    out = pools.get(world).run(verify_cases.verify, timeout=300, source=str(zoo_model(model)),
                                layout=layout.to_dict(), reference_cache=ref_cache, **kw)
     reports = [r for r in out if r is not None]
     assert len(reports) == 1
     return reports[0]
 
 
-@pytest.mark.world(2)
-def test_verification_passes_fp32_with_images_and_controls_are_located(pools, zoo_model, ref_cache):
-    layout = L(tp=2, sp=True)
-    r = _verify(pools, zoo_model, ref_cache, 2, layout)
+D = "decoder.layers"
+VERIFY = [  # (model, world, layout, [(control, first diverging probe)])
+    ("qwen3_5", 2, L(tp=2, sp=True), [("scale:visual.blocks.1.attn.qkv.weight:1.01", "vision.block.1"),
+                                      (f"scale:{D}.2.self_attention.in_proj.weight:1.01", "layer.2")]),
+    ("qwen3_5_moe", 2, L(ep=2), [(f"scale:{D}.0.self_attention.conv1d.weight:1.05", "layer.0")]),
+]
+
+
+@pytest.mark.parametrize("model,world,layout,controls", [
+    pytest.param(m, w, lay, c, id=case_id(m, w, lay), marks=pytest.mark.world(w)) for m, w, lay, c in VERIFY])
+def test_verification_passes_fp32_with_images_and_controls_are_located(model, world, layout, controls, pools,
+                                                                       zoo_model, ref_cache):
+    r = _verify(pools, zoo_model, ref_cache, model, world, layout)
     assert r["verdict"] == "pass", r["failures"]
     m = r["metrics"]
     assert r["gate"] == "with_loss"
@@ -266,11 +260,12 @@ def test_verification_passes_fp32_with_images_and_controls_are_located(pools, zo
     assert len([i for i in r["inputs"] if i.get("images")]) == 2
     probes = [entry["probe"] for entry in r["layers"]]
     assert "vision.merger" in probes and not any(p.startswith("vision.deepstack") for p in probes)
-    for control, where in (("scale:visual.blocks.1.attn.qkv.weight:1.01", "vision.block.1"),
-                           ("mrope_contiguous", "layer.")):
-        bad = _verify(pools, zoo_model, ref_cache, 2, layout, control=control)
+    assert probes[-6:] == ["embedding"] + [f"layer.{i}" for i in range(4)] + ["final_norm"]
+    if model == "qwen3_5_moe":
+        assert m["router_agreement"] >= 0.99
+    for control, where in controls:
+        bad = _verify(pools, zoo_model, ref_cache, model, world, layout, control=control)
         assert bad["verdict"] == "fail", (control, bad["metrics"])
         first = bad["first_diverging"]
-        assert first["probe"].startswith(where), (control, first)
-        if where.startswith("vision."):
-            assert control.split(":")[1] in first["mcore_params"], first
+        assert first["probe"] == where, (control, first)
+        assert control.split(":")[1] in first["mcore_params"], first

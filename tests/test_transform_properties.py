@@ -39,7 +39,9 @@ def _instances():
     qkv = T.QKV(4, 2, 3)
     made = [T.REPLICATED, T.COLUMN, T.ROW, T.VOCAB, qkv, T.GATED_MLP, T.Shared(3), T.Stacked(2),
             T.Blocks(qkv, 3), T.Blocks(T.GATED_MLP, 2), T.FusedQKV(4, 2, 3), T.FUSED_GATED_MLP,
-            T.Copies(T.VOCAB, 2), T.Copies(T.COLUMN, 3), T.GatedQKV(4, 2, 3), T.ColumnBlocks(((2, 2, 2), (6,)))]
+            T.Copies(T.VOCAB, 2), T.Copies(T.COLUMN, 3),
+            T.GroupedRows(2, ((1, 2), (2, 1)), ((1, 0), (0, 0), (0, 1), (1, 1)), per_group=True),
+            T.FusedBlocks((2, 4)), T.ColumnBlocks(((2, 2, 2), (6,)))]
     assert {type(t) for t in made} == set(_concrete()), "add the new transform to _instances()"
     return made
 
@@ -74,8 +76,7 @@ def test_declarations_match_behaviour(t):
     if isinstance(t, T.FusedQKV):  # one [q; k; v] tensor
         hf = [((t.heads + 2 * t.groups) * t.head_dim, cols)]
     elif qkv is not None:
-        q_rows = qkv.heads * qkv.head_dim * (2 if isinstance(qkv, T.GatedQKV) else 1)  # gated: [q_h; gate_h]
-        hf = [(q_rows, cols)] + [(qkv.groups * qkv.head_dim, cols)] * 2
+        hf = [(qkv.heads * qkv.head_dim, cols)] + [(qkv.groups * qkv.head_dim, cols)] * 2
     else:
         hf = [(6, cols)] * n
     local = t.local_shape(hf, 1)

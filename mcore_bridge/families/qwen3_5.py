@@ -5,8 +5,9 @@ megatron-core's ``GatedDeltaNet``) with gated full-attention layers (``full_atte
 gate read from the second half of each head's ``q_proj`` rows, megatron's
 ``attention_output_gate``), every RMSNorm but the delta-net's gated output norm stored as an offset
 from 1 (``(1 + w)``), partial rotary (default 0.25) with interleaved multimodal RoPE as Qwen3-VL.
-The MoE variant has stacked routed experts (``mlp.experts.gate_up_proj [E, 2F, H]``, gate rows
-first), always renormalised top-k, and a shared expert with a sigmoid gate, on every layer.
+The MoE variant has routed experts (stacked in transformers' module, ``experts.gate_up_proj
+[E, 2F, H]``; saved by transformers 5 one tensor per expert, ``experts.{E}.gate_proj.weight``; both
+storages read), always renormalised top-k, and a shared expert with a sigmoid gate, on every layer.
 
 The vision tower is Qwen3-VL's without deepstack (``Qwen3_5VisionModel`` drops
 ``deepstack_merger_list``; ``vision_config`` has no ``deepstack_visual_indexes``): the merger's
@@ -14,31 +15,30 @@ output replaces the image/video token embeddings, nothing enters later language 
 layer has to share the first pipeline stage with it. Same HF prefixes as Qwen3-VL under transformers 5
 (``model.language_model.*``, ``model.visual.*``, ``lm_head``).
 
-Weights (HF -> megatron), per layer kind (``layer_kind``):
-  full_attention: ``q_proj`` [q_h; gate_h] + ``k_proj`` + ``v_proj`` -> ``linear_qkv`` [q, gate, k, v]
-    per query group (``GatedQKV``); ``q_norm``/``k_norm``/``o_proj`` as Qwen3;
-  linear_attention: ``in_proj_qkv`` [q; k; v] + ``in_proj_z`` + ``in_proj_b`` + ``in_proj_a`` ->
-    ``in_proj`` [q_r; k_r; v_r; z_r; b_r; a_r] (``ColumnBlocks``); ``conv1d`` [q; k; v] channels
-    likewise; ``A_log``, ``dt_bias`` split by value head; ``norm`` -> ``out_norm``; ``out_proj`` (row).
+The megatron side is Qwen3-Next's (``gated_deltanet``: settings, hybrid block spec with the
+delta-net in the linear layers, gated-attention rules, ``Rule.mixer``; the CPU delta rule is a
+scoped adaptation in ``runtime/compat.py``). What differs is the delta-net's HF storage:
+Qwen3-Next fuses ``in_proj_qkvz`` / ``in_proj_ba`` per key head, Qwen3.5 stores ``in_proj_qkv``
+([q; k; v] over all heads), ``in_proj_z``, ``in_proj_b``, ``in_proj_a`` separately; megatron's
+``in_proj`` holds ``[q_r; k_r; v_r; z_r; b_r; a_r]`` per tensor-parallel rank (``ColumnBlocks``).
+``conv1d`` ([q; k; v] channels), ``A_log``, ``dt_bias``, ``norm`` and ``out_proj`` are stored as
+Qwen3-Next's.
 
-What is missing here (refused at build, naming it): a megatron-core ``GatedDeltaNet`` that runs
-without the ``fla`` Triton kernels (the CPU delta-rule adaptation is issue 19 item 1, Qwen3-Next);
-the multi-token-prediction head (``mtp.*`` tensors, which transformers ignores as well).
+Not converted (refused by name): the multi-token-prediction head (``mtp.*`` tensors, which
+transformers ignores as well).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
-from ..transforms import COLUMN, REPLICATED, ROW, ColumnBlocks, GatedQKV
-from .base import Layers, UnsupportedConfig, rule
+from ..transforms import ColumnBlocks
+from . import gated_deltanet as gdn
+from .base import UnsupportedConfig, rule
 from .moe import MoEMixin
 from .qwen import Qwen3
 from .qwen_vl import VisionLanguageMixin
 
 L = "decoder.layers.{L}."
-A = L + "self_attention."
-LINEAR, FULL = "linear_attention", "full_attention"
+HF_PARTIAL_ROTARY_DEFAULT = 0.25  # Qwen3_5TextConfig's default (not 1.0) where the config is silent
 
 
 class Qwen35Mixin(VisionLanguageMixin):
@@ -47,33 +47,21 @@ class Qwen35Mixin(VisionLanguageMixin):
     mrope_interleaved = True  # Qwen3_5TextRotaryEmbedding is Qwen3-VL's (t/h/w interleaved)
 
     # -- config ------------------------------------------------------------------------------
-    @property
-    def layer_types(self) -> list[str]:
-        """HF's ``layer_types``, or transformers' default from ``full_attention_interval`` (4)."""
-        n = self.num_layers
-        types = self.cfg.get("layer_types")
-        if types is None:
-            every = int(self.cfg.get("full_attention_interval", default=4))
-            types = [LINEAR if (i + 1) % every else FULL for i in range(n)]
-        if len(types) != n:
-            raise UnsupportedConfig(f"layer_types has {len(types)} entries for num_hidden_layers={n}")
-        other = sorted({t for t in types if t not in (LINEAR, FULL)})
-        if other:
-            raise UnsupportedConfig(f"layer_types {other}: Qwen3.5 layers are '{LINEAR}' (gated delta-net) "
-                                    f"or '{FULL}' (gated attention)")
-        return list(types)
+    def linear(self) -> list[bool]:
+        """Linear-attention layers: ``layer_types``, else every ``full_attention_interval``-th
+        layer (default 4) is full attention, as transformers fills it in."""
+        return gdn.linear_layers(self.cfg, self.num_layers)
 
-    def layer_kind(self, layer: int) -> Layers:
-        """The attention kind: Qwen3.5's MLP is the same on every layer (dense, or MoE on all)."""
-        return Layers(self.layer_types[layer])
+    def layer_mixer(self, layer: int) -> str:
+        return gdn.LINEAR if self.linear()[layer] else gdn.ATTENTION
 
     def layer_windows(self) -> list:
-        return [None] * self.num_layers  # no sliding windows (layer_types are attention kinds here)
+        return [None] * self.num_layers  # layer_types name token mixers here, never windows
 
     @property
     def partial_rotary(self) -> float:
-        # transformers' Qwen3_5TextConfig defaults it to 0.25 (not 1.0) where the config is silent
-        return float(self.cfg.rope.get("partial_rotary_factor", self.cfg.get("partial_rotary_factor", default=0.25)))
+        return float(self.cfg.rope.get("partial_rotary_factor",
+                                       self.cfg.get("partial_rotary_factor", default=HF_PARTIAL_ROTARY_DEFAULT)))
 
     @property
     def mrope_section(self) -> list[int]:
@@ -98,76 +86,49 @@ class Qwen35Mixin(VisionLanguageMixin):
             raise UnsupportedConfig("attn_output_gate=false: transformers' Qwen3.5 attention always gates its "
                                     "output (q_proj holds 2 x head_dim rows per head)")
 
-    def delta_net_settings(self) -> dict:
-        c, types = self.cfg, self.layer_types
-        if LINEAR not in types:
-            return {}
-        settings = dict(experimental_attention_variant="gated_delta_net",
-                        linear_attention_freq=[1 if t == LINEAR else 0 for t in types],
-                        linear_conv_kernel_dim=int(c.get("linear_conv_kernel_dim", default=4)),
-                        linear_key_head_dim=int(c.get("linear_key_head_dim", default=128)),
-                        linear_value_head_dim=int(c.get("linear_value_head_dim", default=128)),
-                        linear_num_key_heads=int(c.get("linear_num_key_heads", default=16)),
-                        linear_num_value_heads=int(c.get("linear_num_value_heads", default=32)))
-        if settings["linear_num_value_heads"] % settings["linear_num_key_heads"]:
-            raise UnsupportedConfig(f"linear_num_value_heads={settings['linear_num_value_heads']} is not a multiple "
-                                    f"of linear_num_key_heads={settings['linear_num_key_heads']}")
-        return settings
-
     def model_settings(self) -> dict:
         settings = super().model_settings()
-        settings["config"].update(attention_output_gate=True, **self.delta_net_settings())
+        extra = gdn.gdn_settings(self.cfg, self.linear()) if any(self.linear()) else {}
+        settings["config"].update(attention_output_gate=True, **extra)
         return settings
 
-    # -- megatron model ------------------------------------------------------------------------
-    def megatron_config_class(self) -> type:
-        """Called when the model is built: refuse linear-attention layers while megatron-core's
-        ``GatedDeltaNet`` cannot run here."""
-        linear = [i for i, t in enumerate(self.layer_types) if t == LINEAR]
-        if linear:
-            raise UnsupportedConfig(
-                f"layer_types '{LINEAR}' (layers {linear}): megatron-core's GatedDeltaNet needs the fla "
-                f"Triton kernels (flash-linear-attention, GPU) and this bridge has no CPU delta-rule "
-                f"adaptation for it yet (issue 19 item 1, Qwen3-Next): only Qwen3.5 configs whose layers are "
-                f"all '{FULL}' can be built")
-        return super().megatron_config_class()
+    def check_layout(self, layout) -> None:
+        if any(self.linear()):
+            gdn.check_layout(self.architecture.config, layout)
+        super().check_layout(layout)
 
-    decoder_block_spec = True  # layer_spec returns a block spec (per-layer specs, (1 + w) final norm)
+    # -- megatron model ------------------------------------------------------------------------
+    decoder_block_spec = True  # per-layer specs: delta-net or gated attention
+
+    def layer_spec(self, config, vp_stage, pp_rank):
+        """Qwen3-Next's hybrid block spec; every norm but the delta-net's output norm is ``(1 + w)``."""
+        from .gemma_modules import OffsetRMSNorm
+
+        return gdn.hybrid_block_spec(config, vp_stage, pp_rank, self.linear(), norm=OffsetRMSNorm,
+                                     qk_norm=OffsetRMSNorm)
 
     # -- weights -----------------------------------------------------------------------------
     def check_tensors(self, names) -> None:
         mtp = sorted(n for n in names if n.startswith("mtp."))
         if mtp:
-            raise UnsupportedConfig(f"{len(mtp)} multi-token-prediction tensors ({mtp[0]}, ...; "
-                                    f"mtp_num_hidden_layers={self.cfg.get('mtp_num_hidden_layers')}): Qwen3.5's "
-                                    f"MTP head is not mapped (transformers ignores it too); drop the mtp.* tensors "
-                                    f"to convert the main model")
+            raise UnsupportedConfig(f"{self.name}: the checkpoint holds {len(mtp)} multi-token-prediction tensors "
+                                    f"({mtp[0]}, ...; mtp_num_hidden_layers={self.cfg.get('mtp_num_hidden_layers')}): "
+                                    f"Qwen3.5's MTP head is not converted yet and would be lost; convert a copy "
+                                    f"without the mtp.* tensors (transformers ignores them too)")
+        super().check_tensors(names)
 
     def attention_rules(self):
-        H = self.hf_layer_prefix
-        c = self.settings_config()
-        S, LA = H + "self_attn.", H + "linear_attn."
-        qkv = GatedQKV(c["num_attention_heads"], c["num_query_groups"], c["kv_channels"])
-        full = [
-            rule(A + "linear_qkv.weight", [S + f"{p}_proj.weight" for p in "qkv"], qkv, when=FULL),
-            rule(A + "linear_proj.weight", S + "o_proj.weight", ROW, when=FULL),
-            rule(A + "q_layernorm.weight", S + "q_norm.weight", REPLICATED, when=FULL),
-            rule(A + "k_layernorm.weight", S + "k_norm.weight", REPLICATED, when=FULL),
-        ]
-        if LINEAR not in self.layer_types:
-            return full
+        H, c = self.hf_layer_prefix, self.settings_config()
+        rules = gdn.gated_attention_rules(H, c)
+        if not any(self.linear()):
+            return rules
+        G = H + "linear_attn."
         qk = c["linear_key_head_dim"] * c["linear_num_key_heads"]
-        v = c["linear_value_head_dim"] * c["linear_num_value_heads"]
-        nv = c["linear_num_value_heads"]
-        return full + [
-            rule(A + "in_proj.weight", [LA + f"in_proj_{p}.weight" for p in ("qkv", "z", "b", "a")],
-                 ColumnBlocks(((qk, qk, v), (v,), (nv,), (nv,))), when=LINEAR),
-            rule(A + "conv1d.weight", LA + "conv1d.weight", ColumnBlocks(((qk, qk, v),)), when=LINEAR),
-            rule(A + "A_log", LA + "A_log", COLUMN, when=LINEAR),
-            rule(A + "dt_bias", LA + "dt_bias", COLUMN, when=LINEAR),
-            rule(A + "out_norm.weight", LA + "norm.weight", REPLICATED, when=LINEAR),
-            rule(A + "out_proj.weight", LA + "out_proj.weight", ROW, when=LINEAR),
-        ]
+        v, nv = c["linear_value_head_dim"] * c["linear_num_value_heads"], c["linear_num_value_heads"]
+        in_proj = rule(L + "self_attention.in_proj.weight", [G + f"in_proj_{p}.weight" for p in ("qkv", "z", "b", "a")],
+                       ColumnBlocks(((qk, qk, v), (v,), (nv,), (nv,))), mixer=gdn.LINEAR)
+        # conv1d, A_log, dt_bias, norm, out_proj: stored as Qwen3-Next's
+        return [in_proj] + [r for r in gdn.gdn_rules(H, c) if not r.mcore.endswith("in_proj.weight")] + rules
 
 
 class Qwen35(Qwen35Mixin, Qwen3):
@@ -175,15 +136,6 @@ class Qwen35(Qwen35Mixin, Qwen3):
     name = "qwen3_5"
     vision_class = "qwen3_5.modeling_qwen3_5.Qwen3_5VisionModel"
     model_class = "qwen3_5.modeling_qwen3_5.Qwen3_5Model"
-
-    def layer_spec(self, config, vp_stage, pp_rank):
-        from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-
-        from .qwen3_5_modules import offset_norm_spec
-
-        layer = Qwen3.layer_spec(self, config, vp_stage, pp_rank)
-        n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-        return offset_norm_spec(TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=None))
 
 
 class Qwen35MoE(Qwen35Mixin, MoEMixin, Qwen3):
@@ -201,13 +153,3 @@ class Qwen35MoE(Qwen35Mixin, MoEMixin, Qwen3):
 
     def is_moe_layer(self, layer: int) -> bool:
         return True
-
-    def layer_spec(self, config, vp_stage, pp_rank):
-        from .qwen3_5_modules import offset_norm_spec
-
-        return offset_norm_spec(MoEMixin.layer_spec(self, config, vp_stage, pp_rank))
-
-    def mlp_rules(self):
-        """MoEMixin's MoE rules on every layer (the layer kind here is the attention kind, never
-        ``dense``: the parent's dense-MLP rules stay declared and never apply)."""
-        return [dataclasses.replace(r, when=Layers.ALL) if r.when == Layers.MOE else r for r in super().mlp_rules()]
