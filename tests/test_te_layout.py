@@ -40,8 +40,9 @@ def check_keys(results, name, layout):
 
 
 # megatron-core has no TransformerEngine spec to compare with: Gemma 3's post norms, (1 + w) norms and
-# local RoPE are the bridge's own modules (families/gemma_modules.py), built on the local spec
-NO_TE_SPEC = ("gemma3_text",)
+# local RoPE are the bridge's own modules (families/gemma_modules.py), built on the local spec; Qwen3.5
+# has the same (1 + w) norms and megatron's hybrid (delta-net) spec asserts TransformerEngine
+NO_TE_SPEC = ("gemma3_text", "qwen3_5", "qwen3_5_moe")
 
 
 @pytest.mark.world(1)
