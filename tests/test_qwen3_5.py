@@ -269,3 +269,40 @@ def test_verification_passes_fp32_with_images_and_controls_are_located(model, wo
         first = bad["first_diverging"]
         assert first["probe"] == where, (control, first)
         assert control.split(":")[1] in first["mcore_params"], first
+
+
+def test_stacked_expert_storage_is_read_as_the_per_expert_one(zoo_model, tmp_path):
+    """transformers 5 saves Qwen3.5-MoE experts one tensor per expert; a checkpoint holding its
+    in-memory stacks (``experts.gate_up_proj [E, 2F, H]``, gate rows first) reads the same tensors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mcore_bridge.bridge import Bridge
+    from mcore_bridge.hf_io import HFCheckpoint
+
+    src = zoo_model("qwen3_5_moe")
+    dest = tmp_path / "stacked"
+    shutil.copytree(src, dest)
+    for f in dest.glob("*.safetensors"):
+        state = load_file(str(f))
+        for layer in range(4):
+            p = f"model.language_model.layers.{layer}.mlp.experts."
+            if f"{p}0.gate_proj.weight" not in state:
+                continue
+            gate_up = [torch.cat([state.pop(f"{p}{e}.gate_proj.weight"), state.pop(f"{p}{e}.up_proj.weight")])
+                       for e in range(8)]
+            state[p + "gate_up_proj"] = torch.stack(gate_up)
+            state[p + "down_proj"] = torch.stack([state.pop(f"{p}{e}.down_proj.weight") for e in range(8)])
+        save_file(state, str(f), metadata={"format": "pt"})
+    (dest / "model.safetensors.index.json").unlink(missing_ok=True)
+    per_expert, stacked = Bridge(src), Bridge(dest)
+    assert per_expert.expert_storage is None and stacked.expert_storage == "out_in"
+    a, b = HFCheckpoint(src), stacked.reader.hf
+    assert sorted(b.names()) == sorted(a.names())
+    for name in ("model.language_model.layers.3.mlp.experts.5.up_proj.weight",
+                 "model.language_model.layers.0.mlp.experts.7.gate_proj.weight",
+                 "model.language_model.layers.2.mlp.experts.1.down_proj.weight"):
+        assert torch.equal(a.read(name), b.read(name)), name
+    assert not torch.equal(a.read("model.language_model.layers.0.mlp.experts.7.gate_proj.weight"),
+                           b.read("model.language_model.layers.0.mlp.experts.7.up_proj.weight"))  # control
