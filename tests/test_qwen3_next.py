@@ -172,6 +172,24 @@ def test_conv_blocks_split_each_of_q_k_v():
         t.local_shape([(15, 1, 1)], 2)
 
 
+@pytest.mark.parametrize("per_group", [False, True])
+def test_grouped_rows_split_and_rebuild_over_tp(per_group):
+    """Each rank reads one run of head groups per source; export rebuilds the HF tensors exactly."""
+    t = T.GroupedRows(4, ((1, 2), (3,)), ((1, 0), (0, 1), (0, 0)), per_group=per_group)
+    a, b = torch.arange(12.0).reshape(12, 1), 100 + torch.arange(12.0).reshape(12, 1)
+    shards = [t.split([a, b], t.local_shape([a.shape, b.shape], 2), 2, r) for r in range(2)]
+    # rank 0 holds groups 0, 1: a rows 0-5 ([1, 2] per group), b rows 0-5 ([3] per group)
+    want = ([100, 101, 102, 1, 2, 0, 103, 104, 105, 4, 5, 3] if per_group
+            else [100, 101, 102, 103, 104, 105, 1, 2, 4, 5, 0, 3])
+    assert shards[0].flatten().tolist() == want
+    back = t.to_hf(shards, [a.shape, b.shape])
+    assert back[0].equal(a) and back[1].equal(b)
+    with pytest.raises(T.ShapeMismatch, match="head groups"):
+        t.local_shape([a.shape, b.shape], 8)
+    with pytest.raises(ValueError, match="exactly once"):
+        T.GroupedRows(4, ((1, 2), (3,)), ((1, 0), (0, 1)), per_group=per_group)
+
+
 # -- the CPU delta-net path against transformers' torch path ---------------------------------------
 def test_cpu_gated_delta_rule_matches_transformers_torch_paths():
     """megatron's own torch chunked rule behind the CPU adaptation (with our l2norm) equals
