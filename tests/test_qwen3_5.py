@@ -252,8 +252,11 @@ VERIFY = [  # (model, world, layout, [(control, first diverging probe)])
     pytest.param(m, w, lay, c, id=case_id(m, w, lay), marks=pytest.mark.world(w)) for m, w, lay, c in VERIFY])
 def test_verification_passes_fp32_with_images_and_controls_are_located(model, world, layout, controls, pools,
                                                                        zoo_model, ref_cache):
-    r = _verify(pools, zoo_model, ref_cache, model, world, layout)
+    r = _verify(pools, zoo_model, ref_cache, model, world, layout, detection=model == "qwen3_5_moe")
     assert r["verdict"] == "pass", r["failures"]
+    if model == "qwen3_5_moe":  # verify's standard positive controls: a delta-net out_proj, two experts swapped
+        assert r["detection"]["caught"] and r["detection"]["located"], r["detection"]
+        assert {c["control"].split(":")[0] for c in r["detection"]["controls"]} == {"scale", "swap_experts"}
     m = r["metrics"]
     assert r["gate"] == "with_loss"
     assert m["mean_diff_with_loss"] < 1e-5 and m["max_diff"] < 1e-3 and m["top1_agreement_with_loss"] == 1.0
@@ -306,3 +309,15 @@ def test_stacked_expert_storage_is_read_as_the_per_expert_one(zoo_model, tmp_pat
         assert torch.equal(a.read(name), b.read(name)), name
     assert not torch.equal(a.read("model.language_model.layers.0.mlp.experts.7.gate_proj.weight"),
                            b.read("model.language_model.layers.0.mlp.experts.7.up_proj.weight"))  # control
+
+
+def test_standard_detection_controls_exist_on_a_delta_net_layer():
+    """verify's positive controls pick the middle layer (2, a delta-net layer here, MoE: no dense
+    fc2, no attention linear_proj): its out_proj, and two experts to swap."""
+    from mcore_bridge.bridge import Bridge
+    from verify import detection
+
+    assert detection.standard_controls(Bridge("builtin:qwen3_5_moe")) == [
+        ("scale:decoder.layers.2.self_attention.out_proj.weight:1.01", 2), ("swap_experts:2:0:1", 2)]
+    assert detection.standard_controls(Bridge("builtin:qwen3_5")) == [
+        ("scale:decoder.layers.2.mlp.linear_fc2.weight:1.01", 2)]

@@ -29,8 +29,11 @@ def standard_controls(bridge) -> list[tuple[str, int]]:
     units = bridge.units
     mid = bridge.family.num_layers // 2
     names = {u.rule.mcore for u in units if u.layer == mid}
-    weight = ("mlp.linear_fc2.weight" if "decoder.layers.{L}.mlp.linear_fc2.weight" in names
-              else "self_attention.linear_proj.weight")
+    # the dense MLP's output, else the token mixer's: attention, or a linear-attention (delta-net) layer's
+    candidates = ("mlp.linear_fc2.weight", "self_attention.linear_proj.weight", "self_attention.out_proj.weight")
+    weight = next((w for w in candidates if f"decoder.layers.{{L}}.{w}" in names), None)
+    if weight is None:
+        raise RuntimeError(f"no standard detection control for layer {mid}: it has none of {candidates}")
     out = [(f"scale:decoder.layers.{mid}.{weight}:{FACTOR}", mid)]
     experts = bridge.family.num_experts or 0
     moe_layers = sorted({u.layer for u in units if u.layer is not None and "local_experts" in u.rule.mcore})
