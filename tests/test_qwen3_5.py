@@ -116,6 +116,19 @@ def test_attention_only_config_has_no_delta_net():
     assert not any(".linear_attn." in n for r in fam.rules() for n in r.hf)
 
 
+def test_layout_and_lora_refusals():
+    from mcore_bridge.errors import AdapterError
+
+    fam = family_for(_config("qwen3_5"))
+    with pytest.raises(UnsupportedConfig, match="cp=2"):
+        fam.check_layout(ParallelLayout(cp=2))
+    with pytest.raises(UnsupportedConfig, match="linear_num_key_heads=2"):  # 2 key heads over tp=4
+        fam.check_layout(ParallelLayout(tp=4, sp=True))
+    fam.check_layout(ParallelLayout(pp=4))  # no deepstack: the first stage need hold no language layer but its own
+    with pytest.raises(AdapterError, match="vision-language"):
+        fam.check_lora()
+
+
 def test_mtp_tensors_are_refused_by_name():
     fam = family_for(_config("qwen3_5_moe"))
     fam.check_tensors({"model.language_model.norm.weight"})  # nothing to refuse
