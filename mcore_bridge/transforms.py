@@ -624,41 +624,55 @@ class GroupedRows(Transform):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class FusedBlocks(Transform):
-    """One HF tensor of row blocks of ``sizes``, each split evenly over tensor parallelism; a rank's
-    shard is its slice of every block, in order (``FusedGatedMLP`` with any number of blocks of any
-    size: the delta-net's ``conv1d`` over [q; k; v] channels)."""
+    """HF tensors each made of row blocks (``sources[i]``: the block sizes of tensor i), every block
+    split evenly over tensor parallelism; a rank's shard is its slice of every block, tensor by
+    tensor, block by block (``FusedGatedMLP`` generalised: any number of blocks of any size, over
+    one or several tensors). The delta-net's ``conv1d`` over [q; k; v] channels is
+    ``FusedBlocks(((qk, qk, v),))``; Qwen3.5's split projections ``in_proj_qkv`` / ``_z`` / ``_b`` /
+    ``_a`` into megatron's ``in_proj`` would be ``FusedBlocks(((qk, qk, v), (v,), (nv,), (nv,)))``."""
 
-    sizes: tuple
-    n_sources = 1
+    sources: tuple  # per HF tensor: its row blocks' sizes
     parallel_mode = "column"
-    as_stored = True  # a single shard is the blocks in order: the HF tensor's bytes
+    as_stored = True  # a single shard is the tensors' blocks in order: the HF bytes
+
+    @property
+    def n_sources(self):
+        return len(self.sources)
 
     def region_sources(self, n_regions):
-        return [0] * n_regions
+        return [i for i, blocks in enumerate(self.sources) for _ in blocks]
 
     def _check_rows(self, hf, tp):
-        _check(hf[0][0] == sum(self.sizes), f"{hf[0][0]} rows != blocks {list(self.sizes)}")
-        for n in self.sizes:
-            _check(n % tp == 0, f"block of {n} rows does not split over tp={tp}")
+        _check(len(hf) == len(self.sources), f"{len(hf)} HF tensors for {len(self.sources)} sources")
+        for shape, blocks in zip(hf, self.sources):
+            _check(shape[0] == sum(blocks), f"{shape[0]} rows != blocks {list(blocks)}")
+            _check(tuple(shape[1:]) == tuple(hf[0][1:]), f"HF tensors' trailing dims differ: {list(hf)}")
+            for n in blocks:
+                _check(n % tp == 0, f"block of {n} rows does not split over tp={tp}")
 
     def local_shape(self, hf, tp):
         self._check_rows(hf, tp)
-        return (hf[0][0] // tp,) + tuple(hf[0][1:])
+        return (sum(s[0] for s in hf) // tp,) + tuple(hf[0][1:])
 
     def slices(self, hf, local, tp, rank):
         self._check_rows(hf, tp)
-        out, start = [], 0
-        for n in self.sizes:
-            out.append(_rows(start + rank * n // tp, start + (rank + 1) * n // tp, len(hf[0])))
-            start += n
+        out = []
+        for shape, blocks in zip(hf, self.sources):
+            start = 0
+            for n in blocks:
+                out.append(_rows(start + rank * n // tp, start + (rank + 1) * n // tp, len(shape)))
+                start += n
         return out
 
     def to_mcore(self, pieces, local, tp, rank):
         return torch.cat(pieces, dim=0)
 
     def to_hf(self, shards, hf):
-        if len(shards) == 1:
-            return [shards[0]]
         tp = len(shards)
-        per = [torch.split(s, [n // tp for n in self.sizes], dim=0) for s in shards]
-        return [torch.cat([p[b] for b in range(len(self.sizes)) for p in per], dim=0)]
+        sizes = [n // tp for blocks in self.sources for n in blocks]
+        per = [torch.split(s, sizes, dim=0) for s in shards]
+        out, b = [], 0
+        for blocks in self.sources:
+            out.append(torch.cat([p[b + j] for j in range(len(blocks)) for p in per], dim=0))
+            b += len(blocks)
+        return out
