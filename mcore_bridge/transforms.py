@@ -388,71 +388,6 @@ FUSED_GATED_MLP = FusedGatedMLP()
 
 
 
-# -- Qwen3.5's gated delta-net projections (several HF tensors of row blocks) ---------------------
-
-@dataclasses.dataclass(frozen=True, repr=False)
-class ColumnBlocks(Transform):
-    """Row blocks of one or more HF tensors, each block split over tp, a rank's shard holding its
-    part of every block in order. ``blocks`` lists each HF source's row blocks. megatron's
-    ``GatedDeltaNet``: ``in_proj`` is ``[q_r; k_r; v_r; z_r; b_r; a_r]`` from Qwen3.5's
-    ``in_proj_qkv`` ([q; k; v]), ``in_proj_z``, ``in_proj_b``, ``in_proj_a``; ``conv1d`` is
-    ``[q_r; k_r; v_r]`` from the ``[q; k; v]`` channels of HF's ``conv1d``."""
-
-    blocks: tuple = ()
-    parallel_mode = "column"
-    as_stored = True  # an unsplit shard is the HF tensors' blocks in order
-
-    @property
-    def n_sources(self):
-        return len(self.blocks)
-
-    def region_sources(self, n_regions):
-        return [i for i, source in enumerate(self.blocks) for _ in source]
-
-    def _check_sources(self, hf):
-        _check(len(hf) == len(self.blocks), f"{len(hf)} HF tensors for {len(self.blocks)} block lists")
-        for shape, source in zip(hf, self.blocks):
-            _check(shape[0] == sum(source), f"HF rows {shape[0]} != blocks {list(source)} (sum {sum(source)})")
-            _check(tuple(shape[1:]) == tuple(hf[0][1:]), f"trailing dims differ: {list(hf)}")
-
-    def local_shape(self, hf, tp):
-        self._check_sources(hf)
-        sizes = [b for source in self.blocks for b in source]
-        _check(all(b % tp == 0 for b in sizes), f"row blocks {sizes} do not split over tp={tp}")
-        return (sum(sizes) // tp,) + tuple(hf[0][1:])
-
-    def slices(self, hf, local, tp, rank):
-        self._check_sources(hf)
-        out = []
-        for shape, source in zip(hf, self.blocks):
-            start = 0
-            for b in source:
-                n = b // tp
-                out.append(_rows(start + rank * n, start + (rank + 1) * n, len(shape)))
-                start += b
-        return out
-
-    def to_mcore(self, pieces, local, tp, rank):
-        return torch.cat(pieces, dim=0)
-
-    def to_mcore_into(self, pieces, out, tp, rank):
-        start = 0
-        for p in pieces:
-            out[start:start + p.shape[0]].copy_(p)
-            start += p.shape[0]
-
-    def to_hf(self, shards, hf):
-        tp = len(shards)
-        sizes = [b // tp for source in self.blocks for b in source]
-        per_rank = [torch.split(s, sizes, dim=0) for s in shards]
-        blocks = [torch.cat([r[i] for r in per_rank], dim=0) for i in range(len(sizes))]
-        out, i = [], 0
-        for source in self.blocks:
-            out.append(torch.cat(blocks[i:i + len(source)], dim=0))
-            i += len(source)
-        return out
-
-
 @dataclasses.dataclass(frozen=True, repr=False)
 class Copies(Transform):
     """One megatron parameter stored ``n`` times in the HF checkpoint (a main tensor and copies of it,
@@ -690,41 +625,55 @@ class GroupedRows(Transform):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class FusedBlocks(Transform):
-    """One HF tensor of row blocks of ``sizes``, each split evenly over tensor parallelism; a rank's
-    shard is its slice of every block, in order (``FusedGatedMLP`` with any number of blocks of any
-    size: the delta-net's ``conv1d`` over [q; k; v] channels)."""
+    """HF tensors each made of row blocks (``sources[i]``: the block sizes of tensor i), every block
+    split evenly over tensor parallelism; a rank's shard is its slice of every block, tensor by
+    tensor, block by block (``FusedGatedMLP`` generalised: any number of blocks of any size, over
+    one or several tensors). The delta-net's ``conv1d`` over [q; k; v] channels is
+    ``FusedBlocks(((qk, qk, v),))``; Qwen3.5's split projections ``in_proj_qkv`` / ``_z`` / ``_b`` /
+    ``_a`` into megatron's ``in_proj`` would be ``FusedBlocks(((qk, qk, v), (v,), (nv,), (nv,)))``."""
 
-    sizes: tuple
-    n_sources = 1
+    sources: tuple  # per HF tensor: its row blocks' sizes
     parallel_mode = "column"
-    as_stored = True  # a single shard is the blocks in order: the HF tensor's bytes
+    as_stored = True  # a single shard is the tensors' blocks in order: the HF bytes
+
+    @property
+    def n_sources(self):
+        return len(self.sources)
 
     def region_sources(self, n_regions):
-        return [0] * n_regions
+        return [i for i, blocks in enumerate(self.sources) for _ in blocks]
 
     def _check_rows(self, hf, tp):
-        _check(hf[0][0] == sum(self.sizes), f"{hf[0][0]} rows != blocks {list(self.sizes)}")
-        for n in self.sizes:
-            _check(n % tp == 0, f"block of {n} rows does not split over tp={tp}")
+        _check(len(hf) == len(self.sources), f"{len(hf)} HF tensors for {len(self.sources)} sources")
+        for shape, blocks in zip(hf, self.sources):
+            _check(shape[0] == sum(blocks), f"{shape[0]} rows != blocks {list(blocks)}")
+            _check(tuple(shape[1:]) == tuple(hf[0][1:]), f"HF tensors' trailing dims differ: {list(hf)}")
+            for n in blocks:
+                _check(n % tp == 0, f"block of {n} rows does not split over tp={tp}")
 
     def local_shape(self, hf, tp):
         self._check_rows(hf, tp)
-        return (hf[0][0] // tp,) + tuple(hf[0][1:])
+        return (sum(s[0] for s in hf) // tp,) + tuple(hf[0][1:])
 
     def slices(self, hf, local, tp, rank):
         self._check_rows(hf, tp)
-        out, start = [], 0
-        for n in self.sizes:
-            out.append(_rows(start + rank * n // tp, start + (rank + 1) * n // tp, len(hf[0])))
-            start += n
+        out = []
+        for shape, blocks in zip(hf, self.sources):
+            start = 0
+            for n in blocks:
+                out.append(_rows(start + rank * n // tp, start + (rank + 1) * n // tp, len(shape)))
+                start += n
         return out
 
     def to_mcore(self, pieces, local, tp, rank):
         return torch.cat(pieces, dim=0)
 
     def to_hf(self, shards, hf):
-        if len(shards) == 1:
-            return [shards[0]]
         tp = len(shards)
-        per = [torch.split(s, [n // tp for n in self.sizes], dim=0) for s in shards]
-        return [torch.cat([p[b] for b in range(len(self.sizes)) for p in per], dim=0)]
+        sizes = [n // tp for blocks in self.sources for n in blocks]
+        per = [torch.split(s, sizes, dim=0) for s in shards]
+        out, b = [], 0
+        for blocks in self.sources:
+            out.append(torch.cat([p[b + j] for j in range(len(blocks)) for p in per], dim=0))
+            b += len(blocks)
+        return out

@@ -200,11 +200,11 @@ def test_delta_net_in_proj_shards_hold_megatrons_layout(tp):
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_column_blocks_round_trip_byte_exact(tp):
+def test_split_in_proj_blocks_round_trip_byte_exact(tp):
     """Shards of every rank rebuild the HF tensors bit for bit (export); the in-place assembly
     (load) equals the reference split."""
     g = torch.Generator().manual_seed(1)
-    blocks = T.ColumnBlocks(((8, 8, 16), (16,), (4,), (4,)))
+    blocks = T.FusedBlocks(((8, 8, 16), (16,), (4,), (4,)))
     hf2 = [torch.randn(32, 7, generator=g), torch.randn(16, 7, generator=g), torch.randn(4, 7, generator=g),
            torch.randn(4, 7, generator=g)]
     for t, tensors in ((blocks, hf2),):

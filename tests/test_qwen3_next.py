@@ -162,14 +162,20 @@ def test_gated_qkv_layout_matches_transformers_query_gate_split():
     assert torch.equal(w[:, 2 * qg], kp.view(g, d, 7)) and torch.equal(w[:, 2 * qg + 1], vp.view(g, d, 7))
 
 
-def test_conv_blocks_split_each_of_q_k_v():
-    t = T.FusedBlocks((4, 4, 8))
+def test_fused_blocks_split_each_block():
+    t = T.FusedBlocks(((4, 4, 8),))  # conv1d over [q; k; v] channels
     full = torch.arange(16.0).reshape(16, 1, 1)
     shards = [t.split([full], t.local_shape([full.shape], 2), 2, r) for r in range(2)]
     assert shards[0].flatten().tolist() == [0, 1, 4, 5, 8, 9, 10, 11]
     assert t.to_hf(shards, [full.shape])[0].equal(full)
     with pytest.raises(T.ShapeMismatch):
         t.local_shape([(15, 1, 1)], 2)
+    two = T.FusedBlocks(((2, 2), (4,)))  # several tensors (Qwen3.5's split in_proj_qkv / in_proj_z)
+    a, b = torch.arange(4.0).reshape(4, 1), 10 + torch.arange(4.0).reshape(4, 1)
+    shards = [two.split([a, b], two.local_shape([a.shape, b.shape], 2), 2, r) for r in range(2)]
+    assert shards[1].flatten().tolist() == [1, 3, 12, 13]
+    back = two.to_hf(shards, [a.shape, b.shape])
+    assert back[0].equal(a) and back[1].equal(b)
 
 
 @pytest.mark.parametrize("per_group", [False, True])

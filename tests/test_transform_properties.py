@@ -41,7 +41,7 @@ def _instances():
             T.Blocks(qkv, 3), T.Blocks(T.GATED_MLP, 2), T.FusedQKV(4, 2, 3), T.FUSED_GATED_MLP,
             T.Copies(T.VOCAB, 2), T.Copies(T.COLUMN, 3),
             T.GroupedRows(2, ((1, 2), (2, 1)), ((1, 0), (0, 0), (0, 1), (1, 1)), per_group=True),
-            T.FusedBlocks((2, 4)), T.ColumnBlocks(((2, 2, 2), (6,)))]
+            T.FusedBlocks(((2, 4), (6,)))]
     assert {type(t) for t in made} == set(_concrete()), "add the new transform to _instances()"
     return made
 

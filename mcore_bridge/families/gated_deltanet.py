@@ -85,7 +85,7 @@ def in_proj_transform(c) -> GroupedRows:
 
 def conv_transform(c) -> FusedBlocks:
     qk = c["linear_num_key_heads"] * c["linear_key_head_dim"]
-    return FusedBlocks((qk, qk, c["linear_num_value_heads"] * c["linear_value_head_dim"]))
+    return FusedBlocks(((qk, qk, c["linear_num_value_heads"] * c["linear_value_head_dim"]),))
 
 
 def gated_qkv_transform(c) -> GroupedRows:

@@ -20,7 +20,7 @@ delta-net in the linear layers, gated-attention rules, ``Rule.mixer``; the CPU d
 scoped adaptation in ``runtime/compat.py``). What differs is the delta-net's HF storage:
 Qwen3-Next fuses ``in_proj_qkvz`` / ``in_proj_ba`` per key head, Qwen3.5 stores ``in_proj_qkv``
 ([q; k; v] over all heads), ``in_proj_z``, ``in_proj_b``, ``in_proj_a`` separately; megatron's
-``in_proj`` holds ``[q_r; k_r; v_r; z_r; b_r; a_r]`` per tensor-parallel rank (``ColumnBlocks``).
+``in_proj`` holds ``[q_r; k_r; v_r; z_r; b_r; a_r]`` per tensor-parallel rank (``FusedBlocks`` over the four tensors).
 ``conv1d`` ([q; k; v] channels), ``A_log``, ``dt_bias``, ``norm`` and ``out_proj`` are stored as
 Qwen3-Next's.
 
@@ -30,7 +30,7 @@ transformers ignores as well).
 
 from __future__ import annotations
 
-from ..transforms import ColumnBlocks
+from ..transforms import FusedBlocks
 from . import gated_deltanet as gdn
 from .base import UnsupportedConfig, rule
 from .moe import MoEMixin
@@ -126,7 +126,7 @@ class Qwen35Mixin(VisionLanguageMixin):
         qk = c["linear_key_head_dim"] * c["linear_num_key_heads"]
         v, nv = c["linear_value_head_dim"] * c["linear_num_value_heads"], c["linear_num_value_heads"]
         in_proj = rule(L + "self_attention.in_proj.weight", [G + f"in_proj_{p}.weight" for p in ("qkv", "z", "b", "a")],
-                       ColumnBlocks(((qk, qk, v), (v,), (nv,), (nv,))), mixer=gdn.LINEAR)
+                       FusedBlocks(((qk, qk, v), (v,), (nv,), (nv,))), mixer=gdn.LINEAR)
         # conv1d, A_log, dt_bias, norm, out_proj: stored as Qwen3-Next's
         return [in_proj] + [r for r in gdn.gdn_rules(H, c) if not r.mcore.endswith("in_proj.weight")] + rules
 
