@@ -159,7 +159,9 @@ def _hf_delta_net():
     from transformers import AutoConfig
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
 
-    cfg = AutoConfig.for_model(**__import__("mcore_bridge.zoo", fromlist=["ZOO"]).ZOO["qwen3_5"]).text_config
+    from mcore_bridge.zoo import ZOO
+
+    cfg = AutoConfig.for_model(**ZOO["qwen3_5"]).text_config
     torch.manual_seed(0)
     net = Qwen3_5GatedDeltaNet(cfg, 0)
     for p in net.parameters():
