@@ -59,8 +59,7 @@ def inventory(family: Family, layout: ParallelLayout) -> list[Unit]:
     layers = []
     for layer in range(n):
         stage, chunk = layout.layer_owner(n, layer)
-        kind = family.layer_kind(layer)
-        layers += _expand([r for r in per_layer if r.when in ("all", kind)], layer, stage, chunk, family, layout)
+        layers += _expand([r for r in per_layer if r.applies(family, layer)], layer, stage, chunk, family, layout)
     tail = _expand(rest, None, *last, family, layout)  # final norm, output; MTP layers (with experts)
     units = head + layers + tail
     if layout.pp == 1:  # a tied output layer only exists as its own parameter under PP
@@ -154,10 +153,10 @@ def _unit(family, r: Rule, m, name, layers, pp_rank, chunk, ep_rank, per_rank) -
                                f"{len(layers)} layer(s) on pp rank {pp_rank} chunk {chunk} (model built "
                                f"for another layout?)")
         layer = layers[local]
-        if r.when not in ("all", family.layer_kind(layer)):
+        if not r.applies(family, layer):
             raise MappingError(f"megatron parameter {name}: layer {layer} is a {family.layer_kind(layer)} "
-                               f"layer in this model's config but the parameter belongs to a {r.when} "
-                               f"layer (model built from another config?)")
+                               f"{family.layer_mixer(layer)} layer in this model's config but the parameter "
+                               f"belongs to a {r.when} {r.mixer} layer (model built from another config?)")
     if r.expert:
         local = int(m.group("E"))
         if local >= per_rank:

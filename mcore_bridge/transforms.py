@@ -387,6 +387,7 @@ class FusedGatedMLP(GatedMLP):
 FUSED_GATED_MLP = FusedGatedMLP()
 
 
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class Copies(Transform):
     """One megatron parameter stored ``n`` times in the HF checkpoint (a main tensor and copies of it,
@@ -541,3 +542,138 @@ class Blocks(Transform):
             off = torch.cat([t[:, :i * r], t[:, (i + 1) * r:]], dim=1)
             _check(not off.any(), f"projection {i}'s LoRA B has non-zero entries outside its block")
         return [t[:, i * r:(i + 1) * r] for i, t in enumerate(full)]
+
+
+# -- head-grouped HF tensors (linear attention, gated attention) ------------------------------------
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class GroupedRows(Transform):
+    """HF tensors made of ``groups`` equal row blocks (one per head group, in order), each block cut
+    into ``sections[source]`` row counts; tensor parallelism splits the groups (a rank reads one
+    contiguous run of blocks per source). megatron's shard lists the sections in ``order``
+    ((source, section) pairs, each once): group by group (``per_group``: all of group g's listed
+    sections, then group g+1's) or section by section over the rank's groups.
+
+    Qwen3-Next's delta-net ``in_proj_qkvz`` / ``in_proj_ba`` (per key head [q, k, v, z] and [b, a];
+    megatron: [q; k; v; z; b; a] of the rank's heads) and its gated attention's ``q_proj`` (per head
+    [query, gate]; megatron: per query group [queries, gates, k, v]) are two instances."""
+
+    groups: int
+    sections: tuple  # per source: the row counts of one group's block, in HF order
+    order: tuple  # (source, section) pairs in megatron's order
+    per_group: bool
+    parallel_mode = "column"
+    as_stored = False  # megatron regroups the rows
+
+    def __post_init__(self):
+        every = sorted((s, k) for s, secs in enumerate(self.sections) for k in range(len(secs)))
+        if sorted(self.order) != every:
+            raise ValueError(f"GroupedRows order {self.order} must list each (source, section) of "
+                             f"{self.sections} exactly once")
+
+    @property
+    def n_sources(self):
+        return len(self.sections)
+
+    def _block(self, i: int) -> int:
+        return sum(self.sections[i])
+
+    def _check_sources(self, hf):
+        _check(len(hf) == len(self.sections), f"{len(hf)} HF tensors for {len(self.sections)} sources")
+        for i, s in enumerate(hf):
+            _check(s[0] == self.groups * self._block(i),
+                   f"HF tensor {i}: {s[0]} rows != {self.groups} head groups x {self._block(i)} rows")
+            _check(tuple(s[1:]) == tuple(hf[0][1:]), f"HF tensors' trailing dims differ: {list(hf)}")
+
+    def local_shape(self, hf, tp):
+        self._check_sources(hf)
+        _check(self.groups % tp == 0, f"{self.groups} head groups do not split over tp={tp}")
+        rows = sum(self._block(i) for i in range(len(hf))) * self.groups // tp
+        return (rows,) + tuple(hf[0][1:])
+
+    def slices(self, hf, local, tp, rank):
+        self._check_sources(hf)
+        g = self.groups // tp
+        return [_rows(rank * g * self._block(i), (rank + 1) * g * self._block(i), len(s)) for i, s in enumerate(hf)]
+
+    def to_mcore(self, pieces, local, tp, rank):
+        g = self.groups // tp
+        rest = tuple(pieces[0].shape[1:])
+        parts = [torch.split(p.reshape(g, self._block(i), *rest), list(self.sections[i]), dim=1)
+                 for i, p in enumerate(pieces)]
+        chosen = [parts[s][k] for s, k in self.order]
+        if self.per_group:
+            return torch.cat(chosen, dim=1).reshape(-1, *rest)
+        return torch.cat([c.reshape(-1, *rest) for c in chosen], dim=0)
+
+    def to_hf(self, shards, hf):
+        g = self.groups // len(shards)
+        rest = tuple(shards[0].shape[1:])
+        sizes = [self.sections[s][k] for s, k in self.order]
+        per_source = [[] for _ in self.sections]
+        for shard in shards:
+            if self.per_group:
+                chunks = torch.split(shard.reshape(g, sum(sizes), *rest), sizes, dim=1)
+            else:
+                chunks = [c.reshape(g, n, *rest)
+                          for c, n in zip(torch.split(shard, [g * n for n in sizes], dim=0), sizes)]
+            found = dict(zip(self.order, chunks))
+            for i, secs in enumerate(self.sections):
+                per_source[i].append(torch.cat([found[(i, k)] for k in range(len(secs))], dim=1).reshape(-1, *rest))
+        return [torch.cat(p, dim=0) if len(p) > 1 else p[0] for p in per_source]
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class FusedBlocks(Transform):
+    """HF tensors each made of row blocks (``sources[i]``: the block sizes of tensor i), every block
+    split evenly over tensor parallelism; a rank's shard is its slice of every block, tensor by
+    tensor, block by block (``FusedGatedMLP`` generalised: any number of blocks of any size, over
+    one or several tensors). The delta-net's ``conv1d`` over [q; k; v] channels is
+    ``FusedBlocks(((qk, qk, v),))``; Qwen3.5's split projections ``in_proj_qkv`` / ``_z`` / ``_b`` /
+    ``_a`` into megatron's ``in_proj`` would be ``FusedBlocks(((qk, qk, v), (v,), (nv,), (nv,)))``."""
+
+    sources: tuple  # per HF tensor: its row blocks' sizes
+    parallel_mode = "column"
+    as_stored = True  # a single shard is the tensors' blocks in order: the HF bytes
+
+    @property
+    def n_sources(self):
+        return len(self.sources)
+
+    def region_sources(self, n_regions):
+        return [i for i, blocks in enumerate(self.sources) for _ in blocks]
+
+    def _check_rows(self, hf, tp):
+        _check(len(hf) == len(self.sources), f"{len(hf)} HF tensors for {len(self.sources)} sources")
+        for shape, blocks in zip(hf, self.sources):
+            _check(shape[0] == sum(blocks), f"{shape[0]} rows != blocks {list(blocks)}")
+            _check(tuple(shape[1:]) == tuple(hf[0][1:]), f"HF tensors' trailing dims differ: {list(hf)}")
+            for n in blocks:
+                _check(n % tp == 0, f"block of {n} rows does not split over tp={tp}")
+
+    def local_shape(self, hf, tp):
+        self._check_rows(hf, tp)
+        return (sum(s[0] for s in hf) // tp,) + tuple(hf[0][1:])
+
+    def slices(self, hf, local, tp, rank):
+        self._check_rows(hf, tp)
+        out = []
+        for shape, blocks in zip(hf, self.sources):
+            start = 0
+            for n in blocks:
+                out.append(_rows(start + rank * n // tp, start + (rank + 1) * n // tp, len(shape)))
+                start += n
+        return out
+
+    def to_mcore(self, pieces, local, tp, rank):
+        return torch.cat(pieces, dim=0)
+
+    def to_hf(self, shards, hf):
+        tp = len(shards)
+        sizes = [n // tp for blocks in self.sources for n in blocks]
+        per = [torch.split(s, sizes, dim=0) for s in shards]
+        out, b = [], 0
+        for blocks in self.sources:
+            out.append(torch.cat([p[b + j] for j in range(len(blocks)) for p in per], dim=0))
+            b += len(blocks)
+        return out

@@ -108,6 +108,17 @@ ZOO = {
                   intermediate_size=32, norm_topk_prob=False, clip_qkv=None, eos_token_id=2, pad_token_id=1,
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
+# Qwen3-Next: delta-net layers 0, 2 and gated full attention 1, 3 (full_attention_interval 2), layer
+# 2 dense (mlp_only_layers), the others MoE with a gated shared expert; 2 key / 4 value linear heads
+# (split by tp 2); partial rotary 8 of 32 dims. Its q/k norms are sharpened (``build``).
+ZOO["qwen3_next"] = dict(model_type="qwen3_next", tie_word_embeddings=False, head_dim=32, num_key_value_heads=2,
+                         full_attention_interval=2, linear_num_key_heads=2, linear_num_value_heads=4,
+                         linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+                         num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=64, norm_topk_prob=True, mlp_only_layers=[2],
+                         decoder_sparse_step=1,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+
 # Text models whose attention is sharpened at build time (q/k scaled by QK_SHARPEN): positions then
 # matter well above fp32 noise, so a wrong rotary split or swapped q/k rows shows in verification.
 SHARPEN_QK = ("phi3", "phi3_window", "glm4")
@@ -194,6 +205,23 @@ ZOO["gemma3"] = dict(
                      model_type="gemma3_text", **_COMMON, bos_token_id=1, eos_token_id=2, pad_token_id=0),
     vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                        num_attention_heads=4, image_size=32, patch_size=4, vision_use_head=False))
+# Qwen3.5: hybrid language model (gated delta-net layers 0 and 2, gated attention layers 1 and 3),
+# partial rotary 0.25 of head_dim 32 with an interleaved mRoPE section, Qwen3-VL's vision tower
+# without deepstack; the MoE variant has 8 stacked experts and a gated shared expert on every layer.
+_Q35_TEXT = dict(_VL_TEXT, head_dim=32, layer_types=["linear_attention", "full_attention"] * 2,
+                 linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                 linear_num_key_heads=2, linear_num_value_heads=4,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [2, 1, 1],
+                                  "mrope_interleaved": True, "partial_rotary_factor": 0.25})
+_Q35_VIT = dict(_VIT, patch_size=16, num_position_embeddings=64)
+ZOO.update({
+    "qwen3_5": dict(model_type="qwen3_5", tie_word_embeddings=False, **_VL_IDS, text_config=_Q35_TEXT,
+                    vision_config=_Q35_VIT),
+    "qwen3_5_moe": dict(model_type="qwen3_5_moe", tie_word_embeddings=False, **_VL_IDS,
+                        text_config=dict(_Q35_TEXT, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         shared_expert_intermediate_size=64),
+                        vision_config=_Q35_VIT),
+})
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe", "gpt_oss"]
 MTP = ["deepseek_v3_mtp", "glm4_moe_mtp"]  # MoE with MTP layers (tests/test_mtp.py), kept out of the MoE matrix
@@ -201,7 +229,9 @@ MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3"]
 TILED_VL = ["internvl", "internvl_qwen2", "internvl_moe"]  # vision-language with fixed-size image tiles and 1-D RoPE (tests/test_internvl.py)
 QUANTIZED = ["deepseek_v3_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)
 VARIANTS = ["phi3_window"]  # a family's other setting, tested where it matters (tests/test_sliding_window.py)
-DENSE = [n for n in ZOO if n not in MOE + MTP + MULTIMODAL + QUANTIZED + VARIANTS + TILED_VL]
+HYBRID = ["qwen3_next"]  # linear-attention hybrids (tests/test_qwen3_next.py), kept out of the MoE matrix
+HYBRID += ["qwen3_5", "qwen3_5_moe"]  # hybrids with a vision tower (tests/test_qwen3_5.py)
+DENSE = [n for n in ZOO if n not in MOE + MTP + MULTIMODAL + QUANTIZED + VARIANTS + TILED_VL + HYBRID]
 TEXT = DENSE + MOE
 
 
@@ -283,7 +313,7 @@ def build(name: str, out: Path, seed: int = 0):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.1 * torch.randn_like(p))
             elif _is_router(pname):  # clear routing margins: fp32 noise must not flip a top-k choice
                 p.mul_(5.0 if cfg.model_type in SIGMOID_ROUTERS else 25.0)  # sigmoid scores saturate sooner
-            if cfg.model_type == "gemma3_text" and pname.endswith(("q_norm.weight", "k_norm.weight")):
+            if cfg.model_type in ("gemma3_text", "qwen3_next") and pname.endswith(("q_norm.weight", "k_norm.weight")):
                 # (1 + w) norms: sharpen the effective scale (see below), keep w an offset
                 p.copy_(QK_SHARPEN ** 0.5 * (1.0 + p) - 1.0)
             if name in SHARPEN_QK:

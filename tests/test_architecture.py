@@ -18,7 +18,7 @@ from mcore_bridge.zoo import _COMMON, MULTIMODAL, ZOO
 
 def raw(name: str) -> dict:
     spec = {k: v for k, v in ZOO[name].items() if k != "max_shard_size"}
-    if name in MULTIMODAL:
+    if name in MULTIMODAL or "vision_config" in spec:
         from transformers import AutoConfig
 
         return AutoConfig.for_model(**spec).to_dict()
@@ -57,6 +57,9 @@ def test_refusals_surface_when_the_architecture_is_declared():
     ("olmoe", "TransformerConfig", "GPTModel", True),
     ("qwen3_vl", "TransformerConfig", "VisionLanguageGPT", False),
     ("qwen3_vl_moe", "TransformerConfig", "VisionLanguageGPT", True),
+    ("qwen3_next", "TransformerConfig", "GPTModel", True),
+    ("qwen3_5", "TransformerConfig", "VisionLanguageGPT", True),
+    ("qwen3_5_moe", "TransformerConfig", "VisionLanguageGPT", True),
 ])
 def test_each_family_declares_its_classes_and_spec(name, config_class, model_class, block):
     from megatron.core.transformer.spec_utils import ModuleSpec

@@ -28,6 +28,7 @@ LAYOUTS = {
     "openai__gpt-oss-120b.json": dict(tp=2, pp=4, ep=8, etp=1, sp=True),
     "openai__gpt-oss-20b.json": dict(ep=8),
     "Qwen__Qwen3-235B-A22B.json": dict(pp=4, ep=32, first_stage_layers=4),
+    "Qwen__Qwen3-Next-80B-A3B-Instruct.json": dict(pp=4, ep=8),  # Megatron-Bridge's recipe: TP1 PP4 EP8
 }
 # Model-card totals (billions of weights, main model) for configs transformers cannot build.
 CARD_TOTALS_B = {"kimi_k2": 1040}

@@ -39,7 +39,9 @@ def _instances():
     qkv = T.QKV(4, 2, 3)
     made = [T.REPLICATED, T.COLUMN, T.ROW, T.VOCAB, qkv, T.GATED_MLP, T.Shared(3), T.Stacked(2),
             T.Blocks(qkv, 3), T.Blocks(T.GATED_MLP, 2), T.FusedQKV(4, 2, 3), T.FUSED_GATED_MLP,
-            T.Copies(T.VOCAB, 2), T.Copies(T.COLUMN, 3)]
+            T.Copies(T.VOCAB, 2), T.Copies(T.COLUMN, 3),
+            T.GroupedRows(2, ((1, 2), (2, 1)), ((1, 0), (0, 0), (0, 1), (1, 1)), per_group=True),
+            T.FusedBlocks(((2, 4), (6,)))]
     assert {type(t) for t in made} == set(_concrete()), "add the new transform to _instances()"
     return made
 

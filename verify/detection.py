@@ -30,8 +30,11 @@ def standard_controls(bridge) -> list[tuple[str, int]]:
     units = bridge.units
     mid = bridge.family.num_layers // 2
     names = {u.rule.mcore for u in units if u.layer == mid}
-    weight = ("mlp.linear_fc2.weight" if "decoder.layers.{L}.mlp.linear_fc2.weight" in names
-              else "self_attention.linear_proj.weight")
+    # the dense MLP's output, else the token mixer's: attention, or a linear-attention (delta-net) layer's
+    candidates = ("mlp.linear_fc2.weight", "self_attention.linear_proj.weight", "self_attention.out_proj.weight")
+    weight = next((w for w in candidates if f"decoder.layers.{{L}}.{w}" in names), None)
+    if weight is None:
+        raise RuntimeError(f"no standard detection control for layer {mid}: it has none of {candidates}")
     if names & {"decoder.layers.{L}.mlp.post_layernorm.weight", "decoder.layers.{L}.post_mlp_layernorm.weight"}:
         # a norm right after the MLP (Gemma 3, GLM-4) undoes a scaled linear_fc2 up to its epsilon;
         # the gated activation is not homogeneous, so a scaled linear_fc1 is not undone

@@ -17,10 +17,13 @@ from .olmoe import Olmoe
 from .phi3 import Phi3
 from .qwen import Qwen2, Qwen3
 from .qwen_vl import Qwen2VL, Qwen3VL, Qwen3VLMoE, Qwen25VL
+from .qwen3_next import Qwen3Next
+from .qwen3_5 import Qwen35, Qwen35MoE
 
 FAMILIES: dict[str, type[Family]] = {}
 for _cls in (Llama, Qwen2, Qwen3, Mixtral, Qwen2MoE, Qwen3MoE, DeepSeekV3, DeepSeekV2, Glm4Moe, Olmoe, GptOss, Qwen2VL,
-             Qwen25VL, Qwen3VL, Qwen3VLMoE, Gemma3Text, Phi3, Glm4, InternVL, Gemma3VL):
+             Qwen25VL, Qwen3VL, Qwen3VLMoE, Gemma3Text, Phi3, Glm4, InternVL, Gemma3VL, Qwen3Next,
+             Qwen35, Qwen35MoE):
     for _t in _cls.model_types:
         FAMILIES[_t] = _cls
 

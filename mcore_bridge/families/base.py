@@ -36,6 +36,13 @@ class Rule:
     transform: Transform
     export: bool = True  # False: load-only copy (tied output layer on the last pipeline stage)
     when: Layers = Layers.ALL  # layers it applies to
+    # token mixer of the layers it applies to: "all", or what ``Family.layer_mixer`` returns
+    # ("attention"; hybrid models also "linear", e.g. Qwen3-Next's gated delta-net layers)
+    mixer: str = "all"
+
+    def applies(self, family, layer: int) -> bool:
+        """Whether this per-layer rule maps a tensor of ``layer`` (its MLP kind and token mixer)."""
+        return self.when in ("all", family.layer_kind(layer)) and self.mixer in ("all", family.layer_mixer(layer))
 
     @property
     def per_layer(self) -> bool:
@@ -51,8 +58,8 @@ class Rule:
 
 
 def rule(mcore: str, hf: str | Sequence[str], transform: Transform, export: bool = True,
-         when: Layers = Layers.ALL) -> Rule:
-    return Rule(mcore, (hf,) if isinstance(hf, str) else tuple(hf), transform, export, Layers(when))
+         when: Layers = Layers.ALL, mixer: str = "all") -> Rule:
+    return Rule(mcore, (hf,) if isinstance(hf, str) else tuple(hf), transform, export, Layers(when), mixer)
 
 
 # TransformerEngine specs fuse the pre-attention / pre-MLP norms into the following linear; the
@@ -240,6 +247,11 @@ class Family:
 
     def layer_kind(self, layer: int) -> Layers:
         return Layers.MOE if self.is_moe_layer(layer) else Layers.DENSE
+
+    def layer_mixer(self, layer: int) -> str:
+        """The layer's token mixer, matched against ``Rule.mixer`` ("attention" unless a hybrid
+        family says otherwise)."""
+        return "attention"
 
     def layout_dims(self) -> dict:
         """What the layout validator needs to know about this model."""

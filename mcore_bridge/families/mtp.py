@@ -124,15 +124,15 @@ class MTPMixin:
         rows = [rule(M + "enorm.weight", H + "enorm.weight", REPLICATED),
                 rule(M + "hnorm.weight", H + "hnorm.weight", REPLICATED),
                 rule(M + "eh_proj.weight", H + "eh_proj.weight", COLUMN)]
-        kind, inner = self.layer_kind(layer), M + mtp_layer_attribute() + "."
+        inner = M + mtp_layer_attribute() + "."
         for r in per_layer:
-            if r.when not in ("all", kind):
+            if not r.applies(self, layer):
                 continue
             if not r.mcore.startswith(DECODER_LAYER):
                 raise AssertionError(f"per-layer rule {r.mcore} is not under {DECODER_LAYER}")
             rows.append(dataclasses.replace(
                 r, mcore=inner + r.mcore[len(DECODER_LAYER):],
-                hf=tuple(h.replace("{L}", str(layer)) for h in r.hf), when=Layers.ALL))
+                hf=tuple(h.replace("{L}", str(layer)) for h in r.hf), when=Layers.ALL, mixer="all"))
         rows.append(rule(M + "final_layernorm.weight", H + "shared_head.norm.weight", REPLICATED))
         return rows
 

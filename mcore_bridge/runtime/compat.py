@@ -280,6 +280,73 @@ def _gloo_uneven_gather_scatter():
     mappings._reduce_scatter_along_first_dim = scatter_uneven
 
 
+def _torch_l2norm(x, dim: int = -1, eps: float = 1e-6, **_unused):
+    """``fla.modules.l2norm.l2norm`` in plain torch: ``x / sqrt(sum(x^2) + eps)``, in fp32."""
+    xf = x.float()
+    return (xf * torch.rsqrt((xf * xf).sum(dim=dim, keepdim=True) + eps)).to(x.dtype)
+
+
+def _torch_causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, output_final_state=False,
+                         cu_seqlens=None, **_unused):
+    """``fla.modules.convolution.causal_conv1d`` (megatron-core 0.19) in plain torch: a depthwise
+    causal convolution of ``x`` [b, s, d] with ``weight`` [d, w], then the activation."""
+    if initial_state is not None or cu_seqlens is not None or output_final_state:
+        raise NotImplementedError("CPU causal_conv1d: no initial/final state, no packed sequences")
+    d, w = weight.shape
+    y = torch.nn.functional.conv1d(x.transpose(1, 2), weight.unsqueeze(1), bias, padding=w - 1, groups=d)
+    y = y[..., : x.shape[1]]
+    if activation in ("silu", "swish"):
+        y = torch.nn.functional.silu(y)
+    elif activation is not None:
+        raise NotImplementedError(f"CPU causal_conv1d: activation {activation!r}")
+    return y.transpose(1, 2), None
+
+
+def _torch_gated_delta_rule(torch_rule):
+    """``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` through megatron-core's own plain-torch
+    chunked rule (``torch_chunk_gated_delta_rule``, both versions; what its deterministic mode runs)."""
+    def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                               use_qk_l2norm_in_kernel=False, cu_seqlens=None, **_unused):
+        if scale is not None or cu_seqlens is not None:
+            raise NotImplementedError("CPU gated delta rule: default scale only, no packed sequences")
+        return torch_rule(q, k, v, g=g, beta=beta, initial_state=initial_state,
+                          output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+
+    return chunk_gated_delta_rule
+
+
+@_patches("megatron.core.ssm.gated_delta_net:HAVE_FLA,l2norm,chunk_gated_delta_rule,causal_conv1d_fn",
+          "megatron.core.ssm.gated_delta_net.common:HAVE_FLA,l2norm,chunk_gated_delta_rule,causal_conv1d",
+          "megatron.core.ssm.gated_delta_net.gdn:chunk_gated_delta_rule,causal_conv1d")
+def _gated_delta_net_on_cpu():
+    """cpu: megatron-core's GatedDeltaNet (Qwen3-Next's linear attention) refuses to build without
+    the ``fla`` package (``HAVE_FLA``) and calls its Triton kernels (GPU only): the L2 norm of q/k,
+    the chunked gated delta rule and (0.19) the causal conv1d. On CPU they become plain torch:
+    megatron's own ``torch_chunk_gated_delta_rule`` (shown equal to transformers' torch path,
+    tests/test_qwen3_next.py), and the two small functions above; the CUDA-only ``causal_conv1d``
+    package (0.16) is set aside so megatron runs its ``nn.Conv1d``. Feature-detected: 0.16 has one
+    module ``ssm/gated_delta_net.py``, 0.19.2 a package (``common`` + ``gdn``); whatever module is
+    absent is skipped. A GDN module built inside the scope keeps the rule it was built with (0.19
+    binds it at construction), so build and run such models inside it (as the bridge does)."""
+    for name in ("megatron.core.ssm.gated_delta_net", "megatron.core.ssm.gated_delta_net.common",
+                 "megatron.core.ssm.gated_delta_net.gdn"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(mod, "__path__"):  # 0.19.2's package: re-exports only, read by nobody
+            continue
+        torch_rule = getattr(mod, "torch_chunk_gated_delta_rule")
+        if not name.endswith(".gdn"):  # the module whose __init__ / forward read these
+            mod.HAVE_FLA = True
+            mod.l2norm = _torch_l2norm  # 0.16 leaves the name unbound without fla
+        mod.chunk_gated_delta_rule = _torch_gated_delta_rule(torch_rule)
+        if name.endswith((".common", ".gdn")):
+            mod.causal_conv1d = _torch_causal_conv1d
+        else:
+            mod.causal_conv1d_fn = None
+
+
 @_patches("megatron.core.models.common.language_module.language_module:LanguageModule._set_attention_backend")
 def _keep_attention_env():
     """local_spec: megatron's ``LanguageModule.__init__`` writes TransformerEngine's backend switches
@@ -338,7 +405,7 @@ def conditions(device: str) -> list[str]:
 _ADAPTATIONS = {
     "local_spec": [_keep_attention_env],
     "cpu": [_cpu_cuda_stubs, _cpu_rng_tracker, _cpu_mode, _eager_compile, _cpu_alltoall_dispatcher,
-            _gloo_uneven_gather_scatter],
+            _gloo_uneven_gather_scatter, _gated_delta_net_on_cpu],
     "no_te": [_torch_norm_sequence_parallel, _router_gemm_without_te, _mla_without_te, _local_attention_for_mla],
     "no_grouped_gemm": [_grouped_gemm_fallback],
 }

@@ -1,0 +1,103 @@
+"""Qwen3-Next (``qwen3_next``: Qwen3NextForCausalLM, e.g. Qwen/Qwen3-Next-80B-A3B-Instruct).
+
+A hybrid decoder (``gated_deltanet``): gated delta-net linear-attention layers (megatron-core's
+``GatedDeltaNet``) interleaved with gated full-attention layers (``attention_output_gate``: HF's
+``q_proj`` is twice as wide, query and sigmoid gate per head); q/k RMSNorm; partial rotary
+(``partial_rotary_factor``, top level in 4.x configs, in ``rope_parameters`` in transformers 5);
+Qwen3-MoE's softmax top-k router (``norm_topk_prob``) with a shared expert behind a sigmoid gate
+(``shared_expert_gate``: megatron's ``moe_shared_expert_gate``); dense layers where
+``mlp_only_layers`` / ``decoder_sparse_step`` say.
+
+Norms: every RMSNorm of the model (layer norms, q/k norms, final norm) is ``(1 + w)`` with the
+offset stored (transformers' Qwen3NextRMSNorm, computed in fp32): megatron's local spec cannot
+build one (``WrappedTorchNorm`` asserts ``layernorm_zero_centered_gamma`` off), so they are Gemma's
+``OffsetRMSNorm`` and the stored offset is copied as is. The delta-net's output norm is a plain-weight
+RMSNorm (HF ``Qwen3NextRMSNormGated``, weight initialised to ones) gated by silu(z): megatron's
+``out_norm`` + its gate, the same computation.
+
+Multi-token prediction: the published checkpoint stores it under ``mtp.*`` (``mtp.fc``,
+``mtp.pre_fc_norm_embedding`` / ``_hidden``, ``mtp.layers.0.*``, ``mtp.norm``), which transformers
+ignores on load and its config does not describe (no ``num_nextn_predict_layers``). Not converted
+yet: refused by name (``check_tensors``), never dropped silently.
+"""
+
+from __future__ import annotations
+
+from . import gated_deltanet as gdn
+from .base import UnsupportedConfig
+from .moe import MoEMixin
+from .qwen import Qwen3
+
+HF_PARTIAL_ROTARY_DEFAULT = 0.25  # Qwen3NextConfig's default
+
+
+class Qwen3Next(MoEMixin, Qwen3):
+    model_types = ("qwen3_next",)
+    name = "qwen3_next"
+    shared_expert = True
+    lora_absent = {"router": "has no LoRA mapping yet (qwen3_next)", "gate": "has no LoRA mapping yet (qwen3_next)"}
+
+    # -- config ------------------------------------------------------------------------------
+    def linear(self) -> list[bool]:
+        return gdn.linear_layers(self.cfg, self.num_layers)
+
+    def layer_mixer(self, layer: int) -> str:
+        return gdn.LINEAR if self.linear()[layer] else gdn.ATTENTION
+
+    def layer_windows(self) -> list:
+        if self.cfg.get("use_sliding_window", default=False):
+            raise UnsupportedConfig("use_sliding_window=true: transformers' Qwen3-Next attention has no window "
+                                    "(the field is ignored there); set it false")
+        return [None] * self.num_layers
+
+    def check_unsupported(self):
+        super().check_unsupported()
+        if self.cfg.get("attention_bias", default=False):
+            raise UnsupportedConfig("attention_bias=true: megatron's gated linear_qkv would need the q/gate bias "
+                                    "rows interleaved; Qwen3-Next checkpoints have none")
+
+    def rope_settings(self) -> dict:
+        out = super().rope_settings()
+        factor = self.cfg.rope.get("partial_rotary_factor",
+                                   self.cfg.get("partial_rotary_factor", default=HF_PARTIAL_ROTARY_DEFAULT))
+        rot = self.head_dim * float(factor)
+        if rot != int(rot) or int(rot) % 2:
+            raise UnsupportedConfig(f"partial_rotary_factor={factor}: head_dim {self.head_dim} x factor must be an "
+                                    f"even number of rotated dimensions")
+        return {**out, "rotary_percent": float(factor)}
+
+    def model_settings(self) -> dict:
+        s = super().model_settings()
+        s["config"].update(gdn.gdn_settings(self.cfg, self.linear()), attention_output_gate=True)
+        return s
+
+    def check_layout(self, layout) -> None:
+        gdn.check_layout(self.architecture.config, layout)
+        super().check_layout(layout)
+
+    def check_tensors(self, names) -> None:
+        mtp = sorted(n for n in names if n.startswith("mtp."))
+        if mtp:
+            raise UnsupportedConfig(
+                f"qwen3_next: the checkpoint holds {len(mtp)} multi-token-prediction tensors ({mtp[0]}, ...): "
+                f"Qwen3-Next's MTP layer is not converted yet and would be lost; convert a copy of the checkpoint "
+                f"without the mtp.* tensors (transformers ignores them too)")
+        super().check_tensors(names)
+
+    def check_lora(self) -> None:
+        from ..errors import AdapterError
+
+        raise AdapterError("LoRA on qwen3_next is not supported yet: the delta-net projections (in_proj_qkvz, "
+                           "in_proj_ba) and the gated q_proj have no adapter mapping")
+
+    # -- megatron modules ----------------------------------------------------------------------
+    def layer_spec(self, config, vp_stage, pp_rank):
+        from .gemma_modules import OffsetRMSNorm
+
+        return gdn.hybrid_block_spec(config, vp_stage, pp_rank, self.linear(), norm=OffsetRMSNorm,
+                                     qk_norm=OffsetRMSNorm)
+
+    # -- weights -------------------------------------------------------------------------------
+    def attention_rules(self):
+        H, c = self.hf_layer_prefix, self.settings_config()
+        return gdn.gdn_rules(H, c) + gdn.gated_attention_rules(H, c)
