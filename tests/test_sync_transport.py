@@ -96,3 +96,17 @@ def test_dense_tp2_to_engine_process(pools, zoo_model, tmp_path):
     assert eng["lora_stats"]["tensors"] == layers * 7 * 2  # 7 projections x (A, B) per layer
     assert not torch.allclose(eng["lora"], eng["fp8"], atol=1e-3)  # the adapter changed the output
     assert (eng["lora"] - megatron[0]).abs().max() < 1e-2 * megatron[0].abs().max()
+
+
+@pytest.mark.world(2)
+def test_moe_ep2_to_engine_process(pools, zoo_model, tmp_path):
+    src = zoo_model("qwen3_moe")
+    trainer, engines = _run(pools, src, L(ep=2), ["weights"], tmp_path)
+    reference = _reference_logits(src)
+    names = HFCheckpoint(src).names()
+    assert any(".experts.0." in n for n in names) or any(".experts." in n for n in names)
+    for eng in engines:  # per-expert tensors into transformers' stacked experts, bit for bit
+        assert not torch.equal(eng["before"], reference)
+        assert torch.equal(eng["weights"], reference)
+        assert eng["weights_stats"]["tensors"] == len(names)
+    assert all(t["world"] == 2 for t in trainer)  # the host's default group is untouched
