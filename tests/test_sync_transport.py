@@ -110,3 +110,18 @@ def test_moe_ep2_to_engine_process(pools, zoo_model, tmp_path):
         assert torch.equal(eng["weights"], reference)
         assert eng["weights_stats"]["tensors"] == len(names)
     assert all(t["world"] == 2 for t in trainer)  # the host's default group is untouched
+
+
+def test_transport_refusals_name_the_fix():
+    from mcore_bridge.errors import UsageError
+    from mcore_bridge.sync_transport import connect
+    from mcore_bridge.sync_transport.ipc import colocate
+
+    with pytest.raises(UsageError, match=r"colocated transport \(CUDA IPC\) needs a CUDA device.*connect\(\.\.\.\)"):
+        colocate("tcp://127.0.0.1:29999", 0, 2, device="cpu")
+    with pytest.raises(UsageError, match=r"backend='nccl' needs a CUDA device.*backend='gloo'"):
+        connect("tcp://127.0.0.1:29999", 0, 2, device="cpu", backend="nccl")
+    with pytest.raises(UsageError, match=r"init_method='127.0.0.1:29999': expected 'tcp://HOST:PORT'"):
+        connect("127.0.0.1:29999", 0, 2)
+    with pytest.raises(UsageError, match=r"rank=0, world_size=1"):
+        connect("tcp://127.0.0.1:29999", 0, 1)

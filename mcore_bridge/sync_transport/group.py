@@ -45,7 +45,7 @@ class TransportGroup:
     """One process group of ``world_size`` ranks over its own TCP store (see the module doc)."""
 
     def __init__(self, init_method: str, rank: int, world_size: int, device="cpu", backend: str = "auto",
-                 timeout_s: float = 600.0):
+                 timeout_s: float = 1800.0):
         url = urlparse(init_method)
         if url.scheme != "tcp" or not url.hostname or not url.port:
             raise UsageError(f"init_method={init_method!r}: expected 'tcp://HOST:PORT' (rank 0 hosts the store there)")
@@ -68,6 +68,7 @@ class TransportGroup:
             opts._timeout = timeout
             self.pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
         self.metas: dict[int, dict] = {}  # bucket index -> metadata last sent (Sender/Receiver keep it here)
+        self._recv = None
         self._header = torch.zeros(4, dtype=torch.int64, device=self.device)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False):
@@ -97,9 +98,9 @@ class TransportGroup:
             return self.broadcast(buffer, async_op=async_op)
         return None
 
-    def recv_message(self, out: torch.Tensor | None = None) -> tuple[int, int, dict | None, torch.Tensor | None]:
-        """Engine ranks: ``(kind, index, info or None, buffer or None)``; ``out``: a uint8 tensor
-        to receive into when it is large enough (its leading slice is returned)."""
+    def recv_message(self) -> tuple[int, int, dict | None, torch.Tensor | None]:
+        """Engine ranks: ``(kind, index, info or None, buffer or None)``. The buffer is this
+        group's receive buffer (grown to the largest bucket, reused): valid until ``release``."""
         self.broadcast(self._header)
         kind, index, ntext, nbytes = (int(x) for x in self._header.tolist())
         info = None
@@ -109,10 +110,15 @@ class TransportGroup:
             info = json.loads(bytes(t.cpu().numpy()).decode())
         buf = None
         if nbytes:
-            buf = out[:nbytes] if out is not None and out.numel() >= nbytes else \
-                torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            if self._recv is None or self._recv.numel() < nbytes:
+                self._recv = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            buf = self._recv[:nbytes]
             self.broadcast(buf)
         return kind, index, info, buf
+
+    def release(self):
+        """The engine is done with the last received buffer (a no-op here: the next broadcast
+        into it waits for the engine's stream)."""
 
     def close(self):
         """Drops the group (the TCP store closes with its last reference)."""
@@ -123,6 +129,6 @@ class TransportGroup:
 
 
 def connect(init_method: str, rank: int, world_size: int, device="cpu", backend: str = "auto",
-            timeout_s: float = 600.0) -> TransportGroup:
+            timeout_s: float = 1800.0) -> TransportGroup:
     """The transport group (collective over its ``world_size`` ranks: each calls it once)."""
     return TransportGroup(init_method, rank, world_size, device, backend, timeout_s)

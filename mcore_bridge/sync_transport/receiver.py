@@ -137,7 +137,6 @@ class Receiver:
         self.targets = ModelTargets(model, lora, adapter) if model is not None else None
         self.expected = set(expected) if expected is not None else self.targets.expected()
         self._load = load or self.targets.load
-        self._buf = None
         self.complete = False
         self.step = 0
 
@@ -156,13 +155,11 @@ class Receiver:
         count = total = 0
         error = None
         while True:
-            kind, index, info, buf = g.recv_message(self._buf)
+            kind, index, info, buf = g.recv_message()
             if kind == END:
                 break
             if kind != BUCKET:
                 raise SyncError(f"step {step}: unexpected message kind {kind}")
-            if buf is not None and (self._buf is None or buf.numel() > self._buf.numel()):
-                self._buf = buf
             if info is not None:
                 g.metas[(kind_of_step, index)] = info
             meta = g.metas.get((kind_of_step, index))
@@ -176,6 +173,7 @@ class Receiver:
                     self._load(named)
                 except SyncError as e:
                     error = e
+            g.release()  # the buffer may be refilled (colocated: the trainer's slot)
         if error is not None:
             raise error
         if info["buckets"] != count:

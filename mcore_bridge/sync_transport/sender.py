@@ -49,7 +49,7 @@ class Sender:
             metas += not known
             work = g.send_message(BUCKET, count, None if known else meta, bucket.buffer[:bucket.meta.nbytes],
                                   async_op=True)
-            if in_flight is not None:
+            if in_flight is not None and in_flight[0] is not None:
                 in_flight[0].wait()
             in_flight = (work, bucket)
             count += 1
