@@ -18,17 +18,18 @@ from tests.cases import same_bytes
 from tests.lora_cases import input_ids
 
 
-def _run(pools, src, layout, plan, tmp_path, engines: int = 1):
+def _run(pools, src, layout, plan, tmp_path, engines: int = 1, shm_dir: str | None = None, bucket_bytes=None):
     init = f"tcp://127.0.0.1:{free_port()}"
     ctx = mp.get_context("spawn")
     paths = [str(tmp_path / f"engine{i}.pt") for i in range(engines)]
-    procs = [ctx.Process(target=transport_cases.engine, args=(init, 1 + i, 1 + engines, str(src), plan, paths[i]))
+    procs = [ctx.Process(target=transport_cases.engine, args=(init, 1 + i, 1 + engines, str(src), plan, paths[i], shm_dir))
              for i in range(engines)]
     for p in procs:
         p.start()
     try:
         trainer = pools.get(2).run(transport_cases.trainer, timeout=300, source=str(src), layout=layout.to_dict(),
-                                   init_method=init, engines=engines, plan=plan)
+                                   init_method=init, engines=engines, plan=plan, shm_dir=shm_dir,
+                                   bucket_bytes=bucket_bytes)
     finally:
         for p in procs:
             p.join(timeout=120)
@@ -110,6 +111,23 @@ def test_moe_ep2_to_engine_process(pools, zoo_model, tmp_path):
         assert torch.equal(eng["weights"], reference)
         assert eng["weights_stats"]["tensors"] == len(names)
     assert all(t["world"] == 2 for t in trainer)  # the host's default group is untouched
+
+
+@pytest.mark.world(2)
+def test_colocated_protocol_with_file_backed_slots(pools, zoo_model, tmp_path):
+    """The colocated channel's protocol (two slots reused across many buckets, handles sent once,
+    releases, key cleanup) across real processes; only its CUDA memory is replaced by mapped files
+    (CUDA IPC itself runs in bench/rl_sync_bench.py --mode colocated, on a GPU)."""
+    src = zoo_model("qwen3")
+    shm = tmp_path / "slots"
+    shm.mkdir()
+    trainer, (eng,) = _run(pools, src, L(tp=2), ["weights", "weights"], tmp_path, shm_dir=str(shm),
+                           bucket_bytes=1 << 16)
+    assert torch.equal(eng["weights"], _reference_logits(src))
+    first, second = trainer[0]["stats"]
+    assert first["buckets"] > 4 and second["buckets"] == first["buckets"]  # slots refilled many times
+    assert len(list(shm.iterdir())) <= 4  # two slots, each grown at most once here
+    assert trainer[0]["keys"] == [f"msg/{first['buckets'] * 2 + 3}"]  # only the last END is left
 
 
 def test_transport_refusals_name_the_fix():

@@ -12,22 +12,60 @@ import torch
 LORA = dict(r=4, alpha=8.0)
 
 
-def trainer(source: str, layout: dict, init_method: str, engines: int, plan: list[str]) -> dict:
+def _file_backed_channel():
+    from mcore_bridge.sync_transport.ipc import IpcChannel
+
+    class FileBackedChannel(IpcChannel):
+        """The colocated channel with its CUDA memory swapped for files both processes map
+        (``torch.from_file(shared=True)``): everything else -- slots, releases, handles in the
+        messages, store keys -- is the library's protocol, run across real processes."""
+
+        def __init__(self, directory: str, *args, **kwargs):
+            self.directory = directory
+            super().__init__(*args, **kwargs)
+
+        @staticmethod
+        def _check_device(device):
+            return torch.device("cpu")
+
+        def _allocate(self, nbytes, slot):
+            path = os.path.join(self.directory, f"slot{slot}-{nbytes}")
+            return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8), {"path": path, "numel": nbytes}
+
+        def _open(self, handle):
+            return torch.from_file(handle["path"], shared=True, size=handle["numel"], dtype=torch.uint8)
+
+        def _sync(self):
+            pass
+    return FileBackedChannel
+
+
+def _channel(init_method: str, rank: int, world: int, shm_dir: str | None):
+    from mcore_bridge.sync_transport import connect
+
+    if shm_dir is None:
+        return connect(init_method, rank, world)
+    return _file_backed_channel()(shm_dir, init_method, rank, world, "cpu")
+
+
+def trainer(source: str, layout: dict, init_method: str, engines: int, plan: list[str], shm_dir: str | None = None,
+            bucket_bytes: int | None = None) -> dict:
     """Runs ``plan`` on every trainer rank; global rank 0 sends. Returns the megatron logits
     after a LoRA step (first TP rank of the last stage)."""
     from mcore_bridge.lora import LoraSpec
     from mcore_bridge.runtime import dist as rt
     from mcore_bridge.sync import Bucket
-    from mcore_bridge.sync_transport import Sender, connect, push
+    from mcore_bridge.sync_transport import Sender, push
     from tests.cases import _loaded
     from tests.lora_cases import _logits
 
     bridge, models = _loaded(source, layout)
-    sender = Sender(connect(init_method, 0, 1 + engines)) if rt.rank() == 0 else None
+    sender = Sender(_channel(init_method, 0, 1 + engines, shm_dir)) if rt.rank() == 0 else None
     out = {"rank": rt.rank(), "stats": []}
     for step in plan:
         if step in ("weights", "fp8", "fp8_keep"):
-            out["stats"].append(push(bridge, models, sender, dtype="fp8" if step.startswith("fp8") else None))
+            out["stats"].append(push(bridge, models, sender, dtype="fp8" if step.startswith("fp8") else None,
+                                     bucket_bytes=bucket_bytes))
         elif step == "lora":
             bridge.apply_lora(models, LoraSpec(**LORA), random_b=True)
             out["stats"].append(push(bridge, models, sender, lora=True, bucket_bytes=1 << 16))
@@ -52,6 +90,9 @@ def trainer(source: str, layout: dict, init_method: str, engines: int, plan: lis
         else:
             raise ValueError(step)
     out["world"] = torch.distributed.get_world_size()  # the host's group, as before connect
+    if sender is not None and shm_dir is not None:  # the colocated channel's store keys left behind
+        ch = sender.group
+        out["keys"] = [k for i in range(ch.seq) for k in (f"msg/{i}", f"done/{i}/1") if ch.store.check([k])]
     return out
 
 
@@ -62,27 +103,28 @@ def _logits_of(model, vocab: int):
         return model(input_ids=input_ids(vocab)).logits
 
 
-def engine(init_method: str, rank: int, world: int, source: str, plan: list[str], result: str) -> None:
+def engine(init_method: str, rank: int, world: int, source: str, plan: list[str], result: str,
+           shm_dir: str | None = None) -> None:
     """The engine stand-in: a randomly initialised transformers model, filled by the sync. Its
     findings (or its traceback) are saved to ``result``."""
     try:
-        out = ("ok", _engine(init_method, rank, world, source, plan))
+        out = ("ok", _engine(init_method, rank, world, source, plan, shm_dir))
     except BaseException:  # noqa: BLE001 -- reported to the test
         out = ("error", traceback.format_exc())
     torch.save(out, result + ".tmp")
     os.replace(result + ".tmp", result)
 
 
-def _engine(init_method, rank, world, source, plan) -> dict:
+def _engine(init_method, rank, world, source, plan, shm_dir) -> dict:
     import transformers
 
-    from mcore_bridge.sync_transport import ModelTargets, Receiver, SyncError, connect
+    from mcore_bridge.sync_transport import ModelTargets, Receiver, SyncError
 
     config = transformers.AutoConfig.from_pretrained(source)
     torch.manual_seed(1234)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     vocab = config.vocab_size
-    group = connect(init_method, rank, world)
+    group = _channel(init_method, rank, world, shm_dir)
     out = {"before": _logits_of(model, vocab)}
     for step in plan:
         if step in ("weights", "fp8"):

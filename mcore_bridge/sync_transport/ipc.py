@@ -66,11 +66,7 @@ class IpcChannel:
 
     def __init__(self, init_method: str, rank: int, world_size: int, device="cuda", slots: int = 2,
                  timeout_s: float = 1800.0):
-        device = torch.device(device)
-        if device.type != "cuda" or not torch.cuda.is_available():
-            raise UsageError(f"colocated transport (CUDA IPC) needs a CUDA device, got device={device}"
-                             f"{'' if torch.cuda.is_available() else ' and no GPU is visible'}; on CPU use "
-                             f"sync_transport.connect(...) (a gloo group) instead")
+        device = self._check_device(torch.device(device))
         url = urlparse(init_method)
         if url.scheme != "tcp" or not url.hostname or not url.port:
             raise UsageError(f"init_method={init_method!r}: expected 'tcp://HOST:PORT' (rank 0 hosts the store there)")
@@ -78,7 +74,7 @@ class IpcChannel:
             raise UsageError(f"rank={rank}, world_size={world_size}, slots={slots}: need rank 0 (the trainer), "
                              f"at least one engine rank and one slot")
         self.rank, self.world_size, self.slots = rank, world_size, slots
-        self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         store = dist.TCPStore(url.hostname, url.port, world_size, rank == 0,
                               timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=True)
         self.store = dist.PrefixStore(PREFIX, store)
@@ -109,10 +105,9 @@ class IpcChannel:
                 self._wait_released(self.used_by[slot])
             n = buffer.numel()
             if self.buffers[slot] is None or self.buffers[slot].numel() < n:
-                self.buffers[slot] = torch.empty(n, dtype=torch.uint8, device=self.device)
-                msg["share"] = share(self.buffers[slot])
+                self.buffers[slot], msg["share"] = self._allocate(n, slot)
             self.buffers[slot][:n].copy_(buffer)
-            torch.cuda.current_stream(self.device).synchronize()
+            self._sync()
             msg.update(slot=slot, nbytes=n)
             self.used_by[slot] = self.seq
         self.store.set(f"msg/{self.seq}", json.dumps(msg))
@@ -138,19 +133,40 @@ class IpcChannel:
         if msg["nbytes"]:
             slot = msg["slot"]
             if msg["share"] is not None:
-                self.buffers[slot] = open_shared(msg["share"])
+                self.buffers[slot] = self._open(msg["share"])
             buf = self.buffers[slot][:msg["nbytes"]]
             self._current = seq
         return msg["kind"], msg["index"], msg["info"], buf
 
     def release(self):
         if self._current is not None:
-            torch.cuda.current_stream(self.device).synchronize()  # the copies out of the slot are done
+            self._sync()  # the copies out of the slot are done
             self.store.set(f"done/{self._current}/{self.rank}", "")
             self._current = None
 
     def close(self):
         self.buffers = [None] * self.slots
+
+    # -- the shared memory: CUDA IPC (a subclass may share other memory the same way) ---------------
+    @staticmethod
+    def _check_device(device: torch.device) -> torch.device:
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise UsageError(f"colocated transport (CUDA IPC) needs a CUDA device, got device={device}"
+                             f"{'' if torch.cuda.is_available() else ' and no GPU is visible'}; on CPU use "
+                             f"sync_transport.connect(...) (a gloo group) instead")
+        return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+    def _allocate(self, nbytes: int, slot: int) -> tuple[torch.Tensor, dict]:
+        """Trainer: a new slot buffer and its handle."""
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return buf, share(buf)
+
+    def _open(self, handle: dict) -> torch.Tensor:
+        """Engine: the trainer's slot buffer from its handle."""
+        return open_shared(handle)
+
+    def _sync(self):
+        torch.cuda.current_stream(self.device).synchronize()
 
 
 def colocate(init_method: str, rank: int, world_size: int, device="cuda", slots: int = 2,
