@@ -19,6 +19,7 @@ import time
 import torch
 
 from ..errors import UsageError
+from ..stacked import OUT_IN
 from ..sync import unpack_bucket
 from .sender import BEGIN, BUCKET, END
 
@@ -68,28 +69,26 @@ class ModelTargets:
 
     @staticmethod
     def _expert_views(model, params) -> dict:
-        """Per-expert checkpoint names of the model's stacked expert parameters (``[E, 2F, H]`` /
-        ``[E, H, F]``, as transformers 5 holds them)."""
+        """Per-expert checkpoint names of the model's stacked expert parameters, in the orientation
+        whose shapes they have (transformers 5: ``[E, 2F, H]`` / ``[E, H, F]`` for most families)."""
         config = getattr(model, "config", None)
-        stacked_names = [n for n, p in params.items() if ".experts." in n and p.dim() == 3]
-        if config is None or not stacked_names:
+        if config is None:
             return {}
         from .. import stacked
         from ..families import family_for
 
         family = family_for(config.to_dict())
-        if not family.num_experts:
+        if not family.num_experts or not getattr(family, "stacked_hf", None):
             return {}
-        out = {}
-        for name, view in stacked.view_table(family, stacked.OUT_IN).items():
-            if view.stacked in params and tuple(params[view.stacked].shape[1:]) in (
-                    (view.shape[0] * view.parts, view.shape[1]), ):
-                out[name] = (params[view.stacked], view)
-        missing = [n for n in stacked_names if n not in {v.stacked for _, v in out.values()}]
-        if missing:
-            raise UsageError(f"engine model: stacked expert parameters {_short(missing)} do not match the "
-                             f"{family.name} expert layout; pass expected= and load= to the Receiver")
-        return out
+        stacked_names = sorted(set(stacked.stacked_shapes(family, OUT_IN)) & set(params))
+        if not stacked_names:  # one module per expert: the checkpoint's names as they are
+            return {}
+        for orientation in stacked.ORIENTATIONS:
+            shapes = stacked.stacked_shapes(family, orientation)
+            if shapes and all(n in params and tuple(params[n].shape) == tuple(s) for n, s in shapes.items()):
+                return {name: (params[v.stacked], v) for name, v in stacked.view_table(family, orientation).items()}
+        raise UsageError(f"engine model: stacked expert parameters ({_short(stacked_names)}) match neither "
+                         f"orientation of the {family.name} expert layout; pass expected= and load= to the Receiver")
 
     def expected(self) -> set[str]:
         return set(self.plain) | set(self.experts)
@@ -107,8 +106,9 @@ class ModelTargets:
             if name in self.plain:
                 self.plain[name].copy_(t)
             else:
-                param, view = self.experts[name]
-                param[view.expert][view.slot_rows()].copy_(t)
+                param, v = self.experts[name]
+                dst, rows = param[v.expert], v.slot_rows()  # as stacked.restack writes a stack
+                (dst[rows] if v.orientation == OUT_IN or dst.dim() == 1 else dst[:, rows].t()).copy_(t)
 
 
 class Receiver:
@@ -135,7 +135,8 @@ class Receiver:
                              "load= (the engine's FP8 loader) or fp8='dequantize'")
         self.group, self.fp8, self.lora = group, fp8, lora
         self.targets = ModelTargets(model, lora, adapter) if model is not None else None
-        self.expected = set(expected) if expected is not None else self.targets.expected()
+        self.expected = {ModelTargets.hf_name(n) for n in expected} if expected is not None else \
+            self.targets.expected()
         self._load = load or self.targets.load
         self.complete = False
         self.step = 0
