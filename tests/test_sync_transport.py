@@ -70,7 +70,7 @@ def _check_fp8(state: dict, kept: dict, source: HFCheckpoint):
 @pytest.mark.world(2)
 def test_dense_tp2_to_engine_process(pools, zoo_model, tmp_path):
     src = zoo_model("qwen3")
-    plan = ["weights", "drop", "rename", "fp8", "fp8_keep", "weights", "lora"]
+    plan = ["weights", "drop", "rename", "twice", "fp8", "fp8_keep", "weights", "lora"]
     trainer, (eng,) = _run(pools, src, L(tp=2), plan, tmp_path)
     reference = _reference_logits(src)
     assert not torch.equal(eng["before"], reference)  # the engine starts from other weights
@@ -83,6 +83,7 @@ def test_dense_tp2_to_engine_process(pools, zoo_model, tmp_path):
     assert eng["drop"] and "never arrived" in eng["drop"] and "model.layers." in eng["drop"]
     assert not eng["drop_complete"]
     assert eng["rename"] and "model.layerz." in eng["rename"] and "not a tensor of the engine model" in eng["rename"]
+    assert eng["twice"] and "bucket 2: " in eng["twice"] and "arrived twice in one step" in eng["twice"]
     weights, fp8, fp8_again, weights_again, _ = trainer[0]["stats"]
     assert weights["bytes"] == weights_again["bytes"] == eng["weights_stats"]["bytes"]
     assert weights["metas"] == weights["buckets"] and fp8["metas"] == fp8["buckets"]

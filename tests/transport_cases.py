@@ -70,7 +70,7 @@ def trainer(source: str, layout: dict, init_method: str, engines: int, plan: lis
             bridge.apply_lora(models, LoraSpec(**LORA), random_b=True)
             out["stats"].append(push(bridge, models, sender, lora=True, bucket_bytes=1 << 16))
             out["logits"] = _logits(bridge, models)
-        elif step in ("drop", "rename"):  # negative controls: a bucket lost, a name the engine lacks
+        elif step in ("drop", "rename", "twice"):  # negative controls: a bucket lost / sent twice, a wrong name
             stream = bridge.export_buckets(models, receivers=0, bucket_bytes=1 << 16)
             if sender is None:
                 for _ in stream:
@@ -81,6 +81,8 @@ def trainer(source: str, layout: dict, init_method: str, engines: int, plan: lis
                 for i, b in enumerate(stream):
                     if step == "drop" and i == 1:
                         continue
+                    if step == "twice" and i == 1:
+                        yield b
                     if step == "rename" and i == 1:
                         names = list(b.meta.names)
                         names[0] = names[0].replace("layers.", "layerz.")
@@ -145,7 +147,7 @@ def _engine(init_method, rank, world, source, plan, shm_dir) -> dict:
                                                                target_modules=targets)).eval()
             out["lora_stats"] = Receiver(group, model, lora=True).receive()
             out["lora"] = _logits_of(model, vocab)
-        elif step in ("drop", "rename"):
+        elif step in ("drop", "rename", "twice"):
             receiver = Receiver(group, model)
             try:
                 receiver.receive()
