@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UsageError
-from .sender import BUCKET, END
+from .sender import END
 
 PREFIX = "mcore_bridge_ipc/"
 
