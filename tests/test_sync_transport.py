@@ -70,7 +70,7 @@ def _check_fp8(state: dict, kept: dict, source: HFCheckpoint):
 @pytest.mark.world(2)
 def test_dense_tp2_to_engine_process(pools, zoo_model, tmp_path):
     src = zoo_model("qwen3")
-    plan = ["weights", "drop", "rename", "twice", "fp8", "fp8_keep", "weights", "lora"]
+    plan = ["weights", "drop", "rename", "twice", "abort", "fp8", "fp8_keep", "weights", "lora"]
     trainer, (eng,) = _run(pools, src, L(tp=2), plan, tmp_path)
     reference = _reference_logits(src)
     assert not torch.equal(eng["before"], reference)  # the engine starts from other weights
@@ -84,6 +84,8 @@ def test_dense_tp2_to_engine_process(pools, zoo_model, tmp_path):
     assert not eng["drop_complete"]
     assert eng["rename"] and "model.layerz." in eng["rename"] and "not a tensor of the engine model" in eng["rename"]
     assert eng["twice"] and "bucket 2: " in eng["twice"] and "arrived twice in one step" in eng["twice"]
+    assert trainer[0]["abort"] == "export failed (test)"
+    assert eng["abort"] and "trainer failed after 1 bucket(s) (RuntimeError: export failed (test))" in eng["abort"]
     weights, fp8, fp8_again, weights_again, _ = trainer[0]["stats"]
     assert weights["bytes"] == weights_again["bytes"] == eng["weights_stats"]["bytes"]
     assert weights["metas"] == weights["buckets"] and fp8["metas"] == fp8["buckets"]
@@ -103,7 +105,7 @@ def test_dense_tp2_to_engine_process(pools, zoo_model, tmp_path):
 @pytest.mark.world(2)
 def test_moe_ep2_to_engine_process(pools, zoo_model, tmp_path):
     src = zoo_model("qwen3_moe")
-    trainer, engines = _run(pools, src, L(ep=2), ["weights"], tmp_path)
+    trainer, engines = _run(pools, src, L(ep=2), ["fp8", "weights"], tmp_path)
     reference = _reference_logits(src)
     names = HFCheckpoint(src).names()
     assert any(".experts.0." in n for n in names) or any(".experts." in n for n in names)
@@ -111,6 +113,8 @@ def test_moe_ep2_to_engine_process(pools, zoo_model, tmp_path):
         assert not torch.equal(eng["before"], reference)
         assert torch.equal(eng["weights"], reference)
         assert eng["weights_stats"]["tensors"] == len(names)
+        assert (eng["fp8"] - reference).norm() < 0.1 * reference.norm()  # FP8 experts dequantised into the stacks
+        assert not torch.equal(eng["fp8"], reference)
     assert all(t["world"] == 2 for t in trainer)  # the host's default group is untouched
 
 

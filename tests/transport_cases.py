@@ -70,6 +70,20 @@ def trainer(source: str, layout: dict, init_method: str, engines: int, plan: lis
             bridge.apply_lora(models, LoraSpec(**LORA), random_b=True)
             out["stats"].append(push(bridge, models, sender, lora=True, bucket_bytes=1 << 16))
             out["logits"] = _logits(bridge, models)
+        elif step == "abort":  # the export fails on the sending rank after one bucket
+            stream = bridge.export_buckets(models, receivers=0, bucket_bytes=1 << 16)
+            if sender is not None:
+                def failing(stream=stream):
+                    for i, b in enumerate(stream):
+                        if i == 1:
+                            raise RuntimeError("export failed (test)")
+                        yield b
+                try:
+                    sender.send(failing())
+                except RuntimeError as e:
+                    out["abort"] = str(e)
+            for _ in stream:  # the other ranks' collectives of this export
+                pass
         elif step in ("drop", "rename", "twice"):  # negative controls: a bucket lost / sent twice, a wrong name
             stream = bridge.export_buckets(models, receivers=0, bucket_bytes=1 << 16)
             if sender is None:
@@ -147,7 +161,7 @@ def _engine(init_method, rank, world, source, plan, shm_dir) -> dict:
                                                                target_modules=targets)).eval()
             out["lora_stats"] = Receiver(group, model, lora=True).receive()
             out["lora"] = _logits_of(model, vocab)
-        elif step in ("drop", "rename", "twice"):
+        elif step in ("drop", "rename", "twice", "abort"):
             receiver = Receiver(group, model)
             try:
                 receiver.receive()

@@ -21,7 +21,7 @@ import torch
 from ..errors import UsageError
 from ..stacked import OUT_IN
 from ..sync import unpack_bucket
-from .sender import BEGIN, BUCKET, END
+from .sender import ABORT, BEGIN, BUCKET, END
 
 PEFT_PREFIX = "base_model.model."
 SCALE = "_scale_inv"
@@ -159,6 +159,9 @@ class Receiver:
             kind, index, info, buf = g.recv_message()
             if kind == END:
                 break
+            if kind == ABORT:
+                raise SyncError(f"step {step}: the trainer failed after {index} bucket(s) ({info['error']}); the "
+                                f"model holds a mix of two steps' weights until a step completes")
             if kind != BUCKET:
                 raise SyncError(f"step {step}: unexpected message kind {kind}")
             if info is not None:

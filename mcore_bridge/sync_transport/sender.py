@@ -9,7 +9,7 @@ import torch
 
 from ..errors import UsageError
 
-BEGIN, BUCKET, END = 1, 2, 3
+BEGIN, BUCKET, END, ABORT = 1, 2, 3, 4
 FORMATS = ("weights", "lora")
 
 
@@ -42,20 +42,26 @@ class Sender:
         count = total = metas = 0
         in_flight = None
         kind = f"{fmt}/{'fp8' if fp8_block else 'as-exported'}"  # metadata kept per kind of step
-        for bucket in buckets:
-            meta = bucket.meta.to_dict()
-            known = g.metas.get((kind, count)) == meta  # kept by the group: every engine saw it
-            g.metas[(kind, count)] = meta
-            metas += not known
-            work = g.send_message(BUCKET, count, None if known else meta, bucket.buffer[:bucket.meta.nbytes],
-                                  async_op=True)
+        try:
+            for bucket in buckets:
+                meta = bucket.meta.to_dict()
+                known = g.metas.get((kind, count)) == meta  # kept by the group: every engine saw it
+                g.metas[(kind, count)] = meta
+                metas += not known
+                work = g.send_message(BUCKET, count, None if known else meta, bucket.buffer[:bucket.meta.nbytes],
+                                      async_op=True)
+                if in_flight is not None and in_flight[0] is not None:
+                    in_flight[0].wait()
+                in_flight = (work, bucket)
+                count += 1
+                total += bucket.meta.nbytes
             if in_flight is not None and in_flight[0] is not None:
                 in_flight[0].wait()
-            in_flight = (work, bucket)
-            count += 1
-            total += bucket.meta.nbytes
-        if in_flight is not None and in_flight[0] is not None:
-            in_flight[0].wait()
+        except Exception as e:  # the engines learn that this step ended without its tensors
+            if in_flight is not None and in_flight[0] is not None:
+                in_flight[0].wait()
+            g.send_message(ABORT, count, {"error": f"{type(e).__name__}: {e}"}, None)
+            raise
         g.send_message(END, count, {"buckets": count, "bytes": total}, None)
         if g.device.type == "cuda":
             torch.cuda.current_stream(g.device).synchronize()
