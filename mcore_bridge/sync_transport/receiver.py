@@ -167,15 +167,15 @@ class Receiver:
             if info is not None:
                 g.metas[(kind_of_step, index)] = info
             meta = g.metas.get((kind_of_step, index))
-            if meta is None:
-                raise SyncError(f"step {step}, bucket {index}: no metadata (the sender assumed it was kept)")
             count += 1
-            total += meta["nbytes"]
-            if error is None:  # after a failure: drain the step, load nothing
+            if meta is None and error is None:
+                error = SyncError(f"step {step}, bucket {index}: no metadata (the sender assumed it was kept)")
+            if error is None:  # after a failure: drain the step (the transport stays in step), load nothing
+                total += meta["nbytes"]
                 try:
                     named = self._checked(unpack_bucket(buf, meta), seen, step, index, block)
                     self._load(named)
-                except SyncError as e:
+                except Exception as e:  # noqa: BLE001 -- raised once the step is drained
                     error = e
             g.release()  # the buffer may be refilled (colocated: the trainer's slot)
         if error is not None:
