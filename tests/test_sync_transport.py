@@ -74,6 +74,7 @@ def test_dense_tp2_to_engine_process(pools, zoo_model, tmp_path):
     trainer, (eng,) = _run(pools, src, L(tp=2), plan, tmp_path)
     reference = _reference_logits(src)
     assert not torch.equal(eng["before"], reference)  # the engine starts from other weights
+    assert eng["megatron_imported"] == []  # the engine side needs torch + transformers only
     assert torch.equal(eng["weights"], reference)  # bit for bit: every byte arrived
     source = HFCheckpoint(src)
     state = eng["weights_state"]

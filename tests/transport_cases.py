@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import traceback
 
 import torch
@@ -172,4 +173,5 @@ def _engine(init_method, rank, world, source, plan, shm_dir) -> dict:
         else:
             raise ValueError(step)
     group.close()
+    out["megatron_imported"] = sorted(m for m in sys.modules if m.split(".")[0] == "megatron")[:3]
     return out

@@ -24,7 +24,9 @@ per bucket the trainer fills a free buffer and the engine copies out and hands i
 """
 
 from .group import TransportGroup, connect
+from .ipc import IpcChannel, colocate
 from .receiver import ModelTargets, Receiver, SyncError
 from .sender import Sender, push
 
-__all__ = ["TransportGroup", "connect", "Sender", "push", "Receiver", "ModelTargets", "SyncError"]
+__all__ = ["TransportGroup", "connect", "IpcChannel", "colocate", "Sender", "push", "Receiver", "ModelTargets",
+           "SyncError"]
