@@ -70,6 +70,20 @@ def allgather_busbw(per_rank: int, device) -> float:
     return bandwidth(go, per_rank * (world - 1))
 
 
+def await_key(store, key: str, proc, timeout: float) -> bytes:
+    """The engine's message ``key``; fails at once when the engine process died."""
+    t0 = time.perf_counter()
+    while True:
+        try:
+            store.wait([key], datetime.timedelta(seconds=2))
+            return store.get(key)
+        except Exception:  # noqa: BLE001 -- a wait timing out
+            if not proc.is_alive():
+                raise RuntimeError(f"the engine process exited (code {proc.exitcode}) before {key!r}") from None
+            if time.perf_counter() - t0 > timeout:
+                raise
+
+
 def model_config(args):
     if args.source:
         import transformers
@@ -92,11 +106,12 @@ def engine_main(args_dict: dict, init: str, ctl: str, device: str, names_by_phas
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     host, port = ctl.rsplit(":", 1)
-    store = dist.TCPStore(host, int(port), 2, False, timeout=datetime.timedelta(seconds=1800))
+    store = dist.TCPStore(host, int(port), 2, False, timeout=datetime.timedelta(seconds=args.timeout))
     cfg = model_config(args)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    channel = colocate(init, 1, 2, device) if args.mode == "colocated" else connect(init, 1, 2, device)
+    channel = colocate(init, 1, 2, device, timeout_s=args.timeout) if args.mode == "colocated" else \
+        connect(init, 1, 2, device, timeout_s=args.timeout)
     store.set("engine_ready", "1")
     receivers = {"bf16": Receiver(channel, model), "fp8": Receiver(channel, model)}
     kept = {}
@@ -138,6 +153,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--port", type=int, default=29710, help="the transport's store; the bench's own at +1")
     p.add_argument("--steps", default="bf16,fp8,lora")
+    p.add_argument("--timeout", type=int, default=300, help="seconds any side waits for the other")
     p.add_argument("--source", default=None, help="an HF directory or builtin:NAME instead of --config "
                    "(e.g. builtin:qwen3 with --device cpu: a gloo smoke run of the bench itself)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -191,15 +207,16 @@ def main(argv=None):
             res["peer_copy_gbs"] = bandwidth(lambda: c.copy_(a), n) / 1e9
             del c
         del a, b, h
-        store = dist.TCPStore("127.0.0.1", args.port + 1, 2, True, timeout=datetime.timedelta(seconds=1800),
+        store = dist.TCPStore("127.0.0.1", args.port + 1, 2, True, timeout=datetime.timedelta(seconds=args.timeout),
                               wait_for_workers=False)
         ctx = torch.multiprocessing.get_context("spawn")
         proc = ctx.Process(target=engine_main, args=(vars(args), f"tcp://127.0.0.1:{args.port}",
                                                      f"127.0.0.1:{args.port + 1}", engine_dev, {"lora": lora_names}))
         proc.start()
         init = f"tcp://127.0.0.1:{args.port}"
-        channel = colocate(init, 0, 2, dev) if args.mode == "colocated" else connect(init, 0, 2, dev)
-        store.get("engine_ready")
+        channel = colocate(init, 0, 2, dev, timeout_s=args.timeout) if args.mode == "colocated" else \
+            connect(init, 0, 2, dev, timeout_s=args.timeout)
+        await_key(store, "engine_ready", proc, args.timeout)
         sender = Sender(channel)
         res["engine_device"] = engine_dev
     k = 0
@@ -228,7 +245,7 @@ def main(argv=None):
         out = push(bridge, models, sender, dtype="fp8" if step == "fp8" else None, lora=step == "lora",
                    bucket_bytes=B)
         if rank == 0:
-            loaded = json.loads(store.get(f"loaded/{kk}").decode())
+            loaded = json.loads(await_key(store, f"loaded/{kk}", proc, args.timeout).decode())
             assert loaded["buckets"] == out["buckets"], (loaded, out)
             one.last = {"bytes": out["bytes"], "buckets": out["buckets"], "tensors": loaded["tensors"]}
         dist.barrier()
