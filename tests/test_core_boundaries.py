@@ -25,7 +25,7 @@ PKG = ROOT / "mcore_bridge"
 # TransformerEngine ones, and megatron's MLA and router modules have keys of their own there.
 CORE = ["bridge", "plan", "export", "hf_io", "model", "checkpoint", "dist_ckpt", "sync", "stacked",
         "transforms", "layout"]
-CORE_DIRS = ["lora", "bridge_parts"]
+CORE_DIRS = ["lora", "bridge_parts", "sync_transport"]
 FAMILY_NAMES = re.compile(r"llama|qwen|deepseek|mixtral|(?<![a-z])mla(?![a-z])", re.I)
 MODULE_MATCH = re.compile(r"vision|visual|router", re.I)
 
