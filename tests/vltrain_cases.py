@@ -151,3 +151,27 @@ def freeze_step(source: str, layout: dict, parts: list[str]) -> dict | None:
         s["with_grad"] += int(n in with_grad)
         s["changed"] += int(not torch.equal(before[n], p.detach()))
     return {"summary": summary, "step_ok": bool(ok)} if rt.rank() == 0 else None
+
+
+def text_grads(source: str, layout: dict, training: dict | None = None) -> dict | None:
+    """A text model's per-sample losses and gradients (one backward, two random samples) and how
+    often its layers ran; rank 0 only."""
+    from mcore_bridge.runtime import dist as rt
+    from verify.grad import megatron_grads, wrap_ddp
+    from verify.inputs import random_sample
+
+    bridge, models = _build(source, layout, training)
+    vocab = int(bridge.family.cfg.require("vocab_size"))
+    samples = [random_sample(vocab, n, seed=n) for n in (32, 48)]
+    batches = [dict(input_ids=s.input_ids[None], position_ids=torch.arange(s.input_ids.numel())[None], vision={},
+                    packed=None, labels=s.labels, bounds=[(0, s.input_ids.numel())]) for s in samples]
+    calls = {"layer": 0}
+    handles = [layer.register_forward_hook(lambda *_: calls.__setitem__("layer", calls["layer"] + 1))
+               for layer in models[0].decoder.layers]
+    losses = _backward(wrap_ddp(models), batches, vocab)
+    for h in handles:
+        h.remove()
+    grads = megatron_grads(bridge, models)
+    if rt.rank() != 0:
+        return None
+    return {"losses": losses, "grads": grads, "calls": calls["layer"], "layers": len(models[0].decoder.layers)}

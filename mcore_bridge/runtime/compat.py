@@ -75,6 +75,30 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _cpu_window_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+    m = torch.ones(sq, skv, dtype=torch.bool)
+    return ~torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
+
+
+@_patches("megatron.core.transformer.utils:get_default_causal_mask,get_sliding_window_causal_mask",
+          "megatron.core.fusions.fused_softmax:get_default_causal_mask,get_sliding_window_causal_mask")
+def _cpu_causal_masks():
+    """cpu: megatron builds its causal and sliding-window masks with a literal ``device="cuda"``
+    (0.16.1 and 0.19.2). ``_CudaToCpu`` redirects that, except while torch runs a backward pass
+    (torch disables function modes there): a layer that activation recomputation replays rebuilds
+    its mask there and fails. The same masks, built on the CPU."""
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    for module in (utils, fused_softmax):
+        module.get_default_causal_mask = _cpu_causal_mask
+        module.get_sliding_window_causal_mask = _cpu_window_mask
+
+
 @_patches("megatron.core.tensor_parallel.random:_get_cuda_rng_state,_set_cuda_rng_state",
           "megatron.core.tensor_parallel.random:CudaRNGStatesTracker.add")
 def _cpu_rng_tracker():
@@ -405,7 +429,7 @@ def conditions(device: str) -> list[str]:
 _ADAPTATIONS = {
     "local_spec": [_keep_attention_env],
     "cpu": [_cpu_cuda_stubs, _cpu_rng_tracker, _cpu_mode, _eager_compile, _cpu_alltoall_dispatcher,
-            _gloo_uneven_gather_scatter, _gated_delta_net_on_cpu],
+            _gloo_uneven_gather_scatter, _gated_delta_net_on_cpu, _cpu_causal_masks],
     "no_te": [_torch_norm_sequence_parallel, _router_gemm_without_te, _mla_without_te, _local_attention_for_mla],
     "no_grouped_gemm": [_grouped_gemm_fallback],
 }
