@@ -203,7 +203,7 @@ def test_cpu_gated_delta_rule_matches_transformers_torch_paths():
     from megatron.core.ssm import gated_delta_net as megatron_gdn
     from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
-    from mcore_bridge.runtime import compat
+    from mcore_bridge.runtime import cpu_kernels
 
     torch.manual_seed(0)
     b, s, h, dk, dv = 2, 150, 4, 16, 8  # 150 tokens: three chunks of 64, the last partial
@@ -211,8 +211,8 @@ def test_cpu_gated_delta_rule_matches_transformers_torch_paths():
     v = torch.randn(b, s, h, dv)
     g = -torch.rand(b, s, h) * 2
     beta = torch.rand(b, s, h)
-    rule = compat._torch_gated_delta_rule(megatron_gdn.torch_chunk_gated_delta_rule)
-    ours, _ = rule(compat._torch_l2norm(q), compat._torch_l2norm(k), v, g=g, beta=beta)
+    rule = cpu_kernels.gated_delta_rule(megatron_gdn.torch_chunk_gated_delta_rule)
+    ours, _ = rule(cpu_kernels.l2norm(q), cpu_kernels.l2norm(k), v, g=g, beta=beta)
     chunked, _ = hf.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
     recurrent, _ = hf.torch_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=None,
                                                        output_final_state=False, use_qk_l2norm_in_kernel=True)
@@ -224,11 +224,11 @@ def test_cpu_gated_delta_rule_matches_transformers_torch_paths():
 def test_cpu_causal_conv1d_matches_transformers():
     from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
-    from mcore_bridge.runtime import compat
+    from mcore_bridge.runtime import cpu_kernels
 
     torch.manual_seed(0)
     x, w = torch.randn(2, 9, 6), torch.randn(6, 4)
-    ours, _ = compat._torch_causal_conv1d(x, w, activation="silu")
+    ours, _ = cpu_kernels.causal_conv1d(x, w, activation="silu")
     ref = hf.causal_conv1d_fn(x.transpose(1, 2), w, None, activation="silu")  # its torch fallback here
     assert torch.allclose(ours, ref.transpose(1, 2), atol=1e-6)
 

@@ -42,6 +42,8 @@ import types
 import torch
 from torch.overrides import TorchFunctionMode
 
+from . import cpu_kernels
+
 
 def _patches(*targets: str):
     """Declare what an adaptation patches: ``"module:attr,attr"`` or ``"module:Class.attr,attr"``."""
@@ -75,15 +77,6 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _cpu_causal_mask(sq: int) -> torch.Tensor:
-    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
-
-
-def _cpu_window_mask(sq: int, skv: int, window_size) -> torch.Tensor:
-    m = torch.ones(sq, skv, dtype=torch.bool)
-    return ~torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
-
-
 @_patches("megatron.core.transformer.utils:get_default_causal_mask,get_sliding_window_causal_mask",
           "megatron.core.fusions.fused_softmax:get_default_causal_mask,get_sliding_window_causal_mask")
 def _cpu_causal_masks():
@@ -95,8 +88,8 @@ def _cpu_causal_masks():
     from megatron.core.transformer import utils
 
     for module in (utils, fused_softmax):
-        module.get_default_causal_mask = _cpu_causal_mask
-        module.get_sliding_window_causal_mask = _cpu_window_mask
+        module.get_default_causal_mask = cpu_kernels.causal_mask
+        module.get_sliding_window_causal_mask = cpu_kernels.window_mask
 
 
 @_patches("megatron.core.tensor_parallel.random:_get_cuda_rng_state,_set_cuda_rng_state",
@@ -304,41 +297,6 @@ def _gloo_uneven_gather_scatter():
     mappings._reduce_scatter_along_first_dim = scatter_uneven
 
 
-def _torch_l2norm(x, dim: int = -1, eps: float = 1e-6, **_unused):
-    """``fla.modules.l2norm.l2norm`` in plain torch: ``x / sqrt(sum(x^2) + eps)``, in fp32."""
-    xf = x.float()
-    return (xf * torch.rsqrt((xf * xf).sum(dim=dim, keepdim=True) + eps)).to(x.dtype)
-
-
-def _torch_causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, output_final_state=False,
-                         cu_seqlens=None, **_unused):
-    """``fla.modules.convolution.causal_conv1d`` (megatron-core 0.19) in plain torch: a depthwise
-    causal convolution of ``x`` [b, s, d] with ``weight`` [d, w], then the activation."""
-    if initial_state is not None or cu_seqlens is not None or output_final_state:
-        raise NotImplementedError("CPU causal_conv1d: no initial/final state, no packed sequences")
-    d, w = weight.shape
-    y = torch.nn.functional.conv1d(x.transpose(1, 2), weight.unsqueeze(1), bias, padding=w - 1, groups=d)
-    y = y[..., : x.shape[1]]
-    if activation in ("silu", "swish"):
-        y = torch.nn.functional.silu(y)
-    elif activation is not None:
-        raise NotImplementedError(f"CPU causal_conv1d: activation {activation!r}")
-    return y.transpose(1, 2), None
-
-
-def _torch_gated_delta_rule(torch_rule):
-    """``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` through megatron-core's own plain-torch
-    chunked rule (``torch_chunk_gated_delta_rule``, both versions; what its deterministic mode runs)."""
-    def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                               use_qk_l2norm_in_kernel=False, cu_seqlens=None, **_unused):
-        if scale is not None or cu_seqlens is not None:
-            raise NotImplementedError("CPU gated delta rule: default scale only, no packed sequences")
-        return torch_rule(q, k, v, g=g, beta=beta, initial_state=initial_state,
-                          output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
-
-    return chunk_gated_delta_rule
-
-
 @_patches("megatron.core.ssm.gated_delta_net:HAVE_FLA,l2norm,chunk_gated_delta_rule,causal_conv1d_fn",
           "megatron.core.ssm.gated_delta_net.common:HAVE_FLA,l2norm,chunk_gated_delta_rule,causal_conv1d",
           "megatron.core.ssm.gated_delta_net.gdn:chunk_gated_delta_rule,causal_conv1d")
@@ -347,7 +305,7 @@ def _gated_delta_net_on_cpu():
     the ``fla`` package (``HAVE_FLA``) and calls its Triton kernels (GPU only): the L2 norm of q/k,
     the chunked gated delta rule and (0.19) the causal conv1d. On CPU they become plain torch:
     megatron's own ``torch_chunk_gated_delta_rule`` (shown equal to transformers' torch path,
-    tests/test_qwen3_next.py), and the two small functions above; the CUDA-only ``causal_conv1d``
+    tests/test_qwen3_next.py), and the two small functions of ``cpu_kernels``; the CUDA-only ``causal_conv1d``
     package (0.16) is set aside so megatron runs its ``nn.Conv1d``. Feature-detected: 0.16 has one
     module ``ssm/gated_delta_net.py``, 0.19.2 a package (``common`` + ``gdn``); whatever module is
     absent is skipped. A GDN module built inside the scope keeps the rule it was built with (0.19
@@ -363,10 +321,10 @@ def _gated_delta_net_on_cpu():
         torch_rule = getattr(mod, "torch_chunk_gated_delta_rule")
         if not name.endswith(".gdn"):  # the module whose __init__ / forward read these
             mod.HAVE_FLA = True
-            mod.l2norm = _torch_l2norm  # 0.16 leaves the name unbound without fla
-        mod.chunk_gated_delta_rule = _torch_gated_delta_rule(torch_rule)
+            mod.l2norm = cpu_kernels.l2norm  # 0.16 leaves the name unbound without fla
+        mod.chunk_gated_delta_rule = cpu_kernels.gated_delta_rule(torch_rule)
         if name.endswith((".common", ".gdn")):
-            mod.causal_conv1d = _torch_causal_conv1d
+            mod.causal_conv1d = cpu_kernels.causal_conv1d
         else:
             mod.causal_conv1d_fn = None
 
