@@ -17,11 +17,12 @@ RMSNorm (HF ``Qwen3NextRMSNormGated``, weight initialised to ones) gated by silu
 
 Multi-token prediction (``MTPMixin``): the published checkpoint stores one MTP layer under ``mtp.*``,
 which transformers ignores on load and its config does not describe (no ``num_nextn_predict_layers``;
-one layer is assumed, as the serving engines do, and a checkpoint without ``mtp.*`` tensors converts
+one layer is assumed, as vLLM's Qwen3NextMTP does, and a checkpoint without ``mtp.*`` tensors converts
 without it): ``mtp.pre_fc_norm_embedding`` (megatron's ``enorm``), ``mtp.pre_fc_norm_hidden``
-(``hnorm``), ``mtp.fc`` (``eh_proj``, applied to ``cat(embedding, hidden)``), ``mtp.layers.0.*`` (a
-gated full-attention MoE decoder layer, HF's names) and ``mtp.norm`` (``final_layernorm``); no copies
-of the embedding or head (the main model's are used). Its norms are ``(1 + w)`` like every norm here.
+(``hnorm``), ``mtp.fc`` (``eh_proj``, applied to ``cat(embedding, hidden)``, vLLM's order too),
+``mtp.layers.0.*`` (a gated full-attention MoE decoder layer, HF's names) and ``mtp.norm``
+(``final_layernorm``); no copies of the embedding or head (the main model's are used). Its norms are
+``(1 + w)`` like every norm here.
 """
 
 from __future__ import annotations
