@@ -130,6 +130,8 @@ ZOO["deepseek_v3_fp8"] = dict(ZOO["deepseek_v3"], fp8_block=[32, 48])
 # Multi-token prediction: DeepSeek-V3 with its MTP layer stored as layer 4 (``_add_mtp``)
 ZOO["deepseek_v3_mtp"] = dict(ZOO["deepseek_v3"], num_nextn_predict_layers=1)
 ZOO["glm4_moe_mtp"] = dict(ZOO["glm4_moe"], num_nextn_predict_layers=1)
+# Qwen3-Next with one MTP layer stored as Qwen3-Next publishes it (mtp.*, ``_add_qwen3_next_mtp``)
+ZOO["qwen3_next_mtp"] = dict(ZOO["qwen3_next"], qwen3_next_mtp=1)
 # Phi-3 with Phi-3-mini-4k's kind of window (every layer), shorter than the verification sequences
 ZOO["phi3_window"] = dict(ZOO["phi3"], sliding_window=20)
 
@@ -228,7 +230,7 @@ MTP = ["deepseek_v3_mtp", "glm4_moe_mtp"]  # MoE with MTP layers (tests/test_mtp
 MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3"]
 TILED_VL = ["internvl", "internvl_qwen2", "internvl_moe"]  # vision-language with fixed-size image tiles and 1-D RoPE (tests/test_internvl.py)
 QUANTIZED = ["deepseek_v3_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)
-VARIANTS = ["phi3_window"]  # a family's other setting, tested where it matters (tests/test_sliding_window.py)
+VARIANTS = ["phi3_window", "qwen3_next_mtp"]  # a family's other setting, tested where it matters (test_sliding_window.py, test_qwen3_next_mtp.py)
 HYBRID = ["qwen3_next"]  # linear-attention hybrids (tests/test_qwen3_next.py), kept out of the MoE matrix
 HYBRID += ["qwen3_5", "qwen3_5_moe"]  # hybrids with a vision tower (tests/test_qwen3_5.py)
 DENSE = [n for n in ZOO if n not in MOE + MTP + MULTIMODAL + QUANTIZED + VARIANTS + TILED_VL + HYBRID]
@@ -297,6 +299,12 @@ def build(name: str, out: Path, seed: int = 0):
     multimodal = "vision_config" in spec
     mtp = int(spec.get("num_nextn_predict_layers", 0))
     main_layers = _COMMON["num_hidden_layers"]
+    next_mtp = spec.pop("qwen3_next_mtp", 0)
+    if next_mtp:  # built as full-attention layers N .. N+k-1 by transformers, then stored as mtp.*
+        interval = spec["full_attention_interval"]
+        spec["num_hidden_layers"] = main_layers + next_mtp
+        spec["layer_types"] = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                               for i in range(main_layers)] + ["full_attention"] * next_mtp
     if mtp:  # transformers builds no MTP: build the MTP layers' decoder layers as layers N .. N+k-1
         spec["num_hidden_layers"] = main_layers + mtp
     cfg = AutoConfig.for_model(**(spec if multimodal else {**_COMMON, **spec}))
@@ -337,6 +345,8 @@ def build(name: str, out: Path, seed: int = 0):
     model.save_pretrained(out, max_shard_size=shard)
     if mtp:
         _add_mtp(out, main_layers, mtp, seed)
+    if next_mtp:
+        _add_qwen3_next_mtp(out, main_layers, next_mtp, seed)
     if fp8_block:
         quantize_fp8_dir(out, fp8_block)
     tokenizer(cfg.get_text_config().vocab_size).save_pretrained(out)
@@ -394,6 +404,34 @@ def _add_mtp(out: Path, main_layers: int, mtp: int, seed: int):
     save_file(tensors, path, metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())
     config["num_hidden_layers"] = main_layers
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _add_qwen3_next_mtp(out: Path, main_layers: int, mtp: int, seed: int):
+    """Turn the saved model's layers ``main_layers ..`` into Qwen3-Next's MTP layer as published:
+    ``mtp.layers.{k}.*`` plus ``mtp.fc``, ``mtp.pre_fc_norm_embedding`` / ``_hidden`` and ``mtp.norm``
+    ((1 + w) norms: seeded offsets); config.json back to the main model's layers."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    (path,) = out.glob("*.safetensors")
+    tensors = load_file(path)
+    g = torch.Generator().manual_seed(seed + 1)
+    hidden = tensors["model.embed_tokens.weight"].shape[1]
+    for k in range(mtp):
+        old, new = f"model.layers.{main_layers + k}.", f"mtp.layers.{k}."
+        for n in [n for n in tensors if n.startswith(old)]:
+            tensors[new + n[len(old):]] = tensors.pop(n)
+    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        tensors[f"mtp.{norm}.weight"] = 0.1 * torch.randn(hidden, generator=g)
+    tensors["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden, generator=g) / (2 * hidden) ** 0.5
+    save_file(tensors, path, metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["num_hidden_layers"] = main_layers
+    if "layer_types" in config:
+        config["layer_types"] = config["layer_types"][:main_layers]
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

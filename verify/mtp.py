@@ -13,7 +13,11 @@ is also megatron-core's order:
 
 The decoder layer is transformers' own decoder-layer class of the model (built for layer index
 ``num_hidden_layers + k``, so it is MoE where HF's layer of that index would be), run inside a
-one-layer instance of transformers' own base model (its causal mask and rotary embedding).
+one-layer instance of transformers' own base model (its causal mask and rotary embedding). The
+family names the MTP tensors and how transformers loads the decoder layers (``MTPMixin``'s hooks
+``mtp_hf_names`` / ``mtp_reference_kwargs``); the norms are the model's own norm class (so a
+``(1 + w)`` family's MTP norms are ``(1 + w)`` too); where the checkpoint stores no embedding or head
+copy, the main model's are used.
 Positions ``i >= S - k - 1`` have no real token ``t[i + k + 1]`` and are not compared.
 """
 
@@ -28,18 +32,27 @@ REFERENCE = ("ours (verify/mtp.py): the published MTP formula on the HF weights,
              "layer; transformers has no MTP forward")
 
 
+def family(model_dir: Path):
+    """The bridge family of ``model_dir``, adapted to its checkpoint's names."""
+    import json
+
+    from mcore_bridge.families import family_for
+    from mcore_bridge.hf_io import HFCheckpoint
+
+    fam = family_for(json.loads((Path(model_dir) / "config.json").read_text()))
+    fam.adapt(set(HFCheckpoint(model_dir).names()))
+    return fam
+
+
 def depths(model_dir: Path) -> int:
     """MTP layers the checkpoint holds (0 when the config declares none or the tensors are absent)."""
     import json
 
-    from mcore_bridge.hf_io import HFCheckpoint
-
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    n = int(config.get("num_nextn_predict_layers") or 0)
-    if not n or "vision_config" in config:
+    if "vision_config" in config:
         return 0
-    names = set(HFCheckpoint(model_dir).names())
-    return n if f"model.layers.{config['num_hidden_layers']}.eh_proj.weight" in names else 0
+    fam = family(model_dir)
+    return int(getattr(fam, "mtp_layers", 0))
 
 
 def load(model_dir: Path, dtype, device, n: int):
@@ -50,19 +63,19 @@ def load(model_dir: Path, dtype, device, n: int):
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    import json
-
-    layers = int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])
+    fam = family(model_dir)
+    layers = fam.num_layers
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the MTP-only tensors (enorm, eh_proj, ...) are "unexpected" to it
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, num_hidden_layers=layers + n)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **fam.mtp_reference_kwargs(n))
     finally:
         logging.set_verbosity(verbosity)
     model = model.to(device).eval()
     mtp_layers = list(model.model.layers[layers:])
     model.model.layers = model.model.layers[:layers]
     model.config.num_hidden_layers = layers
+    # (a hybrid's ``layer_types`` keeps the MTP layers' entries: ``reference`` reads them)
     return model, mtp_layers
 
 
@@ -70,7 +83,7 @@ def reference(model, mtp_layers, model_dir: Path, input_ids: torch.Tensor) -> li
     """Per MTP depth: ``{"hidden": [S, H], "logits": [S, V]}`` (fp32) for one sample ``[S]``."""
     from mcore_bridge.hf_io import HFCheckpoint
 
-    ckpt = HFCheckpoint(model_dir)
+    ckpt, fam = HFCheckpoint(model_dir), family(model_dir)
     inner, cfg = model.model, model.config
     layers = cfg.num_hidden_layers
     param = next(model.parameters())
@@ -82,27 +95,31 @@ def reference(model, mtp_layers, model_dir: Path, input_ids: torch.Tensor) -> li
     with torch.no_grad():
         h = inner(input_ids=ids, use_cache=False).last_hidden_state  # after the final norm
         for k, layer in enumerate(mtp_layers):
-            p = f"model.layers.{layers + k}."
+            names = fam.mtp_hf_names(k)
+            if getattr(one, "layer_types", None):  # a hybrid: the MTP layer's own type
+                one.layer_types = [cfg.layer_types[layers + k]]
 
-            def w(name):
-                return ckpt.read(p + name).to(device=device, dtype=dtype)
+            def w(role):
+                return ckpt.read(names[role]).to(device=device, dtype=dtype)
 
+            embed = (w("embed") if names["embed"] else inner.embed_tokens.weight)  # the layer's own copy, if any
+            head = (w("head") if names["head"] else model.get_output_embeddings().weight)
             shifted = torch.roll(ids, -(k + 1), dims=-1)
             shifted[..., ids.shape[-1] - k - 1:] = 0  # no real token there (megatron rolls in 0s too)
-            e = torch.nn.functional.embedding(shifted, w("embed_tokens.weight"))  # the MTP layer's own copy
+            e = torch.nn.functional.embedding(shifted, embed)
             norm = type(inner.norm)
             enorm, hnorm, final = (norm(cfg.hidden_size, eps=cfg.rms_norm_eps).to(device=device, dtype=dtype)
                                    for _ in range(3))
-            enorm.weight.copy_(w("enorm.weight"))
-            hnorm.weight.copy_(w("hnorm.weight"))
-            final.weight.copy_(w("shared_head.norm.weight"))
-            x = torch.nn.functional.linear(torch.cat([enorm(e), hnorm(h)], dim=-1), w("eh_proj.weight"))
+            enorm.weight.copy_(w("enorm"))
+            hnorm.weight.copy_(w("hnorm"))
+            final.weight.copy_(w("final_norm"))
+            x = torch.nn.functional.linear(torch.cat([enorm(e), hnorm(h)], dim=-1), w("eh_proj"))
             with torch.device("meta"):  # a one-layer base model for its causal mask and RoPE; nothing allocated
                 body = type(inner)(one)
             body.rotary_emb, body.norm = inner.rotary_emb, final
             body.layers = torch.nn.ModuleList([layer])
             h = body.eval()(inputs_embeds=x, use_cache=False).last_hidden_state
-            logits = torch.nn.functional.linear(h, w("shared_head.head.weight"))
+            logits = torch.nn.functional.linear(h, head)
             out.append({"hidden": h[0].float().cpu(), "logits": logits[0].float().cpu()})
     return out
 

@@ -1,5 +1,9 @@
 """Multi-token prediction (MTP) layers, for any family whose config has ``num_nextn_predict_layers``
-(DeepSeek-V3, GLM-4.5): list ``MTPMixin`` first in the family's bases.
+(DeepSeek-V3, GLM-4.5): list ``MTPMixin`` first in the family's bases. A family that stores its MTP
+layers otherwise (Qwen3-Next: ``mtp.*``) overrides the hooks: ``mtp_declared`` (how many),
+``mtp_hf_prefix`` / ``mtp_hf_names`` (its names; embedding / head copies or None), ``mtp_rule_layer``
+(which decoder layer's rules the MTP layer has), ``mtp_norm`` (its norm class, e.g. ``(1 + w)``) and
+``mtp_reference_kwargs`` (how transformers loads its decoder layers for verify/mtp.py).
 
 HF checkpoints store MTP layer ``k`` after the decoder layers, as ``layers.{num_hidden_layers + k}.``:
 a full decoder layer (its attention, MLP or MoE, norms) plus ``enorm`` (norm of the next token's
@@ -50,10 +54,38 @@ class MTPMixin:
 
     @property
     def mtp_layers(self) -> int:
-        return int(self.cfg.get("num_nextn_predict_layers", default=0)) if self.mtp else 0
+        return self.mtp_declared() if self.mtp else 0
+
+    # -- per-family hooks (DeepSeek-V3's naming below; Qwen3-Next overrides them) ---------------
+    def mtp_declared(self) -> int:
+        """MTP layers the config declares."""
+        return int(self.cfg.get("num_nextn_predict_layers", default=0))
 
     def mtp_hf_prefix(self, k: int) -> str:
+        """Prefix of MTP layer ``k``'s decoder-layer tensors in the checkpoint."""
         return self.hf_layer_prefix.replace("{L}", str(self.num_layers + k))
+
+    def mtp_rule_layer(self, k: int) -> int:
+        """The HF layer index whose per-layer rules (and kind) MTP layer ``k``'s decoder layer has."""
+        return self.num_layers + k
+
+    def mtp_hf_names(self, k: int) -> dict:
+        """HF names of MTP layer ``k``'s own tensors: ``enorm``, ``hnorm``, ``eh_proj``, ``final_norm``,
+        and ``embed`` / ``head`` (the copies of the main model's tensors it stores, or None)."""
+        H = self.mtp_hf_prefix(k)
+        return {"enorm": H + "enorm.weight", "hnorm": H + "hnorm.weight", "eh_proj": H + "eh_proj.weight",
+                "final_norm": H + "shared_head.norm.weight", "embed": H + "embed_tokens.weight",
+                "head": H + "shared_head.head.weight"}
+
+    def mtp_norm(self):
+        """The norm class of the MTP layer's enorm / hnorm / final_layernorm (None: megatron's)."""
+        return None
+
+    def mtp_reference_kwargs(self, n: int) -> dict:
+        """``from_pretrained`` keyword arguments that make transformers build and load the decoder
+        layers of ``n`` MTP layers as its layers ``num_layers .. num_layers + n - 1``
+        (verify/mtp.py)."""
+        return {"num_hidden_layers": self.num_layers + n}
 
     # -- config and model ---------------------------------------------------------------------
     def check_lora(self) -> None:
@@ -72,10 +104,10 @@ class MTPMixin:
             return settings
         last = self.layer_kind(self.num_layers - 1)
         for k in range(self.mtp_layers):
-            kind = self.layer_kind(self.num_layers + k)
+            kind = self.layer_kind(self.mtp_rule_layer(k))
             if kind != last:
                 raise UnsupportedConfig(
-                    f"num_nextn_predict_layers={self.mtp_layers}: HF's MTP layer {self.num_layers + k} is a {kind} "
+                    f"num_nextn_predict_layers={self.mtp_layers}: HF's MTP layer {self.mtp_rule_layer(k)} is a {kind} "
                     f"layer, but megatron-core builds its MTP transformer layer from the spec of the last decoder "
                     f"layer, a {last} layer")
         settings["config"]["mtp_num_layers"] = self.mtp_layers
@@ -88,14 +120,20 @@ class MTPMixin:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 
         # None off the last stage; built from the spec of this chunk's last decoder layer
-        return {**kw, "mtp_block_spec": get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False,
-                                                               vp_stage=vp_stage, pp_rank=pp_rank)}
+        block = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp_stage,
+                                       pp_rank=pp_rank)
+        norm = self.mtp_norm()
+        if block is not None and norm is not None:
+            block = dataclasses.replace(block, layer_specs=[dataclasses.replace(s, submodules=dataclasses.replace(
+                s.submodules, enorm=norm, hnorm=norm, layer_norm=norm)) for s in block.layer_specs])
+        return {**kw, "mtp_block_spec": block}
 
     # -- checkpoint ---------------------------------------------------------------------------
     def adapt(self, hf_names) -> None:
         super().adapt(hf_names)
-        if self.cfg.get("num_nextn_predict_layers", default=0):
-            prefixes = tuple(self.mtp_hf_prefix(k) for k in range(int(self.cfg.raw["num_nextn_predict_layers"])))
+        if self.mtp_declared():
+            prefixes = tuple(self.mtp_hf_prefix(k) for k in range(self.mtp_declared()))
+            prefixes += tuple(v for k in range(self.mtp_declared()) for v in self.mtp_hf_names(k).values() if v)
             if not any(n.startswith(prefixes) for n in hf_names):
                 self.mtp = False  # published without its MTP weights: the main model alone
 
@@ -104,8 +142,9 @@ class MTPMixin:
         rows = super().rules()
         if not self.mtp_layers:
             return rows
-        heads = [self.mtp_hf_prefix(k) + "shared_head.head.weight" for k in range(self.mtp_layers)]
-        embeds = [self.mtp_hf_prefix(k) + "embed_tokens.weight" for k in range(self.mtp_layers)]
+        names = [self.mtp_hf_names(k) for k in range(self.mtp_layers)]
+        heads = [n["head"] for n in names if n["head"]]
+        embeds = [n["embed"] for n in names if n["embed"]]
         out = []
         for r in rows:
             if r.mcore == "embedding.word_embeddings.weight":  # tied: the heads are embedding copies too
@@ -120,10 +159,11 @@ class MTPMixin:
     def mtp_layer_rules(self, k: int, per_layer):
         """MTP layer ``k``: its own norms and projection, then the decoder-layer rules of HF layer
         ``num_layers + k`` under ``mtp.layers.{k}.<transformer_layer | mtp_model_layer>.``."""
-        M, H, layer = f"mtp.layers.{k}.", self.mtp_hf_prefix(k), self.num_layers + k
-        rows = [rule(M + "enorm.weight", H + "enorm.weight", REPLICATED),
-                rule(M + "hnorm.weight", H + "hnorm.weight", REPLICATED),
-                rule(M + "eh_proj.weight", H + "eh_proj.weight", COLUMN)]
+        M, H, layer, n = f"mtp.layers.{k}.", self.mtp_hf_prefix(k), self.mtp_rule_layer(k), self.mtp_hf_names(k)
+        prefix = self.hf_layer_prefix.replace("{L}", str(layer))
+        rows = [rule(M + "enorm.weight", n["enorm"], REPLICATED),
+                rule(M + "hnorm.weight", n["hnorm"], REPLICATED),
+                rule(M + "eh_proj.weight", n["eh_proj"], COLUMN)]
         inner = M + mtp_layer_attribute() + "."
         for r in per_layer:
             if not r.applies(self, layer):
@@ -132,11 +172,18 @@ class MTPMixin:
                 raise AssertionError(f"per-layer rule {r.mcore} is not under {DECODER_LAYER}")
             rows.append(dataclasses.replace(
                 r, mcore=inner + r.mcore[len(DECODER_LAYER):],
-                hf=tuple(h.replace("{L}", str(layer)) for h in r.hf), when=Layers.ALL, mixer="all"))
-        rows.append(rule(M + "final_layernorm.weight", H + "shared_head.norm.weight", REPLICATED))
+                hf=tuple(_rebase(h.replace("{L}", str(layer)), prefix, H) for h in r.hf), when=Layers.ALL,
+                mixer="all"))
+        rows.append(rule(M + "final_layernorm.weight", n["final_norm"], REPLICATED))
         return rows
 
 
 def _with_copies(r, copies: list[str]):
     """``r`` reading its HF tensor and the copies of it (checked equal on load, all written on export)."""
     return dataclasses.replace(r, hf=r.hf + tuple(copies), transform=Copies(r.transform, 1 + len(copies)))
+
+
+def _rebase(name: str, prefix: str, new: str) -> str:
+    if not name.startswith(prefix):
+        raise AssertionError(f"per-layer HF name {name} is not under {prefix}")
+    return new + name[len(prefix):]

@@ -15,10 +15,14 @@ build one (``WrappedTorchNorm`` asserts ``layernorm_zero_centered_gamma`` off), 
 RMSNorm (HF ``Qwen3NextRMSNormGated``, weight initialised to ones) gated by silu(z): megatron's
 ``out_norm`` + its gate, the same computation.
 
-Multi-token prediction: the published checkpoint stores it under ``mtp.*`` (``mtp.fc``,
-``mtp.pre_fc_norm_embedding`` / ``_hidden``, ``mtp.layers.0.*``, ``mtp.norm``), which transformers
-ignores on load and its config does not describe (no ``num_nextn_predict_layers``). Not converted
-yet: refused by name (``check_tensors``), never dropped silently.
+Multi-token prediction (``MTPMixin``): the published checkpoint stores one MTP layer under ``mtp.*``,
+which transformers ignores on load and its config does not describe (no ``num_nextn_predict_layers``;
+one layer is assumed, as vLLM's Qwen3NextMTP does, and a checkpoint without ``mtp.*`` tensors converts
+without it): ``mtp.pre_fc_norm_embedding`` (megatron's ``enorm``), ``mtp.pre_fc_norm_hidden``
+(``hnorm``), ``mtp.fc`` (``eh_proj``, applied to ``cat(embedding, hidden)``, vLLM's order too),
+``mtp.layers.0.*`` (a gated full-attention MoE decoder layer, HF's names) and ``mtp.norm``
+(``final_layernorm``); no copies of the embedding or head (the main model's are used). Its norms are
+``(1 + w)`` like every norm here.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ from __future__ import annotations
 from . import gated_deltanet as gdn
 from .base import UnsupportedConfig
 from .moe import MoEMixin
+from .mtp import MTPMixin
 from .qwen import Qwen3
 
 HF_PARTIAL_ROTARY_DEFAULT = 0.25  # Qwen3NextConfig's default
 
 
-class Qwen3Next(MoEMixin, Qwen3):
+class Qwen3Next(MTPMixin, MoEMixin, Qwen3):
     model_types = ("qwen3_next",)
     name = "qwen3_next"
     shared_expert = True
@@ -75,14 +80,43 @@ class Qwen3Next(MoEMixin, Qwen3):
         gdn.check_layout(self.architecture.config, layout)
         super().check_layout(layout)
 
-    def check_tensors(self, names) -> None:
-        mtp = sorted(n for n in names if n.startswith("mtp."))
-        if mtp:
-            raise UnsupportedConfig(
-                f"qwen3_next: the checkpoint holds {len(mtp)} multi-token-prediction tensors ({mtp[0]}, ...): "
-                f"Qwen3-Next's MTP layer is not converted yet and would be lost; convert a copy of the checkpoint "
-                f"without the mtp.* tensors (transformers ignores them too)")
-        super().check_tensors(names)
+    # -- multi-token prediction (MTPMixin's hooks) ---------------------------------------------
+    def mtp_declared(self) -> int:
+        n = int(self.cfg.get("num_nextn_predict_layers", default=self.cfg.get("mtp_num_hidden_layers", default=1)))
+        if n > 1:
+            raise UnsupportedConfig(f"qwen3_next: {n} multi-token-prediction layers declared; Qwen3-Next's names "
+                                    f"(mtp.fc, mtp.norm, ...) are known for one layer only")
+        return n
+
+    def mtp_hf_prefix(self, k: int) -> str:
+        return f"mtp.layers.{k}."
+
+    def mtp_rule_layer(self, k: int) -> int:
+        return self.num_layers - 1  # the MTP layer is a full-attention (MoE) layer, as megatron builds it
+
+    def mtp_hf_names(self, k: int) -> dict:
+        return {"enorm": "mtp.pre_fc_norm_embedding.weight", "hnorm": "mtp.pre_fc_norm_hidden.weight",
+                "eh_proj": "mtp.fc.weight", "final_norm": "mtp.norm.weight", "embed": None, "head": None}
+
+    def mtp_norm(self):
+        from .gemma_modules import OffsetRMSNorm
+
+        return OffsetRMSNorm
+
+    def mtp_reference_kwargs(self, n: int) -> dict:
+        types = ["linear_attention" if x else "full_attention" for x in self.linear()]
+        return {"num_hidden_layers": self.num_layers + n, "layer_types": types + ["full_attention"] * n,
+                "key_mapping": {rf"^mtp\.layers\.{k}\.": f"model.layers.{self.num_layers + k}." for k in range(n)}}
+
+    def extend_settings(self, settings: dict) -> dict:
+        if self.mtp_layers:
+            last = self.num_layers - 1
+            if self.linear()[last] or not self.is_moe_layer(last):
+                raise UnsupportedConfig(
+                    f"qwen3_next: the MTP layer is a full-attention MoE layer, but megatron-core builds it from the "
+                    f"spec of the last decoder layer ({last}), a {'linear-attention' if self.linear()[last] else 'dense'}"
+                    f" layer; convert a copy of the checkpoint without the mtp.* tensors")
+        return super().extend_settings(settings)
 
     def check_lora(self) -> None:
         from ..errors import AdapterError
