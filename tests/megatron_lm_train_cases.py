@@ -122,6 +122,10 @@ def _setup(hooks, args):
 
     chunk = hooks.model_provider(pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
     ddp = DistributedDataParallel(chunk.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), chunk)
+    # as Megatron-LM's train() does: data-parallel and tied-embedding (first/last stage) gradient sync
+    from megatron.core.distributed import finalize_model_grads
+
+    chunk.config.finalize_model_grads_func = finalize_model_grads
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, clip_grad=0.0,
                                                  weight_decay=0.0, params_dtype=torch.float32), [ddp])
     sched = OptimizerParamScheduler(opt, init_lr=args.lr, max_lr=args.lr, min_lr=args.lr, lr_warmup_steps=0,
