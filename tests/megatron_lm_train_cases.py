@@ -153,19 +153,19 @@ def _step(model, opt, sched, step: int, vocab: int):
     return (s / n).item()
 
 
-def train(source: str, tp: int, pp: int, out: str, steps: int = 4, lora_rank: int = 0) -> dict:
+def train(source: str, tp: int, pp: int, out: str, steps: int = 4, lora_rank: int = 0, resume: bool = True) -> dict:
     """``steps`` steps with Megatron-LM's saves every 2 (HF beside them); then a fresh process state
     resumes from Megatron-LM's checkpoint at step 2 and takes steps 3.. again. Returns losses, the
     HF directories written, and megatron's fp32 logits of the final model on a probe (last stage)."""
     save = str(Path(out) / "mlm")
     args = _megatron_lm_args(source, tp, pp, save, lora_rank)
     try:
-        return _train(args, save, steps)
+        return _train(args, save, steps, resume)
     finally:
         _forget_globals()
 
 
-def _train(args, save: str, steps: int) -> dict:
+def _train(args, save: str, steps: int, resume: bool) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.training import training
 
@@ -190,6 +190,10 @@ def _train(args, save: str, steps: int) -> dict:
     for m in model:
         m.eval()
     logits = megatron_logits([m.module for m in model], probe, vocab)
+    result = {"losses": losses, "hf_dirs": [str(p) for _, p in hooks.saved], "wrapped_inside": wrapped_inside,
+              "restored": restored, "probe": probe, "logits": logits}
+    if not resume:
+        return result
 
     # resume: fresh model (no HF read: --load holds Megatron-LM's checkpoint), Megatron-LM's checkpoint
     # of step 2 read by megatron-core's loader, steps 3.. again
@@ -209,9 +213,8 @@ def _train(args, save: str, steps: int) -> dict:
     opt2.load_state_dict(state["optimizer"])
     changed_by_load = any(not torch.equal(a, b) for a, b in zip(untouched, model2[0].parameters()))
     resumed = [_step(model2, opt2, sched2, it, vocab) for it in range(3, steps + 1)]
-    return {"losses": losses, "resumed": resumed, "changed_by_load": changed_by_load,
-            "hf_dirs": [str(p) for _, p in hooks.saved], "wrapped_inside": wrapped_inside, "restored": restored,
-            "probe": probe, "logits": logits, "hf_read_on_resume": not resume_hooks.resuming()}
+    return {**result, "resumed": resumed, "changed_by_load": changed_by_load,
+            "hf_read_on_resume": not resume_hooks.resuming()}
 
 
 _ORIGINAL = {}

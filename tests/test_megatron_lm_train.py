@@ -109,3 +109,31 @@ def test_megatron_lm_loop_pp2(pools, zoo_model, tmp_path):
     assert r[0]["losses"] == [None] * 4 and r[0]["logits"] is None  # the first stage computes no loss
     assert r[0]["hf_dirs"] == r[1]["hf_dirs"]
     _check_run(r[1], src, tmp_path)
+
+
+@pytest.mark.world(1)
+def test_megatron_lm_loop_lora_adapter_only(pools, zoo_model, tmp_path):
+    """``--hf_lora_rank 4 --save_safetensors_adapter_only true``: only the LoRA factors train; each
+    save writes the PEFT adapter alone, which PEFT loads onto the HF base and which then gives
+    megatron's logits (fp32)."""
+    if not HAS_MLM:
+        _assert_refused()
+        return
+    import peft
+    import transformers
+
+    src = zoo_model("qwen3")
+    r = pools.get(1).run(cases.train, timeout=600, source=str(src), tp=1, pp=1, out=str(tmp_path), lora_rank=4,
+                         resume=False)[0]
+    assert r["wrapped_inside"] and r["restored"]
+    assert r["losses"][2] < r["losses"][0], r["losses"]
+    last = tmp_path / "mlm" / "hf" / "iter_0000004"
+    assert r["hf_dirs"][-1] == str(last)
+    assert sorted(p.name for p in last.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        before = base(input_ids=r["probe"], use_cache=False).logits.float()
+        model = peft.PeftModel.from_pretrained(base, last)
+        got = model(input_ids=r["probe"], use_cache=False).logits.float()
+    diff, control = (got - r["logits"]).abs().max().item(), (before - r["logits"]).abs().max().item()
+    assert diff < 1e-4 and control > 100 * max(diff, 1e-6), (diff, control)
