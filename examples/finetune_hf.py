@@ -15,7 +15,7 @@ come from the HF config (``megatron_lm.model_arguments``). Added flags (``megatr
 from Megatron-LM's own checkpoint (model, optimizer, iteration) instead of reading HF again.
 
 The data set is made here (``--data_dir``, default ``<--save>/data``): chat samples (a question about
-two digits, the answer their sum's last digit) as JSONL, rendered by the model's tokenizer and chat
+two digits, the answer the first of them) as JSONL, rendered by the model's tokenizer and chat
 template; the loss counts the answer tokens only (the loss mask is 0 on the prompt and padding).
 """
 
@@ -43,8 +43,8 @@ def make_dataset(path: Path, n: int = 512, seed: int = 0) -> Path:
     with open(path, "w") as f:
         for _ in range(n):
             a, b = rng.randrange(10), rng.randrange(10)
-            messages = [{"role": "user", "content": f"what is {a} and {b} ?"},
-                        {"role": "assistant", "content": str((a + b) % 10)}]
+            messages = [{"role": "user", "content": f"what is the first of {a} and {b} ?"},
+                        {"role": "assistant", "content": str(a)}]
             f.write(json.dumps({"messages": messages}) + "\n")
     return path
 
@@ -213,8 +213,14 @@ def train_cpu(args, hooks, data_dir):
 
 
 def main():
-    args, data_dir = parse()
-    hooks = megatron_lm.HFHooks.from_args(args)
+    from mcore_bridge.errors import UsageError
+
+    try:
+        megatron_lm.require_megatron_training()
+        args, data_dir = parse()
+        hooks = megatron_lm.HFHooks.from_args(args)
+    except UsageError as e:
+        sys.exit(f"error: {e}")
     (train_gpu if torch.cuda.is_available() else train_cpu)(args, hooks, data_dir)
 
 
