@@ -219,6 +219,9 @@ class HFHooks:
         the chunks built here) as ``<save_dir>/iter_NNNNNNN``. Collective: every rank calls it."""
         if self.save_dir is None:
             return None
+        if self.bridge is None:
+            raise UsageError("HFHooks.save: no model was built through hooks.model_provider in this process "
+                             "(pass model_provider=hooks.model_provider to pretrain)")
         chunks = [_unwrap(m) for m in model] if model is not None else self.chunks
         out = Path(self.save_dir) / f"iter_{int(iteration):07d}"
         self.bridge.save_weights(chunks, out, overwrite=True, peft_format=self.adapter_only)

@@ -200,7 +200,7 @@ def _train(args, save: str, steps: int, resume: bool) -> dict:
     args.load = save
     resume_hooks = megatron_lm.HFHooks.from_args(args)
     assert resume_hooks.resuming()
-    (Path(save) / megatron_lm.TRACKER).read_text()  # Megatron-LM's tracker (latest: the last save)
+    tracker = (Path(save) / megatron_lm.TRACKER).read_text().strip()  # Megatron-LM's: the last save
     resume_dir = Path(save) / "iter_0000002"
     model2, opt2, sched2 = _setup(resume_hooks, args)
     untouched = [p.detach().clone() for p in model2[0].parameters()]
@@ -214,7 +214,7 @@ def _train(args, save: str, steps: int, resume: bool) -> dict:
     changed_by_load = any(not torch.equal(a, b) for a, b in zip(untouched, model2[0].parameters()))
     resumed = [_step(model2, opt2, sched2, it, vocab) for it in range(3, steps + 1)]
     return {**result, "resumed": resumed, "changed_by_load": changed_by_load,
-            "hf_read_on_resume": not resume_hooks.resuming()}
+            "hf_read_on_resume": not resume_hooks.resuming(), "tracker": tracker}
 
 
 _ORIGINAL = {}

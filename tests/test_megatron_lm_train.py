@@ -83,7 +83,7 @@ def _check_run(r0: dict, source, tmp_path, expect_iters=(2, 4)):
     assert any(not torch.equal(a.read(n), b.read(n)) for n in a.names())
     # resumption from Megatron-LM's checkpoint at step 2: no HF read, the weights came from it, and
     # steps 3.. give the uninterrupted run's losses
-    assert not r0["hf_read_on_resume"] and r0["changed_by_load"]
+    assert not r0["hf_read_on_resume"] and r0["changed_by_load"] and r0["tracker"] == str(expect_iters[-1])
     assert r0["resumed"] == losses[2:], (r0["resumed"], losses)
 
 
