@@ -97,6 +97,18 @@ def test_megatron_lm_loop_ws1(pools, zoo_model, tmp_path):
     _check_run(r[0], src, tmp_path)
 
 
+@pytest.mark.world(1)
+def test_megatron_lm_loop_moe(pools, zoo_model, tmp_path):
+    """A MoE model (qwen3_moe: routed experts, untied embeddings), Megatron-LM's MoE arguments from
+    ``model_arguments``."""
+    if not HAS_MLM:
+        _assert_refused()
+        return
+    src = zoo_model("qwen3_moe")
+    r = pools.get(1).run(cases.train, timeout=600, source=str(src), tp=1, pp=1, out=str(tmp_path))
+    _check_run(r[0], src, tmp_path)
+
+
 @pytest.mark.world(2)
 def test_megatron_lm_loop_pp2(pools, zoo_model, tmp_path):
     """Two pipeline stages (the provider's pre/post-process chunks; tied embeddings across stages).
