@@ -51,9 +51,11 @@ def make_dataset(path: Path, n: int = 512, seed: int = 0) -> Path:
 
 class ChatDataset(torch.utils.data.Dataset):
     """Token ids, labels (next tokens) and a loss mask that is 1 only where the label is an answer
-    token (the assistant turn after the prompt the chat template renders), padded to ``seq``."""
+    token (the assistant turn after the prompt the chat template renders), padded to ``seq``.
+    ``length``: the samples Megatron-LM's sampler asks for (the file is repeated)."""
 
-    def __init__(self, path: Path, tokenizer, seq: int):
+    def __init__(self, path: Path, tokenizer, seq: int, length: int = 0):
+        self.length = length
         self.samples = []
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         for line in open(path):
@@ -72,7 +74,7 @@ class ChatDataset(torch.utils.data.Dataset):
             self.samples.append({"tokens": x[:-1], "labels": x[1:], "loss_mask": mask})
 
     def __len__(self):
-        return len(self.samples)
+        return max(self.length, len(self.samples))
 
     def __getitem__(self, i):
         return self.samples[i % len(self.samples)]
@@ -123,7 +125,7 @@ def parse():
     return args, data_dir
 
 
-def dataset(args, data_dir: Path):
+def dataset(args, data_dir: Path, length: int = 0):
     from transformers import AutoTokenizer
 
     from mcore_bridge import Bridge
@@ -132,7 +134,7 @@ def dataset(args, data_dir: Path):
     if torch.distributed.get_rank() == 0:
         make_dataset(path)
     torch.distributed.barrier()
-    return ChatDataset(path, AutoTokenizer.from_pretrained(Bridge(args.hf_model).source), args.seq_length)
+    return ChatDataset(path, AutoTokenizer.from_pretrained(Bridge(args.hf_model).source), args.seq_length, length)
 
 
 # ---- GPU: Megatron-LM's pretrain -------------------------------------------------------------------
@@ -157,7 +159,7 @@ def train_gpu(args, hooks, data_dir):
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
     def datasets_provider(num_samples):
-        return dataset(args, data_dir), None, None
+        return dataset(args, data_dir, int(num_samples[0])), None, None
 
     datasets_provider.is_distributed = True
     with prebuilt_dataset_helpers(), megatron_lm.saving_safetensors(hooks):

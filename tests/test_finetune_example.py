@@ -32,6 +32,7 @@ def test_chat_dataset_masks_answers_only(zoo_model, tmp_path):
         assert torch.equal(s["labels"][:-1], s["tokens"][1:])
         question = tok.decode(s["tokens"][s["tokens"] != tok.pad_token_id].tolist())
         assert f"first of {answer[0]} and" in question  # the answer follows from the prompt
+    assert len(finetune_hf.ChatDataset(path, tok, seq=32, length=50)) == 50  # repeated for Megatron-LM's sampler
     with pytest.raises(ValueError, match="longer than --seq-length 8"):
         finetune_hf.ChatDataset(path, tok, seq=8)
 
