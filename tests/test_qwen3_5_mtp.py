@@ -1,0 +1,115 @@
+"""Qwen3.5's multi-token-prediction layer (``families/qwen3_5.py`` on Qwen3-Next's MTPMixin hooks,
+``qwen3_next.QwenNextMTP``).
+
+The published Qwen3.5 checkpoints declare ``text_config.mtp_num_hidden_layers: 1`` and store the
+layer at the top level, ``mtp.*`` (``mtp.fc``, ``mtp.pre_fc_norm_embedding`` / ``_hidden``,
+``mtp.layers.0.*``: a gated full-attention layer under the language layers' names, ``mtp.norm``),
+which transformers ignores (``_keys_to_ignore_on_load_unexpected = [r"^mtp.*"]``) and vLLM's
+``Qwen3_5MTP`` loads. The zoo variant ``qwen3_5_mtp`` stores it so. Converted into megatron-core's
+``MultiTokenPredictionBlock`` with ``(1 + w)`` norms and byte-exact back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mcore_bridge import ParallelLayout as L
+from mcore_bridge.families import UnsupportedConfig, family_for
+from mcore_bridge.plan import MappingError, check_names, expected_hf_names, inventory
+from tests import cases
+from tests.matrix import case_id
+
+MODEL = "qwen3_5_mtp"
+MTP_OWN = ("mtp.fc.weight", "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight", "mtp.norm.weight")
+
+
+def _config(zoo_model) -> dict:
+    return json.loads((zoo_model(MODEL) / "config.json").read_text())
+
+
+def _saved(zoo_model) -> set[str]:
+    from mcore_bridge.hf_io import HFCheckpoint
+
+    return set(HFCheckpoint(zoo_model(MODEL)).names())
+
+
+def _adapted(config, names):
+    fam = family_for(config)
+    fam.adapt(names)
+    return fam
+
+
+def _rows(fam) -> dict:
+    return {r.mcore.replace(".mtp_model_layer.", ".transformer_layer."): r for r in fam.rules()}  # 0.19 / 0.16
+
+
+def test_rules_name_the_published_mtp_tensors(zoo_model):
+    saved = _saved(zoo_model)
+    fam = _adapted(_config(zoo_model), saved)
+    assert fam.mtp_layers == 1 and fam.architecture.config["mtp_num_layers"] == 1
+    rows = _rows(fam)
+    assert rows["mtp.layers.0.eh_proj.weight"].hf == ("mtp.fc.weight",)
+    assert rows["mtp.layers.0.enorm.weight"].hf == ("mtp.pre_fc_norm_embedding.weight",)
+    assert rows["mtp.layers.0.hnorm.weight"].hf == ("mtp.pre_fc_norm_hidden.weight",)
+    assert rows["mtp.layers.0.final_layernorm.weight"].hf == ("mtp.norm.weight",)
+    assert rows["mtp.layers.0.transformer_layer.self_attention.linear_proj.weight"].hf == (
+        "mtp.layers.0.self_attn.o_proj.weight",)
+    assert rows["mtp.layers.0.transformer_layer.mlp.linear_fc2.weight"].hf == ("mtp.layers.0.mlp.down_proj.weight",)
+    assert rows["embedding.word_embeddings.weight"].hf == ("model.language_model.embed_tokens.weight",)  # no copies
+    assert rows["output_layer.weight"].hf == ("lm_head.weight",)
+    raw = _config(zoo_model)
+    raw["text_config"] = {**raw["text_config"], "mtp_num_hidden_layers": 2}
+    with pytest.raises(UnsupportedConfig, match=r"qwen3_5: 2 multi-token-prediction layers"):
+        family_for(raw).architecture
+
+
+def test_rules_cover_the_saved_checkpoint(zoo_model):
+    saved = _saved(zoo_model)
+    assert set(MTP_OWN) <= saved and "mtp.layers.0.self_attn.q_proj.weight" in saved
+    assert not any(n.startswith("model.language_model.layers.4.") for n in saved)
+    fam = _adapted(_config(zoo_model), saved)
+    for layout in (L(), L(tp=2, sp=True), L(pp=2), L(pp=2, vpp=2)):
+        units = inventory(fam, layout)
+        assert expected_hf_names(units) == saved, layout.short()
+        mtp = [u for u in units if u.rule.mcore.startswith("mtp.")]
+        assert {u.owner[0] for u in mtp} == {layout.pp - 1} and {u.chunk for u in mtp} == {layout.vpp - 1}
+        assert {h for u in mtp for h in u.hf_names} >= set(MTP_OWN)
+
+
+def test_nothing_is_dropped(zoo_model):
+    """Strict accounting: an MTP tensor missing, or a second MTP layer, refused by name; a checkpoint
+    without any mtp.* tensor converts as the main model alone."""
+    saved = _saved(zoo_model)
+    units = inventory(_adapted(_config(zoo_model), saved), L())
+    with pytest.raises(MappingError, match=r"missing 1 tensor\(s\): mtp\.pre_fc_norm_hidden\.weight"):
+        check_names(units, saved - {"mtp.pre_fc_norm_hidden.weight"}, "ckpt")
+    with pytest.raises(MappingError, match=r"unexpected tensor\(s\).*mtp\.layers\.1\.input_layernorm\.weight"):
+        check_names(units, saved | {"mtp.layers.1.input_layernorm.weight"}, "ckpt")
+    main = {n for n in saved if not n.startswith("mtp.")}
+    stripped = _adapted(_config(zoo_model), main)
+    assert stripped.mtp_layers == 0 and "mtp_num_layers" not in stripped.architecture.config
+    assert expected_hf_names(inventory(stripped, L())) == main
+    partial = _adapted(_config(zoo_model), main | {"mtp.fc.weight"})  # some MTP tensors: the rest is missing
+    with pytest.raises(MappingError, match=r"missing \d+ tensor\(s\): mtp\."):
+        check_names(inventory(partial, L()), main | {"mtp.fc.weight"}, "ckpt")
+
+
+def test_mtp_needs_a_full_attention_last_layer(zoo_model):
+    """megatron builds the MTP layer from the last decoder layer's spec; Qwen3.5's MTP layer is gated
+    full attention, so a linear-attention last layer is refused, naming the way out."""
+    raw = _config(zoo_model)
+    raw["text_config"] = {**raw["text_config"], "layer_types": ["full_attention", "linear_attention"] * 2}
+    with pytest.raises(UnsupportedConfig, match=r"\(3\), a linear-attention layer.*without the mtp\.\* tensors"):
+        _adapted(raw, _saved(zoo_model)).architecture
+
+
+@pytest.mark.parametrize("world,layout", [
+    pytest.param(w, lay, id=case_id(MODEL, w, lay), marks=pytest.mark.world(w))
+    for w, lay in [(2, L(pp=2)), (2, L(tp=2, sp=True))]])
+def test_roundtrip_is_byte_exact(world, layout, pools, zoo_model, tmp_path):
+    src, out = zoo_model(MODEL), tmp_path / "converted"
+    results = pools.get(world).run(cases.roundtrip, timeout=300, source=str(src), layout=layout.to_dict(),
+                                   out_dir=str(out))
+    expected = cases.check_roundtrip(results, src, out)
+    assert set(MTP_OWN) <= set(expected) and "mtp.layers.0.mlp.down_proj.weight" in expected
