@@ -11,6 +11,7 @@ which transformers ignores (``_keys_to_ignore_on_load_unexpected = [r"^mtp.*"]``
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,34 @@ def test_roundtrip_is_byte_exact(world, layout, pools, zoo_model, tmp_path):
                                    out_dir=str(out))
     expected = cases.check_roundtrip(results, src, out)
     assert set(MTP_OWN) <= set(expected) and "mtp.layers.0.mlp.down_proj.weight" in expected
+
+
+PUBLISHED = {  # tests/published: the megatron settings each maps to (the rest is Qwen3.5's, tests/test_qwen3_5.py)
+    "Qwen__Qwen3.5-0.8B.json": dict(num_layers=24, hidden_size=1024, num_attention_heads=8, num_query_groups=2,
+                                    ffn_hidden_size=3584, kv_channels=256, linear_num_value_heads=16),
+    "Qwen__Qwen3.6-35B-A3B.json": dict(num_layers=40, hidden_size=2048, num_attention_heads=16, num_query_groups=2,
+                                       kv_channels=256, linear_num_value_heads=32, num_moe_experts=256,
+                                       moe_router_topk=8, moe_ffn_hidden_size=512,
+                                       moe_shared_expert_intermediate_size=512, moe_shared_expert_gate=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_configs_map_with_their_mtp_layer(name):
+    raw = json.loads((Path(__file__).parent / "published" / name).read_text())
+    assert raw["text_config"]["mtp_num_hidden_layers"] == 1
+    fam = family_for(raw)
+    c = fam.architecture.config
+    assert {k: c[k] for k in PUBLISHED[name]} == PUBLISHED[name]
+    assert c["mtp_num_layers"] == 1 and c["attention_output_gate"] is True and c["mrope_section"] == [11, 11, 10]
+    assert c["experimental_attention_variant"] == "gated_delta_net"
+    assert c["linear_attention_freq"] == [0 if (i + 1) % 4 == 0 else 1 for i in range(c["num_layers"])]
+    assert c["linear_key_head_dim"] == c["linear_value_head_dim"] == 128 and c["linear_num_key_heads"] == 16
+    rows = _rows(fam)
+    assert rows["mtp.layers.0.eh_proj.weight"].hf == ("mtp.fc.weight",)
+    assert rows["mtp.layers.0.transformer_layer.self_attention.linear_qkv.weight"].hf[0] == (
+        "mtp.layers.0.self_attn.q_proj.weight")
+    head = rows["output_layer.weight"]  # 0.8B ties its head: read from the embedding, not written back
+    tied = raw["tie_word_embeddings"]
+    assert head.hf == (("model.language_model.embed_tokens.weight",) if tied else ("lm_head.weight",))
+    assert head.export is not tied

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from ..transforms import FusedBlocks
 from . import gated_deltanet as gdn
-from .base import UnsupportedConfig, rule
+from .base import HFConfig, UnsupportedConfig, rule
 from .moe import MoEMixin
 from .qwen import Qwen3
 from .qwen3_next import QwenNextMTP
@@ -145,6 +145,13 @@ class Qwen35MoE(QwenNextMTP, Qwen35Mixin, MoEMixin, Qwen3):
     model_class = "qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeModel"
     check_lora = VisionLanguageMixin.check_lora
     shared_expert = True
+
+    def __init__(self, raw_config: dict):
+        super().__init__(raw_config)
+        if self.cfg.get("intermediate_size") is None:
+            # the published configs have none (Qwen3_5MoeTextConfig defines no dense MLP size): no layer
+            # has a dense MLP, so megatron's ffn_hidden_size is used by none; the expert size stands in
+            self.cfg = HFConfig({**self.cfg.raw, "intermediate_size": self.cfg.require("moe_intermediate_size")})
 
     @property
     def norm_topk_prob(self) -> bool:
