@@ -18,7 +18,7 @@ import pytest
 from mcore_bridge import ParallelLayout as L
 from mcore_bridge.families import UnsupportedConfig, family_for
 from mcore_bridge.plan import MappingError, check_names, expected_hf_names, inventory
-from tests import cases
+from tests import cases, verify_cases
 from tests.matrix import case_id
 
 MODEL = "qwen3_5_mtp"
@@ -145,3 +145,41 @@ def test_published_configs_map_with_their_mtp_layer(name):
     tied = raw["tie_word_embeddings"]
     assert head.hf == (("model.language_model.embed_tokens.weight",) if tied else ("lm_head.weight",))
     assert head.export is not tied
+
+
+@pytest.fixture(scope="module")
+def ref_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("qwen3-5-mtp-reference-cache"))
+
+
+def _verify(pools, zoo_model, ref_cache, **kw) -> dict:
+    out = pools.get(2).run(verify_cases.verify, timeout=600, source=str(zoo_model(MODEL)),
+                           layout=L(pp=2).to_dict(), reference_cache=ref_cache, **kw)
+    reports = [r for r in out if r is not None]
+    assert len(reports) == 1
+    return reports[0]
+
+
+@pytest.mark.world(2)
+def test_mtp_head_verifies_fp32_with_images(pools, zoo_model, ref_cache):
+    """The main model with images and the MTP head, against transformers' model and our reference
+    of the MTP formula (verify/mtp.py, transformers' own decoder layer, mRoPE positions)."""
+    r = _verify(pools, zoo_model, ref_cache)
+    assert r["verdict"] == "pass", r["failures"]
+    assert r["metrics"]["max_diff"] < 1e-4
+    (depth,) = r["mtp"]["depths"]
+    assert r["mtp"]["reference"].startswith("ours")
+    assert depth["ok"] and depth["max_diff"] < 1e-4 and depth["top1_agreement"] == 1.0
+    assert depth["rel_mean_diff"] < 1e-5
+
+
+@pytest.mark.world(2)
+def test_perturbed_mtp_projection_is_caught_and_located(pools, zoo_model, ref_cache):
+    """Negative control: the MTP layer's fc x 1.01 leaves the main model exact and fails the MTP
+    head, located at mtp.0 with the HF tensor named."""
+    r = _verify(pools, zoo_model, ref_cache, control="scale:mtp.layers.0.eh_proj.weight:1.01")
+    assert r["verdict"] == "fail"
+    assert r["metrics"]["max_diff"] < 1e-4 and all(x["ok"] for x in r["layers"])  # the main model is untouched
+    first = r["first_diverging"]
+    assert first["probe"] == "mtp.0" and "mtp.fc.weight" in first["hf_params"]
+    assert not r["mtp"]["depths"][0]["ok"] and any(f.startswith("mtp.0 ") for f in r["failures"])
