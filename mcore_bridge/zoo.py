@@ -226,6 +226,8 @@ ZOO.update({
 })
 # Qwen3.5 with one MTP layer stored as the published checkpoints hold it (top-level mtp.*: ``_add_qwen3_next_mtp``)
 ZOO["qwen3_5_mtp"] = dict(ZOO["qwen3_5"], text_config=dict(_Q35_TEXT, mtp_num_hidden_layers=1))
+ZOO["qwen3_5_moe_mtp"] = dict(ZOO["qwen3_5_moe"], text_config=dict(ZOO["qwen3_5_moe"]["text_config"],
+                                                                mtp_num_hidden_layers=1))
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe", "gpt_oss"]
 MTP = ["deepseek_v3_mtp", "glm4_moe_mtp"]  # MoE with MTP layers (tests/test_mtp.py), kept out of the MoE matrix
@@ -233,7 +235,7 @@ MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3"]
 TILED_VL = ["internvl", "internvl_qwen2", "internvl_moe"]  # vision-language with fixed-size image tiles and 1-D RoPE (tests/test_internvl.py)
 QUANTIZED = ["deepseek_v3_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)
 VARIANTS = ["phi3_window", "qwen3_next_mtp"]  # a family's other setting, tested where it matters (test_sliding_window.py, test_qwen3_next_mtp.py)
-VARIANTS += ["qwen3_5_mtp"]  # Qwen3.5 with its MTP layer (tests/test_qwen3_5_mtp.py)
+VARIANTS += ["qwen3_5_mtp", "qwen3_5_moe_mtp"]  # Qwen3.5 with its MTP layer (tests/test_qwen3_5_mtp.py)
 HYBRID = ["qwen3_next"]  # linear-attention hybrids (tests/test_qwen3_next.py), kept out of the MoE matrix
 HYBRID += ["qwen3_5", "qwen3_5_moe"]  # hybrids with a vision tower (tests/test_qwen3_5.py)
 DENSE = [n for n in ZOO if n not in MOE + MTP + MULTIMODAL + QUANTIZED + VARIANTS + TILED_VL + HYBRID]

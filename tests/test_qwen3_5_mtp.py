@@ -183,3 +183,40 @@ def test_perturbed_mtp_projection_is_caught_and_located(pools, zoo_model, ref_ca
     first = r["first_diverging"]
     assert first["probe"] == "mtp.0" and "mtp.fc.weight" in first["hf_params"]
     assert not r["mtp"]["depths"][0]["ok"] and any(f.startswith("mtp.0 ") for f in r["failures"])
+
+
+def test_stacked_experts_of_the_moe_mtp_layer_are_read(zoo_model, tmp_path):
+    """Qwen3.5-MoE checkpoints may store experts stacked (``experts.gate_up_proj [E, 2F, H]``), the
+    MTP layer's too (``mtp.layers.0.mlp.experts.gate_up_proj``, as vLLM's Qwen3_5MoeMTP loads them):
+    read as the per-expert tensors of the zoo's per-expert copy, the MTP layer's included."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mcore_bridge.bridge import Bridge
+    from mcore_bridge.hf_io import HFCheckpoint
+
+    src = zoo_model("qwen3_5_moe_mtp")
+    dest = tmp_path / "stacked"
+    shutil.copytree(src, dest)
+    prefixes = [f"model.language_model.layers.{layer}.mlp.experts." for layer in range(4)] + ["mtp.layers.0.mlp.experts."]
+    for f in dest.glob("*.safetensors"):
+        state = load_file(str(f))
+        for p in prefixes:
+            gate_up = [torch.cat([state.pop(f"{p}{e}.gate_proj.weight"), state.pop(f"{p}{e}.up_proj.weight")])
+                       for e in range(8)]
+            state[p + "gate_up_proj"] = torch.stack(gate_up)
+            state[p + "down_proj"] = torch.stack([state.pop(f"{p}{e}.down_proj.weight") for e in range(8)])
+        save_file(state, str(f), metadata={"format": "pt"})
+    stacked = Bridge(dest)
+    assert stacked.expert_storage == "out_in"
+    a, b = HFCheckpoint(src), stacked.reader.hf
+    assert sorted(b.names()) == sorted(a.names()) and "mtp.layers.0.mlp.experts.7.up_proj.weight" in set(b.names())
+    for name in ("mtp.layers.0.mlp.experts.5.up_proj.weight", "mtp.layers.0.mlp.experts.0.gate_proj.weight",
+                 "mtp.layers.0.mlp.experts.3.down_proj.weight", "model.language_model.layers.1.mlp.experts.2.up_proj.weight"):
+        assert torch.equal(a.read(name), b.read(name)), name
+    assert not torch.equal(a.read("mtp.layers.0.mlp.experts.5.gate_proj.weight"),
+                           b.read("mtp.layers.0.mlp.experts.5.up_proj.weight"))  # control
+    units = inventory(stacked.family, L(pp=2, ep=2))
+    assert expected_hf_names(units) == set(a.names())
