@@ -96,12 +96,13 @@ def view_table(family, orientation: str) -> dict[str, ExpertView]:
     stacks = [(family.expert_hf, family.stacked_hf, (ffn, hidden), (hidden, ffn))]
     if getattr(family, "stacked_bias_hf", None):
         stacks.append((family.expert_bias_hf, family.stacked_bias_hf, (ffn,), (hidden,)))
-    prefix = family.hf_layer_prefix
+    prefixes = [family.hf_layer_prefix.format(L=layer) for layer in range(family.num_layers)
+                if family.is_moe_layer(layer)]
+    for k in range(getattr(family, "mtp_layers", 0)):  # MoE MTP layers stack their experts too (Qwen3.5-MoE's mtp.*)
+        if family.is_moe_layer(family.mtp_rule_layer(k)):
+            prefixes.append(family.mtp_hf_prefix(k))
     out = {}
-    for layer in range(family.num_layers):
-        if not family.is_moe_layer(layer):
-            continue
-        p = prefix.format(L=layer)
+    for p in prefixes:
         for (gate, up, down), (gate_up, down_stacked), fc1_shape, fc2_shape in stacks:
             for e in range(experts):
                 for name, (offset, stride) in ((gate, gate_at), (up, up_at)):

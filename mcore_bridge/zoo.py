@@ -224,6 +224,10 @@ ZOO.update({
                                          shared_expert_intermediate_size=64),
                         vision_config=_Q35_VIT),
 })
+# Qwen3.5 with one MTP layer stored as the published checkpoints hold it (top-level mtp.*: ``_add_qwen3_next_mtp``)
+ZOO["qwen3_5_mtp"] = dict(ZOO["qwen3_5"], text_config=dict(_Q35_TEXT, mtp_num_hidden_layers=1))
+ZOO["qwen3_5_moe_mtp"] = dict(ZOO["qwen3_5_moe"], text_config=dict(ZOO["qwen3_5_moe"]["text_config"],
+                                                                mtp_num_hidden_layers=1))
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe", "gpt_oss"]
 MTP = ["deepseek_v3_mtp", "glm4_moe_mtp"]  # MoE with MTP layers (tests/test_mtp.py), kept out of the MoE matrix
@@ -231,6 +235,7 @@ MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3"]
 TILED_VL = ["internvl", "internvl_qwen2", "internvl_moe"]  # vision-language with fixed-size image tiles and 1-D RoPE (tests/test_internvl.py)
 QUANTIZED = ["deepseek_v3_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)
 VARIANTS = ["phi3_window", "qwen3_next_mtp"]  # a family's other setting, tested where it matters (test_sliding_window.py, test_qwen3_next_mtp.py)
+VARIANTS += ["qwen3_5_mtp", "qwen3_5_moe_mtp"]  # Qwen3.5 with its MTP layer (tests/test_qwen3_5_mtp.py)
 HYBRID = ["qwen3_next"]  # linear-attention hybrids (tests/test_qwen3_next.py), kept out of the MoE matrix
 HYBRID += ["qwen3_5", "qwen3_5_moe"]  # hybrids with a vision tower (tests/test_qwen3_5.py)
 DENSE = [n for n in ZOO if n not in MOE + MTP + MULTIMODAL + QUANTIZED + VARIANTS + TILED_VL + HYBRID]
@@ -305,6 +310,11 @@ def build(name: str, out: Path, seed: int = 0):
         spec["num_hidden_layers"] = main_layers + next_mtp
         spec["layer_types"] = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
                                for i in range(main_layers)] + ["full_attention"] * next_mtp
+    q35_mtp = int(spec.get("text_config", {}).get("mtp_num_hidden_layers", 0)) if multimodal else 0
+    if q35_mtp:  # Qwen3.5: the same, in the language model (text_config)
+        text = spec["text_config"] = dict(spec["text_config"])
+        text["num_hidden_layers"] = main_layers + q35_mtp
+        text["layer_types"] = list(text["layer_types"]) + ["full_attention"] * q35_mtp
     if mtp:  # transformers builds no MTP: build the MTP layers' decoder layers as layers N .. N+k-1
         spec["num_hidden_layers"] = main_layers + mtp
     cfg = AutoConfig.for_model(**(spec if multimodal else {**_COMMON, **spec}))
@@ -347,6 +357,8 @@ def build(name: str, out: Path, seed: int = 0):
         _add_mtp(out, main_layers, mtp, seed)
     if next_mtp:
         _add_qwen3_next_mtp(out, main_layers, next_mtp, seed)
+    if q35_mtp:
+        _add_qwen3_next_mtp(out, main_layers, q35_mtp, seed, prefix="model.language_model.", text="text_config")
     if fp8_block:
         quantize_fp8_dir(out, fp8_block)
     tokenizer(cfg.get_text_config().vocab_size).save_pretrained(out)
@@ -407,10 +419,12 @@ def _add_mtp(out: Path, main_layers: int, mtp: int, seed: int):
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _add_qwen3_next_mtp(out: Path, main_layers: int, mtp: int, seed: int):
-    """Turn the saved model's layers ``main_layers ..`` into Qwen3-Next's MTP layer as published:
-    ``mtp.layers.{k}.*`` plus ``mtp.fc``, ``mtp.pre_fc_norm_embedding`` / ``_hidden`` and ``mtp.norm``
-    ((1 + w) norms: seeded offsets); config.json back to the main model's layers."""
+def _add_qwen3_next_mtp(out: Path, main_layers: int, mtp: int, seed: int, prefix: str = "model.",
+                        text: str | None = None):
+    """Turn the saved model's layers ``main_layers ..`` (under ``prefix``) into Qwen3-Next's (and
+    Qwen3.5's) MTP layer as published: ``mtp.layers.{k}.*`` plus ``mtp.fc``,
+    ``mtp.pre_fc_norm_embedding`` / ``_hidden`` and ``mtp.norm`` ((1 + w) norms: seeded offsets);
+    config.json (its ``text`` section, where given) back to the main model's layers."""
     import json
 
     import torch
@@ -419,19 +433,21 @@ def _add_qwen3_next_mtp(out: Path, main_layers: int, mtp: int, seed: int):
     (path,) = out.glob("*.safetensors")
     tensors = load_file(path)
     g = torch.Generator().manual_seed(seed + 1)
-    hidden = tensors["model.embed_tokens.weight"].shape[1]
+    hidden = tensors[prefix + "embed_tokens.weight"].shape[1]
     for k in range(mtp):
-        old, new = f"model.layers.{main_layers + k}.", f"mtp.layers.{k}."
+        old, new = f"{prefix}layers.{main_layers + k}.", f"mtp.layers.{k}."
         for n in [n for n in tensors if n.startswith(old)]:
             tensors[new + n[len(old):]] = tensors.pop(n)
     for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
         tensors[f"mtp.{norm}.weight"] = 0.1 * torch.randn(hidden, generator=g)
     tensors["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden, generator=g) / (2 * hidden) ** 0.5
     save_file(tensors, path, metadata={"format": "pt"})
-    config = json.loads((out / "config.json").read_text())
+    full = json.loads((out / "config.json").read_text())
+    config = full[text] if text else full
     config["num_hidden_layers"] = main_layers
     if "layer_types" in config:
         config["layer_types"] = config["layer_types"][:main_layers]
+    config = full
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

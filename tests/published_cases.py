@@ -21,7 +21,10 @@ def hf_count(raw: dict) -> int | None:
         cfg = transformers.AutoConfig.for_model(**raw)
     except (ValueError, KeyError):
         return None
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText):
+    autos = (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText)
+    if "vision_config" in raw:  # the whole vision-language model (AutoModelForCausalLM may build the text part only)
+        autos = autos[::-1]
+    for auto in autos:
         try:
             with torch.device("meta"):
                 model = auto.from_config(cfg)

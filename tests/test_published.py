@@ -29,6 +29,7 @@ LAYOUTS = {
     "openai__gpt-oss-20b.json": dict(ep=8),
     "Qwen__Qwen3-235B-A22B.json": dict(pp=4, ep=32, first_stage_layers=4),
     "Qwen__Qwen3-Next-80B-A3B-Instruct.json": dict(pp=4, ep=8),  # Megatron-Bridge's recipe: TP1 PP4 EP8
+    "Qwen__Qwen3.6-35B-A3B.json": dict(pp=4, ep=8),  # Qwen3-Next-80B-A3B's layout for the same hybrid MoE
 }
 # Model-card totals (billions of weights, main model) for configs transformers cannot build.
 CARD_TOTALS_B = {"kimi_k2": 1040}
@@ -69,7 +70,8 @@ def test_published_config_is_planned_at_its_real_size(plans, path):
     # every stage holds something; the largest rank is what the layout divides the model into
     assert all(r["dense_params"] + r["expert_params"] > 0 for r in plan["ranks"])
     assert plan["max_rank_params"] < plan["total_params"] or plan["world_size"] == 1
-    if raw.get("num_nextn_predict_layers"):  # the MTP layers are converted, hence planned
+    if raw.get("num_nextn_predict_layers") or (raw.get("text_config") or {}).get("mtp_num_hidden_layers"):
+        # the MTP layers are converted, hence planned
         assert plan["mtp_params"] > 0
     print(f"\n{path.stem}: {plan['total_params'] / 1e9:.2f}B weights ({plan['mtp_params'] / 1e9:.2f}B MTP), layout {plan['layout']}, "
           f"{plan['world_size']} ranks, largest rank {plan['max_rank_weight_bytes_bf16'] / 1e9:.2f} GB bf16")

@@ -129,11 +129,12 @@ def test_layout_and_lora_refusals():
         fam.check_lora()
 
 
-def test_mtp_tensors_are_refused_by_name():
+def test_main_model_without_mtp_tensors_converts_alone():
+    """The published configs declare one MTP layer (mtp_num_hidden_layers); a checkpoint without any
+    mtp.* tensor is the main model alone (the MTP layer itself: tests/test_qwen3_5_mtp.py)."""
     fam = family_for(_config("qwen3_5_moe"))
-    fam.check_tensors({"model.language_model.norm.weight"})  # nothing to refuse
-    with pytest.raises(UnsupportedConfig, match=r"mtp\.fc\.weight.*without the mtp\.\* tensors"):
-        fam.check_tensors({"model.language_model.norm.weight", "mtp.fc.weight", "mtp.norm.weight"})
+    fam.adapt({"model.language_model.embed_tokens.weight", "model.language_model.norm.weight"})
+    assert fam.mtp_layers == 0 and "mtp_num_layers" not in fam.architecture.config
 
 
 # ---- weights ----------------------------------------------------------------------------------

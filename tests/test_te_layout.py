@@ -43,6 +43,7 @@ def check_keys(results, name, layout):
 # local RoPE are the bridge's own modules (families/gemma_modules.py), built on the local spec; nor for
 # Qwen3-Next's local hybrid block (megatron's hybrid spec is TE-only and fuses other norms)
 NO_TE_SPEC = ("gemma3_text", "gemma3", "qwen3_next", "qwen3_next_mtp", "qwen3_5", "qwen3_5_moe")  # Qwen3.5: Qwen3-Next's block
+NO_TE_SPEC += ("qwen3_5_mtp", "qwen3_5_moe_mtp")
 
 
 @pytest.mark.world(1)

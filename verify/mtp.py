@@ -48,43 +48,62 @@ def depths(model_dir: Path) -> int:
     """MTP layers the checkpoint holds (0 when the config declares none or the tensors are absent)."""
     import json
 
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    if "vision_config" in config:
-        return 0
     fam = family(model_dir)
     return int(getattr(fam, "mtp_layers", 0))
+
+
+def _text(model):
+    """The language model inside ``model`` (a vision-language model's ``language_model``)."""
+    return getattr(model.model, "language_model", model.model)
 
 
 def load(model_dir: Path, dtype, device, n: int):
     """The transformers model of ``model_dir`` with its MTP layers' decoder layers loaded by
     transformers itself (built as layers ``N .. N+n-1``, its own weight conversions applied), then
-    split off: ``(model running the N main layers, [decoder layer of MTP depth k])``."""
-    from transformers import AutoModelForCausalLM
+    split off: ``(model running the N main layers, [decoder layer of MTP depth k])``. A
+    vision-language checkpoint: its image-text-to-text model, the settings applied to its
+    ``text_config``."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     fam = family(model_dir)
     layers = fam.num_layers
+    kwargs = dict(fam.mtp_reference_kwargs(n))
+    cls = AutoModelForCausalLM
+    if "vision_config" in json.loads((Path(model_dir) / "config.json").read_text()):
+        cls, config = AutoModelForImageTextToText, AutoConfig.from_pretrained(model_dir)
+        for key in [k for k in kwargs if k != "key_mapping"]:
+            setattr(config.text_config, key, kwargs.pop(key))
+        kwargs["config"] = config
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the MTP-only tensors (enorm, eh_proj, ...) are "unexpected" to it
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **fam.mtp_reference_kwargs(n))
+        model = cls.from_pretrained(model_dir, dtype=dtype, **kwargs)
     finally:
         logging.set_verbosity(verbosity)
     model = model.to(device).eval()
-    mtp_layers = list(model.model.layers[layers:])
-    model.model.layers = model.model.layers[:layers]
-    model.config.num_hidden_layers = layers
+    text = _text(model)
+    mtp_layers = list(text.layers[layers:])
+    text.layers = text.layers[:layers]
+    text.config.num_hidden_layers = layers
     # (a hybrid's ``layer_types`` keeps the MTP layers' entries: ``reference`` reads them)
     return model, mtp_layers
 
 
-def reference(model, mtp_layers, model_dir: Path, input_ids: torch.Tensor) -> list[dict]:
-    """Per MTP depth: ``{"hidden": [S, H], "logits": [S, V]}`` (fp32) for one sample ``[S]``."""
+def reference(model, mtp_layers, model_dir: Path, input_ids: torch.Tensor, position_ids=None,
+              vision: dict | None = None) -> list[dict]:
+    """Per MTP depth: ``{"hidden": [S, H], "logits": [S, V]}`` (fp32) for one sample ``[S]``
+    (vision-language models: with its 3-D ``position_ids [3, 1, S]`` and vision inputs, which
+    give the main model's hidden state; the MTP layer embeds the shifted tokens as text, as
+    megatron's does, and runs on the same positions)."""
     from mcore_bridge.hf_io import HFCheckpoint
 
     ckpt, fam = HFCheckpoint(model_dir), family(model_dir)
-    inner, cfg = model.model, model.config
+    inner = _text(model)
+    cfg = inner.config
     layers = cfg.num_hidden_layers
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
@@ -92,8 +111,11 @@ def reference(model, mtp_layers, model_dir: Path, input_ids: torch.Tensor) -> li
     one = copy.deepcopy(cfg)
     one.num_hidden_layers = 1
     out = []
+    kw = {k: v.to(device) for k, v in (vision or {}).items()}
+    pos = None if position_ids is None else position_ids.to(device)
     with torch.no_grad():
-        h = inner(input_ids=ids, use_cache=False).last_hidden_state  # after the final norm
+        # after the final norm
+        h = model.model(input_ids=ids, position_ids=pos, use_cache=False, **kw).last_hidden_state
         for k, layer in enumerate(mtp_layers):
             names = fam.mtp_hf_names(k)
             if getattr(one, "layer_types", None):  # a hybrid: the MTP layer's own type
@@ -118,7 +140,7 @@ def reference(model, mtp_layers, model_dir: Path, input_ids: torch.Tensor) -> li
                 body = type(inner)(one)
             body.rotary_emb, body.norm = inner.rotary_emb, final
             body.layers = torch.nn.ModuleList([layer])
-            h = body.eval()(inputs_embeds=x, use_cache=False).last_hidden_state
+            h = body.eval()(inputs_embeds=x, position_ids=pos, use_cache=False).last_hidden_state
             logits = torch.nn.functional.linear(h, head)
             out.append({"hidden": h[0].float().cpu(), "logits": logits[0].float().cpu()})
     return out

@@ -59,7 +59,8 @@ def hf_reference(model_dir: Path, samples: list[Sample], dtype: torch.dtype, dev
             out[s.name] = {"logits": logits[0].float().cpu(), "probes": {k: v[0] for k, v in store.items()}}
             if mtp_depths:  # transformers has no MTP forward: our reference of the formula
                 out[s.name]["mtp"] = [{k: v.cpu() for k, v in d.items()}
-                                      for d in mtp.reference(model, mtp_layers, Path(model_dir), s.input_ids)]
+                                      for d in mtp.reference(model, mtp_layers, Path(model_dir), s.input_ids,
+                                                             pos, s.vision)]
     del model
     return out
 

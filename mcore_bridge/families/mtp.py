@@ -1,6 +1,6 @@
 """Multi-token prediction (MTP) layers, for any family whose config has ``num_nextn_predict_layers``
 (DeepSeek-V3, GLM-4.5): list ``MTPMixin`` first in the family's bases. A family that stores its MTP
-layers otherwise (Qwen3-Next: ``mtp.*``) overrides the hooks: ``mtp_declared`` (how many),
+layers otherwise (Qwen3-Next and Qwen3.5: ``mtp.*``, ``qwen3_next.QwenNextMTP``) overrides the hooks: ``mtp_declared`` (how many),
 ``mtp_hf_prefix`` / ``mtp_hf_names`` (its names; embedding / head copies or None), ``mtp_rule_layer``
 (which decoder layer's rules the MTP layer has), ``mtp_norm`` (its norm class, e.g. ``(1 + w)``) and
 ``mtp_reference_kwargs`` (how transformers loads its decoder layers for verify/mtp.py).

@@ -24,17 +24,23 @@ Qwen3-Next fuses ``in_proj_qkvz`` / ``in_proj_ba`` per key head, Qwen3.5 stores 
 ``conv1d`` ([q; k; v] channels), ``A_log``, ``dt_bias``, ``norm`` and ``out_proj`` are stored as
 Qwen3-Next's.
 
-Not converted (refused by name): the multi-token-prediction head (``mtp.*`` tensors, which
-transformers ignores as well).
+Multi-token prediction: the published checkpoints hold one MTP layer (``text_config``
+``mtp_num_hidden_layers: 1``) stored as Qwen3-Next's, top-level ``mtp.*`` (``mtp.fc``,
+``mtp.pre_fc_norm_embedding`` / ``_hidden``, ``mtp.layers.0.*``: a gated full-attention layer with
+the model's MLP, dense or MoE, under the language layers' names; ``mtp.norm``), as vLLM's
+``Qwen3_5MTP`` loads it; transformers ignores it. Converted through Qwen3-Next's MTPMixin hooks
+(``qwen3_next.QwenNextMTP``) into megatron-core's ``MultiTokenPredictionBlock``; a checkpoint without
+``mtp.*`` tensors converts as the main model alone.
 """
 
 from __future__ import annotations
 
 from ..transforms import FusedBlocks
 from . import gated_deltanet as gdn
-from .base import UnsupportedConfig, rule
+from .base import HFConfig, UnsupportedConfig, rule
 from .moe import MoEMixin
 from .qwen import Qwen3
+from .qwen3_next import QwenNextMTP
 from .qwen_vl import VisionLanguageMixin
 
 L = "decoder.layers.{L}."
@@ -108,15 +114,6 @@ class Qwen35Mixin(VisionLanguageMixin):
                                      qk_norm=OffsetRMSNorm)
 
     # -- weights -----------------------------------------------------------------------------
-    def check_tensors(self, names) -> None:
-        mtp = sorted(n for n in names if n.startswith("mtp."))
-        if mtp:
-            raise UnsupportedConfig(f"{self.name}: the checkpoint holds {len(mtp)} multi-token-prediction tensors "
-                                    f"({mtp[0]}, ...; mtp_num_hidden_layers={self.cfg.get('mtp_num_hidden_layers')}): "
-                                    f"Qwen3.5's MTP head is not converted yet and would be lost; convert a copy "
-                                    f"without the mtp.* tensors (transformers ignores them too)")
-        super().check_tensors(names)
-
     def attention_rules(self):
         H, c = self.hf_layer_prefix, self.settings_config()
         rules = gdn.gated_attention_rules(H, c)
@@ -131,21 +128,30 @@ class Qwen35Mixin(VisionLanguageMixin):
         return [in_proj] + [r for r in gdn.gdn_rules(H, c) if not r.mcore.endswith("in_proj.weight")] + rules
 
 
-class Qwen35(Qwen35Mixin, Qwen3):
+class Qwen35(QwenNextMTP, Qwen35Mixin, Qwen3):
     model_types = ("qwen3_5",)
     name = "qwen3_5"
     vision_class = "qwen3_5.modeling_qwen3_5.Qwen3_5VisionModel"
     model_class = "qwen3_5.modeling_qwen3_5.Qwen3_5Model"
+    check_lora = VisionLanguageMixin.check_lora  # refused as a vision-language model first, MTP or not
 
 
-class Qwen35MoE(Qwen35Mixin, MoEMixin, Qwen3):
+class Qwen35MoE(QwenNextMTP, Qwen35Mixin, MoEMixin, Qwen3):
     """Every layer is sparse (the config has no ``decoder_sparse_step`` / ``mlp_only_layers``)."""
 
     model_types = ("qwen3_5_moe",)
     name = "qwen3_5_moe"
     vision_class = "qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeVisionModel"
     model_class = "qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeModel"
+    check_lora = VisionLanguageMixin.check_lora
     shared_expert = True
+
+    def __init__(self, raw_config: dict):
+        super().__init__(raw_config)
+        if self.cfg.get("intermediate_size") is None:
+            # the published configs have none (Qwen3_5MoeTextConfig defines no dense MLP size): no layer
+            # has a dense MLP, so megatron's ffn_hidden_size is used by none; the expert size stands in
+            self.cfg = HFConfig({**self.cfg.raw, "intermediate_size": self.cfg.require("moe_intermediate_size")})
 
     @property
     def norm_topk_prob(self) -> bool:

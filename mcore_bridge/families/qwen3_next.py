@@ -36,7 +36,53 @@ from .qwen import Qwen3
 HF_PARTIAL_ROTARY_DEFAULT = 0.25  # Qwen3NextConfig's default
 
 
-class Qwen3Next(MTPMixin, MoEMixin, Qwen3):
+class QwenNextMTP(MTPMixin):
+    """MTPMixin's hooks for the MTP layer as Qwen3-Next and Qwen3.5 (dense and MoE) publish it:
+    top-level ``mtp.*`` (``mtp.fc``, ``mtp.pre_fc_norm_embedding`` / ``_hidden``, ``mtp.layers.0.*``
+    under the model's own decoder-layer names, ``mtp.norm``), ``(1 + w)`` norms, one full-attention
+    layer with the model's MLP (MoE where the model is); no embedding or head copies."""
+
+    def mtp_declared(self) -> int:
+        n = int(self.cfg.get("num_nextn_predict_layers", default=self.cfg.get("mtp_num_hidden_layers", default=1)))
+        if n > 1:
+            raise UnsupportedConfig(f"{self.name}: {n} multi-token-prediction layers declared; the names of its "
+                                    f"MTP layer (mtp.fc, mtp.norm, ...) are known for one layer only")
+        return n
+
+    def mtp_hf_prefix(self, k: int) -> str:
+        return f"mtp.layers.{k}."
+
+    def mtp_rule_layer(self, k: int) -> int:
+        return self.num_layers - 1  # the MTP layer is a full-attention layer, as megatron builds it
+
+    def mtp_hf_names(self, k: int) -> dict:
+        return {"enorm": "mtp.pre_fc_norm_embedding.weight", "hnorm": "mtp.pre_fc_norm_hidden.weight",
+                "eh_proj": "mtp.fc.weight", "final_norm": "mtp.norm.weight", "embed": None, "head": None}
+
+    def mtp_norm(self):
+        from .gemma_modules import OffsetRMSNorm
+
+        return OffsetRMSNorm
+
+    def mtp_reference_kwargs(self, n: int) -> dict:
+        types = ["linear_attention" if x else "full_attention" for x in self.linear()]
+        return {"num_hidden_layers": self.num_layers + n, "layer_types": types + ["full_attention"] * n,
+                "key_mapping": {rf"^mtp\.layers\.{k}\.": self.hf_layer_prefix.replace("{L}", str(self.num_layers + k))
+                                for k in range(n)}}
+
+    def extend_settings(self, settings: dict) -> dict:
+        if self.mtp_layers:
+            last, moe = self.num_layers - 1, self.num_experts > 0
+            if self.linear()[last] or self.is_moe_layer(last) != moe:
+                kind = "linear-attention" if self.linear()[last] else "dense" if moe else "MoE"
+                raise UnsupportedConfig(
+                    f"{self.name}: the MTP layer is a full-attention {'MoE' if moe else 'dense'} layer, but "
+                    f"megatron-core builds it from the spec of the last decoder layer ({last}), a {kind} layer; "
+                    f"convert a copy of the checkpoint without the mtp.* tensors")
+        return super().extend_settings(settings)
+
+
+class Qwen3Next(QwenNextMTP, MoEMixin, Qwen3):
     model_types = ("qwen3_next",)
     name = "qwen3_next"
     shared_expert = True
@@ -79,44 +125,6 @@ class Qwen3Next(MTPMixin, MoEMixin, Qwen3):
     def check_layout(self, layout) -> None:
         gdn.check_layout(self.architecture.config, layout)
         super().check_layout(layout)
-
-    # -- multi-token prediction (MTPMixin's hooks) ---------------------------------------------
-    def mtp_declared(self) -> int:
-        n = int(self.cfg.get("num_nextn_predict_layers", default=self.cfg.get("mtp_num_hidden_layers", default=1)))
-        if n > 1:
-            raise UnsupportedConfig(f"qwen3_next: {n} multi-token-prediction layers declared; Qwen3-Next's names "
-                                    f"(mtp.fc, mtp.norm, ...) are known for one layer only")
-        return n
-
-    def mtp_hf_prefix(self, k: int) -> str:
-        return f"mtp.layers.{k}."
-
-    def mtp_rule_layer(self, k: int) -> int:
-        return self.num_layers - 1  # the MTP layer is a full-attention (MoE) layer, as megatron builds it
-
-    def mtp_hf_names(self, k: int) -> dict:
-        return {"enorm": "mtp.pre_fc_norm_embedding.weight", "hnorm": "mtp.pre_fc_norm_hidden.weight",
-                "eh_proj": "mtp.fc.weight", "final_norm": "mtp.norm.weight", "embed": None, "head": None}
-
-    def mtp_norm(self):
-        from .gemma_modules import OffsetRMSNorm
-
-        return OffsetRMSNorm
-
-    def mtp_reference_kwargs(self, n: int) -> dict:
-        types = ["linear_attention" if x else "full_attention" for x in self.linear()]
-        return {"num_hidden_layers": self.num_layers + n, "layer_types": types + ["full_attention"] * n,
-                "key_mapping": {rf"^mtp\.layers\.{k}\.": f"model.layers.{self.num_layers + k}." for k in range(n)}}
-
-    def extend_settings(self, settings: dict) -> dict:
-        if self.mtp_layers:
-            last = self.num_layers - 1
-            if self.linear()[last] or not self.is_moe_layer(last):
-                raise UnsupportedConfig(
-                    f"qwen3_next: the MTP layer is a full-attention MoE layer, but megatron-core builds it from the "
-                    f"spec of the last decoder layer ({last}), a {'linear-attention' if self.linear()[last] else 'dense'}"
-                    f" layer; convert a copy of the checkpoint without the mtp.* tensors")
-        return super().extend_settings(settings)
 
     def check_lora(self) -> None:
         from ..errors import AdapterError
