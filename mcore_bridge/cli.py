@@ -519,8 +519,9 @@ def cmd_verify(args, argv) -> int:
                 cmd += ["--grad"] * args.grad + (["--train-steps", str(args.train_steps)] if args.train_steps else [])
                 env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                            MCORE_BRIDGE_QUIET="1", PYTHONWARNINGS="ignore")
-                if nproc == 1:  # a plain process makes its own group of one (runtime.dist)
-                    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+                if nproc == 1:  # a plain process makes its own group of one on a free port, as --standalone did
+                    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID",
+                                "MASTER_PORT"):
                         env.pop(var, None)
                 ran += 1
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
