@@ -1,7 +1,10 @@
 """The CLI's fixed cost: wall time of ``mcore-bridge --help``, of an argument error, and of
 ``export --model builtin:llama --to-mcore --save X`` minus the conversion work itself.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/startup_bench.py [--repeat 3] [--json out.json] [--root DIR]
+    PYTHONPATH=$PWD .venv/bin/python bench/startup_bench.py [--repeat 3] [--json out.json] [--root DIR] [--verify]
+
+Also ``plan --model`` of the same tiny model (meta-device build, no weights: all fixed cost) and,
+with ``--verify``, one single-process ``verify`` case (tp1, fp32; its total, work included).
 
 ``--root`` measures another checkout of the project (e.g. ``git archive`` of an older commit) with
 this same script, so that before/after numbers come from one machine state.
@@ -97,13 +100,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--root", default=None, help="the checkout to measure (default: this one)")
+    ap.add_argument("--verify", action="store_true", help="also time one single-process verify case")
     args = ap.parse_args(argv)
     global ROOT
     ROOT = Path(args.root).resolve() if args.root else ROOT
     cli = [sys.executable, "-m", "mcore_bridge.cli"]
     wall(cli + ["zoo"])  # builds nothing; warms the page cache for the imports
-    subprocess.run([sys.executable, "-c", "from mcore_bridge import zoo; zoo.materialize('llama')"],
-                   env=_env(), check=True, cwd=ROOT)
+    src = subprocess.run([sys.executable, "-c", "from mcore_bridge import zoo; print(zoo.materialize('llama'))"],
+                         env=_env(), check=True, cwd=ROOT, capture_output=True, text=True).stdout.split()[-1]
     res = {"python": sys.version.split()[0], "root": str(ROOT), "load_average": os.getloadavg()}
     res["help_s"] = [wall(cli + ["--help"], key="help_s") for _ in range(args.repeat)]
     res["bad_argument_s"] = [wall(cli + ["export", "--tp", "x"], ok_codes=(2,), key="bad_argument_s")
@@ -114,6 +118,12 @@ def main(argv=None) -> int:
             exports.append(wall(cli + ["export", "--model", "builtin:llama", "--to-mcore", "--device", "cpu",
                                        "--save", str(Path(d) / "out")], key="export_s"))
     res["export_s"] = exports
+    res["plan_s"] = [wall(cli + ["plan", "--model", src], key="plan_s") for _ in range(args.repeat)]
+    if args.verify:
+        with tempfile.TemporaryDirectory() as d:
+            res["verify_tp1_s"] = [wall(cli + ["verify", "--model", "builtin:llama", "--matrix", "tp=1",
+                                               "--dtype", "fp32", "--device", "cpu", "--report", str(Path(d) / "r")],
+                                        key="verify_tp1_s")]
     res["work_s"], CPU["work_s"] = work_times(args.repeat)
     med = {k: statistics.median(v) for k, v in res.items() if isinstance(v, list) and k != "load_average"}
     res["median"], res["cpu"] = med, CPU

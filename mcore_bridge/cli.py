@@ -505,8 +505,8 @@ def cmd_verify(args, argv) -> int:
         for layout in layouts:
             for dtype in dtypes:
                 nproc = args.nproc_per_node or layout.min_world_size
-                cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                       "--standalone", "-m", "verify.run", "--model", model, "--layout",
+                cmd = _case_launcher(nproc) + [
+                       "-m", "verify.run", "--model", model, "--layout",
                        json.dumps(layout.to_dict()), "--dtype", dtype, "--device", args.device,
                        "--report", str(report_dir), "--reference-cache", str(report_dir / ".cache")]
                 if args.control:
@@ -519,6 +519,10 @@ def cmd_verify(args, argv) -> int:
                 cmd += ["--grad"] * args.grad + (["--train-steps", str(args.train_steps)] if args.train_steps else [])
                 env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                            MCORE_BRIDGE_QUIET="1", PYTHONWARNINGS="ignore")
+                if nproc == 1:  # a plain process makes its own group of one on a free port, as --standalone did
+                    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID",
+                                "MASTER_PORT"):
+                        env.pop(var, None)
                 ran += 1
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 lines = [l for l in proc.stdout.splitlines() if l.strip()]
@@ -538,6 +542,14 @@ def cmd_verify(args, argv) -> int:
 
         code = max(code, regression_main(["--baseline", args.baseline, "--current", str(report_dir)]))
     return code
+
+
+def _case_launcher(nproc: int) -> list[str]:
+    """What starts one verification case: a single process needs no torchrun agent (one interpreter
+    and one ``import torch`` fewer per case); several processes start under torchrun."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone"]
 
 
 def _tail(text: str, n: int = 25) -> str:
@@ -583,10 +595,11 @@ def _say(msg: str):
 
 def _own_process(command: str):
     """Commands that import megatron run it with ``compat.compile_off`` (this process is ours:
-    megatron's jit helpers stay uncompiled and TorchInductor is never imported)."""
+    megatron's jit helpers stay uncompiled and TorchInductor is never imported). ``plan`` builds
+    on the meta device and never runs a helper; ``verify``'s workers enter it themselves."""
     import contextlib
 
-    if command not in ("export", "demo"):
+    if command not in ("export", "demo", "plan"):
         return contextlib.nullcontext()
     from .runtime import compat
 
