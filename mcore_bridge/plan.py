@@ -144,6 +144,10 @@ def local_items(family: Family, layout: ParallelLayout, pp_rank: int, chunk_para
     return items
 
 
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def _unit(family, r: Rule, m, name, layers, pp_rank, chunk, ep_rank, per_rank) -> Unit:
     layer = expert = owner = None
     if r.per_layer:
@@ -153,10 +157,14 @@ def _unit(family, r: Rule, m, name, layers, pp_rank, chunk, ep_rank, per_rank) -
                                f"{len(layers)} layer(s) on pp rank {pp_rank} chunk {chunk} (model built "
                                f"for another layout?)")
         layer = layers[local]
-        if not r.applies(family, layer):
-            raise MappingError(f"megatron parameter {name}: layer {layer} is a {family.layer_kind(layer)} "
-                               f"{family.layer_mixer(layer)} layer in this model's config but the parameter "
-                               f"belongs to a {r.when} {r.mixer} layer (model built from another config?)")
+        if not r.applies(family, layer):  # name what the rule asks for and what the layer is, in those terms
+            asked = [str(w) for w in (r.when, r.mixer) if str(w) != "all"]
+            found = [k for w, k in ((r.when, family.layer_kind(layer)), (r.mixer, family.layer_mixer(layer)))
+                     if str(w) != "all"]
+            found, asked = " ".join(found), " ".join(asked)
+            raise MappingError(f"megatron parameter {name}: layer {layer} is {_a(found)} {found} layer in this "
+                               f"model's config but the parameter belongs to {_a(asked)} {asked} layer (model "
+                               f"built from another config?)")
     if r.expert:
         local = int(m.group("E"))
         if local >= per_rank:

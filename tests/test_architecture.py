@@ -102,7 +102,7 @@ def test_rules_are_typed_and_composed_by_hooks(name):
     fam = family_for(raw(name))
     rules = fam.rules()
     assert all(isinstance(r.when, Layers) for r in rules)
-    lm_names = [n for r in rules if not r.mcore.startswith("visual.") for n in r.hf
+    lm_names = [n for r in rules if not r.mcore.startswith(("visual.", "mtp.")) for n in r.hf  # MTP: its own prefix
                 if not n.endswith("lm_head.weight")]  # InternVL stores it as language_model.lm_head.weight
     assert all(n.startswith(fam.hf_prefix) for n in lm_names)  # one prefix, declared once
     if isinstance(fam, MoEMixin):  # the dense MLP of the parent, on dense layers only

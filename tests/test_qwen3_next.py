@@ -294,3 +294,16 @@ def test_perturbed_delta_net_tensor_is_caught_at_its_layer(pools, zoo_model, ref
                 control="scale:decoder.layers.2.self_attention.A_log:1.05")
     assert r["verdict"] == "fail" and r["first_diverging"]["probe"] == "layer.2"
     assert [x["ok"] for x in r["layers"][:3]] == [True, True, True]  # embedding, layer.0, layer.1
+
+
+def test_a_delta_net_parameter_on_an_attention_layer_is_refused():
+    """The plan names what the rule asks for (the token mixer) and what the config says the layer is."""
+    from mcore_bridge.errors import MappingError
+    from mcore_bridge.plan import local_items
+    from tests.test_architecture import raw
+
+    fam = family_for(raw("qwen3_next"))
+    assert fam.layer_mixer(0) == "linear" and fam.layer_mixer(1) == "attention"
+    assert local_items(fam, L(), 0, [["decoder.layers.0.self_attention.A_log"]])
+    with pytest.raises(MappingError, match="layer 1 is an attention layer .* belongs to a linear layer"):
+        local_items(fam, L(), 0, [["decoder.layers.1.self_attention.A_log"]])
