@@ -39,8 +39,13 @@ def expected_version_line() -> str:
 
     import mcore_bridge
 
+    # the line reads package metadata (nothing imported): PyPI's CUDA wheel of torch declares 2.13.0 there
+    # while torch.__version__ says 2.13.0+cu130; a local CPU wheel declares 2.13.0+cpu in both
+    from importlib.metadata import version
+
+    torch_version = torch.__version__ if version("torch") == torch.__version__ else torch.__version__.split("+")[0]
     return (f"mcore-bridge {mcore_bridge.__version__} (megatron-core {megatron.core.__version__}, "
-            f"torch {torch.__version__}, transformers {transformers.__version__})")
+            f"torch {torch_version}, transformers {transformers.__version__})")
 
 
 def test_version_names_every_package():
