@@ -31,8 +31,8 @@ from typing import Iterable
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .shard_writer import write_safetensors
 from .errors import CheckpointError, OutputExists, PeerFailed, WriteError  # noqa: F401  (re-exported)
 
 SAFETENSORS_DTYPES = {
@@ -405,7 +405,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]):
 
     try:
         maybe_fail("write")  # tests only: MCORE_BRIDGE_FAULT (runtime/faults.py)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+        write_safetensors(Path(path), tensors, metadata={"format": "pt"})
     except OSError as e:
         raise WriteError(e.errno, e.strerror or str(e), str(path)) from None
     except Exception as e:  # safetensors reports I/O errors as SafetensorError("... (os error N)")
