@@ -160,3 +160,57 @@ def test_failed_background_write_raises_the_injected_error_and_leaves_nothing(tm
     assert calls[:2] == ["s0.safetensors", "s1.safetensors"]
     assert not out.exists() and not staging_dir(out).exists()
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- reading straight into the destination (HFCheckpoint.read_into, Loader's direct path) -------------
+
+def _checkpoint(tmp_path):
+    from mcore_bridge.hf_io import HFCheckpoint
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {"emb": torch.randn(600, 1024, generator=g).to(torch.bfloat16),
+               "big": torch.randn(512, 1024, generator=g), "small": torch.randn(8, generator=g)}
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text("{}")
+    return HFCheckpoint(tmp_path), tensors
+
+
+def test_read_into_gives_the_same_bytes_as_read(tmp_path):
+    ckpt, tensors = _checkpoint(tmp_path)
+    whole = torch.empty(512, 1024)
+    assert ckpt.read_into("big", None, whole) == whole.nbytes
+    assert _same_bytes(whole, tensors["big"]) and _same_bytes(whole, ckpt.read("big"))
+    rows = torch.empty(100, 1024)
+    region = (slice(200, 300), slice(None))
+    assert ckpt.read_into("big", region, rows) == rows.nbytes
+    assert _same_bytes(rows, tensors["big"][200:300])
+    padded = torch.full((640, 1024), 7.0, dtype=torch.bfloat16)  # larger: the leading rows are filled
+    assert ckpt.read_into("emb", (slice(0, 600), slice(None)), padded) == 600 * 1024 * 2
+    assert _same_bytes(padded[:600], tensors["emb"]) and bool((padded[600:] == 7).all())
+
+
+def test_read_into_declines_what_is_not_one_byte_range(tmp_path):
+    ckpt, _ = _checkpoint(tmp_path)
+    assert ckpt.read_into("big", (slice(None), slice(0, 512)), torch.empty(512, 512)) == 0  # columns
+    assert ckpt.read_into("big", None, torch.empty(512, 1024, dtype=torch.bfloat16)) == 0  # another dtype
+    assert ckpt.read_into("big", None, torch.empty(1024, 512).t()) == 0  # not contiguous
+    assert ckpt.read_into("big", None, torch.empty(100, 1024)) == 0  # too small
+    small = torch.empty(8)
+    assert ckpt.read_into("small", None, small) == 32 and _same_bytes(small, ckpt.read("small"))
+
+
+def test_loader_direct_path_pads_vocab_and_refuses_columns(tmp_path):
+    from mcore_bridge.bridge_parts.loader import read_direct
+    from mcore_bridge.transforms import COLUMN, REPLICATED, ROW, VOCAB
+
+    ckpt, tensors = _checkpoint(tmp_path)
+    out = torch.full((640, 1024), 5.0, dtype=torch.bfloat16)
+    regions = VOCAB.slices([(600, 1024)], (640, 1024), 1, 0)
+    assert read_direct(ckpt, VOCAB, ["emb"], regions, out)
+    assert _same_bytes(out[:600], tensors["emb"]) and bool((out[600:] == 0).all())  # padding zeroed
+    half = torch.empty(256, 1024)
+    assert read_direct(ckpt, COLUMN, ["big"], COLUMN.slices([(512, 1024)], (256, 1024), 2, 1), half)
+    assert _same_bytes(half, tensors["big"][256:])
+    assert not read_direct(ckpt, ROW, ["big"], ROW.slices([(512, 1024)], (512, 512), 2, 0), torch.empty(512, 512))
+    assert read_direct(ckpt, REPLICATED, ["big"], REPLICATED.slices([(512, 1024)], (512, 1024), 2, 1),
+                       torch.empty(512, 1024, requires_grad=True))  # parameters require grad
