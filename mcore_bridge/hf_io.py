@@ -31,8 +31,8 @@ from typing import Iterable
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .shard_writer import write_safetensors
 from .errors import CheckpointError, OutputExists, PeerFailed, WriteError  # noqa: F401  (re-exported)
 
 SAFETENSORS_DTYPES = {
@@ -269,6 +269,36 @@ class HFCheckpoint:
             return handle.get_tensor(info.name) if whole else handle.get_slice(info.name)[region]
         return tensor if whole else tensor[region]
 
+    def read_into(self, name: str, region: tuple[slice, ...] | None, out: torch.Tensor) -> int:
+        """Read ``region`` of ``name`` straight into the first bytes of ``out`` with ``pread`` when it
+        is one contiguous byte range of the file (whole tensor or a range of leading rows), ``out``
+        is a contiguous CPU tensor of the same dtype and large enough; returns the bytes read, 0 when
+        those conditions do not hold (then use ``read``). No mapping, no temporary."""
+        info = self.tensors.get(name)
+        if (info is None or info.offset is None or not info.shape
+                or out.dtype != info.dtype or out.device.type != "cpu" or not out.is_contiguous()):
+            return 0
+        region = region or tuple(slice(None) for _ in info.shape)
+        if len(region) != len(info.shape) or any(r.indices(n) != (0, n, 1) for r, n in zip(region[1:], info.shape[1:])):
+            return 0
+        start, stop, step = region[0].indices(info.shape[0])
+        row = info.nbytes // info.shape[0]
+        nbytes = max(stop - start, 0) * row
+        if step != 1 or nbytes == 0 or nbytes > out.numel() * out.element_size():
+            return 0
+        dest = memoryview(out.detach().view(-1).view(torch.uint8).numpy())[:nbytes]
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            done, offset = 0, info.offset + start * row
+            while done < nbytes:
+                n = os.preadv(fd, [dest[done:done + (1 << 30)]], offset + done)
+                if n <= 0:
+                    raise CheckpointError(f"{info.file}: short read of {info.name!r}")
+                done += n
+        finally:
+            os.close(fd)
+        return nbytes
+
     @staticmethod
     def _map(info: TensorInfo) -> torch.Tensor:
         if info.nbytes == 0:
@@ -405,7 +435,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]):
 
     try:
         maybe_fail("write")  # tests only: MCORE_BRIDGE_FAULT (runtime/faults.py)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+        write_safetensors(Path(path), tensors, metadata={"format": "pt"})
     except OSError as e:
         raise WriteError(e.errno, e.strerror or str(e), str(path)) from None
     except Exception as e:  # safetensors reports I/O errors as SafetensorError("... (os error N)")

@@ -10,7 +10,7 @@ import torch
 
 from ..plan import MappingError, check_names
 from ..runtime import dist as rt
-from ..transforms import ShapeMismatch
+from ..transforms import Replicated, ShapeMismatch, Split, Vocab
 
 
 def progress(iterable, desc: str, total: Optional[int] = None):
@@ -33,6 +33,25 @@ def check_copies(ckpt, names, regions, param: str) -> None:
             raise MappingError(f"{name} differs from {names[0]} (max |diff| {diff}): the model holds one tensor for "
                                f"both ({param}), so the checkpoint's copies must be equal; refusing rather than "
                                f"picking one")
+
+
+def read_direct(ckpt, transform, names, regions, target) -> bool:
+    """Transforms that only take a row range of one tensor (``Replicated``, ``Split``,
+    ``Vocab``, whose padding rows are then zeroed) read the bytes straight into the parameter when the
+    checkpoint can (``HFCheckpoint.read_into``: same dtype, one contiguous range); False otherwise."""
+    read_into = getattr(ckpt, "read_into", None)
+    if read_into is None or len(regions) != 1 or type(transform) not in (Replicated, Split, Vocab):
+        return False
+    n = read_into(names[transform.region_sources(1)[0]], regions[0], target)
+    if n == 0:
+        return False
+    flat = target.view(-1)
+    done = n // target.element_size()
+    if done != flat.numel():
+        if type(transform) is not Vocab:
+            return False  # not the whole parameter: the general path fills it
+        flat[done:].zero_()
+    return True
 
 
 class Loader:
@@ -73,6 +92,8 @@ class Loader:
             raise error or RuntimeError("another rank rejected the checkpoint (see its error)")
         with torch.no_grad():
             for item, target, names, regions, tp, tp_rank in progress(jobs, "load"):
+                if read_direct(ckpt, item.unit.rule.transform, names, regions, target):
+                    continue
                 sources = item.unit.rule.transform.region_sources(len(regions))
                 pieces = [ckpt.read(names[i], r) for i, r in zip(sources, regions)]
                 item.unit.rule.transform.to_mcore_into(pieces, target, tp, tp_rank)

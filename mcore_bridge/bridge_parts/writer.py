@@ -9,6 +9,7 @@ from .. import quant, stacked
 from ..errors import UsageError
 from ..export import Exporter, ExportUnit, balanced_writers, make_buckets, nbytes
 from ..runtime import dist as rt
+from ..shard_writer import BackgroundWriter
 from .loader import progress
 
 
@@ -113,15 +114,16 @@ class Writer:
                 stream = exporter.iterate(make_buckets(exporter.units, bucket_bytes, tp_writer), all_stages=False,
                                           writer=tp_writer)
             stream = quant.quantize_stream(stream, fp8)
-            for name, tensor in progress(stream, "save", total=sum(len(f["names"]) for f in mine)):
-                f = pending.get(name)
-                if f is None:
-                    continue
-                filled[f["file"]][name] = tensor.cpu()
-                if len(filled[f["file"]]) == len(f["names"]):
-                    hfio.write_shard(stage / f["file"], filled.pop(f["file"]))
-            if filled:
-                raise RuntimeError(f"rank {rt.rank()}: shards never completed: {sorted(filled)}")
+            with BackgroundWriter() as background:  # a finished shard is written while the next one fills
+                for name, tensor in progress(stream, "save", total=sum(len(f["names"]) for f in mine)):
+                    f = pending.get(name)
+                    if f is None:
+                        continue
+                    filled[f["file"]][name] = tensor.cpu()
+                    if len(filled[f["file"]]) == len(f["names"]):
+                        background.submit(hfio.write_shard, stage / f["file"], filled.pop(f["file"]))
+                if filled:
+                    raise RuntimeError(f"rank {rt.rank()}: shards never completed: {sorted(filled)}")
         return out_dir
 
     def save_adapter(self, models, out_dir: Path, dtype, overwrite: bool, bucket_bytes: int, experts: str):
