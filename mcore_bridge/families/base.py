@@ -235,9 +235,23 @@ class Family:
         """Refuse checkpoint contents this family knows it cannot convert (before strict accounting
         would call them merely unexpected)."""
 
+    # naming layouts of the checkpoints a family reads (tuples of prefixes; item 0 is the language
+    # model's), in the order they are tried; the family sets ``self.spelling`` to its default one
+    spellings: tuple = ()
+
+    def spelling_markers(self, spelling) -> list[str]:
+        """Tensor names whose presence identifies ``spelling``: by default the embedding under its prefix."""
+        return [f"{spelling[0]}embed_tokens.weight"]
+
     def adapt(self, hf_names) -> None:
         """Follow naming choices of the checkpoint at hand (``hf_names``) where a family allows
-        several; the rules then produce those names, so export writes them back."""
+        several (``spellings``: the first whose markers are all there); the rules then produce
+        those names, so export writes them back."""
+        names = set(hf_names)
+        for spelling in self.spellings:
+            if all(m in names for m in self.spelling_markers(spelling)):
+                self.spelling = spelling
+                return
 
     def check_lora(self) -> None:
         """Refuse LoRA (``errors.AdapterError``, with the reason) where the family cannot carry it."""

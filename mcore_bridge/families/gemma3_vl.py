@@ -78,13 +78,11 @@ class Gemma3VL(Gemma3Text):
         self.cfg = HFConfig(text)
         self.spelling = SAVED
 
-    def adapt(self, hf_names) -> None:
-        names = set(hf_names)
-        for spelling in (SAVED, PUBLISHED, CURRENT):
-            lm, outer, inner = spelling
-            if f"{lm}embed_tokens.weight" in names and f"{outer}{TOWER}{inner}post_layernorm.weight" in names:
-                self.spelling = spelling
-                return
+    spellings = (SAVED, PUBLISHED, CURRENT)
+
+    def spelling_markers(self, spelling) -> list[str]:  # the tower's prefix tells SAVED and PUBLISHED apart
+        lm, outer, inner = spelling
+        return [f"{lm}embed_tokens.weight", f"{outer}{TOWER}{inner}post_layernorm.weight"]
 
     @property
     def hf_prefix(self) -> str:

@@ -144,13 +144,7 @@ class InternVL(Family):
         self.cfg = HFConfig(text)
         self.spelling = STORED
 
-    def adapt(self, hf_names) -> None:
-        """Follow the checkpoint's naming (as stored, or the in-memory names); export keeps it."""
-        names = set(hf_names)
-        for spelling in (STORED, IN_MEMORY):
-            if f"{spelling[0]}embed_tokens.weight" in names:
-                self.spelling = spelling
-                return
+    spellings = (STORED, IN_MEMORY)  # as stored, or the in-memory names; export keeps it
 
     @property
     def hf_prefix(self) -> str:

@@ -101,13 +101,7 @@ class VisionLanguageMixin:
         self.spelling = self.default_spelling
         self.rope_model = None  # transformers' model on the meta device (``get_rope_index``), built on first use
 
-    def adapt(self, hf_names) -> None:
-        """Follow the checkpoint's naming (transformers 5 or the older layout); export keeps it."""
-        names = set(hf_names)
-        for spelling in (CURRENT, LEGACY):
-            if f"{spelling[0]}embed_tokens.weight" in names:
-                self.spelling = spelling
-                return
+    spellings = (CURRENT, LEGACY)  # transformers 5's names or the older layout; export keeps it
 
     @property
     def hf_prefix(self) -> str:
