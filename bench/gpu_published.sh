@@ -11,8 +11,12 @@
 # (an MXFP4 source: the bf16 output equals its dequantised view), and
 # `mcore-bridge verify --dtype fp32,bf16` writes the reports (each names its megatron-core).
 # FP8 configs also get an FP8 copy (`export --export-dtype fp8`) that is verified and round-tripped.
-# Results: $OUT/published-m<V>.log, $OUT/reports/<config>-m<V>/ (index.md and the case pages).
+# Results: $OUT/published-m<V>-<lane>.log, $OUT/reports/<config>-m<V>/ (index.md and the case pages).
 # VERIFY_ARGS (default --dtype fp32,bf16) replaces the verify options, e.g. "--dtype fp32 --isolate".
+# SPLIT=N runs N lanes per version (the configs dealt round-robin), for a GPU with memory to spare.
+# Every config keeps its published MTP layer (reduce_published.py --mtp). Wheels in ${WHL_ROOT:-.whl}/fla/
+# (flash-linear-attention + fla-core) go into every lane: megatron's GatedDeltaNet (Qwen3-Next, Qwen3.5)
+# runs its fla Triton kernels on GPU.
 set -u -o pipefail
 OUT=${PUB_OUT:-/tmp/gpu-published-out}
 mkdir -p "$OUT/reports"
@@ -21,9 +25,11 @@ stamp() { echo "== $* ($(date -u +%T))"; }
 nvidia-smi -L
 # layers / experts per config: real shapes, depth cut so one H200 holds bf16 + fp32 reference
 declare -A LAYERS=( [deepseek-ai__DeepSeek-V3]=4 [deepseek-ai__DeepSeek-V3.1]=4 [moonshotai__Kimi-K2-Instruct]=2
-                    [zai-org__GLM-4.5]=4 [openai__gpt-oss-120b]=2 [google__gemma-3-1b-it]=6 )
+                    [zai-org__GLM-4.5]=4 [openai__gpt-oss-120b]=2 [google__gemma-3-1b-it]=6 [google__gemma-3-4b-it]=6
+                    [Qwen__Qwen3-Next-80B-A3B-Instruct]=4 [Qwen__Qwen3.5-0.8B]=4 [Qwen__Qwen3.6-35B-A3B]=4 )
 declare -A EXPERTS=( [deepseek-ai__DeepSeek-V3]=32 [deepseek-ai__DeepSeek-V3.1]=32 [moonshotai__Kimi-K2-Instruct]=32
-                     [zai-org__GLM-4.5]=32 [openai__gpt-oss-120b]=32 [moonshotai__Moonlight-16B-A3B-Instruct]=32 )
+                     [zai-org__GLM-4.5]=32 [openai__gpt-oss-120b]=32 [moonshotai__Moonlight-16B-A3B-Instruct]=32
+                     [Qwen__Qwen3-Next-80B-A3B-Instruct]=128 [Qwen__Qwen3.6-35B-A3B]=128 [Qwen__Qwen3-235B-A22B]=32 )
 same_bytes() { python3 - "$1" "$2" <<'PY'
 import sys, torch
 from mcore_bridge import quant
@@ -46,26 +52,34 @@ make_one() {  # phase 1, one config
   name=$1; cfg=tests/published/$name.json; ck=/tmp/pub/$name
   [ -f "$ck/config.json" ] && return 0
   mx=""; grep -q '"quant_method": *"mxfp4"' "$cfg" && mx="--mxfp4 $ck-mxfp4"
-  python3 bench/reduce_published.py "$cfg" --out "$ck" --layers "${LAYERS[$name]:-2}" \
+  python3 bench/reduce_published.py "$cfg" --out "$ck" --layers "${LAYERS[$name]:-2}" --mtp --device cuda \
       ${EXPERTS[$name]:+--experts ${EXPERTS[$name]}} $mx > "/tmp/pub/$name.make.log" 2>&1 \
     && echo "made $name: $(tail -c 300 /tmp/pub/$name.make.log | tail -1 | cut -c1-160)" \
     || { echo "FAILED: make $name: $(tail -3 /tmp/pub/$name.make.log)"; return 1; }
 }
+install() {  # one site per megatron-core version (before the lanes start: they share it)
+  V=$1; SITE=/tmp/site$V
+  python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target "$SITE" ${WHL_ROOT:-.whl}/m$V/*.whl \
+      $(ls ${WHL_ROOT:-.whl}/fla/*.whl 2>/dev/null) || return 1
+}
+for V in "$@"; do install "$V" || { echo "FAILED: install megatron-core $V"; exit 1; }; done
+export PYTHONPATH=/tmp/site$1:$PWD  # phase 1 writes MTP layers with mcore_bridge.zoo
 export -f make_one; export LAYERS_DECL="$(declare -p LAYERS EXPERTS)"
 mkdir -p /tmp/pub
 stamp "phase 1: ${#CONFIGS[@]} checkpoints" | tee "$OUT/make.log"
 printf '%s\n' "${CONFIGS[@]}" | xargs -P "${MAKE_JOBS:-4}" -I{} bash -c 'eval "$LAYERS_DECL"; make_one {}' \
   2>&1 | tee -a "$OUT/make.log"
-lane() {  # phase 2, one megatron-core version
-  V=$1; LOG=$OUT/published-m$V.log; rc=0
+lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLIT-th config
+  V=$1; K=${2:-0}; rc=0
   run() { "$@" || { echo "FAILED: $*"; rc=1; }; }
   SITE=/tmp/site$V
-  python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target "$SITE" ${WHL_ROOT:-.whl}/m$V/*.whl || return 1
   export PYTHONPATH=$SITE:$PWD
-  stamp "megatron-core $(python3 -c 'import megatron.core as m; print(m.__version__)')"
+  stamp "megatron-core $(python3 -c 'import megatron.core as m; print(m.__version__)') lane $K/${SPLIT:-1}"
   only_v=ONLY_$V  # ONLY_016="..." narrows one lane further
+  i=-1
   for name in "${CONFIGS[@]}"; do
     if [ -n "${!only_v:-}" ] && [[ " ${!only_v} " != *" $name "* ]]; then continue; fi
+    i=$((i + 1)); [ $((i % ${SPLIT:-1})) -eq "$K" ] || continue
     ck=/tmp/pub/$name; cfg=tests/published/$name.json
     [ -f "$ck/config.json" ] || { echo "FAILED: no checkpoint for $name"; rc=1; continue; }
     sources=("$ck")
@@ -96,8 +110,12 @@ lane() {  # phase 2, one megatron-core version
   return $rc
 }
 pids=()
-for V in "$@"; do lane "$V" > "$OUT/published-m$V.log" 2>&1 & pids+=($!); done
+for V in "$@"; do
+  for ((K = 0; K < ${SPLIT:-1}; K++)); do lane "$V" "$K" > "$OUT/published-m$V-$K.log" 2>&1 & pids+=($!); done
+done
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=1; done
-tail -n 3 "$OUT"/published-m*.log
+for f in "$OUT"/published-m*.log; do  # a compact summary: the device returns the last 12,000 characters
+  echo "--- $(basename "$f")"; grep -E "^== m[0-9]+ .*(->|verify)|byte-exact|PASS|FAIL|rror" "$f" | cut -c1-230
+done
 exit $rc

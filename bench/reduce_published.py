@@ -12,6 +12,12 @@ has none either) and ``quantization_config`` (the weights are written in bf16; F
 then made from them by ``mcore-bridge export --export-dtype fp8``). The config actually used is
 written next to the weights and printed.
 
+``--mtp``: keep the published multi-token-prediction layer too, stored as the checkpoint publishes it
+(DeepSeek-V3 / Kimi-K2 / GLM-4.5: ``model.layers.N.*`` with ``enorm``, ``hnorm``, ``eh_proj``, the
+embedding and head copies; Qwen3-Next / Qwen3.5: top-level ``mtp.*``): transformers builds the MTP
+layer's decoder layer as layer N (a full-attention layer), which is then renamed and given its
+seeded MTP-only weights (``mcore_bridge.zoo``'s writers, also used by the tiny zoo models).
+
 ``--mxfp4 OUT2`` (a published config with ``quant_method: mxfp4``, i.e. gpt-oss): also write the
 checkpoint as gpt-oss publishes it -- every stacked expert tensor ``P`` (``[E, in, out]``) replaced by
 random ``P_blocks`` (uint8 ``[E, out, in/32, 16]``, two FP4 codes each) and ``P_scales`` (uint8
@@ -36,7 +42,17 @@ DENSE_FIRST_KEYS = ("first_k_dense_replace",)
 SAME_AS = {"kimi_k2": "deepseek_v3"}
 
 
-def reduce_config(raw: dict, layers: int, experts: int | None) -> dict:
+def mtp_layers(raw: dict) -> tuple[int, str]:
+    """The published MTP layer count and its storage style (``"deepseek"`` or ``"qwen_next"``)."""
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    if text.get("num_nextn_predict_layers"):
+        return int(text["num_nextn_predict_layers"]), "deepseek"
+    if text.get("mtp_num_hidden_layers") or text.get("model_type", raw.get("model_type")) == "qwen3_next":
+        return int(text.get("mtp_num_hidden_layers") or 1), "qwen_next"
+    return 0, ""
+
+
+def reduce_config(raw: dict, layers: int, experts: int | None, mtp: bool = False) -> dict:
     cfg = json.loads(json.dumps(raw))
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
     text["num_hidden_layers"] = layers
@@ -56,7 +72,16 @@ def reduce_config(raw: dict, layers: int, experts: int | None) -> dict:
                 text["topk_group"] = min(int(text.get("topk_group") or 1), text["n_group"])
             topk = int(text.get("num_experts_per_tok") or 1)
             text["num_experts_per_tok"] = min(topk, experts)
-    text.pop("num_nextn_predict_layers", None)
+    n_mtp, style = mtp_layers(raw) if mtp else (0, "")
+    if n_mtp:  # transformers builds the MTP layers' decoder layers as layers N .. N+k-1
+        if style == "qwen_next":  # full-attention layers, after the main model's own types
+            interval = int(text.get("full_attention_interval") or 4)
+            types = text.get("layer_types") or ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                                                for i in range(layers)]
+            text["layer_types"] = list(types[:layers]) + ["full_attention"] * n_mtp
+        text["num_hidden_layers"] = layers + n_mtp
+    else:
+        text.pop("num_nextn_predict_layers", None)
     cfg.pop("quantization_config", None)
     text.pop("quantization_config", None)
     cfg.pop("auto_map", None)
@@ -72,6 +97,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=None, help="at most this many routed experts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where transformers initialises the random weights "
+                   "(cuda: much faster for multi-GB models; the files are the same kind either way)")
+    p.add_argument("--mtp", action="store_true", help="keep the published MTP layer (see above)")
     p.add_argument("--mxfp4", default=None, metavar="OUT2",
                    help="also write an MXFP4 copy here (configs whose quant_method is mxfp4)")
     args = p.parse_args(argv)
@@ -79,7 +107,7 @@ def main(argv=None) -> int:
     import transformers
 
     raw = json.loads(Path(args.config).read_text())
-    cfg_dict = reduce_config(raw, args.layers, args.experts)
+    cfg_dict = reduce_config(raw, args.layers, args.experts, args.mtp)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(args.seed)
@@ -87,13 +115,24 @@ def main(argv=None) -> int:
     cfg = transformers.AutoConfig.for_model(model_type, **cfg_dict)
     auto = transformers.AutoModelForImageTextToText if hasattr(cfg, "vision_config") else \
         transformers.AutoModelForCausalLM
-    model = auto.from_config(cfg, dtype=torch.bfloat16)
+    with torch.device(args.device):
+        model = auto.from_config(cfg, dtype=torch.bfloat16)
     with torch.no_grad():  # routers with a trained router's spread, so routing is not rounding noise
         for name, param in model.named_parameters():
             if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 param.normal_(0.0, 0.5)
     model.save_pretrained(out, max_shard_size="4GB")
     n = sum(t.numel() for t in model.state_dict().values())
+    n_mtp, style = mtp_layers(raw) if args.mtp else (0, "")
+    if n_mtp:
+        from mcore_bridge import zoo
+
+        if style == "deepseek":
+            zoo.add_mtp(out, args.layers, n_mtp, args.seed)
+        else:
+            text = "text_config" if isinstance(raw.get("text_config"), dict) else None
+            prefix = "model.language_model." if text else "model."
+            zoo.add_qwen_next_mtp(out, args.layers, n_mtp, args.seed, prefix=prefix, text=text)
     if args.mxfp4:
         write_mxfp4(out, Path(args.mxfp4), raw.get("quantization_config") or {}, args.seed)
     print(json.dumps({"out": str(out), "model_type": model_type, "params": n,

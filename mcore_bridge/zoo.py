@@ -127,10 +127,10 @@ SHARPEN_QK = ("phi3", "phi3_window", "glm4")
 # start mid-block); norms, embeddings, lm_head and the router stay unquantised.
 ZOO["deepseek_v3_fp8"] = dict(ZOO["deepseek_v3"], fp8_block=[32, 48])
 
-# Multi-token prediction: DeepSeek-V3 with its MTP layer stored as layer 4 (``_add_mtp``)
+# Multi-token prediction: DeepSeek-V3 with its MTP layer stored as layer 4 (``add_mtp``)
 ZOO["deepseek_v3_mtp"] = dict(ZOO["deepseek_v3"], num_nextn_predict_layers=1)
 ZOO["glm4_moe_mtp"] = dict(ZOO["glm4_moe"], num_nextn_predict_layers=1)
-# Qwen3-Next with one MTP layer stored as Qwen3-Next publishes it (mtp.*, ``_add_qwen3_next_mtp``)
+# Qwen3-Next with one MTP layer stored as Qwen3-Next publishes it (mtp.*, ``add_qwen_next_mtp``)
 ZOO["qwen3_next_mtp"] = dict(ZOO["qwen3_next"], qwen3_next_mtp=1)
 # Phi-3 with Phi-3-mini-4k's kind of window (every layer), shorter than the verification sequences
 ZOO["phi3_window"] = dict(ZOO["phi3"], sliding_window=20)
@@ -224,7 +224,7 @@ ZOO.update({
                                          shared_expert_intermediate_size=64),
                         vision_config=_Q35_VIT),
 })
-# Qwen3.5 with one MTP layer stored as the published checkpoints hold it (top-level mtp.*: ``_add_qwen3_next_mtp``)
+# Qwen3.5 with one MTP layer stored as the published checkpoints hold it (top-level mtp.*: ``add_qwen_next_mtp``)
 ZOO["qwen3_5_mtp"] = dict(ZOO["qwen3_5"], text_config=dict(_Q35_TEXT, mtp_num_hidden_layers=1))
 ZOO["qwen3_5_moe_mtp"] = dict(ZOO["qwen3_5_moe"], text_config=dict(ZOO["qwen3_5_moe"]["text_config"],
                                                                 mtp_num_hidden_layers=1))
@@ -354,11 +354,11 @@ def build(name: str, out: Path, seed: int = 0):
                 b.copy_(0.05 * torch.randn_like(b))
     model.save_pretrained(out, max_shard_size=shard)
     if mtp:
-        _add_mtp(out, main_layers, mtp, seed)
+        add_mtp(out, main_layers, mtp, seed)
     if next_mtp:
-        _add_qwen3_next_mtp(out, main_layers, next_mtp, seed)
+        add_qwen_next_mtp(out, main_layers, next_mtp, seed)
     if q35_mtp:
-        _add_qwen3_next_mtp(out, main_layers, q35_mtp, seed, prefix="model.language_model.", text="text_config")
+        add_qwen_next_mtp(out, main_layers, q35_mtp, seed, prefix="model.language_model.", text="text_config")
     if fp8_block:
         quantize_fp8_dir(out, fp8_block)
     tokenizer(cfg.get_text_config().vocab_size).save_pretrained(out)
@@ -392,63 +392,98 @@ def quantize_fp8_dir(out: Path, block: list[int], scale_fmt: str | None = None):
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _add_mtp(out: Path, main_layers: int, mtp: int, seed: int):
-    """Turn the saved model's layers ``main_layers ..`` into MTP layers as DeepSeek-V3 stores them:
-    add ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm`` (seeded) and the copies of the main
-    embedding and head (``embed_tokens``, ``shared_head.head``); config.json: ``num_hidden_layers``
+def edit_shards(out: Path, edit) -> None:
+    """Apply ``edit(tensors)`` (a dict of every tensor of the checkpoint in ``out``, changed in
+    place) and write the result back: a single-file checkpoint stays one file; in a sharded one the
+    tensors that stay keep their files, new or renamed ones go to ``model-extra.safetensors``, and
+    ``model.safetensors.index.json`` is rewritten."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(out.glob("*.safetensors"))
+    home, tensors = {}, {}
+    for f in files:
+        for n, t in load_file(f).items():
+            home[n], tensors[n] = f.name, t
+    edit(tensors)
+    if len(files) == 1:
+        save_file(tensors, files[0], metadata={"format": "pt"})
+        return
+    by_file = {}
+    for n, t in tensors.items():
+        by_file.setdefault(home.get(n, "model-extra.safetensors"), {})[n] = t
+    for f in files:
+        if f.name not in by_file:
+            f.unlink()
+    for name, part in by_file.items():
+        save_file(part, out / name, metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    meta = json.loads(index.read_text()).get("metadata", {}) if index.exists() else {}
+    meta["total_size"] = sum(t.numel() * t.element_size() for t in tensors.values())
+    weight_map = {n: f for f, part in by_file.items() for n in part}
+    index.write_text(json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+
+
+def _set_main_layers(out: Path, main_layers: int, text: str | None = None) -> None:
+    """config.json (its ``text`` section, where given): ``num_hidden_layers`` (and ``layer_types``)
     back to the main model's."""
     import json
 
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    (path,) = out.glob("*.safetensors")
-    tensors = load_file(path)
-    g = torch.Generator().manual_seed(seed + 1)
-    hidden = tensors["model.embed_tokens.weight"].shape[1]
-    for k in range(mtp):
-        p = f"model.layers.{main_layers + k}."
-        for norm in ("enorm", "hnorm", "shared_head.norm"):
-            tensors[p + norm + ".weight"] = 1.0 + 0.1 * torch.randn(hidden, generator=g)
-        tensors[p + "eh_proj.weight"] = torch.randn(hidden, 2 * hidden, generator=g) / (2 * hidden) ** 0.5
-        tensors[p + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
-        tensors[p + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
-    save_file(tensors, path, metadata={"format": "pt"})
-    config = json.loads((out / "config.json").read_text())
-    config["num_hidden_layers"] = main_layers
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _add_qwen3_next_mtp(out: Path, main_layers: int, mtp: int, seed: int, prefix: str = "model.",
-                        text: str | None = None):
-    """Turn the saved model's layers ``main_layers ..`` (under ``prefix``) into Qwen3-Next's (and
-    Qwen3.5's) MTP layer as published: ``mtp.layers.{k}.*`` plus ``mtp.fc``,
-    ``mtp.pre_fc_norm_embedding`` / ``_hidden`` and ``mtp.norm`` ((1 + w) norms: seeded offsets);
-    config.json (its ``text`` section, where given) back to the main model's layers."""
-    import json
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    (path,) = out.glob("*.safetensors")
-    tensors = load_file(path)
-    g = torch.Generator().manual_seed(seed + 1)
-    hidden = tensors[prefix + "embed_tokens.weight"].shape[1]
-    for k in range(mtp):
-        old, new = f"{prefix}layers.{main_layers + k}.", f"mtp.layers.{k}."
-        for n in [n for n in tensors if n.startswith(old)]:
-            tensors[new + n[len(old):]] = tensors.pop(n)
-    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
-        tensors[f"mtp.{norm}.weight"] = 0.1 * torch.randn(hidden, generator=g)
-    tensors["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden, generator=g) / (2 * hidden) ** 0.5
-    save_file(tensors, path, metadata={"format": "pt"})
     full = json.loads((out / "config.json").read_text())
     config = full[text] if text else full
     config["num_hidden_layers"] = main_layers
     if "layer_types" in config:
         config["layer_types"] = config["layer_types"][:main_layers]
-    config = full
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / "config.json").write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+
+
+def add_mtp(out: Path, main_layers: int, mtp: int, seed: int):
+    """Turn the saved model's layers ``main_layers ..`` into MTP layers as DeepSeek-V3 stores them:
+    add ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm`` (seeded) and the copies of the main
+    embedding and head (``embed_tokens``, ``shared_head.head``); config.json: ``num_hidden_layers``
+    back to the main model's."""
+    import torch
+
+    def edit(tensors):
+        g = torch.Generator().manual_seed(seed + 1)
+        embed = tensors["model.embed_tokens.weight"]
+        hidden = embed.shape[1]
+        for k in range(mtp):
+            p = f"model.layers.{main_layers + k}."
+            for norm in ("enorm", "hnorm", "shared_head.norm"):
+                tensors[p + norm + ".weight"] = (1.0 + 0.1 * torch.randn(hidden, generator=g)).to(embed.dtype)
+            tensors[p + "eh_proj.weight"] = (torch.randn(hidden, 2 * hidden, generator=g)
+                                             / (2 * hidden) ** 0.5).to(embed.dtype)
+            tensors[p + "embed_tokens.weight"] = embed.clone()
+            tensors[p + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+
+    edit_shards(out, edit)
+    _set_main_layers(out, main_layers)
+
+
+def add_qwen_next_mtp(out: Path, main_layers: int, mtp: int, seed: int, prefix: str = "model.",
+                        text: str | None = None):
+    """Turn the saved model's layers ``main_layers ..`` (under ``prefix``) into Qwen3-Next's (and
+    Qwen3.5's) MTP layer as published: ``mtp.layers.{k}.*`` plus ``mtp.fc``,
+    ``mtp.pre_fc_norm_embedding`` / ``_hidden`` and ``mtp.norm`` ((1 + w) norms: seeded offsets);
+    config.json (its ``text`` section, where given) back to the main model's layers."""
+    import torch
+
+    def edit(tensors):
+        g = torch.Generator().manual_seed(seed + 1)
+        embed = tensors[prefix + "embed_tokens.weight"]
+        hidden = embed.shape[1]
+        for k in range(mtp):
+            old, new = f"{prefix}layers.{main_layers + k}.", f"mtp.layers.{k}."
+            for n in [n for n in tensors if n.startswith(old)]:
+                tensors[new + n[len(old):]] = tensors.pop(n)
+        for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+            tensors[f"mtp.{norm}.weight"] = (0.1 * torch.randn(hidden, generator=g)).to(embed.dtype)
+        tensors["mtp.fc.weight"] = (torch.randn(hidden, 2 * hidden, generator=g) / (2 * hidden) ** 0.5).to(embed.dtype)
+
+    edit_shards(out, edit)
+    _set_main_layers(out, main_layers, text)
 
 
 def image_processor(cfg):
