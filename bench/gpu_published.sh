@@ -21,7 +21,8 @@ stamp() { echo "== $* ($(date -u +%T))"; }
 nvidia-smi -L
 # layers / experts per config: real shapes, depth cut so one H200 holds bf16 + fp32 reference
 declare -A LAYERS=( [deepseek-ai__DeepSeek-V3]=4 [deepseek-ai__DeepSeek-V3.1]=4 [moonshotai__Kimi-K2-Instruct]=2
-                    [zai-org__GLM-4.5]=4 [openai__gpt-oss-120b]=2 [google__gemma-3-1b-it]=6 )
+                    [zai-org__GLM-4.5]=4 [openai__gpt-oss-120b]=2 [google__gemma-3-1b-it]=6
+                    [zai-org__GLM-4.5-Air]=2 )  # Air: layer 0 dense + one MoE layer, all 128 experts (~6B weights)
 declare -A EXPERTS=( [deepseek-ai__DeepSeek-V3]=32 [deepseek-ai__DeepSeek-V3.1]=32 [moonshotai__Kimi-K2-Instruct]=32
                      [zai-org__GLM-4.5]=32 [openai__gpt-oss-120b]=32 [moonshotai__Moonlight-16B-A3B-Instruct]=32 )
 same_bytes() { python3 - "$1" "$2" <<'PY'
