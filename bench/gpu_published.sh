@@ -26,10 +26,12 @@ nvidia-smi -L
 # layers / experts per config: real shapes, depth cut so one H200 holds bf16 + fp32 reference
 declare -A LAYERS=( [deepseek-ai__DeepSeek-V3]=4 [deepseek-ai__DeepSeek-V3.1]=4 [moonshotai__Kimi-K2-Instruct]=2
                     [zai-org__GLM-4.5]=4 [openai__gpt-oss-120b]=2 [google__gemma-3-1b-it]=6 [google__gemma-3-4b-it]=6
-                    [Qwen__Qwen3-Next-80B-A3B-Instruct]=4 [Qwen__Qwen3.5-0.8B]=4 [Qwen__Qwen3.6-35B-A3B]=4 )
+                    [Qwen__Qwen3-Next-80B-A3B-Instruct]=4 [Qwen__Qwen3.5-0.8B]=4 [Qwen__Qwen3.6-35B-A3B]=4
+                    [zai-org__GLM-4.5-Air]=2 )  # Air: layer 0 dense + one MoE layer (+ the MTP layer, MoE)
 declare -A EXPERTS=( [deepseek-ai__DeepSeek-V3]=32 [deepseek-ai__DeepSeek-V3.1]=32 [moonshotai__Kimi-K2-Instruct]=32
                      [zai-org__GLM-4.5]=32 [openai__gpt-oss-120b]=32 [moonshotai__Moonlight-16B-A3B-Instruct]=32
-                     [Qwen__Qwen3-Next-80B-A3B-Instruct]=128 [Qwen__Qwen3.6-35B-A3B]=128 [Qwen__Qwen3-235B-A22B]=32 )
+                     [Qwen__Qwen3-Next-80B-A3B-Instruct]=128 [Qwen__Qwen3.6-35B-A3B]=128 [Qwen__Qwen3-235B-A22B]=32
+                     [zai-org__GLM-4.5-Air]=32 )
 same_bytes() { python3 - "$1" "$2" <<'PY'
 import sys, torch
 from mcore_bridge import quant
