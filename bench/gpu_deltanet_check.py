@@ -61,13 +61,16 @@ def main() -> int:
 
     for t in (int(x) for x in args.lengths.split(",")):
         q, k, v, decay, beta = inputs(t, seed=t)
-        ref, _ = hf_rule(q, k, v, decay, beta, use_qk_l2norm_in_kernel=True)
+        # q/k L2-normalised here, as megatron's GatedDeltaNet does before its rule (megatron's torch rule
+        # calls fla's l2norm with a `dim` keyword that fla 0.6 does not take, when asked to normalise)
+        q, k = (x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6) for x in (q, k))
+        ref, _ = hf_rule(q, k, v, decay, beta)
         for dtype in (torch.float32, torch.bfloat16):
             x = [a.to(dtype) for a in (q, k, v, decay, beta)]
             outs = {
-                "fla (megatron's GPU path)": fla_rule(*x[:3], g=x[3], beta=x[4], use_qk_l2norm_in_kernel=True)[0],
-                "transformers torch rule": hf_rule(*x, use_qk_l2norm_in_kernel=True)[0],
-                "megatron torch rule": mg_rule(*x, use_qk_l2norm_in_kernel=True)[0],
+                "fla (megatron's GPU path)": fla_rule(*x[:3], g=x[3], beta=x[4])[0],
+                "transformers torch rule": hf_rule(*x)[0],
+                "megatron torch rule": mg_rule(*x)[0],
             }
             names = list(outs)
             for i, a in enumerate(names):

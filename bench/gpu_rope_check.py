@@ -27,9 +27,11 @@ for cpu_init in (False, True):
     m = YarnRotaryEmbedding(kv_channels=64, rotary_percent=1.0, rotary_base=rope["rope_theta"], scaling_factor=rope["factor"],
         original_max_position_embeddings=rope["original_max_position_embeddings"], beta_fast=rope["beta_fast"],
         beta_slow=rope["beta_slow"], correction_range_round_to_int=bool(rope.get("truncate", True)), use_cpu_initialization=cpu_init)
-    emb, mscale = m(S)  # [S, 1, 1, dim]
-    emb = emb[:, 0, 0].double().cpu()
-    mc = (torch.cos(emb) * mscale)
-    # HF layout: cos has dim 64 = cat(freqs, freqs)
-    print(f"megatron cpu_init={cpu_init}: mscale {mscale}; cos vs hf cpu max", (mc - hc_cpu).abs().max().item(),
-          "; vs hf cuda-run", (mc - hc_cg).abs().max().item())
+    emb, mscale = m(S)  # [S, 1, 1, dim], dim = cat(freqs, freqs)
+    half = hc_cpu.shape[-1]  # gpt-oss's transformers rotary returns cos of the first half only
+    emb = emb[:, 0, 0, :half].float()  # the angles as megatron computes them on the GPU (fp32)
+    mc = (torch.cos(emb) * mscale).double().cpu()
+    inv = m.inv_freq.double().cpu()
+    print(f"megatron cpu_init={cpu_init}: inv_freq vs hf max rel {((inv - if_cpu).abs() / if_cpu).max().item():.3e}; "
+          f"mscale {mscale}; cos vs hf (cpu) max {(mc - hc_cpu).abs().max().item():.3e}; "
+          f"vs hf (cuda run) max {(mc - hc_cg).abs().max().item():.3e}")
