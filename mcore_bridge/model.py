@@ -22,6 +22,7 @@ def transformer_config(family: Family, layout: ParallelLayout, dtype: torch.dtyp
         # divides by the number of middle stages (0 here) under vpp: pass only the first size.
         last = None
     runtime = moe_runtime(kw, layout, grouped)
+    runtime.update(family.runtime_config(dtype))
     if training is not None:
         runtime.update(training.config_kwargs(moe=bool(kw.get("num_moe_experts"))))
     try:

@@ -307,3 +307,17 @@ def test_a_delta_net_parameter_on_an_attention_layer_is_refused():
     assert local_items(fam, L(), 0, [["decoder.layers.0.self_attention.A_log"]])
     with pytest.raises(MappingError, match="layer 1 is an attention layer .* belongs to a linear layer"):
         local_items(fam, L(), 0, [["decoder.layers.1.self_attention.A_log"]])
+
+
+def test_fp32_runs_megatron_s_own_torch_delta_rule_and_bf16_keeps_the_kernel_path():
+    """fla's Triton delta rule computes its float32 dots in TF32 (measured on an H200:
+    reports/gpu-h200/published-issue19.md): float32 models take megatron's own switch to its torch
+    rule (``deterministic_mode``), in the config the model is built from; bf16 models keep the
+    kernel path. A family without a delta-net sets nothing."""
+    from mcore_bridge.model import transformer_config
+
+    fam = family_for(_published())
+    assert transformer_config(fam, L(), torch.float32, "cpu").deterministic_mode is True
+    assert transformer_config(fam, L(), torch.bfloat16, "cpu").deterministic_mode is False
+    qwen3 = family_for(json.loads((PUBLISHED.parent / "Qwen__Qwen3-8B.json").read_text()))
+    assert transformer_config(qwen3, L(), torch.float32, "cpu").deterministic_mode is False

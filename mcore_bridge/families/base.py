@@ -259,6 +259,11 @@ class Family:
     def check_layout(self, layout) -> None:
         """Refuse layouts this model cannot run on beyond what ``layout_dims`` expresses."""
 
+    def runtime_config(self, dtype) -> dict:
+        """megatron config fields that choose how (not what) this model computes at ``dtype``: an
+        execution path of megatron's own, never a change of the weights or their names."""
+        return {}
+
     def layer_kind(self, layer: int) -> Layers:
         return Layers.MOE if self.is_moe_layer(layer) else Layers.DENSE
 

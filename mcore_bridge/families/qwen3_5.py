@@ -128,7 +128,7 @@ class Qwen35Mixin(VisionLanguageMixin):
         return [in_proj] + [r for r in gdn.gdn_rules(H, c) if not r.mcore.endswith("in_proj.weight")] + rules
 
 
-class Qwen35(QwenNextMTP, Qwen35Mixin, Qwen3):
+class Qwen35(gdn.DeltaNetRuntime, QwenNextMTP, Qwen35Mixin, Qwen3):
     model_types = ("qwen3_5",)
     name = "qwen3_5"
     vision_class = "qwen3_5.modeling_qwen3_5.Qwen3_5VisionModel"
@@ -136,7 +136,7 @@ class Qwen35(QwenNextMTP, Qwen35Mixin, Qwen3):
     check_lora = VisionLanguageMixin.check_lora  # refused as a vision-language model first, MTP or not
 
 
-class Qwen35MoE(QwenNextMTP, Qwen35Mixin, MoEMixin, Qwen3):
+class Qwen35MoE(gdn.DeltaNetRuntime, QwenNextMTP, Qwen35Mixin, MoEMixin, Qwen3):
     """Every layer is sparse (the config has no ``decoder_sparse_step`` / ``mlp_only_layers``)."""
 
     model_types = ("qwen3_5_moe",)

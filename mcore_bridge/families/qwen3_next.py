@@ -82,7 +82,7 @@ class QwenNextMTP(MTPMixin):
         return super().extend_settings(settings)
 
 
-class Qwen3Next(QwenNextMTP, MoEMixin, Qwen3):
+class Qwen3Next(gdn.DeltaNetRuntime, QwenNextMTP, MoEMixin, Qwen3):
     model_types = ("qwen3_next",)
     name = "qwen3_next"
     shared_expert = True
