@@ -110,15 +110,22 @@ def verify(pools, src, layout, ref_cache: str, world: int = 2, **kw) -> dict:
     return reports[0]
 
 
-def check_mtp_head_passes(r: dict) -> dict:
+def check_mtp_head_passes(r: dict, moe: bool) -> dict:
     """The report passes, the main model within 1e-4, and the one MTP depth against our reference of
-    the formula (verify/mtp.py) within 1e-4 with every top-1 token agreeing. Returns the depth."""
+    the formula (verify/mtp.py) within 1e-4 with every top-1 token agreeing; an MoE MTP layer (``moe``)
+    routes every token to the same experts as transformers' layer (a dense one reports no routing),
+    and the markdown report shows it. Returns the depth."""
+    from verify.report import render_markdown, validate_report
+
     assert r["verdict"] == "pass", r["failures"]
     assert r["metrics"]["max_diff"] < 1e-4
     (depth,) = r["mtp"]["depths"]
     assert r["mtp"]["reference"].startswith("ours")
     assert depth["ok"] and depth["max_diff"] < 1e-4 and depth["top1_agreement"] == 1.0
     assert depth["rel_mean_diff"] < 1e-5
+    assert depth.get("router_agreement") == (1.0 if moe else None)
+    markdown = render_markdown(validate_report(r))
+    assert "## Multi-token prediction heads" in markdown and ("router_agreement" in markdown.split("## Multi")[1]) == moe
     return depth
 
 

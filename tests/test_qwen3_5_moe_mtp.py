@@ -116,7 +116,7 @@ def test_mtp_head_verifies_fp32_with_images(pools, zoo_model, ref_cache):
     """The main model with images, gated on the loss tokens, routers agreeing, and the MoE MTP head
     against our reference of the formula (transformers' own MoE decoder layer, mRoPE positions)."""
     r = mc.verify(pools, zoo_model(MODEL), VERIFY_LAYOUT, ref_cache)
-    mc.check_mtp_head_passes(r)
+    mc.check_mtp_head_passes(r, moe=True)
     m = r["metrics"]
     assert r["gate"] == "with_loss" and m["top1_agreement_with_loss"] == 1.0 and m["mean_diff_with_loss"] < 1e-5
     assert m["router_agreement"] == 1.0  # every routed token of the main model picks the same experts
@@ -142,3 +142,16 @@ def test_perturbed_mtp_shared_expert_is_caught_and_located(pools, zoo_model, ref
     control = f"scale:{_mcore_name(zoo_model, hf)}:1.5"
     r = mc.verify(pools, zoo_model(MODEL), VERIFY_LAYOUT, ref_cache, control=control)
     mc.check_mtp_control_located(r, hf)
+
+
+@pytest.mark.world(2)
+def test_zeroed_mtp_router_fails_the_mtp_routing_check(pools, zoo_model, ref_cache):
+    """Negative control of the MTP layer's routing check: its router zeroed (every expert tied, so
+    megatron's top-k picks by index) leaves the main model exact; the MTP layer's expert choice no
+    longer matches transformers' (measured 0.047 of the tokens agree) and is named as such at mtp.0.
+    (Scaling a router never changes its top-k; x 1.01 .. 1.5 keep agreement 1.0.)"""
+    control = f"zero:{_mcore_name(zoo_model, 'mtp.layers.0.mlp.gate.weight')}"
+    r = mc.verify(pools, zoo_model(MODEL), VERIFY_LAYOUT, ref_cache, control=control)
+    mc.check_mtp_control_located(r, "mtp.layers.0.mlp.gate.weight")
+    assert r["metrics"]["router_agreement"] == 1.0 and r["mtp"]["depths"][0]["router_agreement"] < 0.5
+    assert any(f.startswith("mtp.0 routing: ") for f in r["failures"]), r["failures"]
