@@ -121,7 +121,7 @@ def test_mtp_verifies_fp32(world, layout, pools, zoo_model, ref_cache):
     (depth,) = r["mtp"]["depths"]
     assert r["mtp"]["reference"].startswith("ours")
     assert depth["ok"] and depth["max_diff"] < 1e-4 and depth["top1_agreement"] == 1.0
-    assert depth["rel_mean_diff"] < 1e-5
+    assert depth["rel_mean_diff"] < 1e-5 and depth["router_agreement"] == 1.0  # the MTP layer's own routing
     from verify.report import render_markdown, validate_report
 
     markdown = render_markdown(validate_report(r))
@@ -269,6 +269,7 @@ def test_glm4_moe_mtp_verifies_fp32(pools, zoo_model, ref_cache):
     assert r["verdict"] == "pass", r["failures"]
     (depth,) = r["mtp"]["depths"]
     assert depth["ok"] and depth["max_diff"] < 1e-4 and depth["top1_agreement"] == 1.0
+    assert depth["router_agreement"] == 1.0
 
 
 def test_mtp_model_runs_the_standard_positive_controls(pools, zoo_model, ref_cache):

@@ -31,7 +31,11 @@ def exact_fp32():
 def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int, position_ids: torch.Tensor | None = None,
                     vision: dict | None = None, mtp: list | None = None) -> torch.Tensor | None:
     """Full-vocabulary logits ``[B, S, vocab]`` of a sharded megatron model, on the last pipeline
-    stage (``None`` elsewhere). Runs megatron's own pipeline schedule, one sample per micro-batch.
+    stage (``None`` elsewhere). Runs megatron's own pipeline schedule, one sample per micro-batch,
+    with no attention mask (nor does ``hf_forward`` pass one): no padding is ever masked on either
+    side. That is what a hybrid family needs: megatron-core's ``GatedDeltaNet`` ignores
+    ``attention_mask`` while transformers' delta-net zeroes the padded positions, so a masked,
+    left-padded batch would differ on its real tokens (tests/test_gdn_padding.py).
     Vision-language models take 3-D ``position_ids [3, B, S]`` and the ``vision`` inputs
     (``pixel_values``, ``image_grid_thw``) of a one-sample batch.
 

@@ -19,6 +19,9 @@ family names the MTP tensors and how transformers loads the decoder layers (``MT
 ``(1 + w)`` family's MTP norms are ``(1 + w)`` too); where the checkpoint stores no embedding or head
 copy, the main model's are used.
 Positions ``i >= S - k - 1`` have no real token ``t[i + k + 1]`` and are not compared.
+An MoE MTP layer's expert choice is recorded on both sides (``verify.probes``' routing hooks; megatron's
+``mtp.{k}.router``) and compared as the decoder layers' are: ``router_agreement`` per depth, gated by
+the MoE limit (a flipped choice would otherwise show only as drift of the layer's output).
 """
 
 from __future__ import annotations
@@ -101,6 +104,8 @@ def reference(model, mtp_layers, model_dir: Path, input_ids: torch.Tensor, posit
     megatron's does, and runs on the same positions)."""
     from mcore_bridge.hf_io import HFCheckpoint
 
+    from .probes import _hf_routing
+
     ckpt, fam = HFCheckpoint(model_dir), family(model_dir)
     inner = _text(model)
     cfg = inner.config
@@ -140,9 +145,12 @@ def reference(model, mtp_layers, model_dir: Path, input_ids: torch.Tensor, posit
                 body = type(inner)(one)
             body.rotary_emb, body.norm = inner.rotary_emb, final
             body.layers = torch.nn.ModuleList([layer])
-            h = body.eval()(inputs_embeds=x, position_ids=pos, use_cache=False).last_hidden_state
+            routing = {}  # an MoE MTP layer's expert choice (probes' HF routing hooks; "router.0": its one layer)
+            with _hf_routing([layer], routing):
+                h = body.eval()(inputs_embeds=x, position_ids=pos, use_cache=False).last_hidden_state
             logits = torch.nn.functional.linear(h, head)
-            out.append({"hidden": h[0].float().cpu(), "logits": logits[0].float().cpu()})
+            out.append({"hidden": h[0].float().cpu(), "logits": logits[0].float().cpu(),
+                        **({"routing": routing["router.0"][0]} if "router.0" in routing else {})})
     return out
 
 
@@ -153,15 +161,23 @@ def compare(samples, ref: dict, got: dict, limits: dict, gate: str, bridge) -> t
     if not any(ref[s.name].get("mtp") for s in samples):
         return None, [], None
     n = len(ref[samples[0].name]["mtp"])
-    # the MTP layer's routing is not probed (a flipped expert choice shows as drift of its output)
+    # an MoE MTP layer's routing: ``mtp.{k}.router`` on both sides, compared as the decoder layers' are
+    router_min = limits.get("router_agreement_min")
     limits = {k: v for k, v in limits.items() if not k.startswith("router_agreement")}
     section = {"reference": REFERENCE, "depths": []}
     fails, first = [], None
     for k in range(n):
         per_input, weights, drift = {}, {}, 0.0
+        agree, routed = 0.0, 0
         for s in samples:
             keep = s.input_ids.numel() - k - 1  # positions with a real next token
             r, g = ref[s.name]["mtp"][k], got[s.name]["mtp_logits"][k]
+            ref_map, got_map = r.get("routing"), got[s.name]["probes"].get(f"mtp.{k}.router")
+            if (ref_map is None) != (got_map is None):
+                raise RuntimeError(f"mtp.{k}: one side's MTP layer routes tokens, the other's does not")
+            if ref_map is not None:  # [S, experts] on both sides
+                agree += metrics.routing_agreement(ref_map[:keep], got_map[:keep]) * keep
+                routed += keep
             labels = torch.roll(s.labels, -(k + 1))[:keep]  # position i's label read at i + 1: t[i + k + 2]
             per_input[s.name] = metrics.compare_logits(r["logits"][:keep], g[:keep], labels)
             weights[s.name] = keep
@@ -171,6 +187,11 @@ def compare(samples, ref: dict, got: dict, limits: dict, gate: str, bridge) -> t
         depth_fails = [f"mtp.{k} {f}" for f in metrics.failures(m, limits, gate)]
         if drift > limits["layer_rel_drift"]:
             depth_fails.append(f"mtp.{k} drift {drift:.2e} > {limits['layer_rel_drift']:.1e}")
+        if routed:
+            m["router_agreement"] = agree / routed
+            if router_min is not None and m["router_agreement"] < router_min:
+                depth_fails.append(f"mtp.{k} routing: {m['router_agreement']:.3f} of tokens reach the same experts "
+                                   f"(< {router_min:.3f})")
         section["depths"].append({"depth": k, "probe": f"mtp.{k}", "rel_mean_diff": drift, **m,
                                   "ok": not depth_fails})
         if depth_fails and first is None:

@@ -4,7 +4,8 @@ final norm, captured with forward hooks on the real modules of both models.
 Probe names are shared by both sides: ``embedding``, ``layer.{i}`` (global index), ``final_norm``;
 vision-language models add ``vision.block.{i}``, ``vision.merger`` and ``vision.deepstack.{k}``.
 Captured tensors are ``[B, S, H]`` fp32 on the CPU (vision ones ``[1, tokens, W]``). MoE layers add ``router.{i}``: the experts
-each token was sent to, as a boolean ``[B*S, E]`` map (so routing is compared as sets).
+each token was sent to, as a boolean ``[B*S, E]`` map (so routing is compared as sets); MoE MTP
+layers add ``mtp.{k}.router`` (megatron side here, the reference side in ``verify.mtp``).
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ def megatron_probes(models, store: dict, sequence_parallel: bool):
 
     routers = [(f"router.{layer.layer_number - 1}", layer.mlp.router) for chunk in models
                for layer in chunk.decoder.layers if hasattr(getattr(layer, "mlp", None), "router")]
+    routers += mtp_routers(models)
 
     def routing(routing_map):  # [tokens on this rank, E]; tokens are sequence-sharded under SP
         routing_map = routing_map.float()
@@ -157,6 +159,19 @@ def megatron_probes(models, store: dict, sequence_parallel: bool):
             yield store
 
     return both()
+
+
+def mtp_routers(models) -> list:
+    """``(mtp.{k}.router, router)`` of each MoE MTP layer on this rank: the decoder layer inside
+    megatron's MTP layer is ``transformer_layer`` (0.16) or ``mtp_model_layer`` (0.19)."""
+    out = []
+    for chunk in models:
+        if getattr(chunk, "mtp_process", False):
+            for k, layer in enumerate(chunk.mtp.layers):
+                inner = getattr(layer, "transformer_layer", None) or getattr(layer, "mtp_model_layer", None)
+                if hasattr(getattr(inner, "mlp", None), "router"):
+                    out.append((f"mtp.{k}.router", inner.mlp.router))
+    return out
 
 
 def probe_order(num_layers: int, vision: list[str] = ()) -> list[str]:

@@ -452,6 +452,7 @@ def render_markdown(report: dict) -> str:
     if mtp:  # multi-token-prediction heads, against our reference (transformers runs no MTP)
         out += ["## Multi-token prediction heads", "", f"Reference: {_md(mtp['reference'])}", ""]
         cols = ["rel_mean_diff", "max_diff", "mean_diff", "top1_agreement", "kl_hf_mg"]
+        cols += ["router_agreement"] if any("router_agreement" in d for d in mtp["depths"]) else []  # MoE MTP layers
         rows = [[_md(d["probe"])] + [fmt(d.get(m), m) for m in cols] + ["yes" if d.get("ok") else "**NO**"]
                 for d in mtp["depths"]]
         out += _table(["depth"] + cols + ["ok"], rows) + [""]

@@ -79,6 +79,7 @@ def _reference_key(model_dir: Path, samples, dtype: str, adapter: Path | None = 
             if t is not None:
                 h.update(t.numpy().tobytes())
     h.update(dtype.encode())
+    h.update(b"mtp-routing")  # what a cached reference holds: since MoE MTP layers' routing is recorded too
     return h.hexdigest()[:24]
 
 

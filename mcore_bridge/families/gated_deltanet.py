@@ -29,6 +29,12 @@ Layouts, measured against megatron-core 0.16.1 and 0.19.2 (``GatedDeltaNet``) an
 * gated attention (``attention_output_gate``): megatron's ``linear_qkv`` holds per query group
   ``[queries; gates; k; v]``, HF's ``q_proj`` per head ``[query_h; gate_h]``: ``GroupedRows`` over
   the query groups, per group.
+
+Padding: megatron-core's ``GatedDeltaNet`` ignores ``attention_mask`` (0.16.1 and 0.19.2; only
+packed THD ``cu_seqlens`` separate samples, on 0.19.2, and 0.16.1 refuses those), transformers'
+delta-net zeroes padded positions first (``apply_mask_to_padding_states``): a left-padded batch
+differs on its real tokens, right padding does not (tests/test_gdn_padding.py). verify runs every
+sample alone, unpadded and unmasked on both sides.
 """
 
 from __future__ import annotations
