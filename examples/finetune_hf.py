@@ -68,6 +68,26 @@ def packed_argv(argv: list[str]) -> tuple[list[str], int, int]:
     return argv + ["--micro-batch-size", "1", "--global-batch-size", str(g // m), "--seq-length", str(m * seq)], m, seq
 
 
+@contextlib.contextmanager
+def no_device_architecture():
+    """CPU only: Megatron-LM's argument validation asks the GPU's architecture when tp > 1 (to
+    require ``CUDA_DEVICE_MAX_CONNECTIONS=1`` for CUDA streams before Blackwell); a machine without a
+    GPU has none, and no CUDA streams, so while the arguments are validated the question answers
+    "Blackwell or later" (no requirement). The example's choice, restored afterwards; with a GPU
+    nothing changes."""
+    if torch.cuda.is_available():
+        yield
+        return
+    from megatron.training import arguments
+
+    original = arguments.get_device_arch_version
+    arguments.get_device_arch_version = lambda: 10
+    try:
+        yield
+    finally:
+        arguments.get_device_arch_version = original
+
+
 def parse():
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--hf_model", "--hf-model", dest="hf_model", required=True)
@@ -85,7 +105,8 @@ def parse():
     if packing:
         argv, per_row, seq = packed_argv(argv)
     sys.argv = [sys.argv[0]] + argv
-    args = parse_and_validate_args(extra_args_provider=megatron_lm.add_arguments)
+    with no_device_architecture():
+        args = parse_and_validate_args(extra_args_provider=megatron_lm.add_arguments)
     args.samples_per_row, args.sample_seq_length = per_row, seq or args.seq_length
     data_dir = Path(known.data_dir or Path(args.save or ".") / "data")
     LOSSES.path = known.loss_log
@@ -227,7 +248,7 @@ def train_cpu(args, hooks, data_dir):
                                               model=model, num_microbatches=micro, seq_length=args.seq_length,
                                               micro_batch_size=mbs, forward_only=False)
             opt.step()
-            if out and it % args.log_interval == 0:
+            if out and it % args.log_interval == 0 and ps.get_tensor_model_parallel_rank() == 0:
                 s, n = torch.stack([o["lm loss"] for o in out]).sum(0)
                 print(f"iteration {it}/{args.train_iters}: answer loss {(s / n).item():.4f}", flush=True)
             if it % args.save_interval == 0 or it == args.train_iters:
