@@ -41,6 +41,16 @@ def test_flags_and_refusals():
         megatron_lm.HFHooks("")
     with pytest.raises(UsageError, match="needs LoRA"):
         megatron_lm.HFHooks("builtin:qwen3", adapter_only=True)
+    # the seed's packing and freeze flags; the freeze flags become TrainOptions.freeze
+    a = p.parse_args(["--hf_model", "m", "--packing", "true", "--freeze_vit", "true", "--freeze-llm", "true"])
+    assert a.packing and megatron_lm.training_options(a).freeze == ("vision", "language")
+    assert megatron_lm.training_options(p.parse_args([])).freeze == ()
+    # a vision-language family: its language model's arguments, mRoPE with the model's sections
+    vl = megatron_lm.model_arguments("builtin:qwen3_vl")
+    i = vl.index("--position-embedding-type")
+    assert vl[i + 1: i + 6] == ["mrope", "--mrope-section", "6", "5", "5"], vl
+    with pytest.raises(UsageError, match="internvl is neither a RoPE text model nor an mRoPE"):
+        megatron_lm.model_arguments("builtin:internvl")  # VL with 1-D RoPE: not mapped (yet)
     argv = megatron_lm.model_arguments("builtin:qwen3")
     assert argv[argv.index("--num-layers") + 1] == "4" and "--qk-layernorm" in argv
     assert "--untie-embeddings-and-output-weights" not in argv  # qwen3 tiny ties them
