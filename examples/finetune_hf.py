@@ -8,15 +8,25 @@
     torchrun --nproc-per-node 1 examples/finetune_hf.py --hf_model builtin:qwen3 --save /tmp/ft
 
 Every Megatron-LM argument works (given ones override the defaults below); the model arguments
-come from the HF config (``megatron_lm.model_arguments``). Added flags (``megatron_lm.add_arguments``):
-``--hf_model``, ``--load_safetensors true`` (default here), ``--save_safetensors true`` (default here),
-``--save_safetensors_dir`` (default ``<--save>/hf``), ``--hf_lora_rank R`` and
-``--save_safetensors_adapter_only true``. ``--load`` defaults to ``--save``: a restarted run resumes
-from Megatron-LM's own checkpoint (model, optimizer, iteration) instead of reading HF again.
+come from the HF config (``megatron_lm.model_arguments``; a Qwen-VL model: its language model's,
+with mRoPE). Added flags (``megatron_lm.add_arguments``): ``--hf_model``, ``--load_safetensors
+true`` (default here), ``--save_safetensors true`` (default here), ``--save_safetensors_dir``
+(default ``<--save>/hf``), ``--hf_lora_rank R``, ``--save_safetensors_adapter_only true``,
+``--packing true``, ``--freeze_vit / --freeze_aligner / --freeze_llm true``. Megatron-LM's
+recomputation and MoE options (``--recompute-granularity`` ..., ``--moe-expert-capacity-factor`` ...)
+reach the model (``megatron_lm.training_options``). ``--load`` defaults to ``--save``: a restarted
+run resumes from Megatron-LM's own checkpoint (model, optimizer, iteration) instead of reading HF
+again. Example-only flags: ``--data_dir``, ``--loss_log FILE`` (per micro-batch answer-loss sums,
+JSONL: ``finetune_data.read_losses``), ``--probe_out FILE`` (the final model's fp32 logits on the
+first sample, to check the saved HF directory against).
 
-The data set is made here (``--data_dir``, default ``<--save>/data``): chat samples (a question about
-two digits, the answer the first of them) as JSONL, rendered by the model's tokenizer and chat
-template; the loss counts the answer tokens only (the loss mask is 0 on the prompt and padding).
+The data set is made here (``--data_dir``, default ``<--save>/data``; see ``finetune_data.py``):
+chat samples rendered by the model's tokenizer and chat template, the loss on the answer tokens
+only -- a question about two digits for a text model, a solid-colour image and "what is this ?"
+for a vision-language one (pixels and image tokens from the model's image processor).
+``--packing true``: one packed row (THD) holds the samples of one unpacked micro-batch; Megatron-LM
+then runs ``--micro-batch-size 1`` rows of ``M x --seq-length`` tokens and ``--global-batch-size /
+M`` rows per step, so its sequential sampler gives every step the same samples as unpacked.
 """
 
 from __future__ import annotations

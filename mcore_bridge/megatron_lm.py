@@ -29,9 +29,17 @@ optimizer), which keep working for resumption.
   ``save_checkpoint`` of ``megatron.training.training``. The context wraps that one name (the
   original runs first, unchanged) and restores it on exit; nothing else is touched.
 * ``add_arguments`` -- the ``extra_args_provider`` adding the seed's spellings
-  (``--load_safetensors true --save_safetensors true``; dashes work too).
+  (``--load_safetensors true --save_safetensors true``, ``--packing true``, ``--freeze_vit true``,
+  ``--freeze_aligner true``, ``--freeze_llm true``; dashes work too).
+* Training options: ``HFHooks.from_args`` builds the model with ``training_options(args)``:
+  Megatron-LM's recomputation arguments (granularity, method, num layers, modules) and MoE ones
+  (grouped GEMM, permute fusion, capacity factor, pad to capacity, drop policy, load balancing,
+  aux / z loss coefficients) under their own names, and the freeze flags as ``TrainOptions.freeze``.
+  With ``--packing true`` the local core attention of our chunks takes THD ``packed_seq_params``
+  (``vl_train.enable_packed_attention``, on these module instances only).
 * ``model_arguments(hf_dir)`` -- Megatron-LM's own model arguments describing the same model (it
-  keeps them in its checkpoints and checks them on resume).
+  keeps them in its checkpoints and checks them on resume); for a Qwen-VL family, its language
+  model's with ``--position-embedding-type mrope --mrope-section ...``.
 
 ``megatron.training`` ships in megatron-core 0.17+ wheels; without it every entry point here
 raises ``UsageError`` saying so (this module itself imports anywhere).
