@@ -191,6 +191,58 @@ class PackedRows(torch.utils.data.Dataset):
         return out
 
 
+# ---- the run's data set; the final model's logits on a fixed sample ------------------------------------
+def dataset(args, data_dir: Path, length: int = 0):
+    """This run's data set (text or image chat, made on rank 0 once), ``length`` rows; packed
+    rows of ``args.samples_per_row`` samples when ``--packing true``."""
+    from transformers import AutoTokenizer
+
+    from mcore_bridge import Bridge
+
+    bridge = Bridge(args.hf_model)
+    tokenizer = AutoTokenizer.from_pretrained(bridge.source)
+    vl = getattr(bridge.family, "multimodal", False)
+    path = data_dir / ("vl_train.jsonl" if vl else "train.jsonl")
+    if torch.distributed.get_rank() == 0:
+        (make_vl_dataset if vl else make_dataset)(path)
+    torch.distributed.barrier()
+    k, seq = args.samples_per_row, args.sample_seq_length
+    if vl:
+        from transformers import Qwen2VLImageProcessorPil
+
+        processor = Qwen2VLImageProcessorPil.from_pretrained(bridge.source)
+        data = VLChatDataset(path, tokenizer, processor, bridge.family, seq, length * k)
+    else:
+        data = ChatDataset(path, tokenizer, seq, length * k)
+    return PackedRows(data, k) if args.packing else data
+
+
+def write_probe(args, hooks, data) -> None:
+    """``--probe_out FILE``: the first sample of the data set (unpadded) and the final model's fp32
+    logits on it (megatron's own forward; the last stage's rank 0 writes)."""
+    if not args.probe_out:
+        return
+    from megatron.core import parallel_state as ps
+
+    from verify.forward import megatron_logits
+
+    s = data.data[0] if isinstance(data, PackedRows) else data[0]
+    n = int(s["n_tokens"])
+    ids = s["tokens"][:n][None]
+    pos = s["position_ids"][:, :n][:, None] if "position_ids" in s else None
+    vision = {k: s[k] for k in ("pixel_values", "image_grid_thw") if k in s}
+    chunks = hooks.chunks
+    for c in chunks:
+        c.eval()
+    with torch.no_grad():
+        logits = megatron_logits(chunks, ids, int(hooks.bridge.family.cfg.require("vocab_size")), pos, vision or None)
+    if logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+        Path(args.probe_out).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"input_ids": ids, "position_ids": pos, "vision": vision, "logits": logits.float().cpu()},
+                   args.probe_out)
+
+
+
 # ---- Megatron-LM's forward_step ------------------------------------------------------------------------
 class LossLog:
     """Per micro-batch ``{"iteration", "sum", "tokens"}`` lines (JSONL; tensor-parallel rank 0 of

@@ -3,8 +3,9 @@
     # GPU (megatron-core 0.17+, whose wheel ships megatron.training): Megatron-LM's pretrain()
     torchrun --nproc-per-node 2 examples/finetune_hf.py --hf_model /models/Qwen3-8B \\
         --save /ckpt/run1 --tensor-model-parallel-size 2 --bf16 --train-iters 200
-    # CPU (gloo, the tiny zoo model): the same model, data, loss and hooks through megatron-core's
-    # schedule and optimizer (pretrain() asserts CUDA), HF safetensors at every --save-interval
+    # CPU (gloo, the tiny zoo model): the same model, data, loss and hooks through the pieces of
+    # Megatron-LM's loop that run there (pretrain() asserts CUDA; finetune_cpu.py): its sampler and
+    # save_checkpoint_and_time (HF safetensors beside), megatron-core's schedule and optimizer, --load resumes
     torchrun --nproc-per-node 1 examples/finetune_hf.py --hf_model builtin:qwen3 --save /tmp/ft
 
 Every Megatron-LM argument works (given ones override the defaults below); the model arguments
@@ -41,8 +42,9 @@ import torch
 from mcore_bridge import megatron_lm
 
 
-from finetune_data import (LOSSES, ChatDataset, PackedRows, VLChatDataset, forward_step,  # noqa: E402,F401
-                           make_dataset, make_vl_dataset, read_losses)
+from finetune_cpu import train_cpu  # noqa: E402
+from finetune_data import (LOSSES, ChatDataset, PackedRows, VLChatDataset, dataset, forward_step,  # noqa: E402,F401
+                           make_dataset, make_vl_dataset, read_losses, write_probe)
 
 
 # ---- arguments -------------------------------------------------------------------------------------
@@ -124,63 +126,6 @@ def parse():
     return args, data_dir
 
 
-def is_vision_language(hf_model: str) -> bool:
-    from mcore_bridge import Bridge
-
-    return bool(getattr(Bridge(hf_model).family, "multimodal", False))
-
-
-def dataset(args, data_dir: Path, length: int = 0):
-    """This run's data set (text or image chat, made on rank 0 once), ``length`` rows; packed
-    rows of ``args.samples_per_row`` samples when ``--packing true``."""
-    from transformers import AutoTokenizer
-
-    from mcore_bridge import Bridge
-
-    bridge = Bridge(args.hf_model)
-    tokenizer = AutoTokenizer.from_pretrained(bridge.source)
-    vl = getattr(bridge.family, "multimodal", False)
-    path = data_dir / ("vl_train.jsonl" if vl else "train.jsonl")
-    if torch.distributed.get_rank() == 0:
-        (make_vl_dataset if vl else make_dataset)(path)
-    torch.distributed.barrier()
-    k, seq = args.samples_per_row, args.sample_seq_length
-    if vl:
-        from transformers import Qwen2VLImageProcessorPil
-
-        processor = Qwen2VLImageProcessorPil.from_pretrained(bridge.source)
-        data = VLChatDataset(path, tokenizer, processor, bridge.family, seq, length * k)
-    else:
-        data = ChatDataset(path, tokenizer, seq, length * k)
-    return PackedRows(data, k) if args.packing else data
-
-
-# ---- the final model's logits on a fixed sample (checked against the saved HF directory) ----------
-def write_probe(args, hooks, data) -> None:
-    """``--probe_out FILE``: the first sample of the data set (unpadded) and the final model's fp32
-    logits on it (megatron's own forward; the last stage's rank 0 writes)."""
-    if not args.probe_out:
-        return
-    from megatron.core import parallel_state as ps
-
-    from verify.forward import megatron_logits
-
-    s = data.data[0] if isinstance(data, PackedRows) else data[0]
-    n = int(s["n_tokens"])
-    ids = s["tokens"][:n][None]
-    pos = s["position_ids"][:, :n][:, None] if "position_ids" in s else None
-    vision = {k: s[k] for k in ("pixel_values", "image_grid_thw") if k in s}
-    chunks = hooks.chunks
-    for c in chunks:
-        c.eval()
-    with torch.no_grad():
-        logits = megatron_logits(chunks, ids, int(hooks.bridge.family.cfg.require("vocab_size")), pos, vision or None)
-    if logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
-        Path(args.probe_out).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"input_ids": ids, "position_ids": pos, "vision": vision, "logits": logits.float().cpu()},
-                   args.probe_out)
-
-
 # ---- GPU: Megatron-LM's pretrain -------------------------------------------------------------------
 @contextlib.contextmanager
 def prebuilt_dataset_helpers():
@@ -214,58 +159,6 @@ def train_gpu(args, hooks, data_dir):
         pretrain(pretrain_cfg_container_from_args(args), datasets_provider, ModelType.encoder_or_decoder,
                  step, model_provider=hooks.model_provider)
     write_probe(args, hooks, dataset(args, data_dir, 1))
-
-
-# ---- CPU: the same pieces through megatron-core's schedule and optimizer ---------------------------
-def train_cpu(args, hooks, data_dir):
-    """Megatron-LM's loop as far as it runs on CPU: its sequential sampler, its micro-batches per
-    step (``--global-batch-size / (--micro-batch-size x data-parallel size)``), megatron-core's DDP,
-    Adam and schedule; HF safetensors at every ``--save-interval`` and at the end."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron.training.datasets.data_samplers import MegatronPretrainingSampler
-
-    from mcore_bridge.runtime import compat
-
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    with compat.scope("cpu"):  # megatron-core's CPU adaptations (RNG tracker, CUDA queries), this loop only
-        ps.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                                     pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                                     create_gloo_process_groups=True)
-        model_parallel_cuda_manual_seed(args.seed)
-        dp, mbs = ps.get_data_parallel_world_size(), args.micro_batch_size
-        micro = args.global_batch_size // (mbs * dp)
-        data = dataset(args, data_dir, args.train_iters * args.global_batch_size)
-        sampler = MegatronPretrainingSampler(total_samples=len(data), consumed_samples=0, micro_batch_size=mbs,
-                                             data_parallel_rank=ps.get_data_parallel_rank(), data_parallel_size=dp)
-        batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=0))
-        chunk = hooks.model_provider(ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
-        chunk.config.finalize_model_grads_func = finalize_model_grads
-        model = [DistributedDataParallel(chunk.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), chunk)]
-        for m in model:
-            m.train()  # as Megatron-LM's train() does (full recomputation runs in training mode only)
-        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=args.weight_decay,
-                                                     clip_grad=0.0, params_dtype=torch.float32), model)
-        for it in range(1, args.train_iters + 1):
-            LOSSES.iteration = it
-            model[0].zero_grad_buffer()
-            opt.zero_grad()
-            out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=batches,
-                                              model=model, num_microbatches=micro, seq_length=args.seq_length,
-                                              micro_batch_size=mbs, forward_only=False)
-            opt.step()
-            if out and it % args.log_interval == 0 and ps.get_tensor_model_parallel_rank() == 0:
-                s, n = torch.stack([o["lm loss"] for o in out]).sum(0)
-                print(f"iteration {it}/{args.train_iters}: answer loss {(s / n).item():.4f}", flush=True)
-            if it % args.save_interval == 0 or it == args.train_iters:
-                path = hooks.save(it, model)
-                if path and torch.distributed.get_rank() == 0:
-                    print(f"saved HF safetensors: {path}", flush=True)
-        write_probe(args, hooks, data)
 
 
 def main():

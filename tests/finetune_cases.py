@@ -66,6 +66,7 @@ def run(argv: list[str], control: str | None = None) -> dict:
         return chunks
 
     hooks.build = counted_build
+    resuming = hooks.resuming()  # at the start (--load holds Megatron-LM's checkpoint)
     undo = _one_segment(finetune_data) if control == "one_segment" else None
     try:
         finetune_hf.train_cpu(args, hooks, data_dir)
@@ -80,7 +81,7 @@ def run(argv: list[str], control: str | None = None) -> dict:
             "layer_calls": calls["layer"], "layers": len(hooks.chunks[0].decoder.layers),
             "packed_attention": packed, "micro_batches": args.global_batch_size // args.micro_batch_size,
             "frozen": sorted({n for n, p in hooks.chunks[0].named_parameters() if not p.requires_grad}),
-            "hf_dirs": [str(p) for _, p in hooks.saved]}
+            "hf_dirs": [str(p) for _, p in hooks.saved], "resuming": resuming}
 
 
 def moe_options(source: str, argv: list[str]) -> dict:

@@ -9,8 +9,9 @@ sequential sampler, megatron-core's DDP, Adam and schedule, the HF hooks), fp32:
   without the flags: no recomputation. Megatron-LM's MoE arguments reach the config too;
 * the seed's ``--freeze_vit / --freeze_aligner / --freeze_llm true``: the frozen parts' saved
   weights equal the source's after the steps, the others changed;
-* tp2: the HF safetensors saved at the end load in transformers strictly and give the logits of
-  megatron's final model.
+* tp2: the HF safetensors saved beside Megatron-LM's checkpoints load in transformers strictly and
+  give the logits of megatron's final model; resuming from Megatron-LM's checkpoint continues the
+  losses.
 
 megatron-core < 0.17 has no ``megatron.training``: the example's refusal is tested in
 ``test_finetune_example.py``; here every test checks it too.
@@ -50,10 +51,13 @@ def _refused():
         megatron_lm.require_megatron_training()
 
 
-def _run(pools, world, tmp_path, name, source, extra, save=False, control=None):
+def _run(pools, world, tmp_path, name, source, extra, save=None, control=None):
+    """``save``: None (nothing saved), "hf" (HF safetensors only, at the end) or "megatron"
+    (Megatron-LM's checkpoint every 2 iterations, HF safetensors beside it)."""
     log = tmp_path / f"{name}.jsonl"
     argv = ["--hf_model", source, "--data_dir", tmp_path / "data", "--loss_log", log] + BASE + extra
-    argv += ["--save", tmp_path / name, "--save-interval", "3"] if save else ["--save_safetensors", "false"]
+    argv += {None: ["--save_safetensors", "false"], "hf": ["--save_safetensors_dir", tmp_path / name / "hf"],
+             "megatron": ["--save", tmp_path / name, "--save-interval", "2"]}[save]
     out = pools.get(world).run(CASE, timeout=600, argv=[str(a) for a in argv], control=control)
     return out[0], _evidence().read_losses(log)
 
@@ -110,7 +114,7 @@ def test_freeze_flags(pools, zoo_model, tmp_path, flags, frozen):
     if not HAS_MLM:
         return _refused()
     src = zoo_model("qwen3_vl")
-    out, _ = _run(pools, 1, tmp_path, "frozen", str(src), flags, save=True)
+    out, _ = _run(pools, 1, tmp_path, "frozen", str(src), flags, save="hf")
     a, b = HFCheckpoint(src), HFCheckpoint(out["hf_dirs"][-1])
     assert sorted(a.names()) == sorted(b.names())
     changed = {}
@@ -141,14 +145,27 @@ def test_moe_arguments_reach_the_model(pools, zoo_model):
 
 
 @pytest.mark.world(2)
-def test_tp2_saved_safetensors_give_the_final_logits(pools, zoo_model, tmp_path):
+def test_tp2_saved_safetensors_and_resumption(pools, zoo_model, tmp_path):
+    """tp2: Megatron-LM's checkpoints with HF safetensors beside them; the last HF directory gives
+    the final model's logits; a run resumed from (a copy of) Megatron-LM's checkpoint at iteration 2
+    takes iteration 3 as the uninterrupted run did."""
     if not HAS_MLM:
         return _refused()
+    import shutil
+
     src = zoo_model("qwen3")
     probe = tmp_path / "probe.pt"
-    out, losses = _run(pools, 2, tmp_path, "tp2", str(src),
-                       ["--tensor-model-parallel-size", "2", "--probe_out", probe], save=True)
+    tp2 = ["--tensor-model-parallel-size", "2"]
+    out, losses = _run(pools, 2, tmp_path, "tp2", str(src), tp2 + ["--probe_out", probe], save="megatron")
     assert losses[3] < losses[1]
+    assert [Path(d).name for d in out["hf_dirs"]] == ["iter_0000002", "iter_0000003"]
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "tp2" / "iter_0000002", copy / "iter_0000002")
+    (copy / "latest_checkpointed_iteration.txt").write_text("2")
+    again, resumed = _run(pools, 2, tmp_path, "resumed", str(src), tp2 + ["--load", copy])
+    assert again["resuming"] and not out["resuming"]  # the HF read was skipped (Megatron-LM's checkpoint)
+    assert list(resumed) == [3], resumed  # only iteration 3 ran: it resumed
+    assert abs(resumed[3] - losses[3]) <= EQUAL * losses[3], (resumed, losses)
     r = _evidence().hf_check(out["hf_dirs"][-1], probe, source=src)
     assert r["strict"], r["loading_info"]
     assert r["max_abs_diff"] < 1e-4, r
