@@ -176,15 +176,19 @@ def one_model(name: str, work: Path, iters: int, dry: bool) -> dict:
     d = Run("D_recompute", work, src, short + RECOMPUTE)
     b, hf_half = None, None
     tracker = work / "A" / "latest_checkpointed_iteration.txt"
-    while not a.done():  # start B from A's checkpoint at N/2; list and remove A's HF at N/2
-        if b is None and tracker.is_file() and tracker.read_text().strip() == str(half):
-            copy = work / "B_load"  # a copy (hard links: no bytes) with its own tracker
-            copy.mkdir()
-            subprocess.run(["cp", "-al", str(work / "A" / f"iter_{half:07d}"), str(copy / f"iter_{half:07d}")],
-                           check=True)
-            (copy / tracker.name).write_text(str(half))
-            b = Run("B_resume", work, src, base + ["--train-iters", str(iters), "--load", str(copy),
-                                                   "--save_safetensors", "false"])
+    saved_half = work / "A" / f"iter_{half:07d}"
+
+    def start_b():  # from a copy (hard links: no bytes) of A's checkpoint at N/2, with its own tracker
+        copy = work / "B_load"
+        copy.mkdir()
+        subprocess.run(["cp", "-al", str(saved_half), str(copy / saved_half.name)], check=True)
+        (copy / tracker.name).write_text(str(half))
+        return Run("B_resume", work, src, base + ["--train-iters", str(iters), "--load", str(copy),
+                                                  "--save_safetensors", "false"])
+
+    while not a.done():  # start B as soon as A wrote its checkpoint at N/2; list and remove A's HF at N/2
+        if b is None and tracker.is_file() and int(tracker.read_text().strip() or 0) >= half and saved_half.is_dir():
+            b = start_b()
         hf = work / "A" / "hf" / f"iter_{half:07d}"
         if hf_half is None and hf.is_dir():
             hf_half = hf_dir_listing(hf)
@@ -193,6 +197,8 @@ def one_model(name: str, work: Path, iters: int, dry: bool) -> dict:
             if run is not None:
                 run.done()
         time.sleep(1)
+    if b is None and a.proc.returncode == 0 and saved_half.is_dir():
+        b = start_b()
     result["seconds"] = {"A_train": round(a.wait(), 1), "C_packing": round(c.wait(), 1),
                          "D_recompute": round(d.wait(), 1)}
     la = ev.read_losses(a.losses)
@@ -206,6 +212,8 @@ def one_model(name: str, work: Path, iters: int, dry: bool) -> dict:
         cmp["ok"] = cmp["max_rel_diff"] <= GATES["variants_rel"]
         result[key] = cmp
     hf_end = work / "A" / "hf" / f"iter_{iters:07d}"
+    if hf_half is None and (work / "A" / "hf" / f"iter_{half:07d}").is_dir():
+        hf_half = hf_dir_listing(work / "A" / "hf" / f"iter_{half:07d}")
     result["hf_saved"] = [hf_half, hf_dir_listing(hf_end)]
     check = ev.hf_check(hf_end, work / "probe.pt", source=src, device="cpu" if dry else "cuda")
     gate = GATES["logits_abs"] * max(1.0, check["logits_absmax"] / 10)
@@ -237,7 +245,8 @@ def versions() -> dict:
             "transformers": transformers.__version__,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "tf32": {"NVIDIA_TF32_OVERRIDE": os.environ.get("NVIDIA_TF32_OVERRIDE"),
-                     "matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn_in_parent": torch.backends.cudnn.allow_tf32}}
+                     "matmul": torch.backends.cuda.matmul.allow_tf32,
+                     "cudnn_in_parent": torch.backends.cudnn.allow_tf32}}
 
 
 OK_KEYS = ("loss_falls", "hf_logits", "resume", "packing", "recompute")

@@ -74,7 +74,6 @@ def train_cpu(args, hooks, data_dir):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.training import training
@@ -97,12 +96,12 @@ def train_cpu(args, hooks, data_dir):
         model = [DistributedDataParallel(chunk.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), chunk)]
         for m in model:
             m.train()  # as Megatron-LM's train() does (full recomputation runs in training mode only)
-        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=args.weight_decay,
-                                                     clip_grad=0.0, params_dtype=torch.float32), model)
-        sched = OptimizerParamScheduler(opt, init_lr=args.lr, max_lr=args.lr, min_lr=args.lr, lr_warmup_steps=0,
-                                        lr_decay_steps=args.train_iters * args.global_batch_size, lr_decay_style="constant",
-                                        start_wd=args.weight_decay, end_wd=args.weight_decay,
-                                        wd_incr_steps=args.train_iters * args.global_batch_size, wd_incr_style="constant")
+        # Megatron-LM's Adam settings; no gradient clipping on CPU (megatron-core's clip asserts CUDA tensors)
+        opt = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=0.0,
+            params_dtype=torch.float32), model)
+        sched = training.get_optimizer_param_scheduler(opt)  # Megatron-LM's, from its arguments
         start = resume(args, hooks, chunk, opt, sched)
         sampler = MegatronPretrainingSampler(total_samples=len(data), consumed_samples=start * args.global_batch_size,
                                              micro_batch_size=mbs, data_parallel_rank=ps.get_data_parallel_rank(),

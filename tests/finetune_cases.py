@@ -94,7 +94,8 @@ def moe_options(source: str, argv: list[str]) -> dict:
 
     finetune_hf, _ = _example()
     saved = sys.argv
-    sys.argv = ["finetune_hf.py", "--hf_model", source, "--load_safetensors", "false", "--save_safetensors", "false"] + argv
+    sys.argv = ["finetune_hf.py", "--hf_model", source, "--load_safetensors", "false", "--save_safetensors",
+                "false"] + argv
     try:
         args, _ = finetune_hf.parse()
     finally:
