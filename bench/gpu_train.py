@@ -52,10 +52,12 @@ class Failed(RuntimeError):
     pass
 
 
-def tail(path: Path, n: int = 40) -> str:
+def tail(path: Path, n: int = 30) -> str:
+    """The log's error lines (an exception's message comes before torchrun's own report), then its end."""
     lines = [ln for ln in path.read_text(errors="replace").splitlines()
              if "Warning" not in ln and not ln.startswith(("  warn", "W1", "INFO:"))]
-    return "\n".join(lines[-n:])
+    errors = [ln for ln in lines if "Error:" in ln or "error:" in ln][-8:]
+    return "\n".join(["-- error lines:"] + errors + ["-- end:"] + lines[-n:])
 
 
 class Run:
