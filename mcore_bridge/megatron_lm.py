@@ -207,7 +207,7 @@ class HFHooks:
     lora_alpha: float = 32.0
     adapter_only: bool = False
     resume_dir: str | None = None
-    training: object = None  # train_options.TrainOptions, or None: the bridge's plain build
+    training: object = None  # train_options.TrainOptions; None: from pretrain's config if given, else none
     packing: bool = False  # THD packed rows: the local attention of our chunks takes packed_seq_params
 
     def __post_init__(self):
@@ -260,7 +260,10 @@ class HFHooks:
 
         self.bridge = Bridge(self.hf_model, ParallelLayout.from_parallel_state(config=config))
         self.bridge.setup(reinit=False)  # adopt Megatron-LM's groups; never re-create them
-        chunks = self.bridge.build_model(self.dtype, training=self.training)
+        training = self.training
+        if training is None and config is not None:  # built by hand: the options of pretrain's config
+            training = training_options(config)
+        chunks = self.bridge.build_model(self.dtype, training=training)
         if self.packing:
             from .families.vl_train import enable_packed_attention
 

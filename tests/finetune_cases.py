@@ -109,3 +109,21 @@ def moe_options(source: str, argv: list[str]) -> dict:
     names = ("moe_expert_capacity_factor", "moe_pad_expert_input_to_capacity", "moe_token_drop_policy",
              "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_grouped_gemm")
     return {n: getattr(c, n) for n in names}
+
+
+def config_recompute(source: str, with_config: bool) -> list:
+    """``HFHooks`` made by hand (no ``TrainOptions``): the recomputation of the TransformerConfig that
+    ``pretrain`` passes to the provider reaches the built model."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer import TransformerConfig
+
+    from mcore_bridge import megatron_lm
+    from mcore_bridge.runtime import dist as rt
+
+    ps.destroy_model_parallel()
+    rt._destroy_subgroups()
+    ps.initialize_model_parallel(create_gloo_process_groups=True)
+    config = TransformerConfig(num_layers=4, hidden_size=64, num_attention_heads=4, recompute_granularity="full",
+                               recompute_method="uniform", recompute_num_layers=1) if with_config else None
+    c = megatron_lm.HFHooks(source, load=False).model_provider(True, True, config=config).config
+    return [c.recompute_granularity, c.recompute_method, c.recompute_num_layers]

@@ -144,6 +144,18 @@ def test_moe_arguments_reach_the_model(pools, zoo_model):
     assert plain["moe_expert_capacity_factor"] is None and plain["moe_token_drop_policy"] == "probs"
 
 
+@pytest.mark.world(1)
+def test_recompute_from_pretrains_config(pools, zoo_model):
+    if not HAS_MLM:
+        return _refused()
+    run = pools.get(1).run
+    src = str(zoo_model("qwen3"))
+    assert run("tests.finetune_cases:config_recompute", timeout=600, source=src, with_config=True)[0] == [
+        "full", "uniform", 1]
+    assert run("tests.finetune_cases:config_recompute", timeout=600, source=src, with_config=False)[0] == [
+        None, None, None]
+
+
 @pytest.mark.world(2)
 def test_tp2_saved_safetensors_and_resumption(pools, zoo_model, tmp_path):
     """tp2: Megatron-LM's checkpoints with HF safetensors beside them; the last HF directory gives
