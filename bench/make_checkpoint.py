@@ -68,13 +68,31 @@ CONFIGS = {"qwen3-8b": ("Qwen3ForCausalLM", "qwen3", QWEN3_8B),
            "qwen3-vl-30b-a3b": ("Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe", QWEN3_VL_30B_A3B)}
 
 
-def make_config(name: str, layers: int):
+def make_config(name: str, layers: int, experts: int | None = None, vision_depth: int | None = None):
+    """``experts``: fewer routed experts (MoE); ``vision_depth``: fewer vision blocks, the deepstack
+    taps spread over them as in the published tower (at most ``layers`` taps, one per language
+    layer that receives them). Every matrix keeps its published shape."""
     import copy
 
     from transformers import AutoConfig
 
     arch, model_type, fields = CONFIGS[name]
     fields = copy.deepcopy(fields)
+    text = fields.get("text_config", fields)
+    if experts is not None:
+        if "num_experts" not in text:
+            sys.exit(f"--experts: {name} has no experts")
+        text["num_experts"] = experts
+    if "vision_config" in fields:
+        v = fields["vision_config"]
+        depth = vision_depth or v["depth"]
+        taps = len(v["deepstack_visual_indexes"])
+        taps = min(taps, layers)
+        v["deepstack_visual_indexes"] = [round((i + 1) * depth / (taps + 1)) - 1 for i in range(taps)] \
+            if (vision_depth or taps != 3) else v["deepstack_visual_indexes"]
+        v["depth"] = depth
+    elif vision_depth is not None:
+        sys.exit(f"--vision-depth: {name} has no vision tower")
     if "text_config" in fields:
         fields["text_config"]["num_hidden_layers"] = layers
         cfg = AutoConfig.for_model(model_type, **fields)
@@ -149,6 +167,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stacked", action="store_true", help="MoE: keep experts stacked [E, 2F, H] / [E, H, F]")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--experts", type=int, default=None, help="MoE: fewer routed experts (shapes as published)")
+    p.add_argument("--vision-depth", type=int, default=None, help="VL: fewer vision blocks (shapes as published)")
+    p.add_argument("--tokenizer", action="store_true",
+                   help="also write a word-level tokenizer with a chat template (zoo.tokenizer) and, for a "
+                        "vision-language model, its image processor, so the checkpoint trains offline")
     args = p.parse_args(argv)
 
     from safetensors.torch import save_file
@@ -160,7 +183,7 @@ def main(argv=None):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    cfg = make_config(args.config, args.layers)
+    cfg = make_config(args.config, args.layers, args.experts, args.vision_depth)
     shapes = tensor_shapes(cfg, args.stacked)
     files = plan_files(shapes, int(args.max_shard_gb * 1e9))
     gen = torch.Generator().manual_seed(args.seed)
@@ -180,6 +203,12 @@ def main(argv=None):
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     cfg.save_pretrained(out)  # writes config.json only (no weights)
+    if args.tokenizer:
+        from mcore_bridge import zoo
+
+        zoo.tokenizer(cfg.get_text_config().vocab_size).save_pretrained(out)
+        if hasattr(cfg, "vision_config"):
+            zoo.image_processor(cfg).save_pretrained(out)
     print(f"wrote {out}: {len(shapes)} tensors, {total / 1e9:.2f} GB in {len(files)} files")
 
 

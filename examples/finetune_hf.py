@@ -3,28 +3,37 @@
     # GPU (megatron-core 0.17+, whose wheel ships megatron.training): Megatron-LM's pretrain()
     torchrun --nproc-per-node 2 examples/finetune_hf.py --hf_model /models/Qwen3-8B \\
         --save /ckpt/run1 --tensor-model-parallel-size 2 --bf16 --train-iters 200
-    # CPU (gloo, the tiny zoo model): the same model, data, loss and hooks through megatron-core's
-    # schedule and optimizer (pretrain() asserts CUDA), HF safetensors at every --save-interval
+    # CPU (gloo, the tiny zoo model): the same model, data, loss and hooks through the pieces of
+    # Megatron-LM's loop that run there (pretrain() asserts CUDA; finetune_cpu.py): its sampler and
+    # save_checkpoint_and_time (HF safetensors beside), megatron-core's schedule and optimizer, --load resumes
     torchrun --nproc-per-node 1 examples/finetune_hf.py --hf_model builtin:qwen3 --save /tmp/ft
 
 Every Megatron-LM argument works (given ones override the defaults below); the model arguments
-come from the HF config (``megatron_lm.model_arguments``). Added flags (``megatron_lm.add_arguments``):
-``--hf_model``, ``--load_safetensors true`` (default here), ``--save_safetensors true`` (default here),
-``--save_safetensors_dir`` (default ``<--save>/hf``), ``--hf_lora_rank R`` and
-``--save_safetensors_adapter_only true``. ``--load`` defaults to ``--save``: a restarted run resumes
-from Megatron-LM's own checkpoint (model, optimizer, iteration) instead of reading HF again.
+come from the HF config (``megatron_lm.model_arguments``; a Qwen-VL model: its language model's,
+with mRoPE). Added flags (``megatron_lm.add_arguments``): ``--hf_model``, ``--load_safetensors
+true`` (default here), ``--save_safetensors true`` (default here), ``--save_safetensors_dir``
+(default ``<--save>/hf``), ``--hf_lora_rank R``, ``--save_safetensors_adapter_only true``,
+``--packing true``, ``--freeze_vit / --freeze_aligner / --freeze_llm true``. Megatron-LM's
+recomputation and MoE options (``--recompute-granularity`` ..., ``--moe-expert-capacity-factor`` ...)
+reach the model (``megatron_lm.training_options``). ``--load`` defaults to ``--save``: a restarted
+run resumes from Megatron-LM's own checkpoint (model, optimizer, iteration) instead of reading HF
+again. Example-only flags: ``--data_dir``, ``--loss_log FILE`` (per micro-batch answer-loss sums,
+JSONL: ``finetune_data.read_losses``), ``--probe_out FILE`` (the final model's fp32 logits on the
+first sample, to check the saved HF directory against).
 
-The data set is made here (``--data_dir``, default ``<--save>/data``): chat samples (a question about
-two digits, the answer the first of them) as JSONL, rendered by the model's tokenizer and chat
-template; the loss counts the answer tokens only (the loss mask is 0 on the prompt and padding).
+The data set is made here (``--data_dir``, default ``<--save>/data``; see ``finetune_data.py``):
+chat samples rendered by the model's tokenizer and chat template, the loss on the answer tokens
+only -- a question about two digits for a text model, a solid-colour image and "what is this ?"
+for a vision-language one (pixels and image tokens from the model's image processor).
+``--packing true``: one packed row (THD) holds the samples of one unpacked micro-batch; Megatron-LM
+then runs ``--micro-batch-size 1`` rows of ``M x --seq-length`` tokens and ``--global-batch-size /
+M`` rows per step, so its sequential sampler gives every step the same samples as unpacked.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import random
 import sys
 from pathlib import Path
 
@@ -33,67 +42,9 @@ import torch
 from mcore_bridge import megatron_lm
 
 
-# ---- data: chat samples, rendered by the tokenizer's chat template, loss on answers only ------------
-def make_dataset(path: Path, n: int = 512, seed: int = 0) -> Path:
-    """A small local chat data set (JSONL, one ``{"messages": [...]}`` per line), written once."""
-    if path.exists():
-        return path
-    rng = random.Random(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for _ in range(n):
-            a, b = rng.randrange(10), rng.randrange(10)
-            messages = [{"role": "user", "content": f"what is the first of {a} and {b} ?"},
-                        {"role": "assistant", "content": str(a)}]
-            f.write(json.dumps({"messages": messages}) + "\n")
-    return path
-
-
-class ChatDataset(torch.utils.data.Dataset):
-    """Token ids, labels (next tokens) and a loss mask that is 1 only where the label is an answer
-    token (the assistant turn after the prompt the chat template renders), padded to ``seq``.
-    ``length``: the samples Megatron-LM's sampler asks for (the file is repeated)."""
-
-    def __init__(self, path: Path, tokenizer, seq: int, length: int = 0):
-        self.length = length
-        self.samples = []
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        for line in open(path):
-            messages = json.loads(line)["messages"]
-            full = tokenizer.apply_chat_template(messages, tokenize=False)
-            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-            n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-            if ids[:n_prompt] != tokenizer(prompt, add_special_tokens=False)["input_ids"] or len(ids) > seq + 1:
-                raise ValueError(f"{path}: the rendered prompt is not a prefix of the sample, or the sample "
-                                 f"is longer than --seq-length {seq}: {full!r}")
-            x = torch.full((seq + 1,), pad, dtype=torch.long)
-            x[: len(ids)] = torch.tensor(ids)
-            mask = torch.zeros(seq)
-            mask[n_prompt - 1: len(ids) - 1] = 1.0  # label i is token i + 1: the answer's tokens
-            self.samples.append({"tokens": x[:-1], "labels": x[1:], "loss_mask": mask})
-
-    def __len__(self):
-        return max(self.length, len(self.samples))
-
-    def __getitem__(self, i):
-        return self.samples[i % len(self.samples)]
-
-
-def forward_step(data_iterator, model):
-    """Megatron-LM's forward_step: per-token losses and a loss function over the answer tokens."""
-    b = next(data_iterator)
-    device = next(model.parameters()).device
-    tokens, labels, mask = b["tokens"].to(device), b["labels"].to(device), b["loss_mask"].to(device)
-    pos = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-    out = model(tokens, pos, None, labels=labels)
-
-    def loss_func(output):
-        loss = (output.float().reshape(-1) * mask.reshape(-1)).sum()
-        n = mask.sum()
-        return loss, n.to(torch.int), {"lm loss": torch.stack([loss.detach(), n.float()])}
-
-    return out, loss_func
+from finetune_cpu import train_cpu  # noqa: E402
+from finetune_data import (LOSSES, ChatDataset, PackedRows, VLChatDataset, dataset, forward_step,  # noqa: E402,F401
+                           make_dataset, make_vl_dataset, read_losses, write_probe)
 
 
 # ---- arguments -------------------------------------------------------------------------------------
@@ -106,8 +57,47 @@ def defaults(hf_model: str, save: str | None) -> list[str]:
         "--transformer-impl", "local", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
         "--no-bias-swiglu-fusion", "--no-rope-fusion", "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
         "--ckpt-format", "torch_dist", "--seed", "1234", "--distributed-timeout-minutes", "10",
-        "--load_safetensors", "true", "--save_safetensors", "true"]
+        "--num-workers", "0", "--load_safetensors", "true", "--save_safetensors", "true"]
     return d + (["--load", save] if save else [])
+
+
+def _last(argv: list[str], flag: str, default: str) -> str:
+    """The value argparse would take for ``flag`` (its last occurrence)."""
+    hits = [i for i, a in enumerate(argv) if a == flag]
+    return argv[hits[-1] + 1] if hits else default
+
+
+def packed_argv(argv: list[str]) -> tuple[list[str], int, int]:
+    """``--packing true``: a packed row holds the samples of one unpacked micro-batch (``--micro-batch-size
+    M``, ``--seq-length S``), so Megatron-LM runs micro-batches of 1 row of ``M x S`` tokens and
+    ``--global-batch-size / M`` rows per step: the same samples per step, in the same micro-batches.
+    Returns (argv with those three set, M, S)."""
+    m, seq = int(_last(argv, "--micro-batch-size", "1")), int(_last(argv, "--seq-length", "0"))
+    g = int(_last(argv, "--global-batch-size", str(m)))
+    if g % m:
+        sys.exit(f"error: --packing true: --global-batch-size {g} is not a multiple of --micro-batch-size {m} "
+                 f"(the samples of one packed row)")
+    return argv + ["--micro-batch-size", "1", "--global-batch-size", str(g // m), "--seq-length", str(m * seq)], m, seq
+
+
+@contextlib.contextmanager
+def no_device_architecture():
+    """CPU only: Megatron-LM's argument validation asks the GPU's architecture when tp > 1 (to
+    require ``CUDA_DEVICE_MAX_CONNECTIONS=1`` for CUDA streams before Blackwell); a machine without a
+    GPU has none, and no CUDA streams, so while the arguments are validated the question answers
+    "Blackwell or later" (no requirement). The example's choice, restored afterwards; with a GPU
+    nothing changes."""
+    if torch.cuda.is_available():
+        yield
+        return
+    from megatron.training import arguments
+
+    original = arguments.get_device_arch_version
+    arguments.get_device_arch_version = lambda: 10
+    try:
+        yield
+    finally:
+        arguments.get_device_arch_version = original
 
 
 def parse():
@@ -115,26 +105,25 @@ def parse():
     pre.add_argument("--hf_model", "--hf-model", dest="hf_model", required=True)
     pre.add_argument("--save")
     pre.add_argument("--data_dir", "--data-dir", dest="data_dir")
+    pre.add_argument("--loss_log", "--loss-log", dest="loss_log")
+    pre.add_argument("--probe_out", "--probe-out", dest="probe_out")
     known, rest = pre.parse_known_args()
     from megatron.training.arguments import parse_and_validate_args
 
     user = rest + ["--hf_model", known.hf_model] + (["--save", known.save] if known.save else [])
-    sys.argv = [sys.argv[0]] + defaults(known.hf_model, known.save) + user
-    args = parse_and_validate_args(extra_args_provider=megatron_lm.add_arguments)
+    argv = defaults(known.hf_model, known.save) + user
+    packing = megatron_lm._bool(_last(argv, "--packing", "false"))
+    per_row, seq = 1, None
+    if packing:
+        argv, per_row, seq = packed_argv(argv)
+    sys.argv = [sys.argv[0]] + argv
+    with no_device_architecture():
+        args = parse_and_validate_args(extra_args_provider=megatron_lm.add_arguments)
+    args.samples_per_row, args.sample_seq_length = per_row, seq or args.seq_length
     data_dir = Path(known.data_dir or Path(args.save or ".") / "data")
+    LOSSES.path = known.loss_log
+    args.probe_out = known.probe_out
     return args, data_dir
-
-
-def dataset(args, data_dir: Path, length: int = 0):
-    from transformers import AutoTokenizer
-
-    from mcore_bridge import Bridge
-
-    path = data_dir / "train.jsonl"
-    if torch.distributed.get_rank() == 0:
-        make_dataset(path)
-    torch.distributed.barrier()
-    return ChatDataset(path, AutoTokenizer.from_pretrained(Bridge(args.hf_model).source), args.seq_length, length)
 
 
 # ---- GPU: Megatron-LM's pretrain -------------------------------------------------------------------
@@ -155,63 +144,21 @@ def prebuilt_dataset_helpers():
 
 def train_gpu(args, hooks, data_dir):
     from megatron.core.enums import ModelType
-    from megatron.training import pretrain
+    from megatron.training import get_args, pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
     def datasets_provider(num_samples):
         return dataset(args, data_dir, int(num_samples[0])), None, None
 
+    def step(data_iterator, model):  # the loss log's iteration: Megatron-LM's (0-based while it runs)
+        LOSSES.iteration = get_args().curr_iteration + 1
+        return forward_step(data_iterator, model)
+
     datasets_provider.is_distributed = True
     with prebuilt_dataset_helpers(), megatron_lm.saving_safetensors(hooks):
         pretrain(pretrain_cfg_container_from_args(args), datasets_provider, ModelType.encoder_or_decoder,
-                 forward_step, model_provider=hooks.model_provider)
-
-
-# ---- CPU: the same pieces through megatron-core's schedule and optimizer ---------------------------
-def train_cpu(args, hooks, data_dir):
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from mcore_bridge.runtime import compat
-
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    with compat.scope("cpu"):  # megatron-core's CPU adaptations (RNG tracker, CUDA queries), this loop only
-        ps.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                                     pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                                     create_gloo_process_groups=True)
-        model_parallel_cuda_manual_seed(args.seed)
-        data = dataset(args, data_dir)
-        chunk = hooks.model_provider(ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
-        chunk.config.finalize_model_grads_func = finalize_model_grads
-        model = [DistributedDataParallel(chunk.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), chunk)]
-        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=args.weight_decay,
-                                                     clip_grad=0.0, params_dtype=torch.float32), model)
-        loader = torch.utils.data.DataLoader(data, batch_size=args.micro_batch_size, shuffle=True,
-                                             generator=torch.Generator().manual_seed(args.seed))
-        batches = iter(())
-        for it in range(1, args.train_iters + 1):
-            model[0].zero_grad_buffer()
-            opt.zero_grad()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                batch = next(batches)
-            out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]),
-                                              model=model, num_microbatches=1, seq_length=args.seq_length,
-                                              micro_batch_size=args.micro_batch_size, forward_only=False)
-            opt.step()
-            if out and it % args.log_interval == 0:
-                s, n = out[0]["lm loss"]
-                print(f"iteration {it}/{args.train_iters}: answer loss {(s / n).item():.4f}", flush=True)
-            if it % args.save_interval == 0 or it == args.train_iters:
-                path = hooks.save(it, model)
-                if path and torch.distributed.get_rank() == 0:
-                    print(f"saved HF safetensors: {path}", flush=True)
+                 step, model_provider=hooks.model_provider)
+    write_probe(args, hooks, dataset(args, data_dir, 1))
 
 
 def main():

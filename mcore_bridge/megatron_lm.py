@@ -29,9 +29,17 @@ optimizer), which keep working for resumption.
   ``save_checkpoint`` of ``megatron.training.training``. The context wraps that one name (the
   original runs first, unchanged) and restores it on exit; nothing else is touched.
 * ``add_arguments`` -- the ``extra_args_provider`` adding the seed's spellings
-  (``--load_safetensors true --save_safetensors true``; dashes work too).
+  (``--load_safetensors true --save_safetensors true``, ``--packing true``, ``--freeze_vit true``,
+  ``--freeze_aligner true``, ``--freeze_llm true``; dashes work too).
+* Training options: ``HFHooks.from_args`` builds the model with ``training_options(args)``:
+  Megatron-LM's recomputation arguments (granularity, method, num layers, modules) and MoE ones
+  (grouped GEMM, permute fusion, capacity factor, pad to capacity, drop policy, load balancing,
+  aux / z loss coefficients) under their own names, and the freeze flags as ``TrainOptions.freeze``.
+  With ``--packing true`` the local core attention of our chunks takes THD ``packed_seq_params``
+  (``vl_train.enable_packed_attention``, on these module instances only).
 * ``model_arguments(hf_dir)`` -- Megatron-LM's own model arguments describing the same model (it
-  keeps them in its checkpoints and checks them on resume).
+  keeps them in its checkpoints and checks them on resume); for a Qwen-VL family, its language
+  model's with ``--position-embedding-type mrope --mrope-section ...``.
 
 ``megatron.training`` ships in megatron-core 0.17+ wheels; without it every entry point here
 raises ``UsageError`` saying so (this module itself imports anywhere).
@@ -96,12 +104,44 @@ def add_arguments(parser):
     g.add_argument("--save_safetensors_adapter_only", "--save-safetensors-adapter-only",
                    dest="save_safetensors_adapter_only", type=_bool, default=False, metavar="{true,false}",
                    help="with LoRA: write the PEFT adapter alone (adapter_model.safetensors) instead of merged weights")
+    g.add_argument("--packing", dest="packing", type=_bool, default=False, metavar="{true,false}",
+                   help="train on packed (THD) rows: the model's local attention takes packed_seq_params")
+    for flag, part in FREEZE_FLAGS.items():
+        g.add_argument(f"--{flag}", f"--{flag.replace('_', '-')}", dest=flag, type=_bool, default=False,
+                       metavar="{true,false}", help=f"freeze the {part} part (no gradient, no update)")
     return parser
+
+
+# the seed's freeze flags -> train_options.PARTS
+FREEZE_FLAGS = {"freeze_vit": "vision", "freeze_aligner": "projector", "freeze_llm": "language"}
+# Megatron-LM arguments (TransformerConfig names) that TrainOptions carries to the bridge's model
+TRAIN_FIELDS = ("recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules",
+                "moe_grouped_gemm", "moe_permute_fusion", "moe_expert_capacity_factor",
+                "moe_pad_expert_input_to_capacity", "moe_token_drop_policy", "moe_router_load_balancing_type",
+                "moe_aux_loss_coeff", "moe_z_loss_coeff")
+
+
+def training_options(args):
+    """``TrainOptions`` from Megatron-LM's parsed arguments (or a TransformerConfig built from them):
+    recomputation, MoE training options under Megatron-LM's own names, and the seed's freeze flags.
+    Megatron-LM's defaults pass through as they are (e.g. its ``--moe-router-load-balancing-type``
+    default ``aux_loss`` with ``--moe-aux-loss-coeff 0.0``)."""
+    from .train_options import TrainOptions
+
+    kw = {}
+    for name in TRAIN_FIELDS:
+        if hasattr(args, name):
+            v = getattr(args, name)
+            kw[name] = tuple(v) if name == "recompute_modules" and v is not None else v
+    kw["freeze"] = tuple(part for flag, part in FREEZE_FLAGS.items() if getattr(args, flag, False))
+    return TrainOptions(**kw)
 
 
 def model_arguments(hf_dir) -> list[str]:
     """Megatron-LM's command-line model arguments for the HF model's megatron config (dense GPT and
-    MoE GPT families with RMSNorm + SwiGLU and RoPE); anything else is refused by name."""
+    MoE GPT families with RMSNorm + SwiGLU and RoPE; vision-language families with mRoPE: their
+    language model, ``--position-embedding-type mrope --mrope-section ...``); anything else is
+    refused by name."""
     from .bridge import Bridge
 
     bridge = Bridge(hf_dir)
@@ -112,12 +152,22 @@ def model_arguments(hf_dir) -> list[str]:
         raise UsageError(f"model_arguments: {bridge.family.name} uses activation={act}, gated_linear_unit="
                          f"{c.get('gated_linear_unit')}, normalization={c.get('normalization')}; only RMSNorm + "
                          f"SwiGLU models map to Megatron-LM arguments here: pass them yourself")
-    if m.get("position_embedding_type") != "rope" or "vision" in s:
-        raise UsageError(f"model_arguments: {bridge.family.name} is not a RoPE text model")
+    pos = m.get("position_embedding_type")
+    vl = "vision" in m or "vision" in s
+    if pos == "mrope" and vl and c.get("mrope_section"):
+        # a vision-language model: its language model's arguments. Megatron-LM builds no model
+        # here (hooks.model_provider does); it keeps these in its checkpoints, checks them on
+        # resume and sizes its estimates with them. mRoPE positions come from the data (forward_step)
+        rope = ["--position-embedding-type", "mrope", "--mrope-section", *c["mrope_section"]]
+    elif pos == "rope" and not vl:
+        rope = ["--position-embedding-type", "rope"]
+    else:
+        raise UsageError(f"model_arguments: {bridge.family.name} is neither a RoPE text model nor an mRoPE "
+                         f"vision-language model (position embedding {pos!r}): pass its arguments yourself")
     argv = ["--num-layers", c["num_layers"], "--hidden-size", c["hidden_size"],
             "--ffn-hidden-size", c["ffn_hidden_size"], "--num-attention-heads", c["num_attention_heads"],
             "--kv-channels", c["kv_channels"], "--normalization", "RMSNorm", "--norm-epsilon", c["layernorm_epsilon"],
-            "--swiglu", "--position-embedding-type", "rope", "--rotary-base", int(m["rotary_base"]),
+            "--swiglu", *rope, "--rotary-base", int(m["rotary_base"]),
             "--rotary-percent", m.get("rotary_percent", 1.0), "--max-position-embeddings", m["max_sequence_length"],
             "--vocab-size", m["vocab_size"]]
     if c["num_query_groups"] != c["num_attention_heads"]:
@@ -157,6 +207,8 @@ class HFHooks:
     lora_alpha: float = 32.0
     adapter_only: bool = False
     resume_dir: str | None = None
+    training: object = None  # train_options.TrainOptions; None: from pretrain's config if given, else none
+    packing: bool = False  # THD packed rows: the local attention of our chunks takes packed_seq_params
 
     def __post_init__(self):
         if not self.hf_model:
@@ -181,7 +233,8 @@ class HFHooks:
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         return cls(args.hf_model, load=args.load_safetensors, save_dir=save_dir, dtype=dtype,
                    lora_rank=args.hf_lora_rank, lora_alpha=args.hf_lora_alpha,
-                   adapter_only=args.save_safetensors_adapter_only, resume_dir=args.load)
+                   adapter_only=args.save_safetensors_adapter_only, resume_dir=args.load,
+                   training=training_options(args), packing=args.packing)
 
     def resuming(self) -> bool:
         return bool(self.resume_dir) and (Path(self.resume_dir) / TRACKER).is_file()
@@ -207,7 +260,15 @@ class HFHooks:
 
         self.bridge = Bridge(self.hf_model, ParallelLayout.from_parallel_state(config=config))
         self.bridge.setup(reinit=False)  # adopt Megatron-LM's groups; never re-create them
-        chunks = self.bridge.build_model(self.dtype)
+        training = self.training
+        if training is None and config is not None:  # built by hand: the options of pretrain's config
+            training = training_options(config)
+        chunks = self.bridge.build_model(self.dtype, training=training)
+        if self.packing:
+            from .families.vl_train import enable_packed_attention
+
+            for chunk in chunks:  # these module instances only (the VL model does it itself)
+                enable_packed_attention(chunk.decoder)
         if self.load and not self.resuming():
             self.bridge.load_weights(chunks)
         if self.lora_rank:

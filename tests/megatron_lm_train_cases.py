@@ -24,15 +24,17 @@ import torch
 SEQ, MBS = 16, 2
 
 
-def batch(step: int, vocab: int) -> dict:
+def batch(step: int, vocab: int, mrope: bool = False) -> dict:
     """One of two deterministic batches (odd / even steps: a tiny data set, seen again); the loss mask drops the first half of every sample (the
     "prompt"), so only the "answer" tokens count."""
     g = torch.Generator().manual_seed(1000 + step % 2)
     x = torch.randint(0, vocab, (MBS, SEQ + 1), generator=g)
     mask = torch.ones(MBS, SEQ)
     mask[:, : SEQ // 2] = 0
+    pos = torch.arange(SEQ).unsqueeze(0).expand(MBS, -1)
+    # text-only rows of a vision-language model: its 3-D mRoPE positions are t = h = w
     return {"tokens": x[:, :-1], "labels": x[:, 1:], "loss_mask": mask,
-            "position_ids": torch.arange(SEQ).unsqueeze(0).expand(MBS, -1)}
+            "position_ids": pos[None].expand(3, -1, -1) if mrope else pos}
 
 
 def forward_step(data_iterator, model):
@@ -134,14 +136,14 @@ def _setup(hooks, args):
     return [ddp], opt, sched
 
 
-def _step(model, opt, sched, step: int, vocab: int):
+def _step(model, opt, sched, step: int, vocab: int, mrope: bool = False):
     """One train_step: forward-backward over one micro-batch, optimizer step. The loss (last stage)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for m in model:
         m.zero_grad_buffer()
     opt.zero_grad()
-    out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch(step, vocab)]),
+    out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch(step, vocab, mrope)]),
                                       model=model, num_microbatches=1, seq_length=SEQ, micro_batch_size=MBS,
                                       forward_only=False)
     ok, _, _ = opt.step()
@@ -176,20 +178,23 @@ def _train(args, save: str, steps: int, resume: bool) -> dict:
     hooks = megatron_lm.HFHooks.from_args(args)
     original = hooks_original(training)
     model, opt, sched = _setup(hooks, args)
-    vocab = int(hooks.bridge.hf_config["vocab_size"])
+    vocab = int(hooks.bridge.family.cfg.require("vocab_size"))
+    mrope = bool(getattr(hooks.bridge.family, "multimodal", False))
+    tokens = _text_tokens(hooks.bridge.family, vocab) if mrope else vocab  # no image tokens without pixels
     losses = []
     with megatron_lm.saving_safetensors(hooks):
         wrapped_inside = training.save_checkpoint is not original
         for it in range(1, steps + 1):
-            losses.append(_step(model, opt, sched, it, vocab))
+            losses.append(_step(model, opt, sched, it, tokens, mrope))
             if it % args.save_interval == 0:
                 with _no_cuda_generator():
                     training.save_checkpoint_and_time(it, model, opt, sched, 0, {})
     restored = training.save_checkpoint is original
-    probe = torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    probe = torch.randint(0, tokens, (2, SEQ), generator=torch.Generator().manual_seed(7))
     for m in model:
         m.eval()
-    logits = megatron_logits([m.module for m in model], probe, vocab)
+    pos = torch.arange(SEQ).expand(3, 2, -1) if mrope else None
+    logits = megatron_logits([m.module for m in model], probe, vocab, pos)
     result = {"losses": losses, "hf_dirs": [str(p) for _, p in hooks.saved], "wrapped_inside": wrapped_inside,
               "restored": restored, "probe": probe, "logits": logits}
     if not resume:
@@ -212,9 +217,17 @@ def _train(args, save: str, steps: int, resume: bool) -> dict:
     model2[0].module.load_state_dict(state["model"], strict=True)
     opt2.load_state_dict(state["optimizer"])
     changed_by_load = any(not torch.equal(a, b) for a, b in zip(untouched, model2[0].parameters()))
-    resumed = [_step(model2, opt2, sched2, it, vocab) for it in range(3, steps + 1)]
+    resumed = [_step(model2, opt2, sched2, it, tokens, mrope) for it in range(3, steps + 1)]
     return {**result, "resumed": resumed, "changed_by_load": changed_by_load,
             "hf_read_on_resume": not resume_hooks.resuming(), "tracker": tracker}
+
+
+def _text_tokens(family, vocab: int) -> int:
+    """Token ids below this are text (the vision-language model's special ids are above)."""
+    v = family.vision_settings()
+    cfg = family.full_config
+    return min(vocab, v.image_token_id, v.video_token_id, int(cfg["vision_start_token_id"]),
+               int(cfg["vision_end_token_id"]))
 
 
 _ORIGINAL = {}

@@ -58,3 +58,39 @@ def test_example_runs_on_cpu(zoo_model, tmp_path):
         _, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
         assert not any(info.values()), info
     assert (tmp_path / "ft" / "data" / "train.jsonl").is_file()
+    for it in (2, 4):  # Megatron-LM's own checkpoints beside the HF directories
+        assert (tmp_path / "ft" / f"iter_{it:07d}").is_dir()
+    assert (tmp_path / "ft" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+
+
+def test_vl_dataset_and_packed_rows(zoo_model, tmp_path):
+    """Image chat samples: the image's tokens where the chat template put the marker (as many as the
+    image processor's grid gives), the loss on the answer (the colour's index) only, 3-D positions
+    from transformers' get_rope_index; packed rows: the samples of one micro-batch without their
+    padding, cu_seqlens at their bounds, one padding segment, vision inputs in order."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    from mcore_bridge import Bridge
+
+    src = zoo_model("qwen3_vl")
+    family = Bridge(src).family
+    tok = AutoTokenizer.from_pretrained(src)
+    path = finetune_hf.make_vl_dataset(tmp_path / "vl.jsonl", n=6)
+    data = finetune_hf.VLChatDataset(path, tok, Qwen2VLImageProcessorPil.from_pretrained(src), family, seq=32)
+    image = family.vision_settings().image_token_id
+    for s, line in zip(data.samples, open(path)):
+        n = int(s["n_tokens"])
+        assert int((s["tokens"] == image).sum()) == int(s["image_grid_thw"].prod()) // 4 == 4
+        answer = [tok.decode([int(t)]) for t, m in zip(s["labels"], s["loss_mask"]) if m]
+        assert answer == [str(__import__("json").loads(line)["colour"]), "<|im_end|>"], answer
+        assert s["position_ids"].shape == (3, 32) and s["pixel_values"].shape[0] == 16
+        assert s["position_ids"][:, :n].max() < n - 1  # the image's 2x2 grid shares positions
+    rows = finetune_hf.PackedRows(data, 3)
+    assert len(rows) == 2
+    r = rows[1]
+    lengths = [int(data[i]["n_tokens"]) for i in (3, 4, 5)]
+    assert r["cu_seqlens"].tolist() == [0, lengths[0], sum(lengths[:2]), sum(lengths), 96]
+    assert r["tokens"].shape == (96,) and r["loss_mask"][sum(lengths):].sum() == 0
+    assert torch.equal(r["tokens"][lengths[0]:sum(lengths[:2])], data[4]["tokens"][:lengths[1]])
+    assert torch.equal(r["position_ids"][:, lengths[0]:sum(lengths[:2])], data[4]["position_ids"][:, :lengths[1]])
+    assert torch.equal(r["pixel_values"], torch.cat([data[i]["pixel_values"] for i in (3, 4, 5)]))

@@ -41,6 +41,16 @@ def test_flags_and_refusals():
         megatron_lm.HFHooks("")
     with pytest.raises(UsageError, match="needs LoRA"):
         megatron_lm.HFHooks("builtin:qwen3", adapter_only=True)
+    # the seed's packing and freeze flags; the freeze flags become TrainOptions.freeze
+    a = p.parse_args(["--hf_model", "m", "--packing", "true", "--freeze_vit", "true", "--freeze-llm", "true"])
+    assert a.packing and megatron_lm.training_options(a).freeze == ("vision", "language")
+    assert megatron_lm.training_options(p.parse_args([])).freeze == ()
+    # a vision-language family: its language model's arguments, mRoPE with the model's sections
+    vl = megatron_lm.model_arguments("builtin:qwen3_vl")
+    i = vl.index("--position-embedding-type")
+    assert vl[i + 1: i + 6] == ["mrope", "--mrope-section", "6", "5", "5"], vl
+    with pytest.raises(UsageError, match="internvl is neither a RoPE text model nor an mRoPE"):
+        megatron_lm.model_arguments("builtin:internvl")  # VL with 1-D RoPE: not mapped (yet)
     argv = megatron_lm.model_arguments("builtin:qwen3")
     assert argv[argv.index("--num-layers") + 1] == "4" and "--qk-layernorm" in argv
     assert "--untie-embeddings-and-output-weights" not in argv  # qwen3 tiny ties them
@@ -52,7 +62,7 @@ def test_flags_and_refusals():
     megatron_lm.require_megatron_training()  # imports where the wheel ships it
 
 
-def _check_run(r0: dict, source, tmp_path, expect_iters=(2, 4)):
+def _check_run(r0: dict, source, tmp_path, expect_iters=(2, 4), vl=False):
     """Shared expectations of a training run (rank 0's result)."""
     import transformers
 
@@ -67,12 +77,12 @@ def _check_run(r0: dict, source, tmp_path, expect_iters=(2, 4)):
     assert not list((tmp_path / "mlm" / "hf").glob("*tmp*")) and not list((tmp_path / "mlm" / "hf").glob(".*"))
     # the last HF directory loads strictly in transformers and gives megatron's final logits (fp32)
     last = r0["hf_dirs"][-1]
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(last, dtype=torch.float32, output_loading_info=True)
+    cls = transformers.AutoModelForImageTextToText if vl else transformers.AutoModelForCausalLM
+    hf, info = cls.from_pretrained(last, dtype=torch.float32, output_loading_info=True)
     assert not any(info.values()), info
     with torch.no_grad():
         got = hf(input_ids=r0["probe"], use_cache=False).logits.float()
-        before = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)(
-            input_ids=r0["probe"], use_cache=False).logits.float()
+        before = cls.from_pretrained(source, dtype=torch.float32)(input_ids=r0["probe"], use_cache=False).logits.float()
     meg = r0["logits"]
     diff, control = (got - meg).abs().max().item(), (before - meg).abs().max().item()
     assert diff < 1e-4, diff
@@ -107,6 +117,19 @@ def test_megatron_lm_loop_moe(pools, zoo_model, tmp_path):
     src = zoo_model("qwen3_moe")
     r = pools.get(1).run(cases.train, timeout=600, source=str(src), tp=1, pp=1, out=str(tmp_path))
     _check_run(r[0], src, tmp_path)
+
+
+@pytest.mark.world(1)
+def test_megatron_lm_loop_vl(pools, zoo_model, tmp_path):
+    """A vision-language model (Qwen3-VL: the vision tower in Megatron-LM's checkpoint beside the
+    language model, mRoPE), Megatron-LM's arguments from ``model_arguments`` (its language model):
+    saves, strict reload, resumption as for text (text-only rows)."""
+    if not HAS_MLM:
+        _assert_refused()
+        return
+    src = zoo_model("qwen3_vl")
+    r = pools.get(1).run(cases.train, timeout=600, source=str(src), tp=1, pp=1, out=str(tmp_path))
+    _check_run(r[0], src, tmp_path, vl=True)
 
 
 @pytest.mark.world(2)
