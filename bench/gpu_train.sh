@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/gpu-train-out}
 WHEELS=${WHEELS:-.whl/m019}
 MODELS=${MODELS:-qwen3-8b,qwen3-30b-a3b,qwen3-vl-8b}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-mlm \
+python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site-mlm \
     $WHEELS/*.whl || { echo "pip install of $WHEELS failed"; exit 1; }
 # the bench's own environment (the library sets none): TF32 off for the fp32 logit check, no compile time
 export PYTHONPATH=/tmp/site-mlm:$PWD NVIDIA_TF32_OVERRIDE=0 TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS=4 \
