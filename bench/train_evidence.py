@@ -63,7 +63,8 @@ def compare(a: dict, b: dict, iterations=None) -> dict:
         raise ValueError(f"compare: iterations {missing or its} are not in both loss logs")
     diffs = [abs(a[i] - b[i]) for i in its]
     return {"iterations": [its[0], its[-1]], "count": len(its), "max_abs_diff": max(diffs),
-            "max_rel_diff": max(d / abs(a[i]) for d, i in zip(diffs, its))}
+            # relative to the reference loss, floored: a memorised batch can reach a loss of exactly 0
+            "max_rel_diff": max(d / max(abs(a[i]), 1e-6) for d, i in zip(diffs, its))}
 
 
 def falls(losses: dict, k: int = 20) -> dict:

@@ -277,7 +277,9 @@ class HFHooks:
 
     def save(self, iteration: int, model=None) -> Path | None:
         """Write HF safetensors (or the adapter) of ``model`` (Megatron-LM's wrapped chunks; default:
-        the chunks built here) as ``<save_dir>/iter_NNNNNNN``. Collective: every rank calls it."""
+        the chunks built here) as ``<save_dir>/iter_NNNNNNN``, in the dtype the model trains in
+        (``dtype``): what was trained is what is written, never rounded to the source checkpoint's
+        dtype (an fp32 run from a bf16 checkpoint writes fp32). Collective: every rank calls it."""
         if self.save_dir is None:
             return None
         if self.bridge is None:
@@ -285,7 +287,7 @@ class HFHooks:
                              "(pass model_provider=hooks.model_provider to pretrain)")
         chunks = [_unwrap(m) for m in model] if model is not None else self.chunks
         out = Path(self.save_dir) / f"iter_{int(iteration):07d}"
-        self.bridge.save_weights(chunks, out, overwrite=True, peft_format=self.adapter_only)
+        self.bridge.save_weights(chunks, out, dtype=self.dtype, overwrite=True, peft_format=self.adapter_only)
         self.saved.append((int(iteration), out))
         return out
 

@@ -127,3 +127,27 @@ def config_recompute(source: str, with_config: bool) -> list:
                                recompute_method="uniform", recompute_num_layers=1) if with_config else None
     c = megatron_lm.HFHooks(source, load=False).model_provider(True, True, config=config).config
     return [c.recompute_granularity, c.recompute_method, c.recompute_num_layers]
+
+
+def saved_dtype(source: str, out: str) -> dict:
+    """``HFHooks`` (fp32 model) on a bf16 HF checkpoint: the saved safetensors are fp32 and hold the
+    model's own values (a bf16 write would round them)."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from mcore_bridge import megatron_lm
+    from mcore_bridge.hf_io import HFCheckpoint
+    from mcore_bridge.runtime import dist as rt
+
+    ps.destroy_model_parallel()
+    rt._destroy_subgroups()
+    ps.initialize_model_parallel(create_gloo_process_groups=True)
+    hooks = megatron_lm.HFHooks(source, save_dir=out, dtype=torch.float32)
+    chunk = hooks.model_provider(True, True)
+    with torch.no_grad():  # a "trained" value that bf16 cannot hold
+        chunk.embedding.word_embeddings.weight.add_(1e-4)
+    path = hooks.save(7)
+    saved = HFCheckpoint(path)
+    embed = saved.read("model.embed_tokens.weight")
+    return {"dtypes": sorted({str(saved.info(n).dtype) for n in saved.names()}),
+            "embed_equal": bool(torch.equal(embed, chunk.embedding.word_embeddings.weight.detach()[:embed.shape[0]]))}

@@ -20,6 +20,7 @@ megatron-core < 0.17 has no ``megatron.training``: the example's refusal is test
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -182,3 +183,20 @@ def test_tp2_saved_safetensors_and_resumption(pools, zoo_model, tmp_path):
     assert r["strict"], r["loading_info"]
     assert r["max_abs_diff"] < 1e-4, r
     assert r["untrained_max_abs_diff"] > 100 * max(r["max_abs_diff"], 1e-6), r  # negative control
+
+
+@pytest.mark.world(1)
+def test_hooks_write_the_training_dtype_not_the_source_s(pools, zoo_model, tmp_path):
+    """An fp32 run from a bf16 checkpoint writes fp32 safetensors holding the model's values (on an
+    H200 a bf16 write of an fp32 run gave logits 0.06 off megatron's final model)."""
+    if not HAS_MLM:
+        return _refused()
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "bf16"
+    shutil.copytree(zoo_model("qwen3"), src)
+    for f in src.glob("*.safetensors"):
+        save_file({n: t.to(torch.bfloat16) for n, t in load_file(f).items()}, f, metadata={"format": "pt"})
+    got = pools.get(1).run("tests.finetune_cases:saved_dtype", timeout=600, source=str(src),
+                           out=str(tmp_path / "hf"))[0]
+    assert got == {"dtypes": ["torch.float32"], "embed_equal": True}
