@@ -136,6 +136,12 @@ class DirectReader(FileSystemReader):
             fd = os.open(path, os.O_RDONLY)
             try:
                 items.sort(key=lambda r: self.storage_data[r.storage_index].offset)
+                last = self.storage_data[items[-1].storage_index]
+                size = os.fstat(fd).st_size
+                if size < last.offset + last.length:
+                    raise CorruptRecord(f"{path}: {size} bytes, but the checkpoint's .metadata places "
+                                        f"{items[-1].storage_index.fqn} at bytes {last.offset}+{last.length}: "
+                                        f"the file is truncated (an interrupted copy or write?)")
                 for req in items:
                     self._read_item(fd, path, req, planner)
             finally:
