@@ -20,10 +20,12 @@ or torch is patched.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import os
 import struct
+import traceback
 import zipfile
 
 from pathlib import Path
@@ -62,7 +64,10 @@ class _Window(io.RawIOBase):
 
     def readinto(self, buf):
         n = max(0, min(len(buf), self.length - self.pos))
-        got = os.preadv(self.fd, [memoryview(buf)[:n]], self.offset + self.pos) if n else 0
+        got = 0
+        if n:
+            with memoryview(buf) as whole, whole[:n] as part:
+                got = os.preadv(self.fd, [part], self.offset + self.pos)
         self.pos += got
         return got
 
@@ -71,15 +76,24 @@ def pread_exact(fd: int, buf: memoryview, offset: int, what: str) -> None:
     """Fill ``buf`` from ``offset`` of ``fd`` (looping over short reads); a short file is an error."""
     done = 0
     while done < len(buf):
-        got = os.preadv(fd, [buf[done:done + _CHUNK]], offset + done)
+        with buf[done:done + _CHUNK] as part:
+            got = os.preadv(fd, [part], offset + done)
         if got <= 0:
             raise CorruptRecord(f"{what}: the file ends {len(buf) - done} bytes early (truncated checkpoint?)")
         done += got
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, writable, without a copy."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+@contextlib.contextmanager
+def tensor_bytes(t: torch.Tensor):
+    """The bytes of a contiguous CPU tensor as a writable memoryview, without a copy. Released on
+    exit: a live view left in a traceback's frames (a failed read or write) would otherwise be
+    garbage-collected in a cycle with the array under it, which crashed Python 3.12 (segfault)."""
+    if t.numel() == 0:
+        yield memoryview(b"")
+        return
+    array = t.reshape(-1).view(torch.uint8).numpy()
+    with memoryview(array) as view:
+        yield view
 
 
 def parse_record(window: _Window):
@@ -128,6 +142,16 @@ class DirectReader(FileSystemReader):
     staged_items = 0  # records read into a record-sized tensor, then copied
 
     def read_data(self, plan, planner) -> Future:
+        try:
+            self._read_all(plan, planner)
+        except BaseException as e:
+            traceback.clear_frames(e.__traceback__)  # as in dcp_writer.DirectWriter.write_data
+            raise
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read_all(self, plan, planner) -> None:
         per_file: dict[str, list] = {}
         for item in plan.items:
             per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
@@ -146,9 +170,6 @@ class DirectReader(FileSystemReader):
                     self._read_item(fd, path, req, planner)
             finally:
                 os.close(fd)
-        fut: Future = Future()
-        fut.set_result(None)
-        return fut
 
     def _read_item(self, fd: int, path: Path, req, planner) -> None:
         info = self.storage_data[req.storage_index]
@@ -156,7 +177,8 @@ class DirectReader(FileSystemReader):
         what = f"{path} ({req.storage_index.fqn}, bytes {info.offset}+{info.length})"
         if req.type == LoadItemType.BYTE_IO and not info.transform_descriptors:
             buf = bytearray(info.length)
-            pread_exact(fd, memoryview(buf), info.offset, what)
+            with memoryview(buf) as view:
+                pread_exact(fd, view, info.offset, what)
             planner.load_bytes(req, io.BytesIO(bytes(buf)))
             return
         parsed = None if info.transform_descriptors or req.type == LoadItemType.BYTE_IO else parse_record(window)
@@ -167,10 +189,12 @@ class DirectReader(FileSystemReader):
         whole = all(o == 0 for o in req.storage_offsets) and tuple(req.lengths) == tuple(record.shape)
         if whole and target.device.type == "cpu" and target.is_contiguous() and target.dtype == record.dtype \
                 and tuple(target.shape) == tuple(record.shape):
-            pread_exact(fd, _bytes_of(target), info.offset + data_offset, what)
+            with tensor_bytes(target) as view:
+                pread_exact(fd, view, info.offset + data_offset, what)
             type(self).direct_items += 1
         else:
-            pread_exact(fd, _bytes_of(record), info.offset + data_offset, what)
+            with tensor_bytes(record) as view:
+                pread_exact(fd, view, info.offset + data_offset, what)
             part = _narrow(record, req.storage_offsets, req.lengths)
             if target.size() != part.size():
                 raise AssertionError(f"req {req.storage_index} mismatch sizes {target.size()} vs {part.size()}")

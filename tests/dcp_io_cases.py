@@ -71,26 +71,32 @@ def we_read_megatrons(source: str, layout: dict, out_dir: str) -> dict:
 
 
 def failing_save(source: str, layout: dict, out_dir: str, fail_after: int) -> str:
-    """A torch_dist save whose writer fails after ``fail_after`` tensor records: the error seen."""
+    """A torch_dist save whose writer fails (disk full) at its ``fail_after + 1``-th write call,
+    inside a record: the error seen. Then a garbage collection, which crashed (segfault) on
+    Python 3.12 / megatron-core 0.19.2 while the failed frames' locals were kept."""
+    import gc
+
     from mcore_bridge import checkpoint, dcp_writer
 
     bridge, models = cases._loaded(source, layout)
-    real, count = dcp_writer.record_parts, [0]
+    real, count = dcp_writer._write_all, [0]
 
-    def failing(shape, dtype):
+    def failing(fd, data):
         count[0] += 1
         if count[0] > fail_after:
             raise OSError(28, "No space left on device (injected)")
-        return real(shape, dtype)
+        return real(fd, data)
 
-    dcp_writer.record_parts = failing  # this rank process only, restored below
+    dcp_writer._write_all = failing  # this rank process only, restored below
     try:
         checkpoint.save_mcore(bridge, models, out_dir, overwrite=True)
+        seen = "no error"
     except BaseException as e:
-        return f"{type(e).__name__}: {e}"
+        seen = f"{type(e).__name__}: {e}"
     finally:
-        dcp_writer.record_parts = real
-    return "no error"
+        dcp_writer._write_all = real
+    gc.collect()
+    return seen
 
 
 def reshard_counts(ckpt: str, layout: dict, out_dir: str) -> dict:

@@ -148,7 +148,7 @@ def test_a_failed_write_leaves_nothing(pools, zoo_model, tmp_path):
     src = zoo_model("qwen3")
     out = tmp_path / "out"
     err = pools.get(1).run(dc.failing_save, timeout=300, source=str(src), layout=L().to_dict(), out_dir=str(out),
-                           fail_after=3)
+                           fail_after=4)
     assert "No space left on device (injected)" in err[0]
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no staging directory left either
