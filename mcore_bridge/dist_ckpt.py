@@ -20,6 +20,11 @@ listed in one line), given the HF directory for the config (``--model``). A tens
 that the checkpoint lacks, or a model tensor of the checkpoint that the model does not have, is an
 error naming it.
 
+Both directions go through megatron-core's ``dist_checkpointing`` with strategies of ours that move
+each tensor's bytes once: ``dcp_writer.DirectWriter`` writes DCP's records from the tensors' own
+memory, ``dcp_reader.DirectReader`` reads them straight into the parameters (same files; megatron's
+own load reads ours and ours reads megatron's: tests/test_dcp_io.py).
+
 Untrusted input: ``common.pt`` (and 0.19's ``common_state`` bytes) is read by ``torch.load`` with
 torch's default ``weights_only=True`` (torch >= 2.6; checked below); the ``.metadata`` pickle and the
 byte items that torch.distributed.checkpoint unpickles without restriction are first checked by
