@@ -36,7 +36,8 @@ _CHUNK = 64 << 20  # bytes per os.write
 def available() -> bool:
     """Whether this torch offers what the direct writer needs (else DCP's writer is used)."""
     try:
-        from torch.distributed.checkpoint.filesystem import _StorageInfo, _StoragePrefix  # noqa: F401
+        from torch.distributed.checkpoint.filesystem import (  # noqa: F401
+            DEFAULT_SUFFIX, _item_size, _StorageInfo, _StoragePrefix)
     except ImportError:
         return False
     return hasattr(torch.serialization, "skip_data")
