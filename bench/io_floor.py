@@ -144,7 +144,7 @@ def main(argv=None) -> int:
 
     floor = statistics.median(times["copy floor"])
     load = os.getloadavg()
-    rows = [f"| step | median s | runs s | / copy floor | (median - fixed) / copy floor |", "|---|---|---|---|---|"]
+    rows = ["| step | median s | runs s | / copy floor | (median - fixed) / copy floor |", "|---|---|---|---|---|"]
     for key, ts in times.items():
         med = statistics.median(ts)
         n = key.rsplit("(", 1)[-1].split()[0] if "(" in key else None

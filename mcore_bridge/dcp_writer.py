@@ -35,12 +35,10 @@ _CHUNK = 64 << 20  # bytes per os.write
 
 def available() -> bool:
     """Whether this torch offers what the direct writer needs (else DCP's writer is used)."""
-    try:
-        from torch.distributed.checkpoint.filesystem import (  # noqa: F401
-            DEFAULT_SUFFIX, _item_size, _StorageInfo, _StoragePrefix)
-    except ImportError:
-        return False
-    return hasattr(torch.serialization, "skip_data")
+    import torch.distributed.checkpoint.filesystem as fs
+
+    needed = ("DEFAULT_SUFFIX", "_item_size", "_StorageInfo", "_StoragePrefix")
+    return all(hasattr(fs, n) for n in needed) and hasattr(torch.serialization, "skip_data")
 
 
 class _Sparse(io.RawIOBase):
