@@ -97,7 +97,8 @@ def main(argv=None) -> int:
                     MCORE_BRIDGE_QUIET="1", PYTHONWARNINGS="ignore")
 
     env = env_for(ROOT)
-    # the baseline first, so that what is byte-compared (and read by torch_dist->hf) is this checkout's output
+    # the baseline first in even repetitions, so that what is byte-compared after the first (and read by
+    # its torch_dist->hf) is this checkout's output
     codes = ([(" baseline", env_for(Path(args.baseline).resolve()))] if args.baseline else []) + [("", env)]
     src = Path(args.source) if args.source else work / f"qwen3-8b-l{args.layers}"
     if not (src / "config.json").exists():
@@ -132,7 +133,8 @@ def main(argv=None) -> int:
             for step in ["fixed"] + steps:
                 if step == "torch_dist->hf" and "hf->torch_dist" not in steps and not (work / f"dist{n}").exists():
                     continue
-                for mark, code_env in codes:
+                # A/B: the order alternates per repetition (whichever runs second finds the source in the page cache)
+                for mark, code_env in (codes if rep % 2 == 0 else codes[::-1]):
                     key = f"{step} ({n} proc){mark}"
                     times.setdefault(key, []).append(sh(conv(step, n, rep), code_env))
                     print(f"rep {rep}: {key:<35} {times[key][-1]:7.2f} s", flush=True)
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
 
     floor = statistics.median(times["copy floor"])
     load = os.getloadavg()
-    rows = [f"| step | median s | runs s | / copy floor | (median - fixed) / copy floor |", "|---|---|---|---|---|"]
+    rows = ["| step | median s | runs s | / copy floor | (median - fixed) / copy floor |", "|---|---|---|---|---|"]
     for key, ts in times.items():
         med = statistics.median(ts)
         n = key.rsplit("(", 1)[-1].split()[0] if "(" in key else None

@@ -20,6 +20,11 @@ listed in one line), given the HF directory for the config (``--model``). A tens
 that the checkpoint lacks, or a model tensor of the checkpoint that the model does not have, is an
 error naming it.
 
+Both directions go through megatron-core's ``dist_checkpointing`` with strategies of ours that move
+each tensor's bytes once: ``dcp_writer.DirectWriter`` writes DCP's records from the tensors' own
+memory, ``dcp_reader.DirectReader`` reads them straight into the parameters (same files; megatron's
+own load reads ours and ours reads megatron's: tests/test_dcp_io.py).
+
 Untrusted input: ``common.pt`` (and 0.19's ``common_state`` bytes) is read by ``torch.load`` with
 torch's default ``weights_only=True`` (torch >= 2.6; checked below); the ``.metadata`` pickle and the
 byte items that torch.distributed.checkpoint unpickles without restriction are first checked by
@@ -152,9 +157,10 @@ def save(models, out_dir, overwrite: bool = False, finalize_extra=None, content:
 
 
 def direct_save_strategy(thread_count: int = 2):
-    """megatron-core's torch_dist save strategy, writing through torch.distributed.checkpoint's own
-    ``FileSystemWriter`` (``thread_count`` threads and files per rank) instead of megatron's
-    ``FileSystemWriterAsync``, which starts a spawned ``multiprocessing`` manager process (0.16.1
+    """megatron-core's torch_dist save strategy, writing through ``dcp_writer.DirectWriter`` (DCP's
+    ``FileSystemWriter`` writing each tensor record from the tensor's own memory; DCP's writer itself
+    where torch lacks ``serialization.skip_data``; ``thread_count`` threads and files per rank)
+    instead of megatron's ``FileSystemWriterAsync``, which starts a spawned ``multiprocessing`` manager process (0.16.1
     and 0.19.2) and, on 0.16.1, forks one writer process per file: a fixed cost of seconds for any
     save and a slower write. Same files, same format: megatron's own translation of its sharded
     tensors (``mcore_to_pyt_state_dict``) and its planner (``MCoreSavePlanner``) produce them, and
@@ -163,12 +169,14 @@ def direct_save_strategy(thread_count: int = 2):
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.strategies import torch as mtorch
 
+    from .dcp_writer import writer_for
+
     class DirectWrite(mtorch.TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir):
             state, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(sharded_state_dict,
                                                                             self.keep_only_main_replica)
             dcp.save(mtorch.mcore_to_pyt_state_dict(state, False),
-                     storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=self.thread_count),
+                     storage_writer=writer_for(str(checkpoint_dir), self.thread_count),
                      planner=mtorch.MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
                                                      flatten_state_dict=False))
 
@@ -188,6 +196,7 @@ def load(models, path, content: str = FULL) -> str | None:
     from megatron.core.dist_checkpointing.validation import StrictHandling
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from .dcp_reader import direct_load_strategy
     from .plan import MappingError
 
     _check_torch_load_default()
@@ -207,7 +216,8 @@ def load(models, path, content: str = FULL) -> str | None:
         try:
             # megatron's names (validation.py): "unexpected" = asked for by this rank's sharded state
             # dict but absent from the checkpoint; "missing" = in the checkpoint, asked for by no rank
-            loaded, unasked, absent = dist_checkpointing.load(state, str(ckpt_dir), strict=StrictHandling.RETURN_ALL)
+            loaded, unasked, absent = dist_checkpointing.load(state, str(ckpt_dir), strict=StrictHandling.RETURN_ALL,
+                                                                sharded_strategy=direct_load_strategy())
         except CheckpointingException as e:
             raise MappingError(f"{ckpt_dir}: {e}") from None
         except CheckpointException as e:  # torch's (a BaseException): e.g. a tensor of another shape
