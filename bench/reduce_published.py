@@ -16,7 +16,7 @@ written next to the weights and printed.
 (DeepSeek-V3 / Kimi-K2 / GLM-4.5: ``model.layers.N.*`` with ``enorm``, ``hnorm``, ``eh_proj``, the
 embedding and head copies; Qwen3-Next / Qwen3.5: top-level ``mtp.*``): transformers builds the MTP
 layer's decoder layer as layer N (a full-attention layer), which is then renamed and given its
-seeded MTP-only weights (``mcore_bridge.zoo``'s writers, also used by the tiny zoo models).
+seeded MTP-only weights (``mcore_bridge.ckpt_edit``, also used by the tiny zoo models).
 
 ``--mxfp4 OUT2`` (a published config with ``quant_method: mxfp4``, i.e. gpt-oss): also write the
 checkpoint as gpt-oss publishes it -- every stacked expert tensor ``P`` (``[E, in, out]``) replaced by
@@ -125,14 +125,14 @@ def main(argv=None) -> int:
     n = sum(t.numel() for t in model.state_dict().values())
     n_mtp, style = mtp_layers(raw) if args.mtp else (0, "")
     if n_mtp:
-        from mcore_bridge import zoo
+        from mcore_bridge import ckpt_edit
 
         if style == "deepseek":
-            zoo.add_mtp(out, args.layers, n_mtp, args.seed)
+            ckpt_edit.add_mtp(out, args.layers, n_mtp, args.seed)
         else:
             text = "text_config" if isinstance(raw.get("text_config"), dict) else None
             prefix = "model.language_model." if text else "model."
-            zoo.add_qwen_next_mtp(out, args.layers, n_mtp, args.seed, prefix=prefix, text=text)
+            ckpt_edit.add_qwen_next_mtp(out, args.layers, n_mtp, args.seed, prefix=prefix, text=text)
     if args.mxfp4:
         write_mxfp4(out, Path(args.mxfp4), raw.get("quantization_config") or {}, args.seed)
     print(json.dumps({"out": str(out), "model_type": model_type, "params": n,

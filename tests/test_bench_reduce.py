@@ -78,7 +78,7 @@ def test_mtp_is_kept_only_when_asked_and_built_as_one_more_layer():
 def test_edit_shards_keeps_each_tensor_in_its_file_and_indexes_new_ones(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from mcore_bridge import zoo
+    from mcore_bridge import ckpt_edit
     from mcore_bridge.hf_io import HFCheckpoint
 
     a, b = {"x.weight": torch.arange(6.0).view(2, 3)}, {"y.weight": torch.ones(4), "z.weight": torch.zeros(2)}
@@ -94,7 +94,7 @@ def test_edit_shards_keeps_each_tensor_in_its_file_and_indexes_new_ones(tmp_path
         t["moved.weight"] = t.pop("x.weight")  # renamed: leaves shard 1 empty
         t["new.weight"] = torch.full((3,), 7.0)
 
-    zoo.edit_shards(tmp_path, edit)
+    ckpt_edit.edit_shards(tmp_path, edit)
     assert not (tmp_path / "model-00001-of-00002.safetensors").exists()
     assert set(load_file(tmp_path / "model-00002-of-00002.safetensors")) == {"y.weight", "z.weight"}
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
