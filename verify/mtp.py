@@ -186,7 +186,7 @@ def compare(samples, ref: dict, got: dict, limits: dict, gate: str, bridge) -> t
         m = metrics.combine(per_input, weights)
         depth_fails = [f"mtp.{k} {f}" for f in metrics.failures(m, limits, gate)]
         if drift > limits["layer_rel_drift"]:
-            depth_fails.append(f"mtp.{k} drift {drift:.2e} > {limits['layer_rel_drift']:.1e}")
+            depth_fails.append(f"mtp.{k} drift {drift:.2e} > {limits['layer_rel_drift']:.2e}")
         if routed:
             m["router_agreement"] = agree / routed
             if router_min is not None and m["router_agreement"] < router_min:

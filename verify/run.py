@@ -288,7 +288,7 @@ def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=No
             fails.append(f"{first['probe']} routing: {first['router_agreement']:.3f} of tokens reach the "
                          f"same experts (< {limits['router_agreement_min']:.3f})")
         else:
-            fails.append(f"{first['probe']} drift {first['rel_mean_diff']:.2e} > {first_limit:.1e}")
+            fails.append(f"{first['probe']} drift {first['rel_mean_diff']:.2e} > {first_limit:.2e}")
     fails += [f for f in mtp_fails if f not in fails]
     return {
         "schema": SCHEMA, "model": name, "source": source or str(bridge.source), "family": bridge.family.name,
