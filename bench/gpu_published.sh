@@ -13,6 +13,7 @@
 # FP8 configs also get an FP8 copy (`export --export-dtype fp8`) that is verified and round-tripped.
 # Results: $OUT/published-m<V>-<lane>.log, $OUT/reports/<config>-m<V>/ (index.md and the case pages).
 # VERIFY_ARGS (default --dtype fp32,bf16) replaces the verify options, e.g. "--dtype fp32 --isolate".
+# RT_SKIP="<names>" skips the round trip of those configs (verify only: a re-run after a runtime-only change).
 # SPLIT=N runs N lanes per version (the configs dealt round-robin), for a GPU with memory to spare.
 # Every config keeps its published MTP layer (reduce_published.py --mtp). Wheels in ${WHL_ROOT:-.whl}/fla/
 # (flash-linear-attention + fla-core) go into every lane: megatron's GatedDeltaNet (Qwen3-Next, Qwen3.5)
@@ -44,10 +45,9 @@ print(f"byte-exact: {not bad} ({len(a.names())} tensors{', vs the bf16 view of M
 sys.exit(1 if bad else 0)
 PY
 }
-CONFIGS=()
-for cfg in tests/published/*.json; do
-  name=$(basename "$cfg" .json)
-  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
+CONFIGS=()  # ONLY's order when given (lane K of SPLIT takes every SPLIT-th: the caller balances the lanes)
+for name in ${ONLY:-$(ls tests/published/*.json | xargs -n1 basename | sed 's/\.json$//')}; do
+  [ -f "tests/published/$name.json" ] || { echo "FAILED: no tests/published/$name.json"; exit 1; }
   CONFIGS+=("$name")
 done
 make_one() {  # phase 1, one config
@@ -95,11 +95,13 @@ lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLI
     fi
     for src in "${sources[@]}"; do
       tag=$(basename "$src")
+      if [[ " ${RT_SKIP:-} " != *" $name "* ]]; then
       stamp "m$V $tag: HF -> megatron -> HF (cuda)"
       run timeout ${STEP_TIMEOUT:-300} python3 -m mcore_bridge.cli export --model "$src" --to-hf --save "/tmp/rt-m$V-$tag" \
           --overwrite --device cuda $( [[ "$src" == *-fp8 ]] && echo --export-dtype fp8 ) 2>&1 | tail -1
       run same_bytes "$src" "/tmp/rt-m$V-$tag" 2>&1
       rm -rf "/tmp/rt-m$V-$tag"
+      fi
       stamp "m$V $tag: verify fp32,bf16"
       rep=$OUT/reports/$tag-m$V
       run timeout ${STEP_TIMEOUT:-300} python3 -m mcore_bridge.cli verify --model "$src" --matrix "tp=1" ${VERIFY_ARGS:---dtype fp32,bf16} \
