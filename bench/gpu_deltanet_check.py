@@ -46,7 +46,13 @@ def main() -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_rule
-    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule as hf_rule
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule as hf_dispatch
+
+    from verify.forward import _torch_original
+
+    # transformers 5.x dispatches its "torch" rule to fla when fla is importable (the first GPU run of
+    # this script compared fla with itself: 0.0); its own torch rule is the decorated function's original
+    hf_rule = _torch_original(hf_dispatch) or hf_dispatch
 
     import megatron.core
 
@@ -70,6 +76,7 @@ def main() -> int:
             outs = {
                 "fla (megatron's GPU path)": fla_rule(*x[:3], g=x[3], beta=x[4])[0],
                 "transformers torch rule": hf_rule(*x)[0],
+                "transformers as it dispatches": hf_dispatch(*x)[0],
                 "megatron torch rule": mg_rule(*x)[0],
             }
             names = list(outs)

@@ -28,6 +28,52 @@ def exact_fp32():
         matmul.allow_tf32 = saved
 
 
+def _torch_original(fn):
+    """The plain-torch function behind a transformers kernel-with-fallback wrapper that dispatches
+    elsewhere; None for anything else (or a wrapper already on its torch path)."""
+    for _ in range(4):  # through any outer wrappers (functools.wraps chains)
+        code = getattr(fn, "__code__", None)
+        if code is None or not hasattr(fn, "__wrapped__"):
+            return None
+        if "use_kernel_func_from_hub_with_fallback" in getattr(code, "co_qualname", ""):
+            cells = dict(zip(code.co_freevars, fn.__closure__ or ()))
+            cell = cells.get("is_new_implementation")
+            return None if cell is not None and not cell.cell_contents else fn.__wrapped__
+        fn = fn.__wrapped__
+    return None
+
+
+@contextlib.contextmanager
+def reference_torch_paths():
+    """For the duration, transformers' models call their own plain-torch implementations where
+    transformers would otherwise dispatch to an optional kernel package; yields what it switched.
+
+    transformers (5.x) decorates such functions with ``use_kernel_func_from_hub_with_fallback``: when
+    the package is importable (``fla`` for the gated delta rule of Qwen3-Next / Qwen3.5), the call
+    goes to the package's kernel, chosen once at import. fla's Triton ``chunk_gated_delta_rule``
+    computes fp32 dots in TF32: on an H200 at Qwen3-Next's shapes it was 1.45e-3 (relative) from the
+    torch rule it replaces (``bench/gpu_deltanet_check.py``), and an fp32 reference that carries
+    that error cannot judge a conversion at fp32 precision. Each swapped name is a module attribute
+    of a ``transformers.models.*`` module, read at call time by the model's forward; every one is
+    restored on exit. The decorated function keeps its torch original as ``__wrapped__``."""
+    import sys
+
+    swapped = []
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("transformers.models."):
+            continue
+        for attr, fn in list(vars(module).items()):
+            original = _torch_original(fn)
+            if original is not None:
+                swapped.append((module, attr, fn))
+                setattr(module, attr, original)
+    try:
+        yield [f"{m.__name__}.{a}" for m, a, _ in swapped]
+    finally:
+        for module, attr, fn in swapped:
+            setattr(module, attr, fn)
+
+
 def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int, position_ids: torch.Tensor | None = None,
                     vision: dict | None = None, mtp: list | None = None) -> torch.Tensor | None:
     """Full-vocabulary logits ``[B, S, vocab]`` of a sharded megatron model, on the last pipeline
@@ -132,7 +178,8 @@ def hf_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None
     kw = {k: v.to(device) for k, v in (vision or {}).items()}
     if position_ids is not None:
         kw["position_ids"] = position_ids.to(device)
-    with exact_fp32():
+    fp32 = next(model.parameters()).dtype == torch.float32  # the reference: torch paths, no TF32
+    with exact_fp32(), (reference_torch_paths() if fp32 else contextlib.nullcontext()):
         return model(input_ids=input_ids.to(device), use_cache=False, **kw).logits
 
 
