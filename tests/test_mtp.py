@@ -279,3 +279,22 @@ def test_mtp_model_runs_the_standard_positive_controls(pools, zoo_model, ref_cac
     assert r["verdict"] == "pass", r["failures"]
     assert r["detection"]["caught"] and r["detection"]["located"], r["detection"]
     assert any(c["control"].startswith("swap_experts:") for c in r["detection"]["controls"])
+
+
+def test_bf16_mtp_limits_come_from_hf_s_own_bf16_mtp_drift(pools, zoo_model, ref_cache):
+    """bf16: each MTP depth is judged against HF's own bf16-vs-fp32 drift at that depth (3x), as the
+    decoder layers are, not against the fp32-level floor (on an H200, GLM-4.5-Air's unperturbed MTP
+    layer drifted 3.1e-2 in bf16 and failed a fixed 1e-3)."""
+    r = _verify(pools, zoo_model, ref_cache, 1, L(), dtype="bf16")
+    assert r["verdict"] == "pass", r["failures"]
+    (depth,) = r["mtp"]["depths"]
+    assert depth["ok"] and depth["threshold"] > 1e-3  # the calibrated limit, above the bf16 floor here
+    assert depth["rel_mean_diff"] > 1e-3  # ... which this tiny model's bf16 MTP layer needs
+
+
+def test_bf16_perturbed_mtp_weight_is_still_caught_and_located(pools, zoo_model, ref_cache):
+    """The negative control of the calibrated bf16 MTP limits: a x1.5 MTP embedding norm."""
+    r = _verify(pools, zoo_model, ref_cache, 1, L(), dtype="bf16", control="scale:mtp.layers.0.enorm.weight:1.5")
+    assert r["verdict"] == "fail"
+    assert all(x["ok"] for x in r["layers"])  # the main model is untouched
+    assert r["first_diverging"]["probe"] == "mtp.0" and any(f.startswith("mtp.0 ") for f in r["failures"])

@@ -154,50 +154,80 @@ def reference(model, mtp_layers, model_dir: Path, input_ids: torch.Tensor, posit
     return out
 
 
-def compare(samples, ref: dict, got: dict, limits: dict, gate: str, bridge) -> tuple[dict | None, list[str], dict | None]:
-    """(report section, failures, first diverging) for the MTP depths of ``ref``/``got``."""
+def _depth_metrics(samples, ref: dict, other, k: int) -> tuple[dict, float, float | None, tuple[int, int]]:
+    """MTP depth ``k`` of ``other(sample name) -> (logits, hidden, routing)`` against the fp32
+    reference: (combined logit metrics, worst relative drift of the hidden state, router agreement
+    or None, (positions compared, those of them with a loss label))."""
+    from . import metrics
+
+    per_input, weights, drift, agree, routed, with_loss = {}, {}, 0.0, 0.0, 0, 0
+    for s in samples:
+        keep = s.input_ids.numel() - k - 1  # positions with a real next token
+        r = ref[s.name]["mtp"][k]
+        logits, hidden, got_map = other(s.name)
+        ref_map = r.get("routing")
+        if (ref_map is None) != (got_map is None):
+            raise RuntimeError(f"mtp.{k}: one side's MTP layer routes tokens, the other's does not")
+        if ref_map is not None:  # [S, experts] on both sides
+            agree += metrics.routing_agreement(ref_map[:keep], got_map[:keep]) * keep
+            routed += keep
+        labels = torch.roll(s.labels, -(k + 1))[:keep]  # position i's label read at i + 1: t[i + k + 2]
+        per_input[s.name] = metrics.compare_logits(r["logits"][:keep], logits[:keep], labels)
+        with_loss += int(metrics.loss_positions(labels).sum())
+        weights[s.name] = keep
+        drift = max(drift, metrics.probe_drift(r["hidden"][:keep], hidden[:keep])["rel_mean_diff"])
+    return (metrics.combine(per_input, weights), drift, (agree / routed if routed else None),
+            (sum(weights.values()), with_loss))
+
+
+def compare(samples, ref: dict, got: dict, limits: dict, gate: str, bridge, calib: dict | None = None,
+            dtype: str = "fp32") -> tuple[dict | None, list[str], dict | None]:
+    """(report section, failures, first diverging) for the MTP depths of ``ref``/``got``.
+    fp32: the main model's limits. bf16 (``calib``: HF's own bf16 run, with its MTP heads through the
+    same reference formula): each depth's limits come from HF's own bf16-vs-fp32 drift at that depth,
+    as the decoder layers' do -- an MTP layer sees the main model's bf16 hidden state and so drifts
+    more than any decoder layer (GLM-4.5-Air on an H200: 3.1e-2 against a fixed 1e-3)."""
     from . import metrics
 
     if not any(ref[s.name].get("mtp") for s in samples):
         return None, [], None
     n = len(ref[samples[0].name]["mtp"])
-    # an MoE MTP layer's routing: ``mtp.{k}.router`` on both sides, compared as the decoder layers' are
-    router_min = limits.get("router_agreement_min")
-    limits = {k: v for k, v in limits.items() if not k.startswith("router_agreement")}
     section = {"reference": REFERENCE, "depths": []}
     fails, first = [], None
     for k in range(n):
-        per_input, weights, drift = {}, {}, 0.0
-        agree, routed = 0.0, 0
-        for s in samples:
-            keep = s.input_ids.numel() - k - 1  # positions with a real next token
-            r, g = ref[s.name]["mtp"][k], got[s.name]["mtp_logits"][k]
-            ref_map, got_map = r.get("routing"), got[s.name]["probes"].get(f"mtp.{k}.router")
-            if (ref_map is None) != (got_map is None):
-                raise RuntimeError(f"mtp.{k}: one side's MTP layer routes tokens, the other's does not")
-            if ref_map is not None:  # [S, experts] on both sides
-                agree += metrics.routing_agreement(ref_map[:keep], got_map[:keep]) * keep
-                routed += keep
-            labels = torch.roll(s.labels, -(k + 1))[:keep]  # position i's label read at i + 1: t[i + k + 2]
-            per_input[s.name] = metrics.compare_logits(r["logits"][:keep], g[:keep], labels)
-            weights[s.name] = keep
-            d = metrics.probe_drift(r["hidden"][:keep], got[s.name]["probes"][f"mtp.{k}"][:keep])
-            drift = max(drift, d["rel_mean_diff"])
-        m = metrics.combine(per_input, weights)
-        depth_fails = [f"mtp.{k} {f}" for f in metrics.failures(m, limits, gate)]
-        if drift > limits["layer_rel_drift"]:
-            depth_fails.append(f"mtp.{k} drift {drift:.2e} > {limits['layer_rel_drift']:.2e}")
-        if routed:
-            m["router_agreement"] = agree / routed
-            if router_min is not None and m["router_agreement"] < router_min:
-                depth_fails.append(f"mtp.{k} routing: {m['router_agreement']:.3f} of tokens reach the same experts "
+        def mine(name, k=k):
+            return (got[name]["mtp_logits"][k], got[name]["probes"][f"mtp.{k}"],
+                    got[name]["probes"].get(f"mtp.{k}.router"))
+
+        m, drift, agreement, positions = _depth_metrics(samples, ref, mine, k)
+        depth_limits, drift_limit = dict(limits), limits["layer_rel_drift"]
+        if calib is not None:  # this depth's own calibration
+            def hf_bf16(name, k=k):
+                c = calib[name]["mtp"][k]
+                return c["logits"], c["hidden"], c.get("routing")
+
+            cal, cal_drift, cal_agreement, _ = _depth_metrics(samples, ref, hf_bf16, k)
+            if cal_agreement is not None:
+                cal["router_agreement"] = cal_agreement
+            depth_limits = metrics.thresholds(dtype, cal, moe=agreement is not None, gate=gate, tokens=positions)
+            drift_limit = max(drift_limit, metrics.BF16_FACTOR * cal_drift)
+        router_min = depth_limits.get("router_agreement_min")
+        gated_limits = {key: v for key, v in depth_limits.items() if not key.startswith("router_agreement")}
+        depth_fails = [f"mtp.{k} {f}" for f in metrics.failures(m, gated_limits, gate)]
+        if drift > drift_limit:
+            depth_fails.append(f"mtp.{k} drift {drift:.2e} > {drift_limit:.2e}")
+        if agreement is not None:
+            m["router_agreement"] = agreement
+            if router_min is not None and agreement < router_min:
+                depth_fails.append(f"mtp.{k} routing: {agreement:.3f} of tokens reach the same experts "
                                    f"(< {router_min:.3f})")
         section["depths"].append({"depth": k, "probe": f"mtp.{k}", "rel_mean_diff": drift, **m,
-                                  "ok": not depth_fails})
+                                  "threshold": drift_limit, "ok": not depth_fails})
         if depth_fails and first is None:
             units = [u for u in bridge.units if u.rule.mcore.startswith(f"mtp.layers.{k}.")]
             first = {"probe": f"mtp.{k}", "layer": None, "rel_mean_diff": drift, "cause": "weights",
                      "hf_params": [x for u in units for x in u.hf_names],
-                     "mcore_params": list(dict.fromkeys(u.rule.mcore for u in units))}
+                     "mcore_params": list(dict.fromkeys(u.rule.mcore for u in units)),
+                     "threshold": drift_limit}
         fails += depth_fails
     return section, fails, first

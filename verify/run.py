@@ -279,10 +279,10 @@ def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=No
                 first["router_agreement"] = routed[entry["layer"]]
             first_limit = limit
     fails = metrics.failures(overall, limits, gate)
-    mtp_section, mtp_fails, mtp_first = mtp.compare(samples, ref32, got, limits, gate, bridge)
+    mtp_section, mtp_fails, mtp_first = mtp.compare(samples, ref32, got, limits, gate, bridge, calib, dtype)
     if first is None and mtp_first is not None:  # the main model is fine up to its head: the MTP layer
         first = mtp_first
-        first_limit = limits["layer_rel_drift"]
+        first_limit = mtp_first.pop("threshold")
     if first is not None:
         if first["cause"] == "routing":
             fails.append(f"{first['probe']} routing: {first['router_agreement']:.3f} of tokens reach the "
