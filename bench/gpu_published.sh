@@ -14,7 +14,8 @@
 # Results: $OUT/published-m<V>-<lane>.log, $OUT/reports/<config>-m<V>/ (index.md and the case pages).
 # VERIFY_ARGS (default --dtype fp32,bf16) replaces the verify options, e.g. "--dtype fp32 --isolate".
 # RT_SKIP="<names>" skips the round trip of those configs (verify only: a re-run after a runtime-only change).
-# SPLIT=N runs N lanes per version (the configs dealt round-robin), for a GPU with memory to spare.
+# SPLIT=N runs N lanes per version (the configs dealt round-robin), for a GPU with memory to spare (on an
+# H200, 8 lanes in all ran out of memory with 3.6 B-parameter fp32 verifications; 6 did not).
 # Every config keeps its published MTP layer (reduce_published.py --mtp). Wheels in ${WHL_ROOT:-.whl}/fla/
 # (flash-linear-attention + fla-core) go into every lane: megatron's GatedDeltaNet (Qwen3-Next, Qwen3.5)
 # runs its fla Triton kernels on GPU.
