@@ -263,6 +263,8 @@ class HFHooks:
         training = self.training
         if training is None and config is not None:  # built by hand: the options of pretrain's config
             training = training_options(config)
+        if self.packing:
+            self.bridge.family.check_packing(self.dtype)
         chunks = self.bridge.build_model(self.dtype, training=training)
         if self.packing:
             from .families.vl_train import enable_packed_attention

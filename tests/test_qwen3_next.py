@@ -321,3 +321,24 @@ def test_fp32_runs_megatron_s_own_torch_delta_rule_and_bf16_keeps_the_kernel_pat
     assert transformer_config(fam, L(), torch.bfloat16, "cpu").deterministic_mode is False
     qwen3 = family_for(json.loads((PUBLISHED.parent / "Qwen__Qwen3-8B.json").read_text()))
     assert transformer_config(qwen3, L(), torch.float32, "cpu").deterministic_mode is False
+
+
+def test_packing_is_refused_where_megatron_s_delta_net_cannot_take_it():
+    """``--packing`` on a delta-net model gets our error naming the flag and the way out, before
+    megatron's own (0.16.1: NotImplementedError in the forward; 0.19.2: an assertion on
+    deterministic_mode, or a missing fla). Which one is keyed on what the installed megatron has."""
+    from megatron.core.ssm import gated_delta_net as gdn_module
+
+    fam = family_for(_published())
+    has_thd = hasattr(gdn_module.GatedDeltaNet, "_resolve_cu_seqlens")
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(UnsupportedConfig, match="--packing") as e:
+            fam.check_packing(dtype)
+        if not has_thd:
+            assert "does not take packed sequences" in str(e.value)
+        elif dtype == torch.float32:
+            assert "train in bf16" in str(e.value)
+        else:  # bf16 on this CPU machine: no fla
+            assert "fla" in str(e.value)
+    qwen3 = family_for(json.loads((PUBLISHED.parent / "Qwen__Qwen3-8B.json").read_text()))
+    qwen3.check_packing(torch.float32)  # attention-only families pack at any dtype

@@ -264,6 +264,10 @@ class Family:
         execution path of megatron's own, never a change of the weights or their names."""
         return {}
 
+    def check_packing(self, dtype) -> None:
+        """Refuse training on packed (THD) sequences at ``dtype`` where this model's megatron modules
+        cannot take them (a clear error before megatron's own assertion deep in a forward)."""
+
     def layer_kind(self, layer: int) -> Layers:
         return Layers.MOE if self.is_moe_layer(layer) else Layers.DENSE
 

@@ -143,6 +143,31 @@ class DeltaNetRuntime:
 
         return {"deterministic_mode": True} if dtype == torch.float32 else {}
 
+    def check_packing(self, dtype) -> None:
+        """megatron's ``GatedDeltaNet`` takes packed (THD) sequences only through fla's kernels, with
+        ``cu_seqlens``: 0.16.1 raises ``NotImplementedError`` for any ``packed_seq_params``; 0.19.2
+        asserts ``not deterministic_mode`` (our fp32 path, see ``runtime_config``) and needs fla."""
+        import torch
+        from megatron.core.ssm import gated_delta_net as gdn_module
+
+        gdn_class = getattr(gdn_module, "GatedDeltaNet")
+        if not hasattr(gdn_class, "_resolve_cu_seqlens"):  # the THD path of newer megatron-core
+            raise UnsupportedConfig(
+                f"--packing: this megatron-core's GatedDeltaNet does not take packed sequences (its forward "
+                f"raises 'GDN does not support packed sequence'); {self.name}'s linear-attention layers need "
+                f"megatron-core 0.19+ with fla, or train without --packing")
+        if dtype == torch.float32:
+            raise UnsupportedConfig(
+                f"--packing with fp32: {self.name}'s delta-net runs megatron's deterministic torch rule at fp32 "
+                f"(fla's kernel computes fp32 in TF32), which takes no packed sequences; train in bf16 (--bf16) "
+                f"or without --packing")
+        try:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: F401
+        except ImportError:
+            raise UnsupportedConfig(
+                f"--packing: {self.name}'s delta-net keeps packed sequences apart only with fla's kernels "
+                f"(flash-linear-attention, GPU), which are not importable here; train without --packing")
+
 
 def check_layout(c, layout) -> None:
     """Layouts megatron's delta-net cannot run: CP (0.16.1: not implemented; 0.19.2 has its own
