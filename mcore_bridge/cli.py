@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--no-detection", action="store_true",
                      help="skip the standard positive controls (x1.01 of a mid-depth weight; swapped experts) "
                           "that each report runs to state whether the gate would catch a fault")
+    ver.add_argument("--fp32-calibration", choices=("auto", "on", "off"), default="auto",
+                     help="fp32: also run the HF model in fp64 and allow each limit up to 3x HF's own fp32 error "
+                          "against it, never below the fixed fp32 limits (auto: on a GPU, where summation order "
+                          "varies with the GEMM algorithm per shape)")
     ver.add_argument("--baseline", default=None, help="after the run, compare against this report set")
     _add_runtime_args(ver)
 
@@ -516,6 +520,7 @@ def cmd_verify(args, argv) -> int:
                 if args.adapters:
                     cmd += ["--adapters", args.adapters]  # as given (it lands in the report); same cwd
                 cmd += ["--no-detection"] * args.no_detection + ["--isolate"] * args.isolate
+                cmd += ["--fp32-calibration", args.fp32_calibration]
                 cmd += ["--grad"] * args.grad + (["--train-steps", str(args.train_steps)] if args.train_steps else [])
                 env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                            MCORE_BRIDGE_QUIET="1", PYTHONWARNINGS="ignore")

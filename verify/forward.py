@@ -166,8 +166,16 @@ def hf_model(hf_dir, dtype=torch.float32, device="cpu"):
 
         with tempfile.TemporaryDirectory(prefix="mcore-bridge-dequantised-") as tmp:
             quant.dequantized_copy(hf_dir, tmp)
-            return cls.from_pretrained(tmp, dtype=dtype).to(device).eval()
-    return cls.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+            return as_reference(cls.from_pretrained(tmp, dtype=dtype), dtype).to(device).eval()
+    return as_reference(cls.from_pretrained(hf_dir, dtype=dtype), dtype).to(device).eval()
+
+
+def as_reference(model, dtype):
+    """An fp64 reference (the calibration of an fp32 check) runs transformers' eager experts: its
+    default ``grouped_mm`` takes no float64."""
+    if dtype == torch.float64 and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")
+    return model
 
 
 def hf_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -178,8 +186,8 @@ def hf_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None
     kw = {k: v.to(device) for k, v in (vision or {}).items()}
     if position_ids is not None:
         kw["position_ids"] = position_ids.to(device)
-    fp32 = next(model.parameters()).dtype == torch.float32  # the reference: torch paths, no TF32
-    with exact_fp32(), (reference_torch_paths() if fp32 else contextlib.nullcontext()):
+    precise = next(model.parameters()).dtype in (torch.float32, torch.float64)  # a reference: torch paths
+    with exact_fp32(), (reference_torch_paths() if precise else contextlib.nullcontext()):
         return model(input_ids=input_ids.to(device), use_cache=False, **kw).logits
 
 

@@ -87,7 +87,9 @@ def load(model_dir: Path, dtype, device, n: int):
         model = cls.from_pretrained(model_dir, dtype=dtype, **kwargs)
     finally:
         logging.set_verbosity(verbosity)
-    model = model.to(device).eval()
+    from .forward import as_reference
+
+    model = as_reference(model, dtype).to(device).eval()
     text = _text(model)
     mtp_layers = list(text.layers[layers:])
     text.layers = text.layers[:layers]
@@ -183,9 +185,9 @@ def _depth_metrics(samples, ref: dict, other, k: int) -> tuple[dict, float, floa
 def compare(samples, ref: dict, got: dict, limits: dict, gate: str, bridge, calib: dict | None = None,
             dtype: str = "fp32") -> tuple[dict | None, list[str], dict | None]:
     """(report section, failures, first diverging) for the MTP depths of ``ref``/``got``.
-    fp32: the main model's limits. bf16 (``calib``: HF's own bf16 run, with its MTP heads through the
-    same reference formula): each depth's limits come from HF's own bf16-vs-fp32 drift at that depth,
-    as the decoder layers' do -- an MTP layer sees the main model's bf16 hidden state and so drifts
+    Without ``calib``: the main model's limits. With it (HF's own run at ``dtype`` -- bf16, or fp64 for
+    a calibrated fp32 check -- its MTP heads through the same reference formula): each depth's limits
+    come from HF's own drift at that depth, as the decoder layers' do -- an MTP layer sees the main model's bf16 hidden state and so drifts
     more than any decoder layer (GLM-4.5-Air on an H200: 3.1e-2 against a fixed 1e-3)."""
     from . import metrics
 
@@ -202,15 +204,15 @@ def compare(samples, ref: dict, got: dict, limits: dict, gate: str, bridge, cali
         m, drift, agreement, positions = _depth_metrics(samples, ref, mine, k)
         depth_limits, drift_limit = dict(limits), limits["layer_rel_drift"]
         if calib is not None:  # this depth's own calibration
-            def hf_bf16(name, k=k):
+            def hf_own(name, k=k):
                 c = calib[name]["mtp"][k]
                 return c["logits"], c["hidden"], c.get("routing")
 
-            cal, cal_drift, cal_agreement, _ = _depth_metrics(samples, ref, hf_bf16, k)
+            cal, cal_drift, cal_agreement, _ = _depth_metrics(samples, ref, hf_own, k)
             if cal_agreement is not None:
                 cal["router_agreement"] = cal_agreement
             depth_limits = metrics.thresholds(dtype, cal, moe=agreement is not None, gate=gate, tokens=positions)
-            drift_limit = max(drift_limit, metrics.BF16_FACTOR * cal_drift)
+            drift_limit = max(drift_limit, metrics.calibration_factor(dtype) * cal_drift)
         router_min = depth_limits.get("router_agreement_min")
         gated_limits = {key: v for key, v in depth_limits.items() if not key.startswith("router_agreement")}
         depth_fails = [f"mtp.{k} {f}" for f in metrics.failures(m, gated_limits, gate)]

@@ -309,8 +309,10 @@ def calibration_by_probe(report: dict) -> dict[str, float]:
 
 
 def _calib_label(report: dict) -> str:
-    """Legend of the calibration: HF's own low-precision run against its fp32 run."""
-    return f"HF {report['dtype']} vs fp32"
+    """Legend of the calibration: HF's own run at the verified dtype against its more precise run
+    (fp32 for bf16; fp64 for a calibrated fp32 check)."""
+    against = (report.get("calibration") or {}).get("against", "fp32")
+    return f"HF {report['dtype']} vs {against}"
 
 
 def _first_probe(report: dict) -> str | None:

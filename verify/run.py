@@ -33,6 +33,8 @@ from .inputs import Sample, default_samples, multimodal_samples
 from .probes import hf_probes, megatron_probes, probe_layer, probe_order
 
 SCHEMA = "mcore-bridge-verify/1"
+# the reference's dtypes: the verified ones, and fp64 for the calibration of an fp32 check
+REF_DTYPES = {**DTYPES, "fp64": torch.float64}
 
 
 # ---- reference (transformers) ------------------------------------------------------------------
@@ -87,11 +89,11 @@ def reference(model_dir: Path, samples, dtype: str, device: str, cache_dir: Path
               adapter: Path | None = None) -> dict:
     """``hf_reference`` memoised on disk (tensors only; loaded with ``weights_only=True``)."""
     if cache_dir is None:
-        return hf_reference(model_dir, samples, DTYPES[dtype], device, adapter)
+        return hf_reference(model_dir, samples, REF_DTYPES[dtype], device, adapter)
     path = Path(cache_dir) / f"ref-{_reference_key(model_dir, samples, dtype, adapter)}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
-    ref = hf_reference(model_dir, samples, DTYPES[dtype], device, adapter)
+    ref = hf_reference(model_dir, samples, REF_DTYPES[dtype], device, adapter)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{rt.rank()}")
     torch.save(ref, tmp)
@@ -243,13 +245,15 @@ def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=No
     if routed:
         overall["router_agreement"] = min(routed.values())
     calibration = None
-    if dtype != "fp32":
-        cal_overall, _ = compare(samples, ref32, calib)
-        cal_layers = layer_drift(samples, ref32, calib, probes)
-        cal_routed = routing(samples, ref32, calib, num_layers) if routed else {}
+    if calib is not None:  # HF's own error at this dtype: bf16 against ref32, or ref32 against fp64 (calib)
+        truth, own = (calib, ref32) if dtype == "fp32" else (ref32, calib)
+        cal_overall, _ = compare(samples, truth, own)
+        cal_layers = layer_drift(samples, truth, own, probes)
+        cal_routed = routing(samples, truth, own, num_layers) if routed else {}
         if cal_routed:
             cal_overall["router_agreement"] = min(cal_routed.values())
-        calibration = {"hf_bf16_vs_fp32": cal_overall,
+        # the key predates fp32 calibration: it holds HF at the verified dtype against the more precise run
+        calibration = {"hf_bf16_vs_fp32": cal_overall, "against": "fp64" if dtype == "fp32" else "fp32",
                        "layers": [cal_layers[p]["rel_mean_diff"] for p in probes]}
     gate = "with_loss" if bridge.family.multimodal else "all"  # image and prompt tokens carry no loss
     tokens = (sum(s.input_ids.numel() for s in samples), sum(s.loss_tokens for s in samples))
@@ -260,7 +264,7 @@ def build_report(*, bridge, layout, dtype, device, samples, ref32, got, calib=No
     for i, probe in enumerate(probes):
         limit = limits["layer_rel_drift"]
         if calibration is not None:
-            limit = max(limit, metrics.BF16_FACTOR * calibration["layers"][i])
+            limit = max(limit, metrics.calibration_factor(dtype) * calibration["layers"][i])
         entry = {"probe": probe, "layer": probe_layer(probe), **drift[probe], "threshold": limit}
         ok = drift[probe]["rel_mean_diff"] <= limit
         routing_ok = True
@@ -320,13 +324,15 @@ def model_name(source: str) -> str:
 def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device: str = "auto",
                control: str | None = None, reference_cache: Path | None = None,
                lengths=None, grouped_experts: bool = False, adapter: str | None = None, grad: bool = False,
-               train_steps: int = 0, detection: bool = True, isolate: bool = False) -> dict | None:
+               train_steps: int = 0, detection: bool = True, isolate: bool = False,
+               fp32_calibration: bool | None = None) -> dict | None:
     """Collective: convert ``source`` into ``layout`` and verify it. The report on rank 0.
     ``grouped_experts``: MoE experts built as megatron's grouped-GEMM module (bf16 only in 0.16).
     ``adapter``: a PEFT directory put on both sides (megatron LoRA vs HF + PeftModel).
     ``grad`` / ``train_steps``: also compare gradients / N AdamW steps (``verify.grad``, fp32).
     ``detection``: also run the standard positive controls (``verify.detection``; not with ``control``).
-    ``isolate``: also the layer-isolated (teacher-forced) comparison (``verify.isolate``)."""
+    ``isolate``: also the layer-isolated (teacher-forced) comparison (``verify.isolate``).
+    ``fp32_calibration``: see ``verify_loaded`` (None: on a GPU)."""
     t0 = time.time()
     _refuse_unsupported(layout)
     bridge = Bridge(source, layout)
@@ -346,7 +352,8 @@ def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device:
     report = verify_loaded(bridge, models, bridge.source, dtype=dtype, name=model_name(source),
                            reference_cache=reference_cache, lengths=lengths, load_s=time.time() - t0,
                            adapter=Path(adapter) if adapter else None, source=str(source),
-                           detection=detection and not control, isolate=isolate)
+                           detection=detection and not control, isolate=isolate,
+                           fp32_calibration=fp32_calibration)
     if grad or train_steps:
         if dtype != "fp32":
             raise ValueError("--grad / --train-steps compare fp32 gradients: use --dtype fp32")
@@ -365,13 +372,15 @@ def run_layout(source: str, layout: ParallelLayout, dtype: str = "fp32", device:
 def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str,
                   reference_cache: Path | None = None, lengths=None, load_s: float = 0.0,
                   adapter: Path | None = None, source: str | None = None, detection: bool = False,
-                  isolate: bool = False) -> dict | None:
+                  isolate: bool = False, fp32_calibration: bool | None = None) -> dict | None:
     """Collective: compare loaded megatron ``models`` with the HF model in ``hf_dir`` (plus the
     PEFT ``adapter`` on it). ``detection``: also the standard positive controls, one more megatron
     forward each against the same reference (``verify.detection``). ``isolate``: also every layer
     fed the HF layer's input, and every MoE expert re-run on the same tokens on both sides
-    (``verify.isolate``; one more HF and one more megatron forward). Runs megatron forwards: the
-    caller keeps a ``compat.scope`` open."""
+    (``verify.isolate``; one more HF and one more megatron forward). ``fp32_calibration`` (default: on
+    a GPU): an fp32 check also runs the HF model in fp64, and no limit is tighter than ``FP32_FACTOR``
+    x HF's own fp32 error against it (``metrics.thresholds``). Runs megatron forwards: the caller
+    keeps a ``compat.scope`` open."""
     _refuse_unsupported(bridge.layout)
     t0 = time.time()
     vocab = int(bridge.family.cfg.require("vocab_size"))
@@ -394,7 +403,12 @@ def verify_loaded(bridge: Bridge, models, hf_dir: Path, *, dtype: str, name: str
     t1 = time.time()
     device = bridge.device
     ref32 = reference(hf_dir, samples, "fp32", device, reference_cache, adapter)
-    calib = reference(hf_dir, samples, dtype, device, reference_cache, adapter) if dtype != "fp32" else None
+    if dtype != "fp32":
+        calib = reference(hf_dir, samples, dtype, device, reference_cache, adapter)
+    elif fp32_calibration if fp32_calibration is not None else device == "cuda":
+        calib = reference(hf_dir, samples, "fp64", device, reference_cache, adapter)
+    else:
+        calib = None
     timing = {"load_s": load_s, "megatron_forward_s": t_mg, "reference_s": time.time() - t1}
     report = build_report(bridge=bridge, layout=bridge.layout, dtype=dtype,
                           device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -462,6 +476,9 @@ def main(argv=None) -> int:
                          "each MoE expert) on its own (verify/isolate.py)")
     ap.add_argument("--no-detection", action="store_true",
                     help="skip the standard positive controls (verify/detection.py) that measure detection power")
+    ap.add_argument("--fp32-calibration", choices=("auto", "on", "off"), default="auto",
+                    help="fp32: also run the HF model in fp64 and allow each limit up to 3x HF's own fp32 error "
+                         "against it (auto: on a GPU)")
     args = ap.parse_args(argv)
     from mcore_bridge.runtime import compat
 
@@ -471,7 +488,8 @@ def main(argv=None) -> int:
                             args.control, Path(args.reference_cache) if args.reference_cache else None,
                             grouped_experts=args.grouped_experts, adapter=args.adapters, grad=args.grad,
                             train_steps=args.train_steps, detection=not args.no_detection,
-                            isolate=args.isolate)
+                            isolate=args.isolate,
+                            fp32_calibration={"auto": None, "on": True, "off": False}[args.fp32_calibration])
     if report is not None:
         if args.report:
             from .report import write_report
