@@ -157,8 +157,7 @@ def reference(model, mtp_layers, model_dir: Path, input_ids: torch.Tensor, posit
 
 
 def _depth_metrics(samples, ref: dict, other, k: int) -> tuple[dict, float, float | None, tuple[int, int]]:
-    """MTP depth ``k`` of ``other(sample name) -> (logits, hidden, routing)`` against the fp32
-    reference: (combined logit metrics, worst relative drift of the hidden state, router agreement
+    """MTP depth ``k`` of ``other(sample name) -> (logits, hidden, routing)`` against ``ref``: (combined logit metrics, worst relative drift of the hidden state, router agreement
     or None, (positions compared, those of them with a loss label))."""
     from . import metrics
 
@@ -187,8 +186,9 @@ def compare(samples, ref: dict, got: dict, limits: dict, gate: str, bridge, cali
     """(report section, failures, first diverging) for the MTP depths of ``ref``/``got``.
     Without ``calib``: the main model's limits. With it (HF's own run at ``dtype`` -- bf16, or fp64 for
     a calibrated fp32 check -- its MTP heads through the same reference formula): each depth's limits
-    come from HF's own drift at that depth, as the decoder layers' do -- an MTP layer sees the main model's bf16 hidden state and so drifts
-    more than any decoder layer (GLM-4.5-Air on an H200: 3.1e-2 against a fixed 1e-3)."""
+    come from HF's own drift at that depth, as the decoder layers' do. An MTP layer sees the main
+    model's drifted hidden state, so in bf16 it drifts more than any decoder layer (GLM-4.5-Air on an
+    H200: 3.1e-2, against the fixed 1e-3 it was judged by before)."""
     from . import metrics
 
     if not any(ref[s.name].get("mtp") for s in samples):
