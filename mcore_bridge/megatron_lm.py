@@ -48,6 +48,7 @@ raises ``UsageError`` saying so (this module itself imports anywhere).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,6 +266,9 @@ class HFHooks:
             training = training_options(config)
         if self.packing:
             self.bridge.family.check_packing(self.dtype)
+            from .train_options import TrainOptions
+
+            training = dataclasses.replace(training or TrainOptions(), packed=True)
         chunks = self.bridge.build_model(self.dtype, training=training)
         if self.packing:
             from .families.vl_train import enable_packed_attention

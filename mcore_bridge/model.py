@@ -22,7 +22,7 @@ def transformer_config(family: Family, layout: ParallelLayout, dtype: torch.dtyp
         # divides by the number of middle stages (0 here) under vpp: pass only the first size.
         last = None
     runtime = moe_runtime(kw, layout, grouped)
-    runtime.update(family.runtime_config(dtype))
+    runtime.update(family.runtime_config(dtype, packed=bool(training is not None and training.packed)))
     if training is not None:
         runtime.update(training.config_kwargs(moe=bool(kw.get("num_moe_experts"))))
     try:

@@ -36,6 +36,7 @@ class TrainOptions:
     moe_z_loss_coeff: float | None = None
     # parameters that get no gradient (requires_grad=False before the DDP wrap / optimizer)
     freeze: tuple[str, ...] = ()  # subset of PARTS; "vision"/"projector" only on vision-language models
+    packed: bool = False  # the model takes THD packed sequences (--packing): Family.runtime_config sees it
 
     def __post_init__(self):
         unknown = [p for p in self.freeze if p not in PARTS]

@@ -325,8 +325,8 @@ def test_fp32_runs_megatron_s_own_torch_delta_rule_and_bf16_keeps_the_kernel_pat
 
 def test_packing_is_refused_where_megatron_s_delta_net_cannot_take_it():
     """``--packing`` on a delta-net model gets our error naming the flag and the way out, before
-    megatron's own (0.16.1: NotImplementedError in the forward; 0.19.2: an assertion on
-    deterministic_mode, or a missing fla). Which one is keyed on what the installed megatron has."""
+    megatron's own (0.16.1: NotImplementedError in the forward; 0.19.2 without fla: its kernels are
+    the only THD path). Which one is keyed on what the installed megatron has."""
     from megatron.core.ssm import gated_delta_net as gdn_module
 
     fam = family_for(_published())
@@ -334,11 +334,20 @@ def test_packing_is_refused_where_megatron_s_delta_net_cannot_take_it():
     for dtype in (torch.float32, torch.bfloat16):
         with pytest.raises(UnsupportedConfig, match="--packing") as e:
             fam.check_packing(dtype)
-        if not has_thd:
-            assert "does not take packed sequences" in str(e.value)
-        elif dtype == torch.float32:
-            assert "train in bf16" in str(e.value)
-        else:  # bf16 on this CPU machine: no fla
-            assert "fla" in str(e.value)
+        # 0.16.1: no THD delta-net at all; 0.19.2 on this CPU machine: no fla
+        assert ("does not take packed sequences" if not has_thd else "fla") in str(e.value)
     qwen3 = family_for(json.loads((PUBLISHED.parent / "Qwen__Qwen3-8B.json").read_text()))
     qwen3.check_packing(torch.float32)  # attention-only families pack at any dtype
+
+
+def test_packed_fp32_training_keeps_megatron_s_kernel_path():
+    """megatron's torch delta rule (fp32's verification path) takes no cu_seqlens: a model built for
+    packed sequences keeps the kernel path at fp32 too (TrainOptions.packed, set by the hooks)."""
+    from mcore_bridge.model import transformer_config
+    from mcore_bridge.train_options import TrainOptions
+
+    fam = family_for(_published())
+    assert fam.runtime_config(torch.float32) == {"deterministic_mode": True}
+    assert fam.runtime_config(torch.float32, packed=True) == {}
+    cfg = transformer_config(fam, L(), torch.float32, "cpu", training=TrainOptions(packed=True))
+    assert cfg.deterministic_mode is False

@@ -259,14 +259,15 @@ class Family:
     def check_layout(self, layout) -> None:
         """Refuse layouts this model cannot run on beyond what ``layout_dims`` expresses."""
 
-    def runtime_config(self, dtype) -> dict:
-        """megatron config fields that choose how (not what) this model computes at ``dtype``: an
-        execution path of megatron's own, never a change of the weights or their names."""
+    def runtime_config(self, dtype, packed: bool = False) -> dict:
+        """megatron config fields that choose how (not what) this model computes at ``dtype`` (and
+        on THD ``packed`` sequences): an execution path of megatron's own, never a change of the
+        weights or their names."""
         return {}
 
     def check_packing(self, dtype) -> None:
         """Refuse training on packed (THD) sequences at ``dtype`` where this model's megatron modules
-        cannot take them (a clear error before megatron's own assertion deep in a forward)."""
+        cannot take them here (a clear error before megatron's own, deep in a forward)."""
 
     def layer_kind(self, layer: int) -> Layers:
         return Layers.MOE if self.is_moe_layer(layer) else Layers.DENSE

@@ -136,18 +136,19 @@ class DeltaNetRuntime:
     (reports/gpu-h200/published-session29.md), beyond fp32 verification. ``deterministic_mode`` is
     megatron's own switch to its torch chunked rule and ``F.conv1d`` (it also reads the embedding by
     indexing instead of ``F.embedding``: same values); verify's fp32 reference runs transformers' torch
-    rule likewise (``verify.forward.reference_torch_paths``). bf16 / fp16 models keep the kernel path."""
+    rule likewise (``verify.forward.reference_torch_paths``). bf16 / fp16 models keep the kernel path,
+    and so do packed (THD) sequences at any dtype: megatron's torch rule takes no ``cu_seqlens``."""
 
-    def runtime_config(self, dtype) -> dict:
+    def runtime_config(self, dtype, packed: bool = False) -> dict:
         import torch
 
-        return {"deterministic_mode": True} if dtype == torch.float32 else {}
+        return {"deterministic_mode": True} if dtype == torch.float32 and not packed else {}
 
     def check_packing(self, dtype) -> None:
         """megatron's ``GatedDeltaNet`` takes packed (THD) sequences only through fla's kernels, with
         ``cu_seqlens``: 0.16.1 raises ``NotImplementedError`` for any ``packed_seq_params``; 0.19.2
-        asserts ``not deterministic_mode`` (our fp32 path, see ``runtime_config``) and needs fla."""
-        import torch
+        needs fla (and not ``deterministic_mode``: ``runtime_config`` keeps the kernel path when
+        packed, at fp32 too)."""
         from megatron.core.ssm import gated_delta_net as gdn_module
 
         gdn_class = getattr(gdn_module, "GatedDeltaNet")
@@ -156,11 +157,6 @@ class DeltaNetRuntime:
                 f"--packing: this megatron-core's GatedDeltaNet does not take packed sequences (its forward "
                 f"raises 'GDN does not support packed sequence'); {self.name}'s linear-attention layers need "
                 f"megatron-core 0.19+ with fla, or train without --packing")
-        if dtype == torch.float32:
-            raise UnsupportedConfig(
-                f"--packing with fp32: {self.name}'s delta-net runs megatron's deterministic torch rule at fp32 "
-                f"(fla's kernel computes fp32 in TF32), which takes no packed sequences; train in bf16 (--bf16) "
-                f"or without --packing")
         try:
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: F401
         except ImportError:
