@@ -151,8 +151,7 @@ class DeltaNetRuntime:
         packed, at fp32 too)."""
         from megatron.core.ssm import gated_delta_net as gdn_module
 
-        gdn_class = getattr(gdn_module, "GatedDeltaNet")
-        if not hasattr(gdn_class, "_resolve_cu_seqlens"):  # the THD path of newer megatron-core
+        if not hasattr(gdn_module.GatedDeltaNet, "_resolve_cu_seqlens"):  # the THD path of newer megatron-core
             raise UnsupportedConfig(
                 f"--packing: this megatron-core's GatedDeltaNet does not take packed sequences (its forward "
                 f"raises 'GDN does not support packed sequence'); {self.name}'s linear-attention layers need "
