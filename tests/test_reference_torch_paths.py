@@ -4,6 +4,7 @@ Checked with transformers' own decorator, on a package that is always importable
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 import types
@@ -81,3 +82,42 @@ def test_the_delta_rule_is_decorated_the_way_the_switch_expects():
     fn = mod.torch_chunk_gated_delta_rule
     assert "use_kernel_func_from_hub_with_fallback" in fn.__code__.co_qualname
     assert fn.__wrapped__.__name__ == "torch_chunk_gated_delta_rule"
+
+
+def test_the_mtp_reference_runs_on_the_main_reference_s_paths(zoo_model, monkeypatch):
+    """verify.mtp's formula re-runs the main model and runs the MTP layer on the same HF model: both
+    under the same switch as ``hf_forward`` (on an H200 its absence left the MTP reference on fla's TF32
+    delta rule: MTP drift 1.3e-3 against a main model at 1.6e-6)."""
+    import contextlib
+    import importlib
+
+    from verify import inputs, run
+
+    active = []
+
+    @contextlib.contextmanager
+    def recording():
+        active.append(True)
+        try:
+            yield []
+        finally:
+            active.pop()
+
+    monkeypatch.setattr(forward, "reference_torch_paths", recording)
+    mod = importlib.import_module("transformers.models.qwen3_next.modeling_qwen3_next")
+    inside = {"delta": [], "attention": []}
+    for key, cls in (("delta", mod.Qwen3NextGatedDeltaNet), ("attention", mod.Qwen3NextAttention)):
+        original = cls.forward
+
+        def spy(self, *a, _original=original, _key=key, **k):
+            inside[_key].append(bool(active))
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(cls, "forward", spy)
+    src = zoo_model("qwen3_next_mtp")
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    out = run.hf_reference(src, [inputs.random_sample(vocab, 12, seed=1)], torch.float32, "cpu")
+    assert len(next(iter(out.values()))["mtp"]) == 1
+    # main forward (delta-net + attention), the MTP formula's main forward again, and its MTP layer (attention)
+    assert len(inside["delta"]) >= 2 and len(inside["attention"]) >= 3
+    assert all(inside["delta"]) and all(inside["attention"]), inside

@@ -186,9 +186,18 @@ def hf_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None
     kw = {k: v.to(device) for k, v in (vision or {}).items()}
     if position_ids is not None:
         kw["position_ids"] = position_ids.to(device)
-    precise = next(model.parameters()).dtype in (torch.float32, torch.float64)  # a reference: torch paths
-    with exact_fp32(), (reference_torch_paths() if precise else contextlib.nullcontext()):
+    with reference_run(model):
         return model(input_ids=input_ids.to(device), use_cache=False, **kw).logits
+
+
+@contextlib.contextmanager
+def reference_run(model):
+    """How every forward of a reference model runs (``hf_forward``, and ``verify.mtp``'s formula on
+    the same model): no TF32 anywhere, and an fp32 / fp64 model on transformers' plain-torch paths
+    (``reference_torch_paths``); a bf16 model runs the way users run it."""
+    precise = next(model.parameters()).dtype in (torch.float32, torch.float64)
+    with exact_fp32(), (reference_torch_paths() if precise else contextlib.nullcontext()):
+        yield
 
 
 def hf_logits(hf_dir, input_ids: torch.Tensor, dtype=torch.float32, device="cpu", position_ids=None,

@@ -120,7 +120,11 @@ def reference(model, mtp_layers, model_dir: Path, input_ids: torch.Tensor, posit
     out = []
     kw = {k: v.to(device) for k, v in (vision or {}).items()}
     pos = None if position_ids is None else position_ids.to(device)
-    with torch.no_grad():
+    from .forward import reference_run
+
+    # the main model's forward and the MTP layers on the paths of the main reference (hf_forward):
+    # outside them, an fp32 reference on a GPU ran fla's TF32 delta rule (MTP drift 1.3e-3, H200)
+    with torch.no_grad(), reference_run(model):
         # after the final norm
         h = model.model(input_ids=ids, position_ids=pos, use_cache=False, **kw).last_hidden_state
         for k, layer in enumerate(mtp_layers):
