@@ -13,6 +13,7 @@
 # FP8 configs also get an FP8 copy (`export --export-dtype fp8`) that is verified and round-tripped.
 # Results: $OUT/published-m<V>-<lane>.log, $OUT/reports/<config>-m<V>/ (index.md and the case pages).
 # VERIFY_ARGS (default --dtype fp32,bf16) replaces the verify options, e.g. "--dtype fp32 --isolate".
+# QUANT_ONLY=1: an MXFP4 config runs its as-published copy alone (not the bf16 checkpoint it was made from).
 # RT_SKIP="<names>" skips the round trip of those configs (verify only: a re-run after a runtime-only change).
 # SPLIT=N runs N lanes per version (the configs dealt round-robin), for a GPU with memory to spare (on an
 # H200, 8 lanes in all ran out of memory with 3.6 B-parameter fp32 verifications; 6 did not).
@@ -87,6 +88,7 @@ lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLI
     [ -f "$ck/config.json" ] || { echo "FAILED: no checkpoint for $name"; rc=1; continue; }
     sources=("$ck")
     [ -d "$ck-mxfp4" ] && sources+=("$ck-mxfp4")
+    [ -d "$ck-mxfp4" ] && [ -n "${QUANT_ONLY:-}" ] && sources=("$ck-mxfp4")  # the as-published copy alone
     if grep -q '"quant_method": *"fp8"' "$cfg"; then
       q=/tmp/pubq-m$V/$name-fp8
       stamp "m$V $name: FP8 copy"
