@@ -23,7 +23,7 @@ LAYOUTS = {
     "deepseek-ai__DeepSeek-V3.1.json": dict(pp=16, ep=8, first_stage_layers=1),
     "moonshotai__Kimi-K2-Instruct.json": dict(pp=16, ep=16, first_stage_layers=1),
     "moonshotai__Moonlight-16B-A3B-Instruct.json": dict(pp=3, ep=8),
-    "zai-org__GLM-4.5.json": dict(tp=2, pp=8, ep=8, sp=True, first_stage_layers=4),
+    "zai-org__GLM-4.5.json": dict(tp=2, pp=8, ep=8, sp=True, last_stage_layers=8),  # 92: 7 x 12 + 8 (+ MTP, head)
     "zai-org__GLM-4.5-Air.json": dict(pp=4, ep=8, last_stage_layers=10),  # 46 layers: 12+12+12+10
     "openai__gpt-oss-120b.json": dict(tp=2, pp=4, ep=8, etp=1, sp=True),
     "openai__gpt-oss-20b.json": dict(ep=8),

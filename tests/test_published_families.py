@@ -1,5 +1,5 @@
-"""Family-specific expectations for the published configs added for issues 18 / 19 (GLM-4.5-Air,
-OLMoE): the megatron settings each maps to (``Family.architecture``, mixins included, so the MTP
+"""Family-specific expectations for the published configs added for issues 18 / 19 (GLM-4.5,
+GLM-4.5-Air, OLMoE): the megatron settings each maps to (``Family.architecture``, mixins included, so the MTP
 layer count is there), and megatron-core's own ``TransformerConfig`` accepts them at the real size.
 The shared plan / parameter-count test is ``test_published.py``; provenance in
 ``tests/published/PROVENANCE.md``. Expected values are read off the config.json by hand, not computed
@@ -29,6 +29,18 @@ EXPECTED = {
         num_moe_experts=128, moe_router_topk=8, moe_ffn_hidden_size=1408, moe_shared_expert_intermediate_size=1408,
         moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_num_groups=None,
         moe_router_group_topk=None, moe_router_topk_scaling_factor=1.0, moe_layer_freq=[0] + [1] * 45,
+        mtp_num_layers=1),
+        dict(vocab_size=151552, share_embeddings_and_output_weights=False, rotary_base=1e6, rotary_percent=0.5,
+             max_sequence_length=131072)),
+    # GLM-4.5 (355B-A32B): as the Air but larger and with q/k norm (use_qk_norm true): 96/8 heads of
+    # 128 on hidden 5120, q/k/v bias, rotary 0.5, 160 experts top-8 of 1536 plus one shared, sigmoid
+    # with correction bias, scaling 2.5, layers 0-2 dense of 12288 (first_k_dense_replace 3), one MTP layer.
+    "zai-org__GLM-4.5.json": ("Glm4Moe", dict(
+        num_layers=92, hidden_size=5120, num_attention_heads=96, num_query_groups=8, kv_channels=128,
+        ffn_hidden_size=12288, add_qkv_bias=True, add_bias_linear=False, qk_layernorm=True, layernorm_epsilon=1e-5,
+        num_moe_experts=160, moe_router_topk=8, moe_ffn_hidden_size=1536, moe_shared_expert_intermediate_size=1536,
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_num_groups=None,
+        moe_router_group_topk=None, moe_router_topk_scaling_factor=2.5, moe_layer_freq=[0] * 3 + [1] * 89,
         mtp_num_layers=1),
         dict(vocab_size=151552, share_embeddings_and_output_weights=False, rotary_base=1e6, rotary_percent=0.5,
              max_sequence_length=131072)),
