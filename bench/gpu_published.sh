@@ -13,6 +13,8 @@
 # FP8 configs also get an FP8 copy (`export --export-dtype fp8`) that is verified and round-tripped.
 # Results: $OUT/published-m<V>-<lane>.log, $OUT/reports/<config>-m<V>/ (index.md and the case pages).
 # VERIFY_ARGS (default --dtype fp32,bf16) replaces the verify options, e.g. "--dtype fp32 --isolate".
+# BUDGET_S=N stops the run N s after the lanes start (no new config, running steps killed); PACK=1 packs
+# the reports and logs into $OUT/published.tgz (without verify's caches).
 # QUANT_ONLY=1: an MXFP4 config runs its as-published copy alone (not the bf16 checkpoint it was made from).
 # RT_SKIP="<names>" skips the round trip of those configs (verify only: a re-run after a runtime-only change).
 # SPLIT=N runs N lanes per version (the configs dealt round-robin), for a GPU with memory to spare (on an
@@ -82,6 +84,9 @@ lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLI
   only_v=ONLY_$V  # ONLY_016="..." narrows one lane further
   i=-1
   for name in "${CONFIGS[@]}"; do
+    if [ -n "${DEADLINE:-}" ] && [ "$(date +%s)" -ge "$DEADLINE" ]; then
+      echo "SKIPPED (deadline): $name"; continue
+    fi
     if [ -n "${!only_v:-}" ] && [[ " ${!only_v} " != *" $name "* ]]; then continue; fi
     i=$((i + 1)); [ $((i % ${SPLIT:-1})) -eq "$K" ] || continue
     ck=/tmp/pub/$name; cfg=tests/published/$name.json
@@ -116,12 +121,24 @@ lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLI
   stamp "m$V done rc=$rc"
   return $rc
 }
+# BUDGET_S=N: no config starts after N s from here, and every step ends by then (a device call's limit
+# minus the time to pack the results); the reports are then packed (PACK=1) even if steps were cut.
+[ -n "${BUDGET_S:-}" ] && DEADLINE=$(( $(date +%s) + BUDGET_S )) && export DEADLINE
 pids=()
 for V in "$@"; do
   for ((K = 0; K < ${SPLIT:-1}; K++)); do lane "$V" "$K" > "$OUT/published-m$V-$K.log" 2>&1 & pids+=($!); done
 done
 rc=0
+if [ -n "${DEADLINE:-}" ]; then  # cut every lane at the deadline (their own steps stop then too)
+  ( while [ "$(date +%s)" -lt "$DEADLINE" ]; do sleep 2; done; kill "${pids[@]}" 2>/dev/null
+    pkill -f "mcore_bridge.cli" 2>/dev/null ) & watchdog=$!
+fi
 for p in "${pids[@]}"; do wait "$p" || rc=1; done
+[ -n "${watchdog:-}" ] && kill "$watchdog" 2>/dev/null
+if [ -n "${PACK:-}" ]; then  # one small archive: a device call returns 8 files, 2 folders deep, size-limited
+  find "$OUT/reports" -name .cache -prune -exec rm -rf {} + 2>/dev/null
+  tar czf "$OUT/published.tgz" -C "$OUT" reports $(cd "$OUT" && ls *.log) && rm -rf "$OUT/reports"
+fi
 for f in "$OUT"/published-m*.log; do  # a compact summary: the device returns the last 12,000 characters
   echo "--- $(basename "$f")"; grep -E "^== m[0-9]+ .*(->|verify)|byte-exact|PASS|FAIL|rror" "$f" | cut -c1-230
 done
