@@ -87,6 +87,8 @@ def test_matrix_expansion_skips_invalid_with_reason():
     with pytest.raises(ValueError, match="unknown axis"):
         parse("zz=2")  # cp is an axis (context parallel); anything unknown is refused
     assert parse("ep=1,2 etp=1") == [{"ep": 1, "etp": 1}, {"ep": 2, "etp": 1}]
+    with pytest.raises(ValueError, match=r"--matrix: tp='1;tp=2' is not a comma-separated list.*separated by spaces"):
+        parse("tp=1;tp=2")  # a usage error naming the option and the syntax, not int()'s message
 
 
 def test_nan_logits_fail():

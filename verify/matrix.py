@@ -32,7 +32,11 @@ def parse(text: str) -> list[dict]:
         if key not in AXES:
             raise UsageError(f"--matrix: unknown axis {key!r} (known: {', '.join(AXES)})")
         field, conv = AXES[key]
-        axes.append([(field, conv(v)) for v in values.split(",") if v])
+        try:
+            axes.append([(field, conv(v)) for v in values.split(",") if v])
+        except ValueError:
+            raise UsageError(f"--matrix: {key}={values!r} is not a comma-separated list of numbers; axes are "
+                             f"separated by spaces, e.g. \"tp=1,2 pp=1,2 sp=0,1\"") from None
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
