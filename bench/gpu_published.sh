@@ -84,11 +84,11 @@ lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLI
   only_v=ONLY_$V  # ONLY_016="..." narrows one lane further
   i=-1
   for name in "${CONFIGS[@]}"; do
-    if [ -n "${DEADLINE:-}" ] && [ "$(date +%s)" -ge "$DEADLINE" ]; then
-      echo "SKIPPED (deadline): $name"; continue
-    fi
     if [ -n "${!only_v:-}" ] && [[ " ${!only_v} " != *" $name "* ]]; then continue; fi
     i=$((i + 1)); [ $((i % ${SPLIT:-1})) -eq "$K" ] || continue
+    if [ -n "${DEADLINE:-}" ] && [ "$(date +%s)" -ge "$DEADLINE" ]; then
+      echo "SKIPPED (deadline): $name"; rc=1; continue
+    fi
     ck=/tmp/pub/$name; cfg=tests/published/$name.json
     [ -f "$ck/config.json" ] || { echo "FAILED: no checkpoint for $name"; rc=1; continue; }
     sources=("$ck")
