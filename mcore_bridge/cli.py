@@ -304,7 +304,7 @@ def _export(args, bridge, device, save) -> int:
                              f"checkpoint keeps the model's --dtype")
         quant.export_plan(bridge.hf, bridge.hf_tensors, bridge.hf_config, args.export_dtype)
     bridge.setup(device)
-    dtype = DTYPES[args.dtype] if args.dtype else _source_dtype(bridge)
+    dtype = DTYPES[args.dtype] if args.dtype else bridge.source_dtype()
     models = bridge.build_model(dtype)
     if args.load:
         _say(checkpoint.load_mcore(bridge, models, args.load))
@@ -417,13 +417,6 @@ def _hf_source(model):
     from .bridge import resolve_source
 
     return resolve_source(model)
-
-
-def _source_dtype(bridge):
-    import torch
-
-    dtypes = {d for _, d in bridge.hf_tensors.values() if d.is_floating_point}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def cmd_demo(args, argv) -> int:

@@ -215,3 +215,44 @@ def test_experts_that_do_not_divide_over_ep_are_refused(zoo_model, tmp_path):
     assert r.returncode == 2
     assert "8 experts cannot be split over ep=3" in r.stderr and "--ep" in r.stderr
     assert_nothing_written(save)
+
+
+def _deepseek_as_published(zoo_model, tmp_path, router_dtype):
+    """The zoo's DeepSeek-V3 with DeepSeek-V3's published dtypes: bf16 weights and an fp32
+    ``e_score_correction_bias``; the router weight in ``router_dtype``."""
+    from mcore_bridge.ckpt_edit import edit_shards
+
+    src = tmp_path / f"dsv3-{router_dtype}"
+    shutil.copytree(zoo_model("deepseek_v3"), src)
+
+    def edit(tensors):
+        for n, t in tensors.items():
+            keep = n.endswith("e_score_correction_bias") or (n.endswith("mlp.gate.weight") and router_dtype == "fp32")
+            tensors[n] = t if keep else t.to(torch.bfloat16)
+
+    edit_shards(src, edit)
+    return src
+
+
+def test_an_fp32_router_bias_does_not_make_the_model_fp32(zoo_model, tmp_path):
+    """The model dtype is the checkpoint's weights' dtype: megatron keeps the router's expert bias in
+    fp32 whatever the model's dtype, so DeepSeek-V3's fp32 bias beside bf16 weights builds a bf16
+    model (half the memory of the fp32 one it built before) and still round-trips byte for byte. An
+    fp32 router weight, which megatron would cast, keeps the model fp32 (exact)."""
+    from mcore_bridge import Bridge
+
+    src = _deepseek_as_published(zoo_model, tmp_path, "bf16")
+    assert Bridge(src).source_dtype() == torch.bfloat16
+    assert Bridge(_deepseek_as_published(zoo_model, tmp_path, "fp32")).source_dtype() == torch.float32
+    mcore, hf = tmp_path / "mcore", tmp_path / "hf"
+    r = run_cli("export", "--model", src, "--to-mcore", "--ckpt-format", "plain", "--save", mcore, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    from safetensors import safe_open
+
+    with safe_open(str(next(mcore.glob("*.safetensors"))), "pt") as f:
+        dtypes = {n: f.get_slice(n).get_dtype() for n in f.keys()}
+    assert dtypes["chunk0.decoder.layers.0.self_attention.linear_proj.weight"] == "BF16"
+    assert {d for n, d in dtypes.items() if n.endswith("router.expert_bias")} == {"F32"}
+    r = run_cli("export", "--model", src, "--to-hf", "--save", hf, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_weights(src, hf)
