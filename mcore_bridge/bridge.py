@@ -36,8 +36,6 @@ __all__ = ["Bridge", "DTYPES", "DEFAULT_BUCKET_BYTES", "DEFAULT_SHARD_BYTES", "p
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-# megatron-core registers these as float32 buffers whatever the model's dtype (TopKRouter.expert_bias)
-FP32_IN_MEGATRON = (".mlp.router.expert_bias",)
 DEFAULT_BUCKET_BYTES = 256 << 20
 DEFAULT_SHARD_BYTES = 2 << 30
 
@@ -129,18 +127,19 @@ class Bridge:
         self.device = rt.setup(self.layout, device, reinit=reinit)
         return self.device
 
-    @functools.partial(_scoped, reinit=None)
     def source_dtype(self) -> torch.dtype:
         """The dtype in which a model built from this checkpoint holds every weight exactly: the one
         floating dtype of the tensors that become megatron parameters, fp32 where they mix (e.g. a
         router saved in fp32 beside bf16 weights: megatron casts the router to the model's dtype).
-        Tensors megatron keeps in fp32 whatever the model's dtype (``FP32_IN_MEGATRON``) do not count:
-        DeepSeek-V3's fp32 ``e_score_correction_bias`` beside bf16 weights gives a bf16 model, not an
-        fp32 one of twice the memory."""
-        fixed = {n for u in self.units if u.rule.mcore.endswith(FP32_IN_MEGATRON) for n in u.hf_names}
+        Tensors megatron keeps in fp32 whatever the model's dtype (the family's ``fp32_in_megatron``) do
+        not count: DeepSeek-V3's fp32 ``e_score_correction_bias`` beside bf16 weights gives a bf16 model,
+        not an fp32 one of twice the memory."""
+        kept = tuple(self.family.fp32_in_megatron)
+        fixed = {n for u in self.units if kept and u.rule.mcore.endswith(kept) for n in u.hf_names}
         dtypes = {d for n, (_, d) in (self.hf_tensors or {}).items() if d.is_floating_point and n not in fixed}
         return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
+    @functools.partial(_scoped, reinit=None)
     def build_model(self, dtype: torch.dtype | str = torch.float32, parallel_output: bool = True,
                     grouped_experts: bool = False, training=None) -> list:
         """This rank's model chunks. ``grouped_experts``: MoE experts in one grouped-GEMM module

@@ -149,6 +149,9 @@ class Family:
     model_types: tuple[str, ...] = ()
     name: str = ""
     multimodal = False  # vision-language families (``qwen_vl``) say True
+    # megatron parameter names (suffixes) megatron keeps in fp32 whatever the model's dtype: an fp32
+    # HF tensor that lands there does not decide the model's dtype (``Bridge.source_dtype``)
+    fp32_in_megatron: tuple[str, ...] = ()
     hf_prefix = "model."  # HF prefix of the language model's tensors (embeddings, layers, final norm)
     # True where ``layer_spec`` returns megatron's decoder *block* spec (per-layer specs) instead of
     # one layer spec: megatron's TE variant of it adds a final-norm ``_extra_state`` (te_layout).

@@ -35,6 +35,9 @@ class MoEMixin:
     shared_hf = "mlp.shared_expert."  # HF module of the shared expert(s)
     shared_gate_hf = "mlp.shared_expert_gate.weight"  # sigmoid gate on the shared expert, or None
     router_bias_hf = None  # routing-only bias (DeepSeek's e_score_correction_bias)
+    # megatron-core registers the routing bias as a float32 buffer whatever the model's dtype
+    # (``TopKRouter.expert_bias``): an fp32 bias beside bf16 weights keeps the model bf16
+    fp32_in_megatron = ("mlp.router.expert_bias",)
     # module paths transformers 5 builds under other names than the checkpoint's (PEFT adapters
     # name modules as built): on-disk prefix -> in-memory prefix
     hf_module_renames: dict[str, str] = {}
