@@ -134,8 +134,7 @@ class Bridge:
         Tensors megatron keeps in fp32 whatever the model's dtype (the family's ``fp32_in_megatron``) do
         not count: DeepSeek-V3's fp32 ``e_score_correction_bias`` beside bf16 weights gives a bf16 model,
         not an fp32 one of twice the memory."""
-        kept = tuple(self.family.fp32_in_megatron)
-        fixed = {n for u in self.units if kept and u.rule.mcore.endswith(kept) for n in u.hf_names}
+        fixed = {n for u in self.units if u.rule.mcore.endswith(self.family.fp32_in_megatron) for n in u.hf_names}
         dtypes = {d for n, (_, d) in (self.hf_tensors or {}).items() if d.is_floating_point and n not in fixed}
         return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
