@@ -138,6 +138,12 @@ class Bridge:
         dtypes = {d for n, (_, d) in (self.hf_tensors or {}).items() if d.is_floating_point and n not in fixed}
         return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
+    def fp8_plan(self, dtype, peft_format: bool = False):
+        """``quant.export_plan`` for this checkpoint: a bf16 source exported as FP8 leaves the
+        family's ``fp8_unquantized`` tensors (e.g. the copies of unquantised ones) as they are."""
+        return quant.export_plan(self.hf, self.hf_tensors, self.hf_config, dtype, peft_format,
+                                 keep=self.family.fp8_unquantized())
+
     @functools.partial(_scoped, reinit=None)
     def build_model(self, dtype: torch.dtype | str = torch.float32, parallel_output: bool = True,
                     grouped_experts: bool = False, training=None) -> list:
@@ -199,7 +205,7 @@ class Bridge:
         unless ``merge_lora=False``. ``tensor_of(param)``: export that tensor of each parameter instead
         (e.g. its gradient: ``verify.grad``), through the same plan. ``dtype="fp8"``: blockwise FP8
         (``quant``) with ``_scale_inv`` tensors. Collective: all ranks must iterate it to the end."""
-        dtype, fp8 = quant.export_plan(self.hf, self.hf_tensors, self.hf_config, dtype, peft_format)
+        dtype, fp8 = self.fp8_plan(dtype, peft_format)
         exporter, recv, buckets = self.syncplan.plan(models, dtype, bucket_bytes, all_ranks, merge_lora, peft_format,
                                                      receivers, tensor_of)
         stacking = None if peft_format else self.writer.stacking(expert_storage)
@@ -224,7 +230,7 @@ class Bridge:
         At most one bucket is in flight per rank. Collective: every rank iterates to the end."""
         from . import sync
 
-        dtype, fp8 = quant.export_plan(self.hf, self.hf_tensors, self.hf_config, dtype, peft_format)
+        dtype, fp8 = self.fp8_plan(dtype, peft_format)
         exporter, recv, buckets = self.syncplan.plan(models, dtype, bucket_bytes, True, merge_lora, peft_format,
                                                      receivers)
         with torch.no_grad():
@@ -250,7 +256,7 @@ class Bridge:
         staging directory that is renamed into place only after every rank succeeded.
         """
         out_dir = Path(out_dir).absolute()
-        dtype, fp8 = quant.export_plan(self.hf, self.hf_tensors, self.hf_config, dtype, peft_format)
+        dtype, fp8 = self.fp8_plan(dtype, peft_format)
         if peft_format:
             return self.writer.save_adapter(models, out_dir, dtype, overwrite, bucket_bytes, peft_experts)
         return self.writer.save(models, out_dir, dtype, overwrite, max_shard_bytes, bucket_bytes, expert_storage,

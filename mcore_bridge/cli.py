@@ -297,12 +297,10 @@ def _export(args, bridge, device, save) -> int:
     from .bridge import DTYPES
 
     if args.export_dtype != "source":  # refused (mxfp4) or checked before any weight is read
-        from . import quant
-
         if args.to_mcore:
             raise UsageError(f"--export-dtype {args.export_dtype}: applies to HF output (--to-hf); a Megatron "
                              f"checkpoint keeps the model's --dtype")
-        quant.export_plan(bridge.hf, bridge.hf_tensors, bridge.hf_config, args.export_dtype)
+        bridge.fp8_plan(args.export_dtype)
     bridge.setup(device)
     dtype = DTYPES[args.dtype] if args.dtype else bridge.source_dtype()
     models = bridge.build_model(dtype)

@@ -313,19 +313,19 @@ class MXFP4Checkpoint:
 _NOT_QUANTIZED = re.compile(r"(norm|embed|lm_head|(^|\.)gate\.weight$|_gate\.weight$|\.bias$)")
 
 
-def default_fp8_names(hf_tensors: dict) -> set[str]:
+def default_fp8_names(hf_tensors: dict, keep=frozenset()) -> set[str]:
     """From a bf16 source: the 2-D linear weights DeepSeek-V3 quantises (not norms, embeddings,
-    lm_head, router or shared-expert gates)."""
+    lm_head, router or shared-expert gates), less the names in ``keep`` (the family's)."""
     return {n for n, (shape, _) in hf_tensors.items()
-            if n.endswith(".weight") and len(shape) == 2 and not _NOT_QUANTIZED.search(n)}
+            if n.endswith(".weight") and len(shape) == 2 and not _NOT_QUANTIZED.search(n) and n not in keep}
 
 
-def export_plan(hf, hf_tensors: dict, config: dict, dtype, peft_format: bool = False
+def export_plan(hf, hf_tensors: dict, config: dict, dtype, peft_format: bool = False, keep=frozenset()
                 ) -> tuple[object, tuple | None]:
     """``(dtype for the exporter, fp8 plan or None)`` for an export ``dtype`` (a torch dtype,
     None, "fp8" or "mxfp4"). The plan is ``(names to quantise, block, quantization_config,
     reference scales or None)``: the names the source stored as FP8 (its block, config and
-    scales), else ``default_fp8_names``."""
+    scales), else ``default_fp8_names`` less ``keep``."""
     if isinstance(dtype, str) and dtype.lower() == "mxfp4":
         raise UsageError(MXFP4_EXPORT_REFUSAL)
     if not (isinstance(dtype, str) and dtype.lower() == "fp8"):
@@ -340,8 +340,8 @@ def export_plan(hf, hf_tensors: dict, config: dict, dtype, peft_format: bool = F
     if isinstance(hf, FP8Checkpoint):
         return None, (hf.quantized, hf.block, dict(q), hf.source_scale)
     if q.get("quant_method") == "fp8" and hf is None:  # built from a config: the block as configured
-        return None, (default_fp8_names(hf_tensors), fp8_block(q), dict(q), None)
-    return None, (default_fp8_names(hf_tensors), tuple(DEFAULT_FP8_CONFIG["weight_block_size"]),
+        return None, (default_fp8_names(hf_tensors, keep), fp8_block(q), dict(q), None)
+    return None, (default_fp8_names(hf_tensors, keep), tuple(DEFAULT_FP8_CONFIG["weight_block_size"]),
                   dict(DEFAULT_FP8_CONFIG), None)
 
 

@@ -31,6 +31,29 @@ def test_export_fp8_from_a_plain_source_quantises_deepseeks_linears(zoo_model, t
         assert float((back.read(n).float() - w).abs().max()) <= float(w.abs().max()) * 2 ** -4 + 1e-6, n
 
 
+def test_fp8_export_of_an_mtp_model_reads_back_and_keeps_the_mtp_projection_and_copies(zoo_model, tmp_path):
+    """The MTP layer's ``eh_proj`` and its copies of the embedding and head stay bf16 (as DeepSeek-V3
+    publishes them); quantising the head copy made an FP8 export our own import refused (its copy
+    no longer equal to ``lm_head``). The export then round-trips byte for byte."""
+    src = zoo_model("deepseek_v3_mtp")
+    mtp = f"model.layers.{HFCheckpoint(src).config['num_hidden_layers']}."
+    out, back = tmp_path / "fp8", tmp_path / "back"
+    r = run_cli("export", "--model", src, "--to-hf", "--save", out, "--export-dtype", "fp8")
+    assert r.returncode == 0, r.stderr
+    saved, plain = HFCheckpoint(out), HFCheckpoint(src)
+    fp8 = {n for n in saved.names() if saved.info(n).dtype == torch.float8_e4m3fn}
+    assert mtp + "self_attn.o_proj.weight" in fp8 and mtp + "mlp.experts.0.down_proj.weight" in fp8
+    for kept in ("eh_proj.weight", "shared_head.head.weight", "embed_tokens.weight"):
+        assert mtp + kept not in fp8 and torch.equal(saved.read(mtp + kept), plain.read(mtp + kept)), kept
+    assert torch.equal(saved.read(mtp + "shared_head.head.weight"), saved.read("lm_head.weight"))
+    r = run_cli("export", "--model", out, "--to-hf", "--save", back, "--export-dtype", "fp8")
+    assert r.returncode == 0, r.stderr
+    again = HFCheckpoint(back)
+    assert set(again.names()) == set(saved.names())
+    for n in saved.names():
+        assert torch.equal(again.read(n).view(torch.uint8), saved.read(n).view(torch.uint8)), n
+
+
 def test_export_mxfp4_is_refused_with_the_reason(zoo_model, tmp_path):
     r = run_cli("export", "--model", zoo_model("qwen3"), "--to-hf", "--save", tmp_path / "o", "--export-dtype", "mxfp4")
     assert r.returncode == 2 and "--export-dtype mxfp4 is refused" in r.stderr, r.stderr
@@ -56,3 +79,4 @@ def test_damaged_fp8_checkpoint_is_refused_before_writing(zoo_model, tmp_path):
     assert_nothing_written(tmp_path / "o")
     cfg = json.loads((src / "config.json").read_text())
     assert cfg["quantization_config"]["weight_block_size"] == [32, 48]
+

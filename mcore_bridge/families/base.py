@@ -173,6 +173,11 @@ class Family:
     def __init__(self, raw_config: dict):
         self.cfg = HFConfig(raw_config)
 
+    def fp8_unquantized(self) -> frozenset[str]:
+        """HF 2-D weights that an FP8 export of a bf16 source leaves unquantised beyond
+        ``quant.default_fp8_names``' own rule (norms, embeddings, lm_head, routers)."""
+        return frozenset()
+
     # -- to override --------------------------------------------------------------------------
     def model_settings(self) -> dict:
         """``{"config": megatron config kwargs, "model": model class kwargs}``, read from the HF

@@ -77,6 +77,13 @@ class MTPMixin:
                 "final_norm": H + "shared_head.norm.weight", "embed": H + "embed_tokens.weight",
                 "head": H + "shared_head.head.weight"}
 
+    def fp8_unquantized(self) -> frozenset[str]:
+        """The MTP layers' projection and their copies of the embedding and head stay unquantised
+        in an FP8 export, as in DeepSeek-V3's published FP8 checkpoint (engines build ``eh_proj``
+        and the shared head as plain bf16 layers; a head copy must stay equal to ``lm_head``)."""
+        names = (self.mtp_hf_names(k) for k in range(self.mtp_layers))
+        return super().fp8_unquantized() | {n[key] for n in names for key in ("eh_proj", "embed", "head") if n[key]}
+
     def mtp_norm(self):
         """The norm class of the MTP layer's enorm / hnorm / final_layernorm (None: megatron's)."""
         return None

@@ -75,7 +75,6 @@ def push(bridge, models, sender: Sender | None, *, sending_rank: int = 0, dtype=
     None) and broadcasts them to the engines. ``dtype="fp8"``: blockwise FP8 with scales;
     ``lora``: the LoRA factors only (PEFT names), for engines that apply adapters. Returns the
     sender's stats on the sending rank, None elsewhere."""
-    from .. import quant
     from ..bridge import DEFAULT_BUCKET_BYTES
     from ..runtime import dist as rt
 
@@ -83,7 +82,7 @@ def push(bridge, models, sender: Sender | None, *, sending_rank: int = 0, dtype=
     if (sender is not None) != (me == sending_rank):
         raise UsageError(f"push: rank {me} {'passes' if sender is not None else 'lacks'} a Sender; exactly "
                          f"sending_rank={sending_rank} passes one (the rank that created the transport group)")
-    _, fp8 = quant.export_plan(bridge.hf, bridge.hf_tensors, bridge.hf_config, dtype, lora)
+    _, fp8 = bridge.fp8_plan(dtype, lora)
     kwargs = dict(bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES, dtype=dtype, receivers=sending_rank,
                   merge_lora=merge_lora, peft_format=lora)
     if sender is not None and sender.group.device.type == "cuda":
