@@ -80,3 +80,26 @@ def test_damaged_fp8_checkpoint_is_refused_before_writing(zoo_model, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     assert cfg["quantization_config"]["weight_block_size"] == [32, 48]
 
+
+def test_fp8_mtp_checkpoint_verifies_against_its_dequantised_reference(zoo_model, tmp_path):
+    """The reference of an FP8 checkpoint with an MTP layer: the main model and the MTP layer both
+    read the dequantised copy (the MTP loader once read the FP8 directory itself: transformers'
+    FP8 path, which needs GPU kernels or dequantises by its own rule). Here the MTP layer's own
+    ``eh_proj`` is FP8 too, as a publisher may store it."""
+    src, fp8 = zoo_model("deepseek_v3_mtp"), tmp_path / "fp8"
+    r = run_cli("export", "--model", src, "--to-hf", "--save", fp8, "--export-dtype", "fp8")
+    assert r.returncode == 0, r.stderr
+    eh = f"model.layers.{HFCheckpoint(src).config['num_hidden_layers']}.eh_proj.weight"
+    tensors = load_file(str(fp8 / "model.safetensors"))
+    block = tuple(HFCheckpoint(fp8).config["quantization_config"]["weight_block_size"])
+    tensors[eh], tensors[eh + quant.SCALE_SUFFIX] = quant.quantize_fp8(tensors[eh], block)
+    save_file(tensors, str(fp8 / "model.safetensors"), metadata={"format": "pt"})
+    report = tmp_path / "report"
+    r = run_cli("verify", "--model", fp8, "--matrix", "tp=1", "--dtype", "fp32", "--device", "cpu",
+                "--report", report)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (page,) = report.glob("*/tp1-pp1-fp32.json")
+    rep = json.loads(page.read_text())
+    assert rep["verdict"] == "pass" and rep["metrics"]["max_diff"] < 1e-4, rep["failures"]
+    (depth,) = rep["mtp"]["depths"]
+    assert depth["ok"] and depth["rel_mean_diff"] < 1e-5, depth

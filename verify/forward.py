@@ -147,27 +147,39 @@ def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int, position_i
     return torch.cat(collected[:batch], dim=0).cpu()
 
 
+@contextlib.contextmanager
+def reference_dir(hf_dir):
+    """``hf_dir`` as the reference reads it: a quantised (FP8 / MXFP4) checkpoint as a temporary
+    dequantised copy (``quant.dequantized_copy``), anything else as it is. Everything the reference
+    reads (the model, an MTP layer's own tensors) comes from the directory this yields."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from mcore_bridge import quant
+
+    if not quant.quant_config(json.loads((Path(hf_dir) / "config.json").read_text())):
+        yield Path(hf_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="mcore-bridge-dequantised-") as tmp:
+        quant.dequantized_copy(hf_dir, tmp)
+        yield Path(tmp)
+
+
 def hf_model(hf_dir, dtype=torch.float32, device="cpu"):
     """The real transformers model in ``hf_dir`` (the reference): a causal LM, or the
-    image-text-to-text model of a vision-language checkpoint."""
+    image-text-to-text model of a vision-language checkpoint; a quantised checkpoint's model holds
+    the dequantised weights."""
     import json
-    from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    config = json.loads((Path(hf_dir) / "config.json").read_text())
-    cls = AutoModelForImageTextToText if "vision_config" in config else AutoModelForCausalLM
-    from mcore_bridge import quant
-
-    if quant.quant_config(config):  # FP8 / MXFP4: the reference holds the dequantised weights
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="mcore-bridge-dequantised-") as tmp:
-            quant.dequantized_copy(hf_dir, tmp)
-            return as_reference(cls.from_pretrained(tmp, dtype=dtype), dtype).to(device).eval()
-    return as_reference(cls.from_pretrained(hf_dir, dtype=dtype), dtype).to(device).eval()
+    with reference_dir(hf_dir) as d:
+        config = json.loads((d / "config.json").read_text())
+        cls = AutoModelForImageTextToText if "vision_config" in config else AutoModelForCausalLM
+        return as_reference(cls.from_pretrained(d, dtype=dtype), dtype).to(device).eval()
 
 
 def as_reference(model, dtype):

@@ -28,7 +28,7 @@ from . import controls, metrics, mtp
 from . import isolate as iso
 from .detection import apply as apply_detection
 from .detection import perturbed_outputs, summarise
-from .forward import hf_forward, hf_model, megatron_logits
+from .forward import hf_forward, hf_model, megatron_logits, reference_dir
 from .inputs import Sample, default_samples, multimodal_samples
 from .probes import hf_probes, megatron_probes, probe_layer, probe_order
 
@@ -41,29 +41,30 @@ REF_DTYPES = {**DTYPES, "fp64": torch.float64}
 def hf_reference(model_dir: Path, samples: list[Sample], dtype: torch.dtype, device: str,
                  adapter: Path | None = None) -> dict:
     """Logits ``[S, V]`` and probes ``{name: [S, H]}`` per sample from the real HF model (with the
-    PEFT ``adapter`` on it, through PEFT itself)."""
-    mtp_depths = mtp.depths(Path(model_dir))
-    if mtp_depths:  # with the MTP layers' decoder layers, loaded by transformers, set aside
-        model, mtp_layers = mtp.load(model_dir, dtype, device, mtp_depths)
-    else:
-        model = hf_model(model_dir, dtype, device)
-    if adapter is not None:
-        from peft import PeftModel
+    PEFT ``adapter`` on it, through PEFT itself). A quantised checkpoint: its dequantised copy,
+    read by the model and by the MTP reference alike (``forward.reference_dir``)."""
+    with reference_dir(model_dir) as model_dir:
+        mtp_depths = mtp.depths(model_dir)
+        if mtp_depths:  # with the MTP layers' decoder layers, loaded by transformers, set aside
+            model, mtp_layers = mtp.load(model_dir, dtype, device, mtp_depths)
+        else:
+            model = hf_model(model_dir, dtype, device)
+        if adapter is not None:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter)).get_base_model().eval()  # LoRA layers inside
-    out = {}
-    with torch.no_grad():
-        for s in samples:
-            store = {}
-            pos = None if s.position_ids is None else s.position_ids[:, None]
-            with hf_probes(model, store):
-                logits = hf_forward(model, s.input_ids[None], pos, s.vision)
-            out[s.name] = {"logits": logits[0].float().cpu(), "probes": {k: v[0] for k, v in store.items()}}
-            if mtp_depths:  # transformers has no MTP forward: our reference of the formula
-                out[s.name]["mtp"] = [{k: v.cpu() for k, v in d.items()}
-                                      for d in mtp.reference(model, mtp_layers, Path(model_dir), s.input_ids,
-                                                             pos, s.vision)]
-    del model
+            model = PeftModel.from_pretrained(model, str(adapter)).get_base_model().eval()  # LoRA layers inside
+        out = {}
+        with torch.no_grad():
+            for s in samples:
+                store = {}
+                pos = None if s.position_ids is None else s.position_ids[:, None]
+                with hf_probes(model, store):
+                    logits = hf_forward(model, s.input_ids[None], pos, s.vision)
+                out[s.name] = {"logits": logits[0].float().cpu(), "probes": {k: v[0] for k, v in store.items()}}
+                if mtp_depths:  # transformers has no MTP forward: our reference of the formula
+                    out[s.name]["mtp"] = [{k: v.cpu() for k, v in d.items()}
+                                          for d in mtp.reference(model, mtp_layers, model_dir, s.input_ids,
+                                                                 pos, s.vision)]
     return out
 
 
