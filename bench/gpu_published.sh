@@ -15,7 +15,8 @@
 # VERIFY_ARGS (default --dtype fp32,bf16) replaces the verify options, e.g. "--dtype fp32 --isolate".
 # BUDGET_S=N stops the run N s after the lanes start (no new config, running steps killed); PACK=1 packs
 # the reports and logs into $OUT/published.tgz (without verify's caches).
-# QUANT_ONLY=1: an MXFP4 config runs its as-published copy alone (not the bf16 checkpoint it was made from).
+# QUANT_ONLY=1: an MXFP4 config runs its as-published copy alone (not the bf16 checkpoint it was made from),
+# an FP8 config its FP8 copy alone.
 # RT_SKIP="<names>" skips the round trip of those configs (verify only: a re-run after a runtime-only change).
 # SPLIT=N runs N lanes per version (the configs dealt round-robin), for a GPU with memory to spare (on an
 # H200, 8 lanes in all ran out of memory with 3.6 B-parameter fp32 verifications; 6 did not).
@@ -77,7 +78,8 @@ printf '%s\n' "${CONFIGS[@]}" | xargs -P "${MAKE_JOBS:-4}" -I{} bash -c 'eval "$
   2>&1 | tee -a "$OUT/make.log"
 lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLIT-th config
   V=$1; K=${2:-0}; rc=0
-  run() { "$@" || { echo "FAILED: $*"; rc=1; }; }
+  run() { "$@"; local r=$?; [ $r -eq 0 ] || { echo "FAILED (exit $r): $*"; rc=1; }; }
+  tail_or_why() { local out; out=$(cat); echo "$out" | grep -E "Error|error:|Killed" | tail -2; echo "$out" | tail -1; }
   SITE=/tmp/site$V
   export PYTHONPATH=$SITE:$PWD
   stamp "megatron-core $(python3 -c 'import megatron.core as m; print(m.__version__)') lane $K/${SPLIT:-1}"
@@ -98,15 +100,16 @@ lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLI
       q=/tmp/pubq-m$V/$name-fp8
       stamp "m$V $name: FP8 copy"
       run python3 -m mcore_bridge.cli export --model "$ck" --to-hf --export-dtype fp8 --save "$q" --overwrite \
-          --device cuda 2>&1 | tail -1
+          --device cuda 2>&1 | tail_or_why
       sources+=("$q")
+      [ -n "${QUANT_ONLY:-}" ] && sources=("$q")
     fi
     for src in "${sources[@]}"; do
       tag=$(basename "$src")
       if [[ " ${RT_SKIP:-} " != *" $name "* ]]; then
       stamp "m$V $tag: HF -> megatron -> HF (cuda)"
       run timeout ${STEP_TIMEOUT:-300} python3 -m mcore_bridge.cli export --model "$src" --to-hf --save "/tmp/rt-m$V-$tag" \
-          --overwrite --device cuda $( [[ "$src" == *-fp8 ]] && echo --export-dtype fp8 ) 2>&1 | tail -1
+          --overwrite --device cuda $( [[ "$src" == *-fp8 ]] && echo --export-dtype fp8 ) 2>&1 | tail_or_why
       run same_bytes "$src" "/tmp/rt-m$V-$tag" 2>&1
       rm -rf "/tmp/rt-m$V-$tag"
       fi
