@@ -89,8 +89,10 @@ def _parse_header(path: Path) -> tuple[dict, int]:
         if len(raw) < 8:
             raise CheckpointError(f"{path} is truncated: {size} bytes, no safetensors header")
         (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise CheckpointError(f"{path} is truncated: header of {n} bytes, file of {size}")
+        if n > size - 8:  # a header as long as the file or more: cut short, or not safetensors at all
+            what = "is truncated" if n < 100_000_000 else "is not a safetensors file (or its first bytes are damaged)"
+            raise CheckpointError(f"{path} {what}: its first 8 bytes give a header of {n} bytes, the file has "
+                                  f"{size}; re-download or re-save it")
         try:
             header = json.loads(f.read(n))
         except ValueError as e:

@@ -146,6 +146,18 @@ def test_truncated_inside_header(tmp_path):
     assert str(f) in str(e.value) and "truncated" in str(e.value)
 
 
+def test_a_file_that_is_not_safetensors_is_named_so_not_truncated(tmp_path):
+    """Damaged first bytes (or another format under a .safetensors name) give an absurd header length:
+    the error says the file is not safetensors, not that it was cut short."""
+    d = _write_single(tmp_path / "m", _tensors())
+    f = d / "model.safetensors"
+    f.write_bytes(b"PK\x03\x04garbage" + f.read_bytes()[12:])  # a zip's magic over the header length
+    with pytest.raises(CheckpointError) as e:
+        HFCheckpoint(d)
+    assert str(f) in str(e.value) and "is not a safetensors file" in str(e.value)
+    assert "truncated" not in str(e.value)
+
+
 @pytest.mark.parametrize("keep", [0, 5])
 def test_truncated_before_header_length(tmp_path, keep):
     d = _write_single(tmp_path / "m", _tensors())
