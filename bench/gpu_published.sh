@@ -78,7 +78,8 @@ printf '%s\n' "${CONFIGS[@]}" | xargs -P "${MAKE_JOBS:-4}" -I{} bash -c 'eval "$
   2>&1 | tee -a "$OUT/make.log"
 lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLIT-th config
   V=$1; K=${2:-0}; rc=0
-  run() { "$@"; local r=$?; [ $r -eq 0 ] || { echo "FAILED (exit $r): $*"; rc=1; }; }
+  FAILS=/tmp/pub-fails-$V-$K; : > "$FAILS"  # run() often sits in a pipeline (a subshell): rc via a file
+  run() { "$@"; local r=$?; [ $r -eq 0 ] || { echo "FAILED (exit $r): $*"; echo "$*" >> "$FAILS"; }; }
   tail_or_why() { local out; out=$(cat); echo "$out" | grep -E "Error|error:|Killed" | tail -2; echo "$out" | tail -1; }
   SITE=/tmp/site$V
   export PYTHONPATH=$SITE:$PWD
@@ -121,6 +122,7 @@ lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLI
       rm -rf "$rep/.cache"                                               # device returns two levels only)
     done
   done
+  [ -s "$FAILS" ] && rc=1
   stamp "m$V done rc=$rc"
   return $rc
 }
