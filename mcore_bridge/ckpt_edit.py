@@ -17,10 +17,12 @@ def quantize_fp8_dir(out: Path, block: list[int], scale_fmt: str | None = None):
     from safetensors.torch import load_file, save_file
 
     from . import quant
+    from .families import family_for
 
+    keep = family_for(json.loads((out / "config.json").read_text())).fp8_unquantized()  # as an FP8 export
     for f in sorted(out.glob("*.safetensors")):
         tensors = load_file(str(f))
-        names = quant.default_fp8_names({n: (t.shape, t.dtype) for n, t in tensors.items()})
+        names = quant.default_fp8_names({n: (t.shape, t.dtype) for n, t in tensors.items()}, keep)
         for n in sorted(names):
             tensors[n], tensors[n + quant.SCALE_SUFFIX] = quant.quantize_fp8(tensors[n], tuple(block),
                                                                              scale_fmt == "ue8m0")

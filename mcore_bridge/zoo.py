@@ -132,6 +132,8 @@ ZOO["deepseek_v3_fp8"] = dict(ZOO["deepseek_v3"], fp8_block=[32, 48])
 # Multi-token prediction: DeepSeek-V3 with its MTP layer stored as layer 4 (``add_mtp``)
 ZOO["deepseek_v3_mtp"] = dict(ZOO["deepseek_v3"], num_nextn_predict_layers=1)
 ZOO["glm4_moe_mtp"] = dict(ZOO["glm4_moe"], num_nextn_predict_layers=1)
+# ...and in FP8 as DeepSeek-V3 publishes it (the MTP projection and its head/embedding copies bf16)
+ZOO["deepseek_v3_mtp_fp8"] = dict(ZOO["deepseek_v3_mtp"], fp8_block=[32, 48])
 # Qwen3-Next with one MTP layer stored as Qwen3-Next publishes it (mtp.*, ``add_qwen_next_mtp``)
 ZOO["qwen3_next_mtp"] = dict(ZOO["qwen3_next"], qwen3_next_mtp=1)
 # Phi-3 with Phi-3-mini-4k's kind of window (every layer), shorter than the verification sequences
@@ -235,7 +237,7 @@ MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_
 MTP = ["deepseek_v3_mtp", "glm4_moe_mtp"]  # MoE with MTP layers (tests/test_mtp.py), kept out of the MoE matrix
 MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3"]
 TILED_VL = ["internvl", "internvl_qwen2", "internvl_moe"]  # vision-language with fixed-size image tiles and 1-D RoPE (tests/test_internvl.py)
-QUANTIZED = ["deepseek_v3_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)
+QUANTIZED = ["deepseek_v3_fp8", "deepseek_v3_mtp_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)
 VARIANTS = ["phi3_window", "qwen3_next_mtp"]  # a family's other setting, tested where it matters (test_sliding_window.py, test_qwen3_next_mtp.py)
 VARIANTS += ["qwen3_5_mtp", "qwen3_5_moe_mtp"]  # Qwen3.5 with its MTP layer (tests/test_qwen3_5_mtp.py, test_qwen3_5_moe_mtp.py)
 HYBRID = ["qwen3_next"]  # linear-attention hybrids (tests/test_qwen3_next.py), kept out of the MoE matrix

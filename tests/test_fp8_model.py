@@ -21,12 +21,15 @@ from tests.matrix import case_id
 
 MODEL = "deepseek_v3_fp8"
 LAYOUTS = [(1, L()), (2, L(tp=2, sp=True, ep=2, etp=1)), (4, L(tp=2, sp=True, ep=2))]
+# with its MTP layer in FP8 as published (eh_proj and the head/embedding copies bf16), on the last stage
+MTP_CASES = [("deepseek_v3_mtp_fp8", 2, L(pp=2))]
 
 
-@pytest.mark.parametrize("world,layout", [pytest.param(w, lay, id=case_id(MODEL, w, lay),
-                                                       marks=pytest.mark.world(w)) for w, lay in LAYOUTS])
-def test_fp8_roundtrip(world, layout, pools, zoo_model, tmp_path):
-    src = zoo_model(MODEL)
+@pytest.mark.parametrize("model,world,layout", [
+    pytest.param(m, w, lay, id=case_id(m, w, lay), marks=pytest.mark.world(w))
+    for m, w, lay in [(MODEL, w, lay) for w, lay in LAYOUTS] + MTP_CASES])
+def test_fp8_roundtrip(model, world, layout, pools, zoo_model, tmp_path):
+    src = zoo_model(model)
     out, out8 = tmp_path / "bf16", tmp_path / "fp8"
     results = pools.get(world).run(fp8_cases.fp8_roundtrip, timeout=600, source=str(src), layout=layout.to_dict(),
                                    out_dir=str(out), out_fp8=str(out8))
