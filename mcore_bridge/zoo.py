@@ -234,7 +234,7 @@ ZOO["qwen3_5_moe_mtp"] = dict(ZOO["qwen3_5_moe"], text_config=dict(ZOO["qwen3_5_
                                                                 mtp_num_hidden_layers=1))
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe", "gpt_oss"]
-MTP = ["deepseek_v3_mtp", "glm4_moe_mtp"]  # MoE with MTP layers (tests/test_mtp.py), kept out of the MoE matrix
+MTP = ["deepseek_v3_mtp", "glm4_moe_mtp", "deepseek_v3_mtp_fp8"]  # MoE with MTP layers (tests/test_mtp.py, test_fp8_model.py), kept out of the MoE matrix
 MULTIMODAL = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3"]
 TILED_VL = ["internvl", "internvl_qwen2", "internvl_moe"]  # vision-language with fixed-size image tiles and 1-D RoPE (tests/test_internvl.py)
 QUANTIZED = ["deepseek_v3_fp8", "deepseek_v3_mtp_fp8"]  # tested against their dequantised weights (tests/test_fp8_model.py)

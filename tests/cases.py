@@ -253,6 +253,15 @@ def exit_on(rank: int) -> None:
     dist.barrier()
 
 
+def exit_on_after_peer_error(rank: int) -> None:
+    """``rank`` dies (exit code 3) a moment after the others report what a collective says when a
+    peer is gone: the pool must name the dead rank, not the messenger."""
+    if dist.get_rank() == rank:
+        time.sleep(0.3)
+        os._exit(3)
+    raise RuntimeError("[gloo/transport/tcp/pair.cc] Read error: Connection reset by peer")
+
+
 def hang_on(rank: int) -> None:
     """``rank`` sleeps forever; the others wait for it in a barrier."""
     if dist.get_rank() == rank:

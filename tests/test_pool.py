@@ -58,3 +58,15 @@ def test_dead_rank_surfaces_fast_and_pool_recovers(pools):
     assert err.value.rank == 0
     _reaped(pids)
     assert pool.run(cases.whoami) == [(0, 2), (1, 2)]
+
+
+def test_a_peer_s_connection_error_names_the_rank_that_died(pools):
+    """The survivors of a crashed rank fail in their collective ('connection reset by peer'), often
+    before the pool sees the crash: the error names the dead rank and keeps the survivor's message."""
+    pool = pools.get(2)
+    pids = pool.pids
+    with pytest.raises(WorkerError, match="exited with code 3") as err:
+        pool.run(cases.exit_on_after_peer_error, timeout=300, rank=0)
+    assert err.value.rank == 0 and "then rank 1 failed" in str(err.value) and "reset by peer" in str(err.value)
+    _reaped(pids)
+    assert pool.run(cases.whoami) == [(0, 2), (1, 2)]

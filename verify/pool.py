@@ -216,7 +216,12 @@ class Pool:
                     except (EOFError, OSError):  # the worker is gone
                         self.procs[rank].join(5)
                         raise WorkerError(case, rank, f"worker exited with code {self.procs[rank].exitcode}")
-                    if status == "error":
+                    if status == "error":  # a rank that died first is the cause (its peers then fail
+                        # in a collective with "connection reset/closed by peer")
+                        dead = self._dead_peer(rank, 2.0 if "peer" in str(value) else 0.0)
+                        if dead is not None:
+                            raise WorkerError(case, dead, f"worker exited with code {self.procs[dead].exitcode} "
+                                                          f"(then rank {rank} failed: {_last_line(value)})")
                         raise WorkerError(case, rank, value)
                     if got == task and status in ("ok", "ready"):
                         results[rank] = value
@@ -227,8 +232,25 @@ class Pool:
                     raise WorkerError(case, rank, f"worker exited with code {self.procs[rank].exitcode}")
         return results
 
+    def _dead_peer(self, failed: int, grace: float) -> int | None:
+        """A rank other than ``failed`` whose process has exited, waiting up to ``grace`` s for one
+        (a peer's exit reaches the others' sockets before its process is reapable)."""
+        deadline = time.monotonic() + grace
+        while True:
+            for r, proc in enumerate(self.procs):
+                if r != failed and proc.exitcode is not None:
+                    return r
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _last_line(text) -> str:
+    lines = [ln for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
