@@ -110,6 +110,15 @@ def test_mtp_head_verifies_fp32_with_images(pools, zoo_model, ref_cache):
 
 
 @pytest.mark.world(2)
+def test_mtp_head_verifies_under_sequence_parallelism(pools, zoo_model, ref_cache):
+    """TP2 + SP: the vision-language model embeds the whole sequence before scattering it, and the MTP
+    layer's own embedding of the shifted tokens must come out scattered like the hidden states it
+    joins (the MTP forward once failed here on a sequence-length mismatch, found by `make demo`)."""
+    r = mc.verify(pools, zoo_model(MODEL), L(tp=2, sp=True), ref_cache)
+    mc.check_mtp_head_passes(r, moe=False)
+
+
+@pytest.mark.world(2)
 def test_perturbed_mtp_projection_is_caught_and_located(pools, zoo_model, ref_cache):
     """Negative control: the MTP layer's fc x 1.01 leaves the main model exact and fails the MTP
     head, located at mtp.0 with the HF tensor named."""

@@ -125,7 +125,8 @@ def megatron_probes(models, store: dict, sequence_parallel: bool):
     for chunk in models:
         if getattr(chunk, "pre_process", False):
             # vision-language models scatter the sequence only after the vision features went in
-            sharded = getattr(chunk.embedding, "scatter_to_sequence_parallel", True)
+            sharded = (getattr(chunk.embedding, "scatter_to_sequence_parallel", True)
+                       and not getattr(chunk, "embeds_whole_sequence", False))
             (targets if sharded else whole).append(("embedding", chunk.embedding))
             vision += vision_targets(getattr(chunk, "visual", None))
         # a deepstack layer's own output is seen before its vision addition, as on the HF side

@@ -53,6 +53,12 @@ class VisionLanguageGPT(GPTModel):
 
     def __init__(self, config, transformer_layer_spec, *, vision: VisionSettings, hf_config: dict, **kwargs):
         super().__init__(config, transformer_layer_spec, scatter_embedding_sequence_parallel=False, **kwargs)
+        if getattr(self, "embedding", None) is not None:
+            # built without megatron's reduce-scatter (``embed`` merges the vision features into the
+            # whole sequence, then scatters), but scattering by default: the MTP block embeds the
+            # shifted tokens with it and adds them to sequence-scattered hidden states
+            self.embedding.scatter_to_sequence_parallel = True
+        self.embeds_whole_sequence = True  # (verify's probes: the embedding output is not sharded)
         self.vision = vision
         if vision.mrope_interleaved:
             # same module and state, another frequency selection (see InterleavedMRoPE)
@@ -89,7 +95,11 @@ class VisionLanguageGPT(GPTModel):
         under sequence parallelism."""
         from megatron.core import tensor_parallel
 
-        emb = self.embedding(input_ids=input_ids, position_ids=None).transpose(0, 1)  # [B, S, H], whole
+        self.embedding.scatter_to_sequence_parallel = False  # the whole sequence, scattered below
+        try:
+            emb = self.embedding(input_ids=input_ids, position_ids=None).transpose(0, 1)  # [B, S, H]
+        finally:
+            self.embedding.scatter_to_sequence_parallel = True
         deepstack = [torch.zeros_like(emb) for _ in range(self.vision.deepstack_layers)] or None
         for kind, pixels, grid, token in (("image", pixel_values, image_grid_thw, self.vision.image_token_id),
                                           ("video", pixel_values_videos, video_grid_thw, self.vision.video_token_id)):
