@@ -16,7 +16,7 @@
 # BUDGET_S=N stops the run N s after the lanes start (no new config, running steps killed); PACK=1 packs
 # the reports and logs into $OUT/published.tgz (without verify's caches).
 # QUANT_ONLY=1: an MXFP4 config runs its as-published copy alone (not the bf16 checkpoint it was made from),
-# an FP8 config its FP8 copy alone.
+# an FP8 config its FP8 copy alone. QUANT_ONLY="<names>" does so for those configs only.
 # RT_SKIP="<names>" skips the round trip of those configs (verify only: a re-run after a runtime-only change).
 # SPLIT=N runs N lanes per version (the configs dealt round-robin), for a GPU with memory to spare (on an
 # H200, 8 lanes in all ran out of memory with 3.6 B-parameter fp32 verifications; 6 did not).
@@ -96,14 +96,15 @@ lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLI
     [ -f "$ck/config.json" ] || { echo "FAILED: no checkpoint for $name"; rc=1; continue; }
     sources=("$ck")
     [ -d "$ck-mxfp4" ] && sources+=("$ck-mxfp4")
-    [ -d "$ck-mxfp4" ] && [ -n "${QUANT_ONLY:-}" ] && sources=("$ck-mxfp4")  # the as-published copy alone
+    qonly=""; [ "${QUANT_ONLY:-}" = 1 ] || [[ " ${QUANT_ONLY:-} " == *" $name "* ]] && qonly=1
+    [ -d "$ck-mxfp4" ] && [ -n "$qonly" ] && sources=("$ck-mxfp4")  # the as-published copy alone
     if grep -q '"quant_method": *"fp8"' "$cfg"; then
       q=/tmp/pubq-m$V/$name-fp8
       stamp "m$V $name: FP8 copy"
       run python3 -m mcore_bridge.cli export --model "$ck" --to-hf --export-dtype fp8 --save "$q" --overwrite \
           --device cuda 2>&1 | tail_or_why
       sources+=("$q")
-      [ -n "${QUANT_ONLY:-}" ] && sources=("$q")
+      [ -n "$qonly" ] && sources=("$q")
     fi
     for src in "${sources[@]}"; do
       tag=$(basename "$src")
