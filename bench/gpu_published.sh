@@ -18,6 +18,9 @@
 # QUANT_ONLY=1: an MXFP4 config runs its as-published copy alone (not the bf16 checkpoint it was made from),
 # an FP8 config its FP8 copy alone. QUANT_ONLY="<names>" does so for those configs only.
 # RT_SKIP="<names>" skips the round trip of those configs (verify only: a re-run after a runtime-only change).
+# SERIAL=1 runs the versions' lanes one after the other, not at the same time, each deleting its FP8 copy
+# when done: for a config whose checkpoint, FP8 copies and dequantised references would not fit on the disk
+# at once (a reduced DeepSeek-V3 with its MTP layer: 18 GB bf16, 12.5 GB per FP8 copy, 18 GB per reference).
 # SPLIT=N runs N lanes per version (the configs dealt round-robin), for a GPU with memory to spare (on an
 # H200, 8 lanes in all ran out of memory with 3.6 B-parameter fp32 verifications; 6 did not).
 # Every config keeps its published MTP layer (reduce_published.py --mtp). Wheels in ${WHL_ROOT:-.whl}/fla/
@@ -131,9 +134,14 @@ lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLI
 # minus the time to pack the results); the reports are then packed (PACK=1) even if steps were cut.
 [ -n "${BUDGET_S:-}" ] && DEADLINE=$(( $(date +%s) + BUDGET_S )) && export DEADLINE
 pids=()
-for V in "$@"; do
-  for ((K = 0; K < ${SPLIT:-1}; K++)); do lane "$V" "$K" > "$OUT/published-m$V-$K.log" 2>&1 & pids+=($!); done
-done
+if [ -n "${SERIAL:-}" ]; then  # one lane after another, each removing its FP8 copies at its end (disk)
+  ( r=0; for V in "$@"; do lane "$V" 0 > "$OUT/published-m$V-0.log" 2>&1 || r=1; rm -rf "/tmp/pubq-m$V"; done; exit $r ) &
+  pids+=($!)
+else
+  for V in "$@"; do
+    for ((K = 0; K < ${SPLIT:-1}; K++)); do lane "$V" "$K" > "$OUT/published-m$V-$K.log" 2>&1 & pids+=($!); done
+  done
+fi
 rc=0
 if [ -n "${DEADLINE:-}" ]; then  # cut every lane at the deadline (their own steps stop then too)
   ( while [ "$(date +%s)" -lt "$DEADLINE" ]; do sleep 2; done; kill "${pids[@]}" 2>/dev/null

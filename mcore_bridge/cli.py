@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -530,6 +531,10 @@ def cmd_verify(args, argv) -> int:
                         print(_tail(proc.stderr), file=sys.stderr, flush=True)
     from verify.report_html import render_all
 
+    if not report_dir.exists():  # every case crashed before writing its page
+        print(f"mcore-bridge verify: 0/{ran} cases passed; none wrote a report (each case's error is above)",
+              file=sys.stderr, flush=True)
+        return 1
     render_all(report_dir)
     print(f"{ran - len(failed)}/{ran} cases passed; reports in {report_dir}/index.html", flush=True)
     code = 1 if failed else 0
@@ -549,8 +554,16 @@ def _case_launcher(nproc: int) -> list[str]:
 
 
 def _tail(text: str, n: int = 25) -> str:
+    """The end of a crashed case's stderr, led by each worker's own last error line: under torchrun
+    the end is the agent's summary (ChildFailedError), which does not say what went wrong."""
     lines = [l for l in text.splitlines() if "Warning" not in l and "warnings.warn" not in l]
-    return "\n".join(lines[-n:])
+    errors: dict[str, str] = {}  # rank -> its last error line
+    for l in lines:
+        m = re.match(r"\[(rank\d+)\]:\s*\S*(Error|Exception)\b", l)
+        if m:
+            errors[m.group(1)] = l
+    tail = lines[-n:]
+    return "\n".join([e for e in errors.values() if e not in tail] + tail)
 
 
 def cmd_report(args, argv) -> int:

@@ -23,14 +23,16 @@ of the block maximum.) MXFP4 export is refused (see ``MXFP4_EXPORT_REFUSAL``).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
+import shutil
 from typing import Iterable, Iterator
 
 import torch
 
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, UsageError, WriteError
 from .hf_io import TensorInfo
 
 FP8 = torch.float8_e4m3fn
@@ -408,6 +410,12 @@ def dequantized_copy(src, dst) -> None:
     src, dst = Path(src), Path(dst)
     view = open_quantized(hf_io.HFCheckpoint(src))
     dst.mkdir(parents=True, exist_ok=True)
+    need = sum(view.info(n).nbytes for n in view.names())
+    free = shutil.disk_usage(dst).free
+    if need > free:  # refused before the first byte, not by a full disk halfway
+        view.close()
+        raise WriteError(errno.ENOSPC, f"the dequantised copy of {src} needs {need / 1e9:.1f} GB and its disk has "
+                         f"{free / 1e9:.1f} GB free; point TMPDIR at a disk with room", str(dst))
     by_file: dict = {}
     for name in view.names():
         by_file.setdefault(view.info(name).file, []).append(name)

@@ -103,3 +103,20 @@ def test_fp8_mtp_checkpoint_verifies_against_its_dequantised_reference(zoo_model
     assert rep["verdict"] == "pass" and rep["metrics"]["max_diff"] < 1e-4, rep["failures"]
     (depth,) = rep["mtp"]["depths"]
     assert depth["ok"] and depth["rel_mean_diff"] < 1e-5, depth
+
+
+def test_a_verify_whose_reference_cannot_be_written_fails_fast_and_says_why(zoo_model, tmp_path):
+    """The disk fills while the reference's dequantised copy is written (as on an H200 with two
+    reduced DeepSeek-V3 lanes): the run ends non-zero with the worker's own error in front (under
+    torchrun the tail is the agent's summary), says that no case wrote a report, and leaves no
+    partial copy behind."""
+    src = zoo_model("deepseek_v3_mtp_fp8")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = run_cli("verify", "--model", src, "--matrix", "tp=2", "--dtype", "fp32", "--device", "cpu",
+                "--report", tmp_path / "report", env={"MCORE_BRIDGE_FAULT": "rank:0:write:enospc", "TMPDIR": str(tmp)},
+                timeout=240)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "[rank0]: mcore_bridge.errors.WriteError: cannot write" in r.stderr, r.stderr
+    assert "none wrote a report" in r.stderr and "no such report directory" not in r.stderr, r.stderr
+    assert not list(tmp.glob("mcore-bridge-dequantised-*")), list(tmp.iterdir())

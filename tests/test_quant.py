@@ -279,3 +279,47 @@ def test_unknown_quant_method_is_refused(tmp_path):
     (d / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "gptq"}}))
     with pytest.raises(CheckpointError, match="quant_method='gptq' is not supported"):
         quant.open_quantized(HFCheckpoint(d))
+
+
+def test_the_reference_shares_one_dequantised_copy_and_removes_it(fp8_ckpt, tmp_path):
+    """verify's fp32, fp64 and bf16 references read one dequantised copy (on an H200 three copies of a
+    reduced DeepSeek-V3 filled a 64 GB disk); a second source replaces it; it is a faithful copy."""
+    from verify import forward
+
+    d, q, s, plain = fp8_ckpt
+    forward._DEQUANTISED.clear()
+    with forward.reference_dir(d) as a:
+        made = (a / "model.safetensors").stat().st_mtime_ns
+    with forward.reference_dir(d) as b:
+        assert b == a and (b / "model.safetensors").stat().st_mtime_ns == made
+        copy = HFCheckpoint(b)
+        assert torch.equal(copy.read("a.weight"), ref_dequant(q, s, BLOCK))
+        assert torch.equal(copy.read("norm.weight"), plain) and "quantization_config" not in copy.config
+    other = fp8_dir(tmp_path / "other", {"a.weight": q, "a.weight_scale_inv": s})
+    with forward.reference_dir(other) as c:
+        assert c != a and c.exists()
+    assert not a.exists(), "the first source's copy stays on disk beside the second"
+    forward._DEQUANTISED.popitem()[1].cleanup()
+
+
+def test_a_dequantised_copy_that_cannot_fit_is_refused_before_writing(fp8_ckpt, monkeypatch):
+    import errno
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from mcore_bridge.errors import WriteError
+    from verify import forward
+
+    d = fp8_ckpt[0]
+    real = shutil.disk_usage
+    monkeypatch.setattr(quant.shutil, "disk_usage", lambda p: real(p)._replace(free=100))
+    before = set(Path(tempfile.gettempdir()).glob("mcore-bridge-dequantised-*"))
+    forward._DEQUANTISED.clear()
+    with pytest.raises(WriteError) as e:
+        with forward.reference_dir(d):
+            pass
+    assert e.value.errno == errno.ENOSPC
+    assert "needs 0.0 GB" in str(e.value) and "TMPDIR" in str(e.value), str(e.value)
+    assert not forward._DEQUANTISED
+    assert not set(Path(tempfile.gettempdir()).glob("mcore-bridge-dequantised-*")) - before, "a partial copy was left"

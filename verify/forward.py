@@ -147,11 +147,16 @@ def megatron_logits(models, input_ids: torch.Tensor, vocab_size: int, position_i
     return torch.cat(collected[:batch], dim=0).cpu()
 
 
+_DEQUANTISED: dict = {}  # one dequantised copy per process: {(source, its files' sizes and times): TemporaryDirectory}
+
+
 @contextlib.contextmanager
 def reference_dir(hf_dir):
     """``hf_dir`` as the reference reads it: a quantised (FP8 / MXFP4) checkpoint as a temporary
     dequantised copy (``quant.dequantized_copy``), anything else as it is. Everything the reference
-    reads (the model, an MTP layer's own tensors) comes from the directory this yields."""
+    reads (the model, an MTP layer's own tensors) comes from the directory this yields. The copy is
+    made once per process and source (the fp32, fp64 and bf16 references of a run share it) and
+    removed at exit, or when another source's copy replaces it."""
     import json
     import tempfile
     from pathlib import Path
@@ -161,9 +166,20 @@ def reference_dir(hf_dir):
     if not quant.quant_config(json.loads((Path(hf_dir) / "config.json").read_text())):
         yield Path(hf_dir)
         return
-    with tempfile.TemporaryDirectory(prefix="mcore-bridge-dequantised-") as tmp:
-        quant.dequantized_copy(hf_dir, tmp)
-        yield Path(tmp)
+    root = Path(hf_dir).resolve()
+    key = (str(root),) + tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(root.iterdir())
+                               if f.is_file())
+    if key not in _DEQUANTISED:
+        while _DEQUANTISED:  # the disk holds one copy at a time
+            _DEQUANTISED.popitem()[1].cleanup()
+        tmp = tempfile.TemporaryDirectory(prefix="mcore-bridge-dequantised-")
+        try:
+            quant.dequantized_copy(root, tmp.name)
+        except BaseException:
+            tmp.cleanup()  # nothing partial left behind
+            raise
+        _DEQUANTISED[key] = tmp
+    yield Path(_DEQUANTISED[key].name)
 
 
 def hf_model(hf_dir, dtype=torch.float32, device="cpu"):
