@@ -118,7 +118,7 @@ lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLI
       run same_bytes "$src" "/tmp/rt-m$V-$tag" 2>&1
       rm -rf "/tmp/rt-m$V-$tag"
       fi
-      stamp "m$V $tag: verify fp32,bf16"
+      stamp "m$V $tag: verify ${VERIFY_ARGS:---dtype fp32,bf16}"
       rep=$OUT/reports/$tag-m$V
       run timeout ${STEP_TIMEOUT:-300} python3 -m mcore_bridge.cli verify --model "$src" --matrix "tp=1" ${VERIFY_ARGS:---dtype fp32,bf16} \
           --device cuda --report "$rep" 2>&1 | grep --line-buffered -E "PASS|FAIL|verdict|rror" | tail -4

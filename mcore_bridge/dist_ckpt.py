@@ -209,6 +209,7 @@ def load(models, path, content: str = FULL) -> str | None:
     if not rt.all_ok(error is None):
         raise error or hfio.CheckpointError("another rank rejected the checkpoint metadata")
     state = sharded_state(models, content)
+    _merge_in_place(state)
     keys = [model_key(i, len(models)) for i in range(len(models))]
     note = None
     try:
@@ -281,6 +282,35 @@ _OWN_COMMON = ("checkpoint_version", "iteration")
 _NON_MODEL = (("optimizer", re.compile(r"^(chained_\d+\.)?optimizer\.")),
               ("rng_state", re.compile(r"^[^./]*rng_state$")),
               ("rerun_state_machine", re.compile(r"^rerun_state_machine_state$")))
+
+
+def _merge_in_place(state: dict) -> None:
+    """Megatron's factories (e.g. SwiGLU's gate/up halves of ``linear_fc1``) split a model tensor
+    into views, the checkpoint is read into those views, and the merge then ``cat``s them into a new
+    tensor that ``load_state_dict`` copies back. When the loaded parts still tile the model tensor
+    (views, in order, nothing re-allocated), the merge here returns the model tensor itself: one
+    full-size allocation and two copies fewer (on CPU, 1 s of a 4 GB torch_dist -> HF). Anything
+    else goes through megatron's own merge."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    def tiles(parts, whole) -> bool:
+        if not (isinstance(whole, torch.Tensor) and whole.is_contiguous() and isinstance(parts, (list, tuple))):
+            return False
+        at = whole.data_ptr()
+        for p in parts:
+            if not (isinstance(p, torch.Tensor) and p.is_contiguous() and p.dtype == whole.dtype
+                    and p.device == whole.device and p.data_ptr() == at):
+                return False
+            at += p.numel() * p.element_size()
+        return at == whole.data_ptr() + whole.numel() * whole.element_size()
+
+    for f in nested_values(state):
+        if isinstance(f, ShardedTensorFactory) and not getattr(f.merge_fn, "_in_place", False):
+            def merge(parts, _whole=f.data, _merge=f.merge_fn):
+                return _whole if tiles(parts, _whole) else _merge(parts)
+            merge._in_place = True
+            f.merge_fn = merge
 
 
 def _is_extra_state(key: str) -> bool:

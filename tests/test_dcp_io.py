@@ -156,3 +156,31 @@ def test_a_failed_write_leaves_nothing(pools, zoo_model, tmp_path):
     ok = pools.get(1).run(dc.failing_save, timeout=300, source=str(src), layout=L().to_dict(), out_dir=str(out),
                           fail_after=10 ** 6)
     assert ok == ["no error"] and (out / "release" / ".metadata").exists()
+
+
+def test_factory_merge_returns_the_model_tensor_when_the_parts_tile_it():
+    """SwiGLU's ``linear_fc1`` is loaded as gate/up views of the model tensor; megatron's merge
+    ``cat``s them into a new tensor. When the loaded parts still tile the model tensor, the load
+    hands back the model tensor itself; parts that are anything else (new tensors, the halves in
+    the other order, another dtype) go through megatron's own merge, whose result is what counts."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    from mcore_bridge.dist_ckpt import _merge_in_place
+
+    calls = []
+
+    def cat(parts):
+        calls.append(len(parts))
+        return torch.cat(parts)
+
+    whole = torch.arange(24.0).reshape(6, 4)
+    state = {"model": {"fc1": ShardedTensorFactory("fc1", whole, lambda *a: None, cat)}}
+    _merge_in_place(state)
+    _merge_in_place(state)  # idempotent: one wrapper
+    merge = state["model"]["fc1"].merge_fn
+    gate, up = torch.chunk(whole, 2)
+    assert merge([gate, up]) is whole and not calls
+    for parts in ([up, gate], [gate.clone(), up.clone()], [gate, up[:2]], [gate.double(), up.double()]):
+        out = merge(parts)
+        assert out is not whole and torch.equal(out, torch.cat(parts))
+    assert calls == [2, 2, 2, 2]
