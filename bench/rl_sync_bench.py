@@ -121,7 +121,8 @@ def engine_main(args_dict: dict, init: str, ctl: str, device: str, names_by_phas
             if n not in kept:
                 kept[n] = torch.empty_like(t)
             kept[n].copy_(t)
-    receivers["lora"] = Receiver(channel, load=keep, expected=names_by_phase["lora"], lora=True)
+    if names_by_phase["lora"] is not None:  # --steps without lora: no adapter receiver
+        receivers["lora"] = Receiver(channel, load=keep, expected=names_by_phase["lora"], lora=True)
     k = 0
     while True:
         phase = store.get(f"phase/{k}").decode()

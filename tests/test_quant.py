@@ -137,6 +137,52 @@ def test_fp8_quantiser_matches_the_published_recipe():
     assert float(err.max()) <= float(s.max()) * 16 + 1e-6  # e4m3: half an ulp at 448 is 16
 
 
+@pytest.mark.parametrize("pow2", [False, True])
+def test_fp8_buckets_quantise_same_shaped_tensors_as_one_stack_with_the_same_bytes(pow2):
+    """A bucket's same-shaped planned tensors (a layer's experts) can be quantised as one stack (the
+    default on a GPU; one by one on a CPU): the bytes and scales equal quantising each alone (partial edge blocks, an all-zero block, bf16);
+    a tensor with reference scales, a lone shape and an unplanned tensor take their own paths."""
+    g = torch.Generator().manual_seed(1)
+    experts = [(torch.randn(10, 15, generator=g) * (e + 1)).to(torch.bfloat16) for e in range(5)]
+    experts[2][0:4, 0:6] = 0
+    lone, kept = torch.randn(9, 7, generator=g).to(torch.bfloat16), torch.randn(3, 3, generator=g)
+    ref_name = "e.1"  # its source scales: kept where they represent the block exactly
+    ref_q, ref_s = quant.quantize_fp8(experts[1], BLOCK, pow2)
+    experts[1] = ref_dequant(ref_q, ref_s, BLOCK)
+    tensors = [(f"e.{i}", t) for i, t in enumerate(experts)] + [("lone", lone), ("norm", kept)]
+    names = {n for n, _ in tensors} - {"norm"}
+    plan = (names, BLOCK, {"scale_fmt": "ue8m0"} if pow2 else {}, lambda n: ref_s if n == ref_name else None)
+    calls, real = [], quant.quantize_fp8
+
+    def counted(w, *a, **k):
+        calls.append(tuple(w.shape))
+        return real(w, *a, **k)
+    quant.quantize_fp8 = counted
+    try:
+        ((bucket, out, buf),) = list(quant.quantize_buckets([("b", tensors, "packed")], plan, stack=True))
+        assert sorted(calls) == [(4, 10, 15), (9, 7), (10, 15)], calls  # the four fresh experts as one stack
+        calls.clear()
+        ((_, alone, _),) = list(quant.quantize_buckets([("b", tensors, "packed")], plan))  # CPU: one by one
+        assert len(calls) == 6 and all(torch.equal(a.view(torch.uint8) if a.dtype == quant.FP8 else a,
+                                                   b.view(torch.uint8) if b.dtype == quant.FP8 else b)
+                                       for (_, a), (_, b) in zip(alone, out)), calls
+    finally:
+        quant.quantize_fp8 = real
+    assert bucket == "b" and buf is None
+    assert [n for n, _ in out] == [x for n, _ in tensors for x in ((n,) if n == "norm" else (n, n + quant.SCALE_SUFFIX))]
+    got = dict(out)
+    for n, t in tensors:
+        if n == "norm":
+            assert got[n] is t
+            continue
+        q, s = quant.quantize_fp8(t, BLOCK, pow2, ref_s if n == ref_name else None)
+        assert torch.equal(got[n].view(torch.uint8), q.view(torch.uint8)), n
+        assert torch.equal(got[n + quant.SCALE_SUFFIX], s), n
+    assert torch.equal(got[ref_name + quant.SCALE_SUFFIX], ref_s)  # the source's scales, not fresh ones
+    with pytest.raises(ValueError, match="single 2-D"):
+        quant.quantize_fp8(torch.stack(experts), BLOCK, reference=ref_s)
+
+
 def test_fp8_requantising_dequantised_weights_fresh_and_with_reference_scales():
     """What FP8 -> bf16 -> FP8 gives. Fresh scales: every FP8 byte comes back (the bf16 product
     is within 2^-9 of q * s, far inside e4m3's half ulp of 2^-4) but a scale moves by up to 2^-8
