@@ -129,6 +129,7 @@ def main(argv=None) -> int:
         os.sync()
         times.setdefault("copy floor", []).append(sh(["cp", "-r", str(src), str(copy)]))
         shutil.rmtree(copy)
+        print(f"rep {rep}: copy floor {times['copy floor'][-1]:.2f} s (measured first in each repetition)", flush=True)
         for n in procs:
             for step in ["fixed"] + steps:
                 if step == "torch_dist->hf" and "hf->torch_dist" not in steps and not (work / f"dist{n}").exists():
@@ -140,7 +141,10 @@ def main(argv=None) -> int:
                     print(f"rep {rep}: {key:<35} {times[key][-1]:7.2f} s", flush=True)
             if rep == 0 and "torch_dist->hf" in steps:
                 print(f"  byte-exact round trip ({n} proc): {same_tensors(src, work / f'hf{n}')} tensors", flush=True)
-        print(f"rep {rep}: copy floor {times['copy floor'][-1]:.2f} s", flush=True)
+        partial = Path(args.results).with_suffix(".partial.json")  # what a run cut short still leaves
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"source": str(src), "bytes": size, "times": times, "reps_done": rep + 1,
+                                       "label": args.label}, indent=1))
 
     floor = statistics.median(times["copy floor"])
     load = os.getloadavg()
@@ -162,6 +166,7 @@ def main(argv=None) -> int:
         f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{text}")
     (out.with_suffix(".json")).write_text(json.dumps({"source": str(src), "bytes": size, "times": times,
                                                       "label": args.label}, indent=1))
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     return 0
 
 
