@@ -387,6 +387,9 @@ def quantize_stream(stream: Iterable[tuple[str, torch.Tensor]], plan) -> Iterato
             yield name, t
 
 
+STACK_ELEMENTS = 1 << 26  # elements per stacked quantisation (its fp32 temporaries: a few x 256 MB)
+
+
 def quantize_buckets(stream, plan, stack: bool | None = None):
     """An ``Exporter.iterate_buckets`` stream with each bucket's planned tensors quantised (the
     bucket is re-packed downstream). ``stack`` (default: for tensors on an accelerator): planned
@@ -411,10 +414,12 @@ def quantize_buckets(stream, plan, stack: bool | None = None):
                 if refs[i] is None and (stack if stack is not None else t.device.type != "cpu"):
                     groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
         done = {}
-        for idx in groups.values():
-            if len(idx) > 1:
-                q, s = quantize_fp8(torch.stack([tensors[i][1] for i in idx]), block, pow2)
-                done.update({i: (q[k], s[k]) for k, i in enumerate(idx)})
+        for (shape, _, _), idx in groups.items():
+            per = max(1, STACK_ELEMENTS // max(1, math.prod(shape)))  # bounds the stack's fp32 temporaries
+            for part in (idx[j:j + per] for j in range(0, len(idx), per)):
+                if len(part) > 1:
+                    q, s = quantize_fp8(torch.stack([tensors[i][1] for i in part]), block, pow2)
+                    done.update({i: (q[k], s[k]) for k, i in enumerate(part)})
         out = []
         for i, (name, t) in enumerate(tensors):
             if i not in refs:

@@ -137,6 +137,11 @@ def test_fp8_quantiser_matches_the_published_recipe():
     assert float(err.max()) <= float(s.max()) * 16 + 1e-6  # e4m3: half an ulp at 448 is 16
 
 
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8),
+                                                                     b.contiguous().view(torch.uint8))
+
+
 @pytest.mark.parametrize("pow2", [False, True])
 def test_fp8_buckets_quantise_same_shaped_tensors_as_one_stack_with_the_same_bytes(pow2):
     """A bucket's same-shaped planned tensors (a layer's experts) can be quantised as one stack (the
@@ -162,10 +167,16 @@ def test_fp8_buckets_quantise_same_shaped_tensors_as_one_stack_with_the_same_byt
         ((bucket, out, buf),) = list(quant.quantize_buckets([("b", tensors, "packed")], plan, stack=True))
         assert sorted(calls) == [(4, 10, 15), (9, 7), (10, 15)], calls  # the four fresh experts as one stack
         calls.clear()
+        cap, quant.STACK_ELEMENTS = quant.STACK_ELEMENTS, 2 * 10 * 15  # stacks of at most two
+        try:
+            ((_, capped, _),) = list(quant.quantize_buckets([("b", tensors, "packed")], plan, stack=True))
+        finally:
+            quant.STACK_ELEMENTS = cap
+        assert sorted(calls) == [(2, 10, 15), (2, 10, 15), (9, 7), (10, 15)], calls
+        assert all(_same_bytes(a, b) for (_, a), (_, b) in zip(capped, out))
+        calls.clear()
         ((_, alone, _),) = list(quant.quantize_buckets([("b", tensors, "packed")], plan))  # CPU: one by one
-        assert len(calls) == 6 and all(torch.equal(a.view(torch.uint8) if a.dtype == quant.FP8 else a,
-                                                   b.view(torch.uint8) if b.dtype == quant.FP8 else b)
-                                       for (_, a), (_, b) in zip(alone, out)), calls
+        assert len(calls) == 6 and all(_same_bytes(a, b) for (_, a), (_, b) in zip(alone, out)), calls
     finally:
         quant.quantize_fp8 = real
     assert bucket == "b" and buf is None
