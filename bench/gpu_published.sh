@@ -16,7 +16,8 @@
 # BUDGET_S=N stops the run N s after the lanes start (no new config, running steps killed); PACK=1 packs
 # the reports and logs into $OUT/published.tgz (without verify's caches).
 # QUANT_ONLY=1: an MXFP4 config runs its as-published copy alone (not the bf16 checkpoint it was made from),
-# an FP8 config its FP8 copy alone. QUANT_ONLY="<names>" does so for those configs only.
+# an FP8 config its FP8 copy alone. QUANT_ONLY="<names>" does so for those configs only; NO_QUANT="<names>":
+# those FP8 configs run their bf16 checkpoint alone (no FP8 copy).
 # RT_SKIP="<names>" skips the round trip of those configs (verify only: a re-run after a runtime-only change).
 # SERIAL=1 runs the versions' lanes one after the other, not at the same time, each deleting its FP8 copy
 # when done: for a config whose checkpoint, FP8 copies and dequantised references would not fit on the disk
@@ -101,7 +102,7 @@ lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLI
     [ -d "$ck-mxfp4" ] && sources+=("$ck-mxfp4")
     qonly=""; [ "${QUANT_ONLY:-}" = 1 ] || [[ " ${QUANT_ONLY:-} " == *" $name "* ]] && qonly=1
     [ -d "$ck-mxfp4" ] && [ -n "$qonly" ] && sources=("$ck-mxfp4")  # the as-published copy alone
-    if grep -q '"quant_method": *"fp8"' "$cfg"; then
+    if grep -q '"quant_method": *"fp8"' "$cfg" && [[ " ${NO_QUANT:-} " != *" $name "* ]]; then
       q=/tmp/pubq-m$V/$name-fp8
       stamp "m$V $name: FP8 copy"
       run python3 -m mcore_bridge.cli export --model "$ck" --to-hf --export-dtype fp8 --save "$q" --overwrite \
