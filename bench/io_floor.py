@@ -5,9 +5,10 @@
 
 Makes a Qwen3-8B-shaped HF checkpoint (``make_checkpoint.py --layers N``, reused when present), then,
 per repetition, in this order: the **copy floor** (``cp -r`` of the checkpoint directory + ``sync``:
-read and write the same bytes on the same disk), the **fixed cost** of a run (the same CLI export of
+read and write the same bytes on the same disk, into a new directory), the **fixed cost** of a run (the same CLI export of
 a 1-layer tiny model, ``builtin:qwen3``: launch, imports, process groups) and each conversion through
-the CLI, each followed by ``sync`` inside its timing (the floor pays its write-back, so do they):
+the CLI, each into a new directory (the last output is deleted and synced before the clock starts, as
+the floor's copy is) and followed by ``sync`` inside its timing (the floor pays its write-back, so do they):
 
 * ``hf->torch_dist``  ``export --model SRC --to-mcore --save D``
 * ``hf->plain``       ``export --model SRC --to-mcore --ckpt-format plain --save P``
@@ -33,10 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def sh(cmd, env=None, check=True) -> float:
-    """Run ``cmd`` then ``sync``; wall seconds of both."""
+def sh(cmd, env=None, check=True, cwd=None) -> float:
+    """Run ``cmd`` (in ``cwd``) then ``sync``; wall seconds of both."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
     os.sync()
     dt = time.perf_counter() - t0
     if check and proc.returncode != 0:
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
                         "step also runs with its code, interleaved with this one's, rows marked 'baseline'")
     args = p.parse_args(argv)
 
-    work = Path(args.work)
+    work = Path(args.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
     def env_for(root):
         return dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -99,8 +100,15 @@ def main(argv=None) -> int:
     env = env_for(ROOT)
     # the baseline first in even repetitions, so that what is byte-compared after the first (and read by
     # its torch_dist->hf) is this checkout's output
-    codes = ([(" baseline", env_for(Path(args.baseline).resolve()))] if args.baseline else []) + [("", env)]
-    src = Path(args.source) if args.source else work / f"qwen3-8b-l{args.layers}"
+    # each side runs in its own checkout: ``python -m`` puts the working directory first on sys.path,
+    # ahead of PYTHONPATH (run from this checkout, a baseline would import this checkout's code)
+    codes = ([(" baseline", Path(args.baseline).resolve())] if args.baseline else []) + [("", ROOT)]
+    for _, root in codes:  # each side must import its own code
+        where = subprocess.run([sys.executable, "-c", "import mcore_bridge; print(mcore_bridge.__file__)"],
+                               env=env_for(root), cwd=root, capture_output=True, text=True).stdout.strip()
+        if not where.startswith(str(root) + os.sep):
+            raise SystemExit(f"{root}: python imports mcore_bridge from {where or '(nowhere)'}, not from it")
+    src = Path(args.source).absolute() if args.source else work / f"qwen3-8b-l{args.layers}"
     if not (src / "config.json").exists():
         sh([sys.executable, str(ROOT / "bench" / "make_checkpoint.py"), "--out", str(src), "--layers",
             str(args.layers), "--overwrite"], env)
@@ -135,9 +143,14 @@ def main(argv=None) -> int:
                 if step == "torch_dist->hf" and "hf->torch_dist" not in steps and not (work / f"dist{n}").exists():
                     continue
                 # A/B: the order alternates per repetition (whichever runs second finds the source in the page cache)
-                for mark, code_env in (codes if rep % 2 == 0 else codes[::-1]):
+                for mark, code_root in (codes if rep % 2 == 0 else codes[::-1]):
                     key = f"{step} ({n} proc){mark}"
-                    times.setdefault(key, []).append(sh(conv(step, n, rep), code_env))
+                    # the output goes into a fresh directory, as the floor's copy does: deleting the last
+                    # one's 4 GB (2 s here) is not the conversion's cost
+                    out = Path(conv(step, n, rep)[conv(step, n, rep).index("--save") + 1])
+                    shutil.rmtree(out, ignore_errors=True)
+                    os.sync()
+                    times.setdefault(key, []).append(sh(conv(step, n, rep), env_for(code_root), cwd=code_root))
                     print(f"rep {rep}: {key:<35} {times[key][-1]:7.2f} s", flush=True)
             if rep == 0 and "torch_dist->hf" in steps:
                 print(f"  byte-exact round trip ({n} proc): {same_tensors(src, work / f'hf{n}')} tensors", flush=True)

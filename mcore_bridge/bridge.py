@@ -180,13 +180,16 @@ class Bridge:
 
     # -- load --------------------------------------------------------------------------------
     @_scoped
-    def load_weights(self, models, hf_dir=None):
-        """Fill this rank's model chunks from HF safetensors, reading only the needed slices."""
+    def load_weights(self, models, hf_dir=None, spliced: dict | None = None):
+        """Fill this rank's model chunks from HF safetensors, reading only the needed slices.
+        ``spliced`` (a dict, for a conversion that only writes the model out): the parameters that
+        are whole rows of the source files are left unwritten and go there as ``splice.Runs``, which
+        ``checkpoint.save_mcore(..., spliced=)`` copies file to file."""
         rt.maybe_fail("load")  # tests only: MCORE_BRIDGE_FAULT (runtime/faults.py)
         ckpt = self.hf if hf_dir is None else self.reader.open(hf_dir)
         if ckpt is None:
             raise UsageError("load_weights: this bridge has no HF checkpoint; pass hf_dir")
-        self.loader.load(models, ckpt)
+        self.loader.load(models, ckpt, spliced=spliced)
 
     # -- export ------------------------------------------------------------------------------
     @_scoped_iter

@@ -68,13 +68,15 @@ def read_meta(path) -> dict:
 
 
 def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: str = "torch_dist",
-               content: str = "full", spec: str = "te"):
+               content: str = "full", spec: str = "te", spliced: dict | None = None):
     """Collective. torch_dist: megatron's distributed checkpoint; plain: the first rank holding each
     distinct part writes its file. Rank 0 writes the metadata once every rank succeeded.
     ``content`` (a model with a LoRA adapter, torch_dist only): "full" (weights and factors),
     "adapter" (the factors alone, for ``load_adapter_mcore``) or "merged" (merged weights).
     ``spec`` (torch_dist only): the key layout of megatron's TransformerEngine ("te", what
-    Megatron-LM trains with by default) or local ("local") layer spec; reading detects either."""
+    Megatron-LM trains with by default) or local ("local") layer spec; reading detects either.
+    ``spliced`` (plain only): parameters left unloaded by ``load_weights(..., spliced=)``, written
+    from their source files' bytes (``splice``)."""
     from . import te_layout
 
     if fmt not in FORMAT_NAMES:
@@ -105,6 +107,8 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: st
         (stage / "hf").mkdir()
         hfio.copy_side_files(bridge.side_files, stage / "hf", bridge.hf_config)
 
+    if spliced and fmt != "plain":
+        raise UsageError("spliced parameters (load_weights(..., spliced=)) are written by the plain format only")
     if fmt == "torch_dist":
         from . import dist_ckpt
 
@@ -114,7 +118,9 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: st
     layout, rank, world = bridge.layout, rt.rank(), rt.world_size()
     with hfio.collective_output(out_dir, overwrite, finalize) as stage:
         if writes_file(layout, rank, world):
-            tensors = {f"chunk{c}.{name}": t.detach().contiguous().cpu() for (c, name), t in state.items()}
+            spliced = spliced or {}
+            tensors = {f"chunk{c}.{name}": spliced.get((c, name)) or t.detach().contiguous().cpu()
+                       for (c, name), t in state.items()}
             hfio.write_shard(stage / rank_file(layout, rank, world), tensors)
     return out_dir
 

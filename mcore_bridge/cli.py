@@ -305,10 +305,14 @@ def _export(args, bridge, device, save) -> int:
     bridge.setup(device)
     dtype = DTYPES[args.dtype] if args.dtype else bridge.source_dtype()
     models = bridge.build_model(dtype)
+    # HF -> plain with nothing else done to the model: parameters that are whole source rows go file
+    # to file (splice), unloaded; --test-convert-precision checks what was written
+    spliced = {} if (args.to_mcore and args.ckpt_format == "plain" and not args.adapters
+                     and not args.adapter_load) else None
     if args.load:
         _say(checkpoint.load_mcore(bridge, models, args.load))
     else:
-        bridge.load_weights(models)
+        bridge.load_weights(models, spliced=spliced)
     if args.adapters:
         bridge.load_adapter(models, args.adapters)
     elif args.adapter_load:
@@ -318,7 +322,7 @@ def _export(args, bridge, device, save) -> int:
     if args.to_mcore:
         content = "merged" if merge else ("adapter" if lora and (args.adapters or args.adapter_load) else "full")
         checkpoint.save_mcore(bridge, models, save, overwrite=args.overwrite, fmt=args.ckpt_format, content=content,
-                              spec=args.spec)
+                              spec=args.spec, spliced=spliced)
         what = f"Megatron{', ' + content if lora else ''}"
     else:
         bridge.save_weights(models, save, overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size),

@@ -276,22 +276,17 @@ class HFCheckpoint:
         is one contiguous byte range of the file (whole tensor or a range of leading rows), ``out``
         is a contiguous CPU tensor of the same dtype and large enough; returns the bytes read, 0 when
         those conditions do not hold (then use ``read``). No mapping, no temporary."""
-        info = self.tensors.get(name)
-        if (info is None or info.offset is None or not info.shape
-                or out.dtype != info.dtype or out.device.type != "cpu" or not out.is_contiguous()):
+        rows = self.row_range(name, region)
+        if rows is None or out.dtype != rows[0].dtype or out.device.type != "cpu" or not out.is_contiguous():
             return 0
-        region = region or tuple(slice(None) for _ in info.shape)
-        if len(region) != len(info.shape) or any(r.indices(n) != (0, n, 1) for r, n in zip(region[1:], info.shape[1:])):
-            return 0
-        start, stop, step = region[0].indices(info.shape[0])
-        row = info.nbytes // info.shape[0]
-        nbytes = max(stop - start, 0) * row
-        if step != 1 or nbytes == 0 or nbytes > out.numel() * out.element_size():
+        info, offset, row, n = rows
+        nbytes = n * row
+        if nbytes == 0 or nbytes > out.numel() * out.element_size():
             return 0
         dest = memoryview(out.detach().view(-1).view(torch.uint8).numpy())[:nbytes]
         fd = os.open(info.file, os.O_RDONLY)
         try:
-            done, offset = 0, info.offset + start * row
+            done = 0
             while done < nbytes:
                 n = os.preadv(fd, [dest[done:done + (1 << 30)]], offset + done)
                 if n <= 0:
@@ -300,6 +295,21 @@ class HFCheckpoint:
         finally:
             os.close(fd)
         return nbytes
+
+    def row_range(self, name: str, region: tuple[slice, ...] | None):
+        """``(info, file offset, bytes per row, rows)`` when ``region`` of ``name`` is one contiguous
+        byte range of a safetensors file (the whole tensor or a range of leading rows), else None."""
+        info = self.tensors.get(name)
+        if info is None or info.offset is None or not info.shape:
+            return None
+        region = region or tuple(slice(None) for _ in info.shape)
+        if len(region) != len(info.shape) or any(r.indices(n) != (0, n, 1) for r, n in zip(region[1:], info.shape[1:])):
+            return None
+        start, stop, step = region[0].indices(info.shape[0])
+        if step != 1 or info.shape[0] == 0:
+            return None
+        row = info.nbytes // info.shape[0]
+        return info, info.offset + start * row, row, max(stop - start, 0)
 
     @staticmethod
     def _map(info: TensorInfo) -> torch.Tensor:

@@ -233,6 +233,10 @@ class FP8Checkpoint:
     def info(self, name):
         return self.tensors[name]
 
+    def row_range(self, name: str, region=None):
+        """A stored tensor's byte range (``splice``); a quantised weight has none."""
+        return None if name in self.scales else self.ckpt.row_range(name, region)
+
     def read(self, name: str, region=None) -> torch.Tensor:
         scale = self.scales.get(name)
         if scale is None:
@@ -301,6 +305,10 @@ class MXFP4Checkpoint:
 
     def info(self, name):
         return self.tensors[name]
+
+    def row_range(self, name: str, region=None):
+        """A stored tensor's byte range (``splice``); an MXFP4 one has none."""
+        return None if name in self.pairs else self.ckpt.row_range(name, region)
 
     def read(self, name: str, region=None) -> torch.Tensor:
         pair = self.pairs.get(name)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .splice import Runs, write_runs
+
 WRITE_CHUNK = 64 << 20  # bytes per os.write: large sequential writes, bounded by the tensor's own memory
 
 _NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -51,9 +53,13 @@ def _write_all(fd: int, buf) -> None:
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
                       fsync: bool = True) -> None:
-    """``tensors`` (CPU) as one safetensors file at ``path``; no copy of a contiguous tensor's bytes."""
+    """``tensors`` (CPU; or ``splice.Runs``, copied from their files) as one safetensors file at
+    ``path``; no copy of a contiguous tensor's bytes."""
     items = []
     for name, t in tensors.items():
+        if isinstance(t, Runs):
+            items.append((name, t))
+            continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {type(t).__name__} is not a tensor")
         if t.device.type != "cpu":
@@ -63,7 +69,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, t in items:
-        n = t.numel() * t.element_size()
+        n = t.nbytes if isinstance(t, Runs) else t.numel() * t.element_size()
         header[name] = {"dtype": dtype_name(t.dtype, name), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -72,7 +78,9 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     try:
         _write_all(fd, struct.pack("<Q", len(raw)) + raw)
         for _, t in items:
-            if t.numel():
+            if isinstance(t, Runs):
+                write_runs(fd, t.runs)
+            elif t.numel():
                 flat = t.contiguous().reshape(-1)  # a copy only if the caller's tensor is strided
                 _write_all(fd, flat.view(torch.uint8).numpy())
         if fsync:

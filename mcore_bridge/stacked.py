@@ -169,6 +169,10 @@ class StackedCheckpoint:
     def info(self, name):
         return self.tensors[name]
 
+    def row_range(self, name: str, region=None):
+        """A stored tensor's byte range (``splice``); an expert's view of a stack has none."""
+        return None if name in self.views else self.ckpt.row_range(name, region)
+
     def read(self, name: str, region=None) -> torch.Tensor:
         v = self.views.get(name)
         if v is None:

@@ -94,6 +94,13 @@ class Transform:
         that assemble several pieces override it to skip the temporary."""
         out.copy_(self.to_mcore(pieces, tuple(out.shape), tp, rank))
 
+    def row_runs(self, piece_rows: list[int], local: Shape, tp: int, rank: int):
+        """The shard as runs of whole rows, in order: ``(piece, start, stop)`` takes rows
+        ``start:stop`` of piece ``piece`` (the regions of ``slices``), ``(None, start, stop)`` is zero
+        rows; None when the shard is not such a concatenation (``splice`` then loads it as usual).
+        Rows are along dim 0; the runs must give what ``to_mcore`` gives (``tests/test_splice.py``)."""
+        return None
+
     # Reference implementation used by tests: split full tensors the slow, obvious way.
     def split(self, full: Sequence[torch.Tensor], local: Shape, tp: int, rank: int) -> torch.Tensor:
         regions = self.slices([tuple(t.shape) for t in full], local, tp, rank)
@@ -122,6 +129,9 @@ class Replicated(Transform):
 
     def to_mcore(self, pieces, local, tp, rank):
         return pieces[0]
+
+    def row_runs(self, piece_rows, local, tp, rank):
+        return [(0, 0, piece_rows[0])]
 
     def to_hf(self, shards, hf):
         return [shards[0]]
@@ -157,6 +167,9 @@ class Split(Transform):
 
     def to_mcore(self, pieces, local, tp, rank):
         return pieces[0]
+
+    def row_runs(self, piece_rows, local, tp, rank):
+        return [(0, 0, piece_rows[0])]  # a column split (dim 1) is not rows: the region check refuses it
 
     def to_hf(self, shards, hf):
         return [torch.cat(shards, dim=self.dim) if len(shards) > 1 else shards[0]]
@@ -204,6 +217,10 @@ class Vocab(Transform):
         n = pieces[0].shape[0]
         out[:n].copy_(pieces[0])
         out[n:].zero_()
+
+    def row_runs(self, piece_rows, local, tp, rank):
+        n = piece_rows[0]
+        return [(0, 0, n)] + ([(None, n, local[0])] if local[0] > n else [])
 
     def to_hf(self, shards, hf):
         return [(torch.cat(shards, dim=0) if len(shards) > 1 else shards[0])[: hf[0][0]]]
@@ -269,6 +286,11 @@ class QKV(Transform):
         for piece, rows in zip(pieces, (slice(0, qd), slice(qd, qd + d), slice(qd + d, qd + 2 * d))):
             grouped[:, rows].copy_(piece.reshape(g, rows.stop - rows.start, *piece.shape[1:]))
 
+    def row_runs(self, piece_rows, local, tp, rank):
+        g, d, qd = self.groups // tp, self.head_dim, self.q_per_group * self.head_dim
+        return [run for j in range(g) for run in ((0, j * qd, (j + 1) * qd), (1, j * d, (j + 1) * d),
+                                                  (2, j * d, (j + 1) * d))]
+
     def to_hf(self, shards, hf):
         full = torch.cat(shards, dim=0) if len(shards) > 1 else shards[0]
         d, rest = self.head_dim, tuple(full.shape[1:])
@@ -306,6 +328,9 @@ class GatedMLP(Transform):
         half = out.shape[0] // 2
         out[:half].copy_(pieces[0])
         out[half:].copy_(pieces[1])
+
+    def row_runs(self, piece_rows, local, tp, rank):
+        return [(0, 0, piece_rows[0]), (1, 0, piece_rows[1])]
 
     def to_hf(self, shards, hf):
         halves = [torch.chunk(s, 2, dim=0) for s in shards]

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from .. import splice
 from ..plan import MappingError, check_names
 from ..runtime import dist as rt
 from ..transforms import Replicated, ShapeMismatch, Split, Vocab
@@ -62,8 +63,10 @@ class Loader:
     def __init__(self, local):
         self.local = local
 
-    def load(self, models, ckpt, lora: bool = False):
-        """The base weights, or with ``lora`` the adapter's factors, from ``ckpt``; closes it."""
+    def load(self, models, ckpt, lora: bool = False, spliced: dict | None = None):
+        """The base weights, or with ``lora`` the adapter's factors, from ``ckpt``; closes it.
+        ``spliced`` (a dict): parameters that are whole rows of the source files (``splice.plan``)
+        are not loaded but put there as ``splice.Runs`` by (chunk, name), for a writer."""
         state = self.local.state(models, lora)
         g = self.local.groups()
         jobs, error = [], None
@@ -90,8 +93,16 @@ class Loader:
             error = e
         if not rt.all_ok(error is None):
             raise error or RuntimeError("another rank rejected the checkpoint (see its error)")
+        if spliced is not None:  # a parameter filled by two items is loaded
+            keys = [(item.chunk, item.param) for item, *_ in jobs]
+            once = {k for k in keys if keys.count(k) == 1} if len(set(keys)) != len(keys) else set(keys)
         with torch.no_grad():
             for item, target, names, regions, tp, tp_rank in progress(jobs, "load"):
+                if spliced is not None and (item.chunk, item.param) in once:
+                    runs = splice.plan(ckpt, item.unit.rule.transform, names, regions, target, tp, tp_rank)
+                    if runs is not None:
+                        spliced[(item.chunk, item.param)] = runs
+                        continue
                 if read_direct(ckpt, item.unit.rule.transform, names, regions, target):
                     continue
                 sources = item.unit.rule.transform.region_sources(len(regions))

@@ -1,0 +1,124 @@
+"""HF -> plain by byte ranges (``mcore_bridge.splice``): the transforms' row runs give what
+``to_mcore`` gives, and a conversion that copies file to file writes the very bytes of one that
+loads the model and writes it out -- over the families and layouts, with a wrong run caught."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mcore_bridge import ParallelLayout as L
+from mcore_bridge import splice, transforms as T
+from tests import splice_cases as sc
+
+torch.manual_seed(0)
+
+
+def _assemble(transform, pieces, local, tp, rank):
+    runs = transform.row_runs([p.shape[0] for p in pieces], local, tp, rank)
+    assert runs is not None
+    parts = [pieces[i][a:b] if i is not None else pieces[0].new_zeros((b - a, *local[1:])) for i, a, b in runs]
+    return torch.cat(parts)
+
+
+CASES = [  # transform, HF shapes, tp
+    (T.REPLICATED, [(6, 4)], 1), (T.REPLICATED, [(6,)], 2), (T.COLUMN, [(8, 3)], 2), (T.COLUMN, [(8,)], 4),
+    (T.VOCAB, [(10, 4)], 1), (T.VOCAB, [(10, 4)], 4), (T.VOCAB, [(16, 4)], 2),
+    (T.QKV(heads=8, groups=2, head_dim=3), [(24, 5), (6, 5), (6, 5)], 1),
+    (T.QKV(heads=8, groups=4, head_dim=2), [(16,), (8,), (8,)], 2),
+    (T.QKV(heads=4, groups=4, head_dim=2), [(8, 3), (8, 3), (8, 3)], 4),
+    (T.FusedQKV(heads=8, groups=2, head_dim=3), [(36, 5)], 2),
+    (T.GATED_MLP, [(8, 3), (8, 3)], 2), (T.FUSED_GATED_MLP, [(16, 3)], 1), (T.FUSED_GATED_MLP, [(16, 3)], 4),
+]
+
+
+@pytest.mark.parametrize("transform,shapes,tp", CASES, ids=lambda v: repr(v) if isinstance(v, T.Transform) else None)
+def test_row_runs_give_what_to_mcore_gives(transform, shapes, tp):
+    full = [torch.randn(s) for s in shapes]
+    for rank in range(tp):
+        local = transform.local_shape(shapes, tp)
+        if local is None:  # the vocabulary: padded to a multiple of tp here
+            local = (-(-shapes[0][0] // 8) * 8 // tp, *shapes[0][1:])
+        regions = transform.slices(shapes, local, tp, rank)
+        pieces = [full[i][r] for i, r in zip(transform.region_sources(len(regions)), regions)]
+        want = transform.to_mcore(pieces, local, tp, rank)
+        assert torch.equal(_assemble(transform, pieces, local, tp, rank), want), (transform, tp, rank)
+
+
+def test_transforms_that_are_not_rows_have_no_runs():
+    blocks = T.Blocks(T.COLUMN, 2) if hasattr(T, "Blocks") else None
+    for t in [T.Stacked(2), T.Shared(2), T.Copies(T.COLUMN, 2)] + ([blocks] if blocks else []):
+        assert t.row_runs([4, 4], (8, 4), 1, 0) is None, t
+
+
+def _files(d: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(d.glob("*.safetensors"))}
+
+
+def _both_ways(pools, zoo_model, tmp_path, name, layout, swap_kv=False):
+    src = zoo_model(name)
+    res = pools.get(layout.min_world_size).run(sc.plain_both_ways, timeout=300, source=str(src),
+                                               layout=layout.to_dict(), out_dir=str(tmp_path), swap_kv=swap_kv)
+    loaded, spliced = _files(tmp_path / "loaded"), _files(tmp_path / "spliced")
+    assert loaded and loaded.keys() == spliced.keys()
+    differ = [f for f in loaded if loaded[f] != spliced[f]]
+    assert not differ, f"{name} {layout.short()}: spliced files differ from the loaded ones: {differ}"
+    return res
+
+
+MATRIX = [("qwen3", L()), ("phi3", L()), ("deepseek_v3", L()), ("gpt_oss", L()), ("qwen3_next", L()),
+          ("qwen3_5_moe", L()), ("gemma3", L()), ("glm4", L()), ("internvl", L()),
+          ("qwen3", L(tp=2, sp=True)), ("phi3", L(tp=2)), ("qwen3_moe", L(ep=2)), ("mixtral", L(tp=2, ep=2, etp=1, sp=True)),
+          ("llama", L(pp=2, vpp=2)), ("deepseek_v3", L(tp=2, pp=2))]
+
+
+@pytest.mark.parametrize("name,layout", MATRIX, ids=[f"{n}-{lay.short()}" for n, lay in MATRIX])
+def test_spliced_plain_is_the_loaded_plain(pools, zoo_model, tmp_path, name, layout):
+    res = _both_ways(pools, zoo_model, tmp_path, name, layout)
+    spliced = {p for r in res for p in r["spliced"]}
+    assert spliced, "nothing was spliced"
+    assert any("embedding.word_embeddings.weight" in p for p in spliced)  # vocabulary 1000: zero padding rows
+    if name in ("qwen3", "phi3", "llama", "mixtral"):
+        assert any("linear_qkv.weight" in p for p in spliced) and any("linear_fc1.weight" in p for p in spliced)
+
+
+def test_a_wrong_run_is_caught(pools, zoo_model, tmp_path):
+    """Negative control: q/k/v runs with k and v swapped write other bytes, which the comparison sees
+    (in the spliced file only: the loaded one is written from the model)."""
+    with pytest.raises(AssertionError, match="spliced files differ"):
+        _both_ways(pools, zoo_model, tmp_path, "qwen3", L(), swap_kv=True)
+
+
+def test_without_kernel_copy_the_bytes_are_read_and_written(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.write_bytes(bytes(range(256)) * 1000)
+    runs = [(src, 10, 1000), (None, 0, 7), (src, 5000, 3)]
+    want = (bytes(range(256)) * 1000)[10:1010] + bytes(7) + (bytes(range(256)) * 1000)[5000:5003]
+    for kernel in (True, False):
+        if not kernel:
+            def refuse(*a):
+                raise OSError(errno.EXDEV, "cross-device")
+            monkeypatch.setattr(os, "copy_file_range", refuse)
+        out = tmp_path / f"out{kernel}"
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT)
+        try:
+            os.write(fd, b"head")
+            splice.write_runs(fd, runs)
+        finally:
+            os.close(fd)
+        assert out.read_bytes() == b"head" + want
+
+
+def test_a_source_that_ends_early_is_an_error(tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 100)
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError, match="ended 50 bytes early"):
+            splice.write_runs(fd, [(src, 50, 100)])
+    finally:
+        os.close(fd)
