@@ -75,8 +75,9 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: st
     "adapter" (the factors alone, for ``load_adapter_mcore``) or "merged" (merged weights).
     ``spec`` (torch_dist only): the key layout of megatron's TransformerEngine ("te", what
     Megatron-LM trains with by default) or local ("local") layer spec; reading detects either.
-    ``spliced`` (plain only): parameters left unloaded by ``load_weights(..., spliced=)``, written
-    from their source files' bytes (``splice``)."""
+    ``spliced``: parameters left unloaded by ``load_weights(..., spliced=)``, written from their
+    source files' bytes (``splice``); torch_dist raises ``splice.Unsafe`` on every rank, having
+    written nothing, when megatron's sharded state holds a tensor they cannot give."""
     from . import te_layout
 
     if fmt not in FORMAT_NAMES:
@@ -107,14 +108,15 @@ def save_mcore(bridge: Bridge, models, out_dir, overwrite: bool = False, fmt: st
         (stage / "hf").mkdir()
         hfio.copy_side_files(bridge.side_files, stage / "hf", bridge.hf_config)
 
-    if spliced and fmt != "plain":
-        raise UsageError("spliced parameters (load_weights(..., spliced=)) are written by the plain format only")
     if fmt == "torch_dist":
         from . import dist_ckpt
 
         block = bridge.family.decoder_block_spec
+        from .splice import Windows
+
+        windows = Windows(state, spliced, models) if spliced else None
         return dist_ckpt.save(models, out_dir, overwrite, finalize_extra=finalize, content=content, spec=spec,
-                              block=block)
+                              block=block, windows=windows)
     layout, rank, world = bridge.layout, rt.rank(), rt.world_size()
     with hfio.collective_output(out_dir, overwrite, finalize) as stage:
         if writes_file(layout, rank, world):

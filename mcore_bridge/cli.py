@@ -294,7 +294,7 @@ def cmd_export(args, argv) -> int:
 
 
 def _export(args, bridge, device, save) -> int:
-    from . import checkpoint
+    from . import checkpoint, splice
     from .bridge import DTYPES
 
     if args.export_dtype != "source":  # refused (mxfp4) or checked before any weight is read
@@ -305,10 +305,9 @@ def _export(args, bridge, device, save) -> int:
     bridge.setup(device)
     dtype = DTYPES[args.dtype] if args.dtype else bridge.source_dtype()
     models = bridge.build_model(dtype)
-    # HF -> plain with nothing else done to the model: parameters that are whole source rows go file
-    # to file (splice), unloaded; --test-convert-precision checks what was written
-    spliced = {} if (args.to_mcore and args.ckpt_format == "plain" and not args.adapters
-                     and not args.adapter_load) else None
+    # HF -> Megatron with nothing else done to the model: parameters that are whole source rows go
+    # file to file (splice), unloaded; --test-convert-precision checks what was written
+    spliced = {} if args.to_mcore and not args.load and not args.adapters and not args.adapter_load else None
     if args.load:
         _say(checkpoint.load_mcore(bridge, models, args.load))
     else:
@@ -321,8 +320,14 @@ def _export(args, bridge, device, save) -> int:
     merge = lora and args.merge_lora
     if args.to_mcore:
         content = "merged" if merge else ("adapter" if lora and (args.adapters or args.adapter_load) else "full")
-        checkpoint.save_mcore(bridge, models, save, overwrite=args.overwrite, fmt=args.ckpt_format, content=content,
-                              spec=args.spec, spliced=spliced)
+        try:
+            checkpoint.save_mcore(bridge, models, save, overwrite=args.overwrite, fmt=args.ckpt_format,
+                                  content=content, spec=args.spec, spliced=spliced)
+        except splice.Unsafe as e:  # raised on every rank before anything was written
+            _say(f"writing from the source files' bytes is not possible here ({e}); loading every parameter")
+            bridge.load_weights(models)
+            checkpoint.save_mcore(bridge, models, save, overwrite=args.overwrite, fmt=args.ckpt_format,
+                                  content=content, spec=args.spec)
         what = f"Megatron{', ' + content if lora else ''}"
     else:
         bridge.save_weights(models, save, overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size),

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from .dcp_reader import tensor_bytes
+from .splice import Unsafe, write_runs
 
 _CHUNK = 64 << 20  # bytes per os.write
 
@@ -121,7 +122,11 @@ def _split(items, bins: int):
 
 class DirectWriter(FileSystemWriter):
     """DCP's ``FileSystemWriter`` with tensor records written from the tensors' own memory (see
-    the module docstring). Planning, file naming and ``.metadata`` are the base class's."""
+    the module docstring). Planning, file naming and ``.metadata`` are the base class's.
+    ``windows`` (``splice.Windows``): a tensor lying in a spliced parameter is copied from its
+    source files' byte ranges instead."""
+
+    windows = None
 
     def write_data(self, plan, planner) -> Future:
         from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
@@ -169,6 +174,12 @@ class DirectWriter(FileSystemWriter):
                     body = data.getbuffer()
                     _write_all(fd, body)
                     length = len(body)
+                elif self.windows is not None and self.windows.runs_in(data) is not None:
+                    head, tail, nbytes = record_parts(data.shape, data.dtype)
+                    _write_all(fd, head)
+                    write_runs(fd, self.windows.runs_in(data))
+                    _write_all(fd, tail)
+                    length = len(head) + nbytes + len(tail)
                 else:
                     head, tail, nbytes = record_parts(data.shape, data.dtype)
                     with tensor_bytes(_cpu_contiguous(data)) as raw:
@@ -188,10 +199,16 @@ class DirectWriter(FileSystemWriter):
         return out
 
 
-def writer_for(path: str, thread_count: int):
-    """The direct writer where this torch supports it, else DCP's own ``FileSystemWriter``."""
-    cls = DirectWriter if available() else FileSystemWriter
-    return cls(path, thread_count=thread_count)
+def writer_for(path: str, thread_count: int, windows=None):
+    """The direct writer where this torch supports it, else DCP's own ``FileSystemWriter``
+    (which cannot write spliced parameters: ``windows`` is then refused)."""
+    if not available():
+        if windows is not None:
+            raise Unsafe("this torch lacks what the direct torch_dist writer needs")
+        return FileSystemWriter(path, thread_count=thread_count)
+    writer = DirectWriter(path, thread_count=thread_count)
+    writer.windows = windows
+    return writer
 
 
 __all__ = ["DirectWriter", "available", "record_parts", "writer_for"]

@@ -130,10 +130,12 @@ def _check_torch_load_default() -> None:
 
 # ---- save / load -----------------------------------------------------------------------------------
 def save(models, out_dir, overwrite: bool = False, finalize_extra=None, content: str = FULL,
-         spec: str = "local", block: bool = False):
+         spec: str = "local", block: bool = False, windows=None):
     """Collective: write ``models`` as a torch_dist release checkpoint (staged, renamed when every
     rank succeeded; ``finalize_extra(stage)`` adds files on rank 0 before that). ``content``: see
-    ``CONTENTS`` (models with a LoRA adapter); ``spec``/``block``: see ``sharded_state``."""
+    ``CONTENTS`` (models with a LoRA adapter); ``spec``/``block``: see ``sharded_state``.
+    ``windows`` (``splice.Windows``): spliced parameters, written from their source files; every rank
+    raises ``splice.Unsafe`` before writing when the sharded state holds what they cannot give."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -152,11 +154,11 @@ def save(models, out_dir, overwrite: bool = False, finalize_extra=None, content:
             dist.barrier()
         state = in_spec(sharded_state(models, content), spec, block)
         state.update(checkpoint_version=CHECKPOINT_VERSION, iteration=0)
-        dist_checkpointing.save(state, str(target), sharded_strategy=direct_save_strategy())
+        dist_checkpointing.save(state, str(target), sharded_strategy=direct_save_strategy(windows=windows))
     return out_dir
 
 
-def direct_save_strategy(thread_count: int = 2):
+def direct_save_strategy(thread_count: int = 2, windows=None):
     """megatron-core's torch_dist save strategy, writing through ``dcp_writer.DirectWriter`` (DCP's
     ``FileSystemWriter`` writing each tensor record from the tensor's own memory; DCP's writer itself
     where torch lacks ``serialization.skip_data``; ``thread_count`` threads and files per rank)
@@ -165,7 +167,7 @@ def direct_save_strategy(thread_count: int = 2):
     save and a slower write. Same files, same format: megatron's own translation of its sharded
     tensors (``mcore_to_pyt_state_dict``) and its planner (``MCoreSavePlanner``) produce them, and
     megatron's loader reads them (tests/test_torch_dist.py). A subclass of megatron's strategy, used
-    only for the saves mcore-bridge makes: nothing of megatron is patched."""
+    only for the saves mcore-bridge makes: nothing of megatron is patched. ``windows``: see ``save``."""
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.strategies import torch as mtorch
 
@@ -173,14 +175,34 @@ def direct_save_strategy(thread_count: int = 2):
 
     class DirectWrite(mtorch.TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir):
+            if windows is not None:  # what megatron's factories built, before anything is written
+                _check_spliceable(sharded_state_dict, windows)
             state, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(sharded_state_dict,
                                                                             self.keep_only_main_replica)
             dcp.save(mtorch.mcore_to_pyt_state_dict(state, False),
-                     storage_writer=writer_for(str(checkpoint_dir), self.thread_count),
+                     storage_writer=writer_for(str(checkpoint_dir), self.thread_count, windows),
                      planner=mtorch.MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
                                                      flatten_state_dict=False))
 
     return DirectWrite(FORMAT, 1, thread_count=thread_count)
+
+
+def _check_spliceable(sharded_state_dict, windows) -> None:
+    """Collective: ``splice.Unsafe`` on every rank when any rank's sharded tensors are not all
+    contiguous windows of spliced parameters or views of loaded ones."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    from .runtime.faults import InjectedFault, maybe_fail
+    from .splice import Unsafe
+
+    why = windows.check((v.key, v.data) for v in nested_values(sharded_state_dict) if isinstance(v, ShardedTensor))
+    try:
+        maybe_fail("splice")  # tests only: MCORE_BRIDGE_FAULT (runtime/faults.py)
+    except InjectedFault as e:
+        why = str(e)
+    if not rt.all_ok(why is None):
+        raise Unsafe(why or "another rank's sharded state cannot be written from spliced parameters")
 
 
 def load(models, path, content: str = FULL) -> str | None:

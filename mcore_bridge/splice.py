@@ -14,11 +14,19 @@ else (a row-parallel split, a dtype cast, a quantised or pickled source, copies 
 compare): those are loaded as usual. The loader fills a ``spliced`` dict instead of the model for
 the parameters that have runs, and ``checkpoint.save_mcore`` writes them from the runs; those
 parameters are left unwritten in the model, so this serves a conversion that writes the model out
-and nothing else (the CLI's ``export --to-mcore --ckpt-format plain``).
+and nothing else (the CLI's ``export --to-mcore``).
+
+The plain format writes the parameters themselves. torch_dist writes what megatron's sharded state
+dict holds: :class:`Windows` finds the runs of a tensor that is a contiguous view of a spliced
+parameter (``dcp_writer.DirectWriter``), and ``check`` refuses, before anything is written, a
+sharded state dict holding anything else computed from the model (a strided view of a spliced
+parameter, a tensor that views no parameter): :class:`Unsafe`, upon which the CLI loads every
+parameter and writes again.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import errno
 import os
@@ -45,6 +53,11 @@ class Runs:
 
     def element_size(self) -> int:
         return self.dtype.itemsize
+
+
+class Unsafe(RuntimeError):
+    """A write met a tensor that is neither a spliced parameter's contiguous window nor a view of a
+    loaded parameter: it may have been computed from unloaded memory."""
 
 
 def plan(ckpt, transform, names, regions, target: torch.Tensor, tp: int, rank: int) -> Runs | None:
@@ -132,3 +145,64 @@ def _write_zeros(fd: int, length: int) -> None:
     zeros = bytes(min(length, _CHUNK))
     while length:
         length -= os.write(fd, zeros[:min(length, len(zeros))])
+
+
+def sub_runs(runs: list[tuple[object, int, int]], offset: int, length: int) -> list[tuple[object, int, int]]:
+    """Bytes ``offset:offset + length`` of the bytes ``runs`` make, as runs."""
+    out = []
+    for path, start, n in runs:
+        if length <= 0:
+            break
+        if offset >= n:
+            offset -= n
+            continue
+        take = min(n - offset, length)
+        out.append((path, start + offset if path is not None else 0, take))
+        length -= take
+        offset = 0
+    return out
+
+
+class Windows:
+    """The memory of the spliced parameters (``state``: (chunk, name) -> the rank's tensor, as
+    ``Bridge.state``), to find the runs of a tensor written from it; ``models``' parameters and
+    buffers are the memory a tensor may otherwise view."""
+
+    def __init__(self, state: dict, spliced: dict, models):
+        spans = sorted(((t.data_ptr(), t.numel() * t.element_size(), t.device, spliced[k].runs)
+                        for k, t in state.items() if k in spliced and t.numel()), key=lambda s: s[0])
+        self.starts = [s[0] for s in spans]
+        self.spans = spans
+        self.storages = {t.untyped_storage().data_ptr() for m in models
+                         for t in list(m.parameters()) + list(m.buffers())}
+
+    def runs_in(self, t) -> list | None:
+        """The runs of tensor ``t`` when it lies in a spliced parameter; None when it touches none;
+        :class:`Unsafe` when it overlaps one without being a contiguous window of it."""
+        n = t.numel() * t.element_size()
+        if not n:
+            return None
+        ptr = t.data_ptr()
+        i = bisect.bisect_right(self.starts, ptr + n - 1) - 1  # the last span starting before t ends
+        if i < 0:
+            return None
+        start, size, device, runs = self.spans[i]  # spans do not overlap: no earlier one reaches t
+        if start + size <= ptr or t.device != device:
+            return None
+        if not t.is_contiguous():
+            raise Unsafe(f"a strided view {tuple(t.shape)} of a spliced parameter")
+        if start > ptr or ptr + n > start + size:
+            raise Unsafe(f"a tensor {tuple(t.shape)} reaching beyond a spliced parameter's bytes")
+        return sub_runs(runs, ptr - start, n)
+
+    def check(self, tensors) -> str | None:
+        """Why ``(key, tensor)`` pairs cannot be written from the runs and the loaded memory, or None."""
+        for key, t in tensors:
+            try:
+                if self.runs_in(t) is not None:
+                    continue
+            except Unsafe as e:
+                return f"{key}: {e}"
+            if t.numel() and t.untyped_storage().data_ptr() not in self.storages:
+                return f"{key}: a tensor {tuple(t.shape)} that views no parameter of the model (computed from them?)"
+        return None

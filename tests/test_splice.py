@@ -56,13 +56,17 @@ def test_transforms_that_are_not_rows_have_no_runs():
 
 
 def _files(d: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(d.glob("*.safetensors"))}
+    """The weight files: plain's safetensors, torch_dist's records and common state (its ``.metadata``
+    names the directory it was written to)."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.suffix in (".safetensors", ".distcp") or p.name == "common.pt"}
 
 
-def _both_ways(pools, zoo_model, tmp_path, name, layout, swap_kv=False):
+def _both_ways(pools, zoo_model, tmp_path, name, layout, swap_kv=False, fmt="plain"):
     src = zoo_model(name)
     res = pools.get(layout.min_world_size).run(sc.plain_both_ways, timeout=300, source=str(src),
-                                               layout=layout.to_dict(), out_dir=str(tmp_path), swap_kv=swap_kv)
+                                               layout=layout.to_dict(), out_dir=str(tmp_path), swap_kv=swap_kv,
+                                               fmt=fmt)
     loaded, spliced = _files(tmp_path / "loaded"), _files(tmp_path / "spliced")
     assert loaded and loaded.keys() == spliced.keys()
     differ = [f for f in loaded if loaded[f] != spliced[f]]
@@ -84,6 +88,32 @@ def test_spliced_plain_is_the_loaded_plain(pools, zoo_model, tmp_path, name, lay
     assert any("embedding.word_embeddings.weight" in p for p in spliced)  # vocabulary 1000: zero padding rows
     if name in ("qwen3", "phi3", "llama", "mixtral"):
         assert any("linear_qkv.weight" in p for p in spliced) and any("linear_fc1.weight" in p for p in spliced)
+
+
+DIST = [("qwen3", L()), ("phi3", L()), ("deepseek_v3", L()), ("gpt_oss", L()), ("qwen3_next", L()),
+        ("qwen3_5_moe", L()), ("gemma3", L()), ("glm4_moe_mtp", L()), ("internvl", L()), ("qwen2_vl", L()),
+        ("qwen3", L(tp=2, sp=True)), ("phi3", L(tp=2)), ("qwen3_moe", L(ep=2)),
+        ("mixtral", L(tp=2, ep=2, etp=1, sp=True)), ("llama", L(pp=2, vpp=2)), ("deepseek_v3", L(tp=2, pp=2))]
+
+
+@pytest.mark.parametrize("name,layout", DIST, ids=[f"{n}-{lay.short()}" for n, lay in DIST])
+def test_spliced_torch_dist_is_the_loaded_torch_dist(pools, zoo_model, tmp_path, name, layout):
+    res = _both_ways(pools, zoo_model, tmp_path, name, layout, fmt="torch_dist")
+    spliced = {p for r in res for p in r["spliced"]}
+    assert any("linear_proj.weight" in p or "layernorm" in p for p in spliced), spliced
+    if "mtp" not in name:  # an MTP model's embedding is read twice and compared (Copies): loaded
+        assert any("embedding.word_embeddings.weight" in p for p in spliced)
+    if name in ("qwen3", "phi3", "llama", "mixtral"):  # SwiGLU's sharded halves are windows of linear_fc1
+        assert any("linear_qkv.weight" in p for p in spliced) and any("linear_fc1.weight" in p for p in spliced)
+
+
+def test_a_tensor_computed_from_the_model_is_refused_before_writing(pools, zoo_model, tmp_path):
+    res = pools.get(2).run(sc.derived_tensor_refused, timeout=300, source=str(zoo_model("qwen3")),
+                           layout=L(tp=2, sp=True).to_dict(), out_dir=str(tmp_path))
+    for r in res:
+        assert r["spliced"] and r["error"] and not r["left"], r
+    assert any("views no parameter" in r["error"] for r in res)  # the rank that saw it says what it was
+    assert (tmp_path / "ckpt" / "release").is_dir()  # and the save after loading everything wrote it
 
 
 def test_a_wrong_run_is_caught(pools, zoo_model, tmp_path):
@@ -122,3 +152,19 @@ def test_a_source_that_ends_early_is_an_error(tmp_path):
             splice.write_runs(fd, [(src, 50, 100)])
     finally:
         os.close(fd)
+
+
+def test_the_cli_loads_everything_when_a_rank_cannot_splice(zoo_model, tmp_path):
+    """``export --to-mcore`` (torch_dist, TP2) with rank 1 finding a tensor it cannot write from the
+    source files (``MCORE_BRIDGE_FAULT=rank:1:splice:raise``): the command says so, loads every
+    parameter, writes the checkpoint, and that checkpoint converts back to the source's bytes."""
+    from tests.test_cli import assert_same_weights, run_cli
+
+    src, mcore, back = zoo_model("qwen3"), tmp_path / "mcore", tmp_path / "back"
+    r = run_cli("export", "--model", src, "--to-mcore", "--tp", "2", "--sp", "--nproc-per-node", "2",
+                "--save", mcore, "--device", "cpu", env={"MCORE_BRIDGE_FAULT": "rank:1:splice:raise"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "not possible here" in r.stdout + r.stderr and "loading every parameter" in r.stdout + r.stderr
+    r = run_cli("export", "--model", src, "--load", mcore, "--to-hf", "--save", back, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_weights(Path(src), back)

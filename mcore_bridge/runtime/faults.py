@@ -5,7 +5,8 @@
 ``where`` names a ``maybe_fail(where)`` call site: ``load`` (start of ``Bridge.load_weights``),
 ``save`` (``Bridge.save_weights``, after the shard plan, once the staging directory exists and
 before any shard is written) or ``write`` (inside ``io.write_shard``, as the file is written: every
-safetensors shard of an HF or plain save). ``how``: ``exit`` (default: ``os._exit(17)``, like a
+safetensors shard of an HF or plain save) or ``splice`` (torch_dist's check of spliced parameters,
+``dist_ckpt``: ``raise`` makes that rank find a tensor it cannot write from them). ``how``: ``exit`` (default: ``os._exit(17)``, like a
 crash, no clean-up and no Python exception), ``raise`` (a RuntimeError), ``enospc`` (an
 ``OSError(ENOSPC)``, as a full disk gives) or ``hang`` (sleep forever, with every
 socket still open, so that the other ranks can only get out through the collective timeout,
@@ -23,7 +24,7 @@ import time
 from ..errors import UsageError
 
 ENV = "MCORE_BRIDGE_FAULT"
-WHERE = ("load", "save", "write")
+WHERE = ("load", "save", "write", "splice")
 HOW = ("exit", "raise", "enospc", "hang")
 EXIT_CODE = 17
 
