@@ -62,9 +62,9 @@ def _files(d: Path) -> dict:
             if p.suffix in (".safetensors", ".distcp") or p.name == "common.pt"}
 
 
-def _both_ways(pools, zoo_model, tmp_path, name, layout, swap_kv=False, fmt="plain"):
+def _both_ways(pools, zoo_model, tmp_path, name, layout, swap_kv=False, fmt="plain", world=None):
     src = zoo_model(name)
-    res = pools.get(layout.min_world_size).run(sc.plain_both_ways, timeout=300, source=str(src),
+    res = pools.get(world or layout.min_world_size).run(sc.plain_both_ways, timeout=300, source=str(src),
                                                layout=layout.to_dict(), out_dir=str(tmp_path), swap_kv=swap_kv,
                                                fmt=fmt)
     loaded, spliced = _files(tmp_path / "loaded"), _files(tmp_path / "spliced")
@@ -77,7 +77,8 @@ def _both_ways(pools, zoo_model, tmp_path, name, layout, swap_kv=False, fmt="pla
 MATRIX = [("qwen3", L()), ("phi3", L()), ("deepseek_v3", L()), ("gpt_oss", L()), ("qwen3_next", L()),
           ("qwen3_5_moe", L()), ("gemma3", L()), ("glm4", L()), ("internvl", L()),
           ("qwen3", L(tp=2, sp=True)), ("phi3", L(tp=2)), ("qwen3_moe", L(ep=2)), ("mixtral", L(tp=2, ep=2, etp=1, sp=True)),
-          ("llama", L(pp=2, vpp=2)), ("deepseek_v3", L(tp=2, pp=2))]
+          ("llama", L(pp=2, vpp=2)), ("deepseek_v3", L(tp=2, pp=2)),
+          ("qwen3", L(pp=2)), ("qwen2", L(tp=2)), ("deepseek_v3_fp8", L())]
 
 
 @pytest.mark.parametrize("name,layout", MATRIX, ids=[f"{n}-{lay.short()}" for n, lay in MATRIX])
@@ -93,7 +94,8 @@ def test_spliced_plain_is_the_loaded_plain(pools, zoo_model, tmp_path, name, lay
 DIST = [("qwen3", L()), ("phi3", L()), ("deepseek_v3", L()), ("gpt_oss", L()), ("qwen3_next", L()),
         ("qwen3_5_moe", L()), ("gemma3", L()), ("glm4_moe_mtp", L()), ("internvl", L()), ("qwen2_vl", L()),
         ("qwen3", L(tp=2, sp=True)), ("phi3", L(tp=2)), ("qwen3_moe", L(ep=2)),
-        ("mixtral", L(tp=2, ep=2, etp=1, sp=True)), ("llama", L(pp=2, vpp=2)), ("deepseek_v3", L(tp=2, pp=2))]
+        ("mixtral", L(tp=2, ep=2, etp=1, sp=True)), ("llama", L(pp=2, vpp=2)), ("deepseek_v3", L(tp=2, pp=2)),
+        ("qwen3", L(pp=2)), ("qwen2", L(tp=2)), ("deepseek_v3_fp8", L())]
 
 
 @pytest.mark.parametrize("name,layout", DIST, ids=[f"{n}-{lay.short()}" for n, lay in DIST])
@@ -105,6 +107,14 @@ def test_spliced_torch_dist_is_the_loaded_torch_dist(pools, zoo_model, tmp_path,
         assert any("embedding.word_embeddings.weight" in p for p in spliced)
     if name in ("qwen3", "phi3", "llama", "mixtral"):  # SwiGLU's sharded halves are windows of linear_fc1
         assert any("linear_qkv.weight" in p for p in spliced) and any("linear_fc1.weight" in p for p in spliced)
+
+
+@pytest.mark.parametrize("fmt", ["plain", "torch_dist"])
+def test_data_parallel_replicas_splice_alike(pools, zoo_model, tmp_path, fmt):
+    """4 processes at TP2: two replicas of every shard (plain: the first writes; torch_dist: one
+    replica's records are written, DCP deduplicates)."""
+    res = _both_ways(pools, zoo_model, tmp_path, "qwen3", L(tp=2, sp=True), fmt=fmt, world=4)
+    assert len(res) == 4 and all(r["spliced"] == res[r["rank"] % 2]["spliced"] for r in res)
 
 
 def test_a_tensor_computed_from_the_model_is_refused_before_writing(pools, zoo_model, tmp_path):
