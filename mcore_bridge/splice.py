@@ -54,6 +54,20 @@ class Runs:
     def element_size(self) -> int:
         return self.dtype.itemsize
 
+    def read(self) -> torch.Tensor:
+        """The tensor these runs make, read into memory (for a caller that needs its values)."""
+        buf = bytearray(self.nbytes)
+        view, at = memoryview(buf), 0
+        for path, offset, n in self.runs:
+            if path is not None:
+                with open(path, "rb", buffering=0) as f:
+                    f.seek(offset)
+                    if f.readinto(view[at:at + n]) != n:
+                        raise OSError(errno.EIO, f"{path}: ended early (offset {offset}, {n} bytes)")
+            at += n
+        return torch.frombuffer(buf, dtype=torch.uint8).view(self.dtype).reshape(self.shape) if buf else \
+            torch.empty(self.shape, dtype=self.dtype)
+
 
 class Unsafe(RuntimeError):
     """A write met a tensor that is neither a spliced parameter's contiguous window nor a view of a

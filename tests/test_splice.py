@@ -151,6 +151,8 @@ def test_without_kernel_copy_the_bytes_are_read_and_written(tmp_path, monkeypatc
         finally:
             os.close(fd)
         assert out.read_bytes() == b"head" + want
+    as_tensor = splice.Runs(torch.uint8, (len(want),), runs).read()  # the values, for a caller that needs them
+    assert bytes(as_tensor.numpy()) == want
 
 
 def test_a_source_that_ends_early_is_an_error(tmp_path):

@@ -42,7 +42,10 @@ def _scaled_hf_write(name: str, factor: float):
 
     def write_shard(path, tensors):
         if name in tensors:
-            tensors = {**tensors, name: tensors[name] * factor}
+            from mcore_bridge.splice import Runs
+
+            t = tensors[name]
+            tensors = {**tensors, name: (t.read() if isinstance(t, Runs) else t) * factor}  # spliced: its bytes
             hits.append(name)
         return original(path, tensors)
 
