@@ -31,7 +31,7 @@ TESTS312 ?= tests/test_roundtrip.py tests/test_families.py tests/test_moe.py tes
             tests/test_deepseek_yarn_mscale.py tests/test_scale_model.py tests/test_published_moe18.py tests/test_published_families.py tests/test_qwen3_5_moe_mtp.py tests/test_gdn_padding.py tests/test_finetune_train.py tests/test_dcp_io.py \
             tests/test_qwen3_next_mtp.py tests/test_megatron_lm_train.py tests/test_finetune_example.py \
             tests/test_qwen3_5_mtp.py tests/test_startup.py tests/test_shard_writer.py tests/test_reference_torch_paths.py tests/test_fp32_calibration.py \
-            tests/test_fp8_model.py tests/test_fp8_cli.py tests/test_splice.py
+            tests/test_fp8_model.py tests/test_fp8_cli.py tests/test_splice.py tests/test_unsplice.py
 K312     ?= not llama and not qwen2-tiny and not mixtral
 
 .PHONY: install install312 demo test test311 test312 clean

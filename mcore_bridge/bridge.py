@@ -244,7 +244,7 @@ class Bridge:
     def save_weights(self, models, out_dir, *, dtype: torch.dtype | None = None, overwrite: bool = False,
                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                      expert_storage: str | None = "source", merge_lora: bool = True, peft_format: bool = False,
-                     peft_experts: str = "parameters"):
+                     peft_experts: str = "parameters", spliced: dict | None = None):
         """Write HF safetensors shards + index + config (+ tokenizer files) into ``out_dir``.
 
         With a LoRA adapter on the model: ``peft_format`` writes the adapter alone as a PEFT
@@ -257,10 +257,18 @@ class Bridge:
         write nothing. Stacked experts (``expert_storage``, default: as the source) are assembled
         from every rank's experts, so that stream reaches every rank. Everything is assembled in a
         staging directory that is renamed into place only after every rank succeeded.
+
+        ``spliced`` (from ``checkpoint.load_mcore(..., spliced=)``): parameters left unread, whose
+        HF tensors are copied from the checkpoint's files where they are whole rows of them
+        (``unsplice``; the rest are read first). Collective.
         """
         out_dir = Path(out_dir).absolute()
         dtype, fp8 = self.fp8_plan(dtype, peft_format)
         if peft_format:
+            if spliced:
+                from . import unsplice
+
+                unsplice.materialize(self.state(models), spliced)
             return self.writer.save_adapter(models, out_dir, dtype, overwrite, bucket_bytes, peft_experts)
         return self.writer.save(models, out_dir, dtype, overwrite, max_shard_bytes, bucket_bytes, expert_storage,
-                                merge_lora, fp8)
+                                merge_lora, fp8, spliced)

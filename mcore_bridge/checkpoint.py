@@ -151,25 +151,31 @@ def bridge_from_mcore(path, layout: ParallelLayout | None = None, hf_dir=None) -
                   expert_storage=meta.get("expert_storage"))
 
 
-def load_mcore(bridge: Bridge, models, path) -> str | None:
+def load_mcore(bridge: Bridge, models, path, spliced: dict | None = None) -> str | None:
     """Fill this rank's chunks from a Megatron checkpoint (either format); one holding a LoRA
     adapter with the weights puts the adapter on the model first. Returns a line naming the
     non-model entries that were left unread (a Megatron-LM training checkpoint's optimizer and
-    RNG state, ...), or None."""
-    from . import dist_ckpt
+    RNG state, ...), or None. ``spliced`` (a dict, for a conversion that only writes the weights
+    out): parameters stored as one contiguous record are left unread and go there as
+    ``splice.Runs`` (``unsplice``), which ``save_weights(..., spliced=)`` copies file to file."""
+    from . import dist_ckpt, unsplice
 
     path = Path(path)
-    if not (path / META_NAME).exists():
-        return dist_ckpt.load(models, path)
-    meta = read_meta(path)
-    if meta.get("content") == "adapter":
+    meta = read_meta(path) if (path / META_NAME).exists() else None
+    if meta is not None and meta.get("content") == "adapter":
         raise hfio.CheckpointError(f"--load {path} holds a LoRA adapter only: pass the base model with --model "
                                    f"(or --load) and this directory as --adapter-load")
-    if meta.get("lora"):
+    if meta is not None and meta.get("lora"):
         _apply_saved_lora(bridge, models, meta, path)
-    if meta["format"] == TORCH_DIST:
-        return dist_ckpt.load(models, path)
-    return load_plain(bridge, models, path)
+        spliced = None  # the weights are wrapped: load them
+    defer = unsplice.Deferred(bridge.state(models)) if spliced is not None else None
+    if meta is not None and meta["format"] == PLAIN:
+        note = load_plain(bridge, models, path, defer)
+    else:
+        note = dist_ckpt.load(models, path, defer=defer)
+    if defer is not None:
+        defer.finish(spliced)
+    return note
 
 
 def _apply_saved_lora(bridge: Bridge, models, meta: dict, path: Path):
@@ -202,15 +208,16 @@ def load_adapter_mcore(bridge: Bridge, models, path) -> str | None:
     return dist_ckpt.load(models, path, content="adapter")
 
 
-def load_plain(bridge: Bridge, models, path):
-    """Fill this rank's chunks from its file; every parameter present exactly once, nothing extra."""
+def load_plain(bridge: Bridge, models, path, defer=None):
+    """Fill this rank's chunks from its file; every parameter present exactly once, nothing extra.
+    ``defer`` (an ``unsplice.Deferred``): a tensor stored in the model's dtype is noted there, not read."""
     path = Path(path)
     file = path / rank_file(bridge.layout, rt.rank(), rt.world_size())
     error = None
     try:
         if not file.exists():
             raise hfio.CheckpointError(f"{file} is missing: the checkpoint is incomplete")
-        header = hfio.read_header(file)
+        header, data_start = hfio.parse_header(file)
         state = {f"chunk{c}.{name}": t for (c, name), t in bridge.state(models).items()}
         missing = sorted(set(state) - set(header))
         extra = sorted(set(header) - set(state))
@@ -224,5 +231,9 @@ def load_plain(bridge: Bridge, models, path):
         raise error or RuntimeError("another rank could not read its part of the checkpoint")
     with torch.no_grad(), hfio.safe_open(str(file), framework="pt") as f:
         for key, target in state.items():
+            entry = header[key]
+            if defer is not None and hfio.SAFETENSORS_DTYPES.get(entry["dtype"]) == target.dtype \
+                    and defer.take(target, file, data_start + entry["data_offsets"][0]):
+                continue
             target.copy_(f.get_tensor(key))
 

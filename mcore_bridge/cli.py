@@ -307,9 +307,11 @@ def _export(args, bridge, device, save) -> int:
     models = bridge.build_model(dtype)
     # HF -> Megatron with nothing else done to the model: parameters that are whole source rows go
     # file to file (splice), unloaded; --test-convert-precision checks what was written
-    spliced = {} if args.to_mcore and not args.load and not args.adapters and not args.adapter_load else None
+    # Megatron -> HF likewise (unsplice): parameters stored as one record are written from its bytes
+    spliced = {} if not args.adapters and not args.adapter_load and (
+        args.to_mcore and not args.load or args.to_hf and args.load and not args.test_convert_precision) else None
     if args.load:
-        _say(checkpoint.load_mcore(bridge, models, args.load))
+        _say(checkpoint.load_mcore(bridge, models, args.load, spliced=spliced))
     else:
         bridge.load_weights(models, spliced=spliced)
     if args.adapters:
@@ -326,15 +328,18 @@ def _export(args, bridge, device, save) -> int:
         except splice.Unsafe as e:  # raised on every rank before anything was written
             _say(f"writing from the source files' bytes is not possible here ({e}); loading every parameter")
             bridge.load_weights(models)
+            spliced = None
             checkpoint.save_mcore(bridge, models, save, overwrite=args.overwrite, fmt=args.ckpt_format,
                                   content=content, spec=args.spec)
         what = f"Megatron{', ' + content if lora else ''}"
     else:
         bridge.save_weights(models, save, overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size),
                             dtype=None if args.export_dtype == "source" else args.export_dtype,
-                            merge_lora=merge, peft_format=lora and not merge, peft_experts=args.peft_experts)
+                            merge_lora=merge, peft_format=lora and not merge, peft_experts=args.peft_experts,
+                            spliced=spliced)
         what = "HF" + (", merged with the adapter" if merge else ", PEFT adapter" if lora else "")
-    _say(f"wrote {save} ({what}, layout {bridge.layout.short()})")
+    copied = f"; {len(spliced)} of {len(bridge.state(models))} parameters copied file to file" if spliced else ""
+    _say(f"wrote {save} ({what}, layout {bridge.layout.short()}{copied})")
     if args.test_convert_precision:
         if args.to_mcore:  # what was written, not the model that was converted
             models.clear()

@@ -140,6 +140,7 @@ class DirectReader(FileSystemReader):
 
     direct_items = 0  # records read straight into the destination (for tests and the bench)
     staged_items = 0  # records read into a record-sized tensor, then copied
+    defer = None  # an unsplice.Deferred: records that are exactly a window of its tensors stay unread
 
     def read_data(self, plan, planner) -> Future:
         try:
@@ -187,6 +188,10 @@ class DirectReader(FileSystemReader):
         record, data_offset = parsed
         target = planner.resolve_tensor(req).detach()
         whole = all(o == 0 for o in req.storage_offsets) and tuple(req.lengths) == tuple(record.shape)
+        if whole and self.defer is not None and target.dtype == record.dtype \
+                and tuple(target.shape) == tuple(record.shape) and self.defer.take(target, path, info.offset + data_offset):
+            planner.commit_tensor(req, target)
+            return
         if whole and target.device.type == "cpu" and target.is_contiguous() and target.dtype == record.dtype \
                 and tuple(target.shape) == tuple(record.shape):
             with tensor_bytes(target) as view:
@@ -219,8 +224,11 @@ class DirectReader(FileSystemReader):
         planner.commit_tensor(req, target)
 
 
-def direct_load_strategy():
-    """megatron-core's torch_dist load strategy reading through :class:`DirectReader`."""
+def direct_load_strategy(defer=None):
+    """megatron-core's torch_dist load strategy reading through :class:`DirectReader` (``defer``:
+    its ``defer``). A tensor megatron allows another shape (``allow_shape_mismatch``: the padded
+    vocabulary) whose shape in the checkpoint is the model's is loaded as any other: megatron
+    would zero it first, writing every byte once more before reading it."""
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -232,13 +240,19 @@ def direct_load_strategy():
 
     class DirectLoad(mtorch.TorchDistLoadShardedStrategy):
         def load(self, sharded_state_dict, checkpoint_dir, *args, **kwargs):
+            reader = DirectReader(checkpoint_dir)
+            reader.defer = defer
+            metadata = reader.read_metadata()
+            sizes = {k: tuple(getattr(m, "size", ())) for k, m in metadata.state_dict_metadata.items()}
             tensors = [t for t in nested_values(sharded_state_dict) if isinstance(t, ShardedTensor)]
+            for t in tensors:
+                if t.allow_shape_mismatch and sizes.get(t.key) == tuple(t.global_shape):
+                    t.allow_shape_mismatch = False
             flexible = [t for t in tensors if not t.allow_shape_mismatch]
             mismatch = {t.key: t for t in tensors if t.allow_shape_mismatch}
             orig = sharded_state_dict
             state, flat_mapping, rename_mapping = mtorch._replace_state_dict_keys_with_sharded_keys(sharded_state_dict)
             pyt_state = mtorch.mcore_to_pyt_state_dict(state, True)
-            reader = DirectReader(checkpoint_dir)
             extra = {}
             if local_load:
                 extra = dict(flatten_state_dict=False, flatten_sharded_tensors=False)
@@ -247,7 +261,7 @@ def direct_load_strategy():
             planner = mtorch.MCoreLoadPlanner(shapes_validation_sharded_tensors=flexible,
                                               allow_shape_mismatch_sharded_tensors=mismatch, **extra)
             dcp.load(pyt_state, storage_reader=reader, planner=planner, no_dist=local_load)
-            self.cached_global_metadata = reader.read_metadata()
+            self.cached_global_metadata = metadata
             loaded = {k: mtorch._unwrap_pyt_sharded_tensor(v) for k, v in pyt_state.items()}
             loaded = mtorch._replace_sharded_keys_with_state_dict_keys(loaded, flat_mapping, rename_mapping)
             mtorch._restore_dict_types(loaded, orig)

@@ -205,14 +205,16 @@ def _check_spliceable(sharded_state_dict, windows) -> None:
         raise Unsafe(why or "another rank's sharded state cannot be written from spliced parameters")
 
 
-def load(models, path, content: str = FULL) -> str | None:
+def load(models, path, content: str = FULL, defer=None) -> str | None:
     """Collective: fill ``models`` (any layout) from a torch_dist checkpoint, ours or Megatron-LM's.
 
     Every tensor the model needs must be in the checkpoint, and every model tensor of the
     checkpoint must be one the model has; entries that are not model weights (optimizer state,
     RNG state, Megatron-LM's ``args``/scheduler/counters in ``common.pt``) are not read, and the
     returned line lists them (None when there are none). ``content=ADAPTER``: only the LoRA
-    factors are read (and required); a full checkpoint's base weights are left unread."""
+    factors are read (and required); a full checkpoint's base weights are left unread. ``defer``
+    (an ``unsplice.Deferred``): records that are exactly a window of its tensors are noted there,
+    not read (the caller's ``defer.finish`` then decides)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -240,7 +242,7 @@ def load(models, path, content: str = FULL) -> str | None:
             # megatron's names (validation.py): "unexpected" = asked for by this rank's sharded state
             # dict but absent from the checkpoint; "missing" = in the checkpoint, asked for by no rank
             loaded, unasked, absent = dist_checkpointing.load(state, str(ckpt_dir), strict=StrictHandling.RETURN_ALL,
-                                                                sharded_strategy=direct_load_strategy())
+                                                                sharded_strategy=direct_load_strategy(defer))
         except CheckpointingException as e:
             raise MappingError(f"{ckpt_dir}: {e}") from None
         except CheckpointException as e:  # torch's (a BaseException): e.g. a tensor of another shape

@@ -141,11 +141,22 @@ class Groups:
 
 
 class Exporter:
-    """Runs the export of one rank. ``state`` maps (chunk, param name) to the local tensor."""
+    """Runs the export of one rank. ``state`` maps (chunk, param name) to the local tensor.
+    ``spliced``: parameters a load left unread (``unsplice``); with ``as_runs`` (a consumer that
+    writes ``splice.Runs``: the HF file writer) a unit made of them yields its HF tensors as runs of
+    the checkpoint's files (collective), and any other of them is read into the model first."""
 
-    def __init__(self, units: list[ExportUnit], state: dict, groups: Groups, device):
+    def __init__(self, units: list[ExportUnit], state: dict, groups: Groups, device, spliced: dict | None = None,
+                 as_runs: bool = False):
         self.units, self.state, self.g, self.device = units, state, groups, device
         self._stored: dict[int, bool] = {}
+        self.runs: dict[int, list] = {}  # unit index -> its HF tensors as splice.Runs
+        if spliced is not None:
+            from . import unsplice
+
+            self.runs = unsplice.unit_runs(units, groups, spliced) if as_runs else {}
+            unsplice.materialize(state, spliced, keep={(u.local.chunk, u.local.param) for u in units
+                                                       if u.local is not None and u.index in self.runs})
 
     def _local(self, u: ExportUnit) -> torch.Tensor:
         return self.state[(u.local.chunk, u.local.param)].detach()
@@ -160,7 +171,7 @@ class Exporter:
         """Pack this rank's shards of the bucket's split units and start their collective
         (asynchronous: the next bucket's transfer overlaps the current one's reassembly)."""
         group, size, rank = self.g.split(bucket[0].unit.rule)
-        split = [u for u in bucket if u.unit.rule.transform.tp_split and size > 1]
+        split = [u for u in bucket if u.unit.rule.transform.tp_split and size > 1 and u.index not in self.runs]
         receiving = dst is None or dst == rank
         state = {"bucket": bucket, "split": split, "receiving": receiving, "work": None}
         if split:
@@ -190,6 +201,9 @@ class Exporter:
                 shards[u.index] = [r[i] for r in per_rank]
         out = []
         for u in state["bucket"]:
+            if u.index in self.runs:
+                out += zip(u.names, self.runs[u.index])
+                continue
             parts = shards.get(u.index) or [self._local(u)]
             hf = u.unit.rule.transform.to_hf(parts, u.hf_shapes)
             for name, t, shape, dtype in zip(u.names, hf, u.hf_shapes, u.out_dtypes):

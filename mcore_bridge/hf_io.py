@@ -78,10 +78,10 @@ def read_json(path: Path):
 
 def read_header(path: Path) -> dict:
     """Parse a safetensors header and check the file holds every byte the header promises."""
-    return _parse_header(path)[0]
+    return parse_header(path)[0]
 
 
-def _parse_header(path: Path) -> tuple[dict, int]:
+def parse_header(path: Path) -> tuple[dict, int]:
     """``(header, data_start)``: tensor ``data_offsets`` count from ``data_start`` in the file."""
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -143,7 +143,7 @@ class HFCheckpoint:
             self._index_pickles()
             return
         for file in files:
-            header, data_start = _parse_header(file)
+            header, data_start = parse_header(file)
             for name, meta in header.items():
                 if name in self.tensors:
                     raise CheckpointError(f"tensor {name!r} is in two files, {self.tensors[name].file} and "

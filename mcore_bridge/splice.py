@@ -21,7 +21,7 @@ dict holds: :class:`Windows` finds the runs of a tensor that is a contiguous vie
 parameter (``dcp_writer.DirectWriter``), and ``check`` refuses, before anything is written, a
 sharded state dict holding anything else computed from the model (a strided view of a spliced
 parameter, a tensor that views no parameter): :class:`Unsafe`, upon which the CLI loads every
-parameter and writes again.
+parameter and writes again. The other direction (Megatron -> HF) is ``unsplice``.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from ..errors import UsageError
 from ..export import Exporter, ExportUnit, balanced_writers, make_buckets, nbytes
 from ..runtime import dist as rt
 from ..shard_writer import BackgroundWriter
+from ..splice import Runs
 from .loader import progress
 
 
@@ -21,11 +22,13 @@ class Writer:
     def __init__(self, reader, layout, local, adapters):
         self.reader, self.layout, self.local, self.adapters = reader, layout, local, adapters
 
-    def exporter(self, models, dtype=None, lora: bool = False, merge: bool = False, tensor_of=None):
+    def exporter(self, models, dtype=None, lora: bool = False, merge: bool = False, tensor_of=None,
+                 spliced: dict | None = None, as_runs: bool = False):
         """(``export.Exporter``, ``export.Groups``) over every exported unit of the model.
         ``lora``: the LoRA factors (PEFT names); ``merge``: the base weights with the LoRA delta
         added in fp32, shard by shard, leaving the model untouched. ``tensor_of``: exports
-        ``tensor_of(param)`` (same shape) instead of each parameter, e.g. its gradient."""
+        ``tensor_of(param)`` (same shape) instead of each parameter, e.g. its gradient.
+        ``spliced``, ``as_runs``: see ``export.Exporter``."""
         from .. import lora as lora_
 
         if self.reader.hf_tensors is None:
@@ -50,7 +53,7 @@ class Writer:
             dtypes = [dtype or hf_tensors[n][1] for n in u.hf_names]
             units.append(ExportUnit(u, len(units), shapes, dtypes, mine.get(u.key)))
         device = next(iter(state.values())).device
-        return Exporter(units, state, g, device), g
+        return Exporter(units, state, g, device, spliced, as_runs), g
 
     def stacking(self, expert_storage: str | None):
         """(views, stacked shapes) when exporting stacked experts, else None. ``expert_storage``:
@@ -72,10 +75,13 @@ class Writer:
         return stacked.view_table(family, storage), stacked.stacked_shapes(family, storage)
 
     def save(self, models, out_dir: Path, dtype, overwrite: bool, max_shard_bytes: int, bucket_bytes: int,
-             expert_storage: str | None, merge_lora: bool, fp8=None):
+             expert_storage: str | None, merge_lora: bool, fp8=None, spliced: dict | None = None):
         """HF safetensors shards + index + config (+ side files) in ``out_dir`` (see ``Bridge.save_weights``);
-        ``fp8``: the blockwise FP8 plan of ``quant.export_plan`` (None: as the dtypes say)."""
-        exporter, g = self.exporter(models, dtype, merge=merge_lora)
+        ``fp8``: the blockwise FP8 plan of ``quant.export_plan`` (None: as the dtypes say); ``spliced``:
+        see ``export.Exporter`` (tensors written from the checkpoint's files where they can be)."""
+        stacking = self.stacking(expert_storage)
+        as_runs = spliced is not None and not stacking and fp8 is None and self.adapters.spec is None
+        exporter, g = self.exporter(models, dtype, merge=merge_lora, spliced=spliced, as_runs=as_runs)
         world = rt.world_size()
         tp_writer = balanced_writers(exporter.units, g)
 
@@ -85,7 +91,6 @@ class Writer:
                 return self.layout.stage_rank(world, stage, tp=tp_writer[u.index])
             return self.layout.expert_rank(world, stage, etp=tp_writer[u.index], ep=ep_owner)
 
-        stacking = self.stacking(expert_storage)
         outputs = {}  # output name -> (bytes, writer), in export order
         for u in exporter.units:
             for n, s, d in zip(u.unit.hf_names, u.hf_shapes, u.out_dtypes):
@@ -119,7 +124,7 @@ class Writer:
                     f = pending.get(name)
                     if f is None:
                         continue
-                    filled[f["file"]][name] = tensor.cpu()
+                    filled[f["file"]][name] = tensor if isinstance(tensor, Runs) else tensor.cpu()
                     if len(filled[f["file"]]) == len(f["names"]):
                         background.submit(hfio.write_shard, stage / f["file"], filled.pop(f["file"]))
                 if filled:
