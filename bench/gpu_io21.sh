@@ -5,7 +5,7 @@
 # Writes to $OUT: rl-*.json/.log (rl_sync_bench.py), io_floor-*.md/.json/.log (io_floor.py), prof-*.txt
 # (the top of a cProfile of one conversion of each kind on cuda) and host.txt (cores, disk, GPU).
 # Knobs: LAYERS (io_floor's Qwen3-8B depth, default 12: the 7.1 GB table), RL_LAYERS (36: full
-# depth), MOE_LAYERS (24 of Qwen3-30B-A3B's 48; 0 skips), REPS (2), CPU_PROCS (1,2; empty skips),
+# depth; 0 skips), MOE_LAYERS (24 of Qwen3-30B-A3B's 48; 0 skips), REPS (2), CPU_PROCS (1,2; empty skips),
 # STEP_S (a timeout per step), BUDGET_S (520: no step runs past it; the results are then packed into
 # $OUT/io21.tgz, as a device call returns few files).
 set -u -o pipefail
@@ -26,10 +26,12 @@ left() {  # a step's timeout: its own limit or what is left of the budget, which
 } > "$OUT/host.txt" 2>&1
 cat "$OUT/host.txt"
 stamp() { echo "== $* ($(date -u +%T))"; }
-stamp "rl sync: Qwen3-8B, ${RL_LAYERS:-36} layers, colocated"
-timeout "$(left)" torchrun --nproc-per-node 1 bench/rl_sync_bench.py --config qwen3-8b --layers "${RL_LAYERS:-36}" \
-  --mode colocated --repeats 3 --out "$OUT/rl-qwen3-8b-colocated.json" > "$OUT/rl-qwen3-8b.log" 2>&1
-echo "rc=$?"; grep -E "^(bf16|fp8|lora):|Error|error" "$OUT/rl-qwen3-8b.log" | tail -6
+if [ "${RL_LAYERS:-36}" != 0 ]; then
+  stamp "rl sync: Qwen3-8B, ${RL_LAYERS:-36} layers, colocated"
+  timeout "$(left)" torchrun --nproc-per-node 1 bench/rl_sync_bench.py --config qwen3-8b --layers "${RL_LAYERS:-36}" \
+    --mode colocated --repeats 3 --out "$OUT/rl-qwen3-8b-colocated.json" > "$OUT/rl-qwen3-8b.log" 2>&1
+  echo "rc=$?"; grep -E "^(bf16|fp8|lora):|Error|error" "$OUT/rl-qwen3-8b.log" | tail -6
+fi
 L=${LAYERS:-12}
 stamp "io_floor cuda, $L layers"
 timeout "$(left)" python3 bench/io_floor.py --layers "$L" --reps "${REPS:-2}" --procs 1 --device cuda \
