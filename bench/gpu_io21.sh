@@ -14,8 +14,11 @@ SITE=/tmp/site$V
 python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target "$SITE" ${WHL_ROOT:-.whl}/m$V/*.whl \
   || { echo "FAILED: install megatron-core $V"; exit 1; }
 export PYTHONPATH=$SITE:$PWD MCORE_BRIDGE_QUIET=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-# The device's torch site is read-only and has no bytecode: in session 32 every process compiled 1,890
-# modules (4 s of each "fixed cost"). An installed environment has its .pyc files; so do these runs.
+# The device's torch site is read-only and has no bytecode, and its environment sets
+# PYTHONDONTWRITEBYTECODE=1, so every process compiled ~2,250 modules: 8.6 s of a 14.8 s start-up in
+# session 34's profile (the prefix below alone did nothing: nothing was written to it). An installed
+# environment has its .pyc files; so do these runs.
+unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/pycache-io21}
 python3 -c 'import mcore_bridge.cli, mcore_bridge.bridge, mcore_bridge.dist_ckpt, megatron.core.models.gpt, torch.distributed.checkpoint, transformers' 2>/dev/null
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-520} ))
