@@ -338,7 +338,8 @@ def _export(args, bridge, device, save) -> int:
                             merge_lora=merge, peft_format=lora and not merge, peft_experts=args.peft_experts,
                             spliced=spliced)
         what = "HF" + (", merged with the adapter" if merge else ", PEFT adapter" if lora else "")
-    copied = f"; {len(spliced)} of {len(bridge.state(models))} parameters copied file to file" if spliced else ""
+    copied = (f"; {len(spliced)} of {len(bridge.state(models))} parameters written from the source files' bytes, "
+              f"never loaded") if spliced else ""
     _say(f"wrote {save} ({what}, layout {bridge.layout.short()}{copied})")
     if args.test_convert_precision:
         if args.to_mcore:  # what was written, not the model that was converted

@@ -151,12 +151,15 @@ class Exporter:
         self.units, self.state, self.g, self.device = units, state, groups, device
         self._stored: dict[int, bool] = {}
         self.runs: dict[int, list] = {}  # unit index -> its HF tensors as splice.Runs
+        self.from_files: dict[int, list] = {}  # unit index -> its shards as splice.Runs, by TP rank
         if spliced is not None:
             from . import unsplice
 
-            self.runs = unsplice.unit_runs(units, groups, spliced) if as_runs else {}
-            unsplice.materialize(state, spliced, keep={(u.local.chunk, u.local.param) for u in units
-                                                       if u.local is not None and u.index in self.runs})
+            if as_runs:
+                self.runs, self.from_files = unsplice.unit_runs(units, groups, spliced)
+            unsplice.materialize(state, spliced, keep={
+                (u.local.chunk, u.local.param) for u in units
+                if u.local is not None and (u.index in self.runs or u.index in self.from_files)})
 
     def _local(self, u: ExportUnit) -> torch.Tensor:
         return self.state[(u.local.chunk, u.local.param)].detach()
@@ -171,7 +174,8 @@ class Exporter:
         """Pack this rank's shards of the bucket's split units and start their collective
         (asynchronous: the next bucket's transfer overlaps the current one's reassembly)."""
         group, size, rank = self.g.split(bucket[0].unit.rule)
-        split = [u for u in bucket if u.unit.rule.transform.tp_split and size > 1 and u.index not in self.runs]
+        split = [u for u in bucket if u.unit.rule.transform.tp_split and size > 1
+                 and u.index not in self.runs and u.index not in self.from_files]
         receiving = dst is None or dst == rank
         state = {"bucket": bucket, "split": split, "receiving": receiving, "work": None}
         if split:
@@ -204,7 +208,10 @@ class Exporter:
             if u.index in self.runs:
                 out += zip(u.names, self.runs[u.index])
                 continue
-            parts = shards.get(u.index) or [self._local(u)]
+            if u.index in self.from_files:  # every shard read from the checkpoint's files, here
+                parts = [r.read() for r in self.from_files[u.index]]
+            else:
+                parts = shards.get(u.index) or [self._local(u)]
             hf = u.unit.rule.transform.to_hf(parts, u.hf_shapes)
             for name, t, shape, dtype in zip(u.names, hf, u.hf_shapes, u.out_dtypes):
                 if t.shape != shape:

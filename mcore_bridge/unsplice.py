@@ -11,9 +11,11 @@ Loading defers (:class:`Deferred`): a record that is exactly a window of a model
 read; its file range is noted instead, and a tensor covered entirely by such records becomes
 ``splice.Runs`` in the caller's ``spliced`` dict (a tensor covered partly is read after all, so that
 the model never holds a hole). The export then asks :func:`hf_runs` for each unit: the inverse of
-the transform's ``row_runs``, composed with the shards' runs. A unit that cannot go as runs (a
-row-parallel split at TP > 1, a dtype cast, stacked experts, FP8, a LoRA merge) has its parameters
-read into the model first (:func:`materialize`), so every tensor the export computes from is real.
+the transform's ``row_runs``, composed with the shards' runs. A unit whose HF tensors are not whole
+rows of its shards (a row-parallel split at TP > 1, a dtype cast) is rebuilt by the rank writing it
+from its shards read out of the files, with no gather. Anything else (stacked experts, FP8, a LoRA
+merge) has its parameters read into the model first (:func:`materialize`), so every tensor the
+export computes from is real.
 Only the CLI's ``export --load ... --to-hf`` uses this: the model is left with unread parameters.
 """
 
@@ -166,10 +168,13 @@ def materialize(state: dict, spliced: dict, keep=()) -> None:
         _read_into(state[key], 0, spliced.pop(key))
 
 
-def unit_runs(units, groups, spliced: dict) -> dict:
-    """Collective (every rank of the export): unit index -> its HF tensors as ``Runs``, for every
-    unit whose shards (this rank's and the rest of its splitting group's, exchanged once as file
-    ranges) are all in a rank's ``spliced`` and make whole rows of each HF tensor in its dtype."""
+def unit_runs(units, groups, spliced: dict) -> tuple[dict, dict]:
+    """Collective (every rank of the export). For every unit whose shards (this rank's and the rest
+    of its splitting group's, exchanged once as file ranges) are all in a rank's ``spliced``:
+    ``(hf, shards)``: ``hf[index]``, its HF tensors as ``Runs`` when they are whole rows of the
+    shards in their dtype; otherwise ``shards[index]``, the shards' ``Runs`` by TP rank, which the
+    rank writing the unit reads from the files itself (a row-parallel split, a cast) instead of
+    every rank reading its shard and gathering it."""
     import torch.distributed as dist
 
     mine = []
@@ -186,13 +191,18 @@ def unit_runs(units, groups, spliced: dict) -> dict:
     for contribution in everyone:
         for index, rank, runs in contribution:
             parts.setdefault(index, {})[rank] = runs
-    out = {}
+    hf, shards = {}, {}
     for u in units:
         if u.index not in parts:
             continue
         transform = u.unit.rule.transform
         n = groups.split(u.unit.rule)[1] if transform.tp_split else 1
-        got = hf_runs(transform, u.hf_shapes, [parts[u.index].get(r) for r in range(n)], n)
+        by_rank = [parts[u.index].get(r) for r in range(n)]
+        if any(r is None for r in by_rank):
+            continue
+        got = hf_runs(transform, u.hf_shapes, by_rank, n)
         if got is not None and all(r.dtype == d for r, d in zip(got, u.out_dtypes)):
-            out[u.index] = got
-    return out
+            hf[u.index] = got
+        else:
+            shards[u.index] = by_rank
+    return hf, shards

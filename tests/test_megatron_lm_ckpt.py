@@ -59,7 +59,7 @@ def test_training_checkpoint_converts_and_mismatches_are_named(pools, zoo_model,
         assert entry in ignored[0]
     assert_same_weights(tmp_path / "reference", out)  # the trained weights, byte for byte
     # megatron's own writer's records are whole tensors too: most go file to file (unsplice)
-    copied = re.search(r"(\d+) of (\d+) parameters copied file to file", r.stdout)
+    copied = re.search(r"(\d+) of (\d+) parameters written from the source files' bytes", r.stdout)
     assert copied and int(copied.group(1)) > int(copied.group(2)) // 2, r.stdout
 
     # lacks a tensor the model needs (as a tied-embedding checkpoint lacks output_layer.weight)
