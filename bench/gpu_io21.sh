@@ -5,7 +5,7 @@
 # Writes to $OUT: rl-*.json/.log (rl_sync_bench.py), io_floor-*.md/.json/.log (io_floor.py), prof-*.txt
 # (the top of a cProfile of one conversion of each kind on cuda) and host.txt (cores, disk, GPU).
 # Knobs: LAYERS (io_floor's Qwen3-8B depth, default 12: the 7.1 GB table), RL_LAYERS (36: full
-# depth; 0 skips), MOE_LAYERS (24 of Qwen3-30B-A3B's 48; 0 skips), REPS (2), CPU_PROCS (1,2; empty skips),
+# depth; 0 skips), LEAN (1: io_floor --lean, for LAYERS=36 on the 64 GB disk), MOE_LAYERS (24 of Qwen3-30B-A3B's 48; 0 skips), REPS (2), CPU_PROCS (1,2; empty skips),
 # STEP_S (a timeout per step), BUDGET_S (520: no step runs past it; the results are then packed into
 # $OUT/io21.tgz, as a device call returns few files).
 set -u -o pipefail
@@ -37,7 +37,8 @@ if [ "${RL_LAYERS:-36}" != 0 ]; then
 fi
 L=${LAYERS:-12}
 stamp "io_floor cuda, $L layers"
-timeout "$(left)" python3 bench/io_floor.py --layers "$L" --reps "${REPS:-2}" --procs 1 --device cuda \
+LEAN=${LEAN:+--lean}  # LEAN=1: io_floor deletes each output once read (a full-depth 16 GB checkpoint on a 64 GB disk)
+timeout "$(left)" python3 bench/io_floor.py --layers "$L" --reps "${REPS:-2}" --procs 1 --device cuda $LEAN \
   --results "$OUT/io_floor-cuda.md" --label "megatron-core $V, GPU host" > "$OUT/io_floor-cuda.log" 2>&1
 echo "rc=$?"; tail -12 "$OUT/io_floor-cuda.log"
 SRC=/tmp/io_floor/qwen3-8b-l$L
@@ -47,6 +48,7 @@ for kind in td hf; do  # where a cuda conversion spends its time
   python3 -c "import pstats,sys; p=pstats.Stats('/tmp/prof-$kind.out', stream=sys.stdout); p.sort_stats('tottime').print_stats(25); p.sort_stats('cumtime').print_stats(40)" \
     > "$OUT/prof-cuda-$kind.txt" 2>&1
 done
+rm -rf /tmp/prof-td /tmp/prof-hf /tmp/prof-*.out  # two more copies of the checkpoint: the disk is 64 GB
 if [ "${MOE_LAYERS:-24}" != 0 ]; then
   stamp "rl sync: Qwen3-30B-A3B, ${MOE_LAYERS:-24} layers, colocated"
   timeout "$(left)" torchrun --nproc-per-node 1 bench/rl_sync_bench.py --config qwen3-30b-a3b --layers "${MOE_LAYERS:-24}" \
@@ -55,7 +57,7 @@ if [ "${MOE_LAYERS:-24}" != 0 ]; then
 fi
 if [ -n "${CPU_PROCS-1,2}" ]; then
   stamp "io_floor cpu, $L layers, procs ${CPU_PROCS-1,2}"
-  timeout "$(left)" python3 bench/io_floor.py --layers "$L" --reps "${REPS:-2}" --procs "${CPU_PROCS-1,2}" --device cpu \
+  timeout "$(left)" python3 bench/io_floor.py --layers "$L" --reps "${REPS:-2}" --procs "${CPU_PROCS-1,2}" --device cpu $LEAN \
     --results "$OUT/io_floor-cpu.md" --label "megatron-core $V, GPU host's CPU" > "$OUT/io_floor-cpu.log" 2>&1
   echo "rc=$?"; tail -14 "$OUT/io_floor-cpu.log"
 fi

@@ -85,6 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--results", default=str(ROOT / "bench" / "results" / "io_floor.md"))
     p.add_argument("--label", default="", help="a line for the results file (e.g. the commit measured)")
+    p.add_argument("--lean", action="store_true",
+                   help="delete each output once no later step reads it (at most the source, one torch_dist "
+                        "output and one other on the disk: a full-depth Qwen3-8B, 16 GB, in 64 GB)")
     p.add_argument("--baseline", default=None, metavar="CHECKOUT",
                    help="another checkout of mcore-bridge (e.g. a git worktree at the commit before): every "
                         "step also runs with its code, interleaved with this one's, rows marked 'baseline'")
@@ -152,8 +155,13 @@ def main(argv=None) -> int:
                     os.sync()
                     times.setdefault(key, []).append(sh(conv(step, n, rep), env_for(code_root), cwd=code_root))
                     print(f"rep {rep}: {key:<35} {times[key][-1]:7.2f} s", flush=True)
-            if rep == 0 and "torch_dist->hf" in steps:
-                print(f"  byte-exact round trip ({n} proc): {same_tensors(src, work / f'hf{n}')} tensors", flush=True)
+                if rep == 0 and step == "torch_dist->hf":
+                    print(f"  byte-exact round trip ({n} proc): {same_tensors(src, work / f'hf{n}')} tensors",
+                          flush=True)
+                if args.lean and step in ("hf->plain", "torch_dist->hf", "fixed"):
+                    shutil.rmtree(Path(conv(step, n, rep)[conv(step, n, rep).index("--save") + 1]), ignore_errors=True)
+            if args.lean:
+                shutil.rmtree(work / f"dist{n}", ignore_errors=True)
         partial = Path(args.results).with_suffix(".partial.json")  # what a run cut short still leaves
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps({"source": str(src), "bytes": size, "times": times, "reps_done": rep + 1,
