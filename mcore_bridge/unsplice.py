@@ -117,7 +117,6 @@ class Deferred:
         self.starts = [s[0] for s in spans]
         self.spans = spans
         self.pieces: dict = {}  # key -> [(byte offset in the tensor, nbytes, runs)]
-        self.taken = 0
 
     def take(self, target: torch.Tensor, path, offset: int) -> bool:
         """Note that ``target`` (a contiguous window of a model tensor) is the ``target.nbytes``
@@ -133,7 +132,6 @@ class Deferred:
         if ptr + n > start + size or target.device != tensor.device or target.dtype != tensor.dtype:
             return False
         self.pieces.setdefault(key, []).append((ptr - start, n, [(os.path.abspath(path), offset, n)]))
-        self.taken += 1
         return True
 
     def finish(self, spliced: dict) -> None:
