@@ -5,7 +5,7 @@
 # Writes to $OUT: rl-*.json/.log (rl_sync_bench.py), io_floor-*.md/.json/.log (io_floor.py), prof-*.txt
 # (the top of a cProfile of one conversion of each kind on cuda) and host.txt (cores, disk, GPU).
 # Knobs: LAYERS (io_floor's Qwen3-8B depth, default 12: the 7.1 GB table), RL_LAYERS (36: full
-# depth; 0 skips), LEAN (1: io_floor --lean, for LAYERS=36 on the 64 GB disk), MOE_LAYERS (24 of Qwen3-30B-A3B's 48; 0 skips), REPS (2), CPU_PROCS (1,2; empty skips),
+# depth; 0 skips), LEAN (1: io_floor --lean, for LAYERS=36 on the 64 GB disk), PROF (the profiled kinds, 'td hf'; empty skips), MOE_LAYERS (24 of Qwen3-30B-A3B's 48; 0 skips), REPS (2), CPU_PROCS (1,2; empty skips),
 # STEP_S (a timeout per step), BUDGET_S (520: no step runs past it; the results are then packed into
 # $OUT/io21.tgz, as a device call returns few files).
 set -u -o pipefail
@@ -42,7 +42,7 @@ timeout "$(left)" python3 bench/io_floor.py --layers "$L" --reps "${REPS:-2}" --
   --results "$OUT/io_floor-cuda.md" --label "megatron-core $V, GPU host" > "$OUT/io_floor-cuda.log" 2>&1
 echo "rc=$?"; tail -12 "$OUT/io_floor-cuda.log"
 SRC=/tmp/io_floor/qwen3-8b-l$L
-for kind in td hf; do  # where a cuda conversion spends its time
+for kind in ${PROF-td hf}; do  # where a cuda conversion spends its time (PROF= skips)
   if [ $kind = td ]; then a="--model $SRC --to-mcore --save /tmp/prof-td"; else a="--model $SRC --load /tmp/prof-td --to-hf --save /tmp/prof-hf"; fi
   timeout "$(left)" python3 -m cProfile -o /tmp/prof-$kind.out -m mcore_bridge.cli export $a --overwrite --device cuda > /dev/null 2>&1
   python3 -c "import pstats,sys; p=pstats.Stats('/tmp/prof-$kind.out', stream=sys.stdout); p.sort_stats('tottime').print_stats(25); p.sort_stats('cumtime').print_stats(40)" \
