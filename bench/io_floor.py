@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     src = Path(args.source).absolute() if args.source else work / f"qwen3-8b-l{args.layers}"
     if not (src / "config.json").exists():
         sh([sys.executable, str(ROOT / "bench" / "make_checkpoint.py"), "--out", str(src), "--layers",
-            str(args.layers), "--overwrite"], env)
+            str(args.layers), "--overwrite", "--device", args.device], env)
     size = dir_bytes(src)
     cli = [sys.executable, "-m", "mcore_bridge.cli", "export"]
     procs = [int(n) for n in args.procs.split(",")]

@@ -150,12 +150,14 @@ def plan_files(shapes, max_bytes: int, itemsize: int = 2) -> list[list[tuple[str
 
 
 def random_tensor(name: str, shape, gen: torch.Generator) -> torch.Tensor:
+    """On the generator's device (``--device cuda``: 16 GB in seconds rather than minutes), returned on
+    the CPU."""
     if len(shape) == 1:  # norm weights: around 1 like a trained model's
-        return (1.0 + 0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
-    out = torch.empty(shape, dtype=torch.bfloat16)
+        return (1.0 + 0.02 * torch.randn(shape, generator=gen, device=gen.device)).to(torch.bfloat16).cpu()
+    out = torch.empty(shape, dtype=torch.bfloat16, device=gen.device)
     # normal_ on bf16 directly keeps memory at one tensor (no fp32 temporary); MoE routers get a
     # trained router's spread of logits, so that routing is not decided by rounding noise
-    return out.normal_(0.0, 0.5 if name.endswith("mlp.gate.weight") else 0.02, generator=gen)
+    return out.normal_(0.0, 0.5 if name.endswith("mlp.gate.weight") else 0.02, generator=gen).cpu()
 
 
 def main(argv=None):
@@ -167,6 +169,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stacked", action="store_true", help="MoE: keep experts stacked [E, 2F, H] / [E, H, F]")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the random numbers are drawn (cuda: much faster for a full-depth model; the "
+                        "values differ from cpu's for the same seed)")
     p.add_argument("--experts", type=int, default=None, help="MoE: fewer routed experts (shapes as published)")
     p.add_argument("--vision-depth", type=int, default=None, help="VL: fewer vision blocks (shapes as published)")
     p.add_argument("--tokenizer", action="store_true",
@@ -186,7 +191,7 @@ def main(argv=None):
     cfg = make_config(args.config, args.layers, args.experts, args.vision_depth)
     shapes = tensor_shapes(cfg, args.stacked)
     files = plan_files(shapes, int(args.max_shard_gb * 1e9))
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
     weight_map, total = {}, 0
     t0 = time.perf_counter()
     for i, entries in enumerate(files):
