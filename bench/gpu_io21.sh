@@ -5,9 +5,11 @@
 # Writes to $OUT: rl-*.json/.log (rl_sync_bench.py), io_floor-*.md/.json/.log (io_floor.py), prof-*.txt
 # (the top of a cProfile of one conversion of each kind on cuda) and host.txt (cores, disk, GPU).
 # Knobs: LAYERS (io_floor's Qwen3-8B depth, default 12: the 7.1 GB table), RL_LAYERS (36: full
-# depth; 0 skips), LEAN (1: io_floor --lean, for LAYERS=36 on the 64 GB disk), PROF (the profiled kinds, 'td hf'; empty skips), MOE_LAYERS (24 of Qwen3-30B-A3B's 48; 0 skips), REPS (2), CPU_PROCS (1,2; empty skips),
-# STEP_S (a timeout per step), BUDGET_S (520: no step runs past it; the results are then packed into
-# $OUT/io21.tgz, as a device call returns few files).
+# depth; 0 skips), LEAN (1: io_floor --lean, for LAYERS=36 on the 64 GB disk), PROF (the profiled kinds,
+# 'td hf'; empty skips), BASELINE (another checkout, e.g. an exported commit carried along: io_floor's cuda
+# rows A/B against it), MOE_LAYERS (24 of Qwen3-30B-A3B's 48; 0 skips), REPS (2), CPU_PROCS (1,2; empty
+# skips), STEP_S (a timeout per step), BUDGET_S (520: no step runs past it; the results are then packed
+# into $OUT/io21.tgz, as a device call returns few files).
 set -u -o pipefail
 OUT=${OUT:-/tmp/io21}; V=${1:-019}; mkdir -p "$OUT"
 SITE=/tmp/site$V
@@ -38,7 +40,7 @@ fi
 L=${LAYERS:-12}
 stamp "io_floor cuda, $L layers"
 LEAN=${LEAN:+--lean}  # LEAN=1: io_floor deletes each output once read (a full-depth 16 GB checkpoint on a 64 GB disk)
-timeout "$(left)" python3 bench/io_floor.py --layers "$L" --reps "${REPS:-2}" --procs 1 --device cuda $LEAN \
+timeout "$(left)" python3 bench/io_floor.py --layers "$L" --reps "${REPS:-2}" --procs 1 --device cuda $LEAN ${BASELINE:+--baseline $BASELINE} \
   --results "$OUT/io_floor-cuda.md" --label "megatron-core $V, GPU host" > "$OUT/io_floor-cuda.log" 2>&1
 echo "rc=$?"; tail -12 "$OUT/io_floor-cuda.log"
 SRC=/tmp/io_floor/qwen3-8b-l$L
