@@ -29,7 +29,9 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from .dcp_reader import tensor_bytes
-from .splice import Unsafe, write_bytes, write_runs
+from .splice import Unsafe, write_runs
+
+_CHUNK = 64 << 20  # bytes per os.write
 
 
 def available() -> bool:
@@ -86,8 +88,12 @@ def record_parts(shape, dtype) -> tuple[bytes, bytes, int]:
     return b"".join(b for _, b in parts[:i]), b"".join(b for _, b in parts[i:]), nbytes
 
 
-def _write_all(fd: int, data) -> None:  # one name for the fault-injection tests to replace
-    write_bytes(fd, data)
+def _write_all(fd: int, data) -> None:
+    with memoryview(data) as whole, whole.cast("B") as view:
+        done = 0
+        while done < len(view):
+            with view[done:done + _CHUNK] as part:
+                done += os.write(fd, part)
 
 
 def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,7 @@
 """Writing safetensors files at the I/O floor (issue 21 item 1).
 
 ``write_safetensors`` writes the format itself: the JSON header, then each tensor's bytes straight
-from its memory (or from its source files, ``splice.Runs``) in large positional writes, a large file
-by several threads at once, each its own byte range; then one ``fsync`` for the file.
+from its memory in large sequential ``os.write`` calls, then one ``fsync`` for the file.
 ``safetensors.torch.save_file`` first copies every tensor into a Python ``bytes`` object (a second
 full copy of the shard in fresh memory, whose page faults cost as much as the write on a CPU host).
 Readers see the same file: the header lists each tensor's dtype, shape and byte range; tensors are
@@ -22,12 +21,13 @@ import os
 import queue
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from .splice import Runs, sub_runs, write_bytes, write_runs
+from .splice import Runs, write_runs
+
+WRITE_CHUNK = 64 << 20  # bytes per os.write: large sequential writes, bounded by the tensor's own memory
 
 _NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -44,51 +44,17 @@ def dtype_name(dtype: torch.dtype, name: str) -> str:
         raise TypeError(f"{name}: dtype {dtype} has no safetensors name; convert it (e.g. --dtype bf16)") from None
 
 
-def writer_threads() -> int:
-    """Threads that fill one large file (each its own byte range): a single writer left a disk that
-    takes parallel writes idle (a full-depth Qwen3-8B to the plain format on the GPU host: 1.55x the
-    copy floor, against torch_dist's 1.19x with its file per thread)."""
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-PARALLEL_BYTES = 256 << 20  # a smaller file is written by the calling thread alone
-
-
-def _ranges(pieces: list, parts: int) -> list[list]:
-    """``pieces`` ((offset, length, src), back to back) cut into ``parts`` lists of about equal bytes,
-    a piece split where a cut falls inside it (``src`` then sliced: a buffer, or ``Runs.runs``)."""
-    total = sum(n for _, n, _ in pieces)
-    size = -(-total // parts)
-    out, cur, room = [], [], size
-    for at, n, src in pieces:
-        skip = 0
-        while n - skip > 0:
-            take = min(n - skip, room)
-            part = sub_runs(src, skip, take) if isinstance(src, list) else src[skip:skip + take]
-            cur.append((at + skip, take, part))
-            skip += take
-            room -= take
-            if room == 0:
-                out.append(cur)
-                cur, room = [], size
-    if cur:
-        out.append(cur)
-    return out
-
-
-def _fill(fd: int, pieces: list) -> None:
-    for at, _, src in pieces:
-        if isinstance(src, list):
-            write_runs(fd, src, at)
-        else:
-            write_bytes(fd, src, at)
+def _write_all(fd: int, buf) -> None:
+    view = memoryview(buf).cast("B")
+    while len(view):
+        n = os.write(fd, view[:WRITE_CHUNK])
+        view = view[n:]
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                      fsync: bool = True, threads: int | None = None) -> None:
+                      fsync: bool = True) -> None:
     """``tensors`` (CPU; or ``splice.Runs``, copied from their files) as one safetensors file at
-    ``path``; no copy of a contiguous tensor's bytes. A file of ``PARALLEL_BYTES`` or more is filled
-    by ``threads`` (default ``writer_threads()``) at once, each its own byte range."""
+    ``path``; no copy of a contiguous tensor's bytes."""
     items = []
     for name, t in tensors.items():
         if isinstance(t, Runs):
@@ -108,26 +74,15 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    head = struct.pack("<Q", len(raw)) + raw
-    pieces, at = [(0, len(head), memoryview(head))], len(head)
-    for _, t in items:
-        if isinstance(t, Runs):
-            pieces.append((at, t.nbytes, t.runs))
-            at += t.nbytes
-        elif t.numel():
-            flat = t.contiguous().reshape(-1)  # a copy only if the caller's tensor is strided
-            n = flat.numel() * flat.element_size()
-            pieces.append((at, n, memoryview(flat.view(torch.uint8).numpy())))
-            at += n
-    threads = threads or writer_threads()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        if threads == 1 or at < PARALLEL_BYTES:
-            _fill(fd, pieces)
-        else:
-            with ThreadPoolExecutor(threads, thread_name_prefix="mcore-bridge-fill") as pool:
-                for job in [pool.submit(_fill, fd, part) for part in _ranges(pieces, threads)]:
-                    job.result()  # the first error, once every range has stopped
+        _write_all(fd, struct.pack("<Q", len(raw)) + raw)
+        for _, t in items:
+            if isinstance(t, Runs):
+                write_runs(fd, t.runs)
+            elif t.numel():
+                flat = t.contiguous().reshape(-1)  # a copy only if the caller's tensor is strided
+                _write_all(fd, flat.view(torch.uint8).numpy())
         if fsync:
             os.fsync(fd)
     finally:

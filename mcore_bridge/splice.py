@@ -110,42 +110,38 @@ def plan(ckpt, transform, names, regions, target: torch.Tensor, tp: int, rank: i
     return Runs(target.dtype, tuple(target.shape), runs)
 
 
-def write_runs(fd: int, runs: list[tuple[object, int, int]], at: int | None = None) -> None:
-    """Write ``runs`` to the file open at ``fd``: appended at its current position, or from byte
-    ``at`` on (positional: several threads may fill one file, each its own range)."""
+def write_runs(fd: int, runs: list[tuple[object, int, int]]) -> None:
+    """Append ``runs`` to the file open at ``fd`` (at its current position)."""
     handles: dict = {}
     try:
         for path, offset, length in runs:
             if path is None:
-                _write_zeros(fd, length, at)
-            else:
-                src = handles.get(path)
-                if src is None:
-                    src = handles[path] = os.open(path, os.O_RDONLY)
-                _copy(src, fd, offset, length, path, at)
-            if at is not None:
-                at += length
+                _write_zeros(fd, length)
+                continue
+            src = handles.get(path)
+            if src is None:
+                src = handles[path] = os.open(path, os.O_RDONLY)
+            _copy(src, fd, offset, length, path)
     finally:
         for src in handles.values():
             os.close(src)
 
 
-def _copy(src: int, dst: int, offset: int, length: int, path, at: int | None) -> None:
+def _copy(src: int, dst: int, offset: int, length: int, path) -> None:
     done = 0
     while done < length:
         try:
-            n = os.copy_file_range(src, dst, min(length - done, _CHUNK), offset + done,
-                                   None if at is None else at + done)
+            n = os.copy_file_range(src, dst, min(length - done, _CHUNK), offset + done)
         except OSError as e:
             if e.errno not in _NO_KERNEL_COPY:
                 raise
-            return _read_write(src, dst, offset + done, length - done, path, None if at is None else at + done)
+            return _read_write(src, dst, offset + done, length - done, path)
         if n <= 0:
             raise OSError(errno.EIO, f"{path}: ended {length - done} bytes early (offset {offset + done})")
         done += n
 
 
-def _read_write(src: int, dst: int, offset: int, length: int, path, at: int | None) -> None:
+def _read_write(src: int, dst: int, offset: int, length: int, path) -> None:
     buf = bytearray(min(length, _CHUNK))
     view = memoryview(buf)
     done = 0
@@ -153,26 +149,16 @@ def _read_write(src: int, dst: int, offset: int, length: int, path, at: int | No
         n = os.preadv(src, [view[:min(length - done, len(buf))]], offset + done)
         if n <= 0:
             raise OSError(errno.EIO, f"{path}: ended {length - done} bytes early (offset {offset + done})")
-        write_bytes(dst, view[:n], None if at is None else at + done)
+        written = 0
+        while written < n:
+            written += os.write(dst, view[written:n])
         done += n
 
 
-def write_bytes(fd: int, buf, at: int | None = None) -> None:
-    """All of ``buf`` (a buffer) to ``fd``: at its position, or at byte ``at``; at most ``_CHUNK`` per call."""
-    with memoryview(buf) as whole, whole.cast("B") as view:  # released: a BytesIO's buffer stays resizable
-        done = 0
-        while done < len(view):
-            with view[done:done + _CHUNK] as part:
-                done += os.write(fd, part) if at is None else os.pwrite(fd, part, at + done)
-
-
-def _write_zeros(fd: int, length: int, at: int | None) -> None:
+def _write_zeros(fd: int, length: int) -> None:
     zeros = bytes(min(length, _CHUNK))
-    done = 0
-    while done < length:
-        n = min(length - done, len(zeros))
-        write_bytes(fd, zeros[:n], None if at is None else at + done)
-        done += n
+    while length:
+        length -= os.write(fd, zeros[:min(length, len(zeros))])
 
 
 def sub_runs(runs: list[tuple[object, int, int]], offset: int, length: int) -> list[tuple[object, int, int]]:

@@ -87,49 +87,6 @@ def test_comparison_detects_one_changed_element(tmp_path):
     assert all(_same_bytes(got[k], tensors[k]) for k in tensors if k != "w.bf16")
 
 
-def _mixed(tmp_path):
-    """Tensors from memory and ``splice.Runs`` from a file (with a zero fill), of several sizes."""
-    from mcore_bridge.splice import Runs
-
-    src = tmp_path / "src.bin"
-    src.write_bytes(bytes(range(251)) * 400)
-    g = torch.Generator().manual_seed(3)
-    tensors = dict(_tensors())
-    tensors["big"] = torch.randn(300, 41, generator=g).to(torch.bfloat16)
-    tensors["runs"] = Runs(torch.bfloat16, (500, 31), [(src, 11, 30000), (None, 0, 1000)])
-    tensors["runs.f32"] = Runs(torch.float32, (1000,), [(src, 4, 2000), (src, 50000, 2000)])
-    return tensors
-
-
-@pytest.mark.parametrize("threads", [2, 3, 7])
-def test_a_file_filled_by_threads_is_the_file_written_by_one(tmp_path, monkeypatch, threads):
-    """Above ``PARALLEL_BYTES`` (lowered here to 0) a file is filled by ``threads`` at once, each its
-    own byte range; the cuts fall inside tensors and inside runs. The bytes are those of one thread."""
-    from mcore_bridge import shard_writer
-
-    tensors = _mixed(tmp_path)
-    write_safetensors(tmp_path / "one.safetensors", tensors, threads=1)
-    monkeypatch.setattr(shard_writer, "PARALLEL_BYTES", 0)
-    write_safetensors(tmp_path / "many.safetensors", tensors, threads=threads)
-    assert (tmp_path / "many.safetensors").read_bytes() == (tmp_path / "one.safetensors").read_bytes()
-    cuts = shard_writer._ranges([(0, 10, memoryview(bytes(10))), (10, 90, [(None, 0, 90)])], threads)
-    assert len(cuts) == threads and sum(n for part in cuts for _, n, _ in part) == 100
-    got, _ = _read(tmp_path / "many.safetensors")
-    assert _same_bytes(got["big"], tensors["big"]) and _same_bytes(got["runs.f32"], tensors["runs.f32"].read())
-
-
-def test_a_range_that_fails_fails_the_file(tmp_path, monkeypatch):
-    """Negative control: one thread's run past the end of its source raises the original error."""
-    from mcore_bridge import shard_writer
-    from mcore_bridge.splice import Runs
-
-    tensors = _mixed(tmp_path)
-    tensors["runs"] = Runs(torch.bfloat16, (500, 31), [(tmp_path / "src.bin", 100000, 31000)])  # 400 bytes exist
-    monkeypatch.setattr(shard_writer, "PARALLEL_BYTES", 0)
-    with pytest.raises(OSError, match="bytes early"):
-        write_safetensors(tmp_path / "bad.safetensors", tensors, threads=4)
-
-
 def test_unsupported_dtype_names_the_tensor(tmp_path):
     with pytest.raises(TypeError, match=r"layer\.x: dtype torch\.complex64"):
         write_safetensors(tmp_path / "c.safetensors", {"layer.x": torch.zeros(2, dtype=torch.complex64)})

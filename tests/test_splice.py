@@ -155,28 +155,6 @@ def test_without_kernel_copy_the_bytes_are_read_and_written(tmp_path, monkeypatc
     assert bytes(as_tensor.numpy()) == want
 
 
-@pytest.mark.parametrize("kernel", [True, False])
-def test_runs_written_at_an_offset_fill_their_own_range(tmp_path, monkeypatch, kernel):
-    """Positional ``write_runs(..., at=)`` (several threads filling one file): each call writes its
-    own byte range, in any order, and leaves the file position and the other ranges alone."""
-    src = tmp_path / "src"
-    src.write_bytes(bytes(range(256)) * 1000)
-    data = src.read_bytes()
-    if not kernel:
-        def refuse(*a):
-            raise OSError(errno.EXDEV, "cross-device")
-        monkeypatch.setattr(os, "copy_file_range", refuse)
-    out = tmp_path / "out"
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT)
-    try:
-        splice.write_runs(fd, [(src, 3000, 50), (None, 0, 5)], at=1000)  # the later range first
-        splice.write_runs(fd, [(src, 7, 1000)], at=0)
-        assert os.lseek(fd, 0, os.SEEK_CUR) == 0
-    finally:
-        os.close(fd)
-    assert out.read_bytes() == data[7:1007] + data[3000:3050] + bytes(5)
-
-
 def test_a_source_that_ends_early_is_an_error(tmp_path):
     src = tmp_path / "src"
     src.write_bytes(b"x" * 100)
