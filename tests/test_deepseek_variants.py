@@ -57,6 +57,14 @@ EXPECTED = {
         moe_ffn_hidden_size=2048, moe_shared_expert_intermediate_size=2048, layernorm_epsilon=1e-6,
         rope_type="yarn", rotary_scaling_factor=40.0, original_max_position_embeddings=4096,
         beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, rotary_base=10000.0),
+    # V3.1 (reconstructed, tests/published/PROVENANCE.md): V3's architecture, power-of-two FP8 scales
+    "deepseek-ai__DeepSeek-V3.1.json": dict(
+        num_layers=61, hidden_size=7168, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+        qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128, num_moe_experts=256, moe_router_topk=8,
+        moe_router_num_groups=8, moe_router_group_topk=4, moe_router_topk_scaling_factor=2.5,
+        moe_ffn_hidden_size=2048, moe_shared_expert_intermediate_size=2048, layernorm_epsilon=1e-6,
+        rope_type="yarn", rotary_scaling_factor=40.0, original_max_position_embeddings=4096,
+        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, rotary_base=10000.0),
     "moonshotai__Kimi-K2-Instruct.json": dict(
         num_layers=61, hidden_size=7168, num_attention_heads=64, q_lora_rank=1536, num_moe_experts=384,
         moe_router_topk=8, moe_router_num_groups=None, moe_router_group_topk=None,
