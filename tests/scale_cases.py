@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ep4_loads(raw: dict) -> dict:
+def ep4_loads(raw: dict, fp8: bool = False) -> dict:
     sys.path.insert(0, str(ROOT / "bench"))
     import scale_model as sm
 
@@ -18,5 +18,5 @@ def ep4_loads(raw: dict) -> dict:
 
     family, sizes = sm.model_sizes(raw)
     layout = ParallelLayout(ep=4)
-    ranks = sm.world_ranks(layout, sm.loads(family, layout, sizes, False))
+    ranks = sm.world_ranks(layout, sm.loads(family, layout, sizes, fp8))
     return dict(hf=hf_count(raw), ranks=[dict(r.__dict__) for r in ranks])
