@@ -151,7 +151,7 @@ def predict(ranks: list[RankLoad], rates: Rates, tp: int = 1) -> dict:
     to_hf = max(node_s(node, (lambda r: r.write_bytes, rates.copy_gbps)) for node in nodes)
     return dict(
         nodes=len(nodes),
-        copy_s=max(node_s(node, import_terms[0]) for node in nodes), import_s=to_mcore, export_s=to_hf,
+        copy_s=max(node_s(node, import_terms[0]) for node in nodes),
         to_mcore_s=rates.fixed_s + to_mcore,
         to_hf_s=rates.fixed_s + to_hf,
         peak_import_gb=max(r.held_bytes + r.largest_bytes for r in ranks) / GB,
