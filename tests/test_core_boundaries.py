@@ -24,8 +24,8 @@ PKG = ROOT / "mcore_bridge"
 # te_layout is not listed: it translates megatron's own local layer-spec keys into its
 # TransformerEngine ones, and megatron's MLA and router modules have keys of their own there.
 CORE = ["bridge", "plan", "export", "hf_io", "model", "checkpoint", "dist_ckpt", "sync", "stacked",
-        "transforms", "layout"]
-CORE_DIRS = ["lora", "bridge_parts", "sync_transport"]
+        "layout"]
+CORE_DIRS = ["lora", "bridge_parts", "sync_transport", "transforms"]
 FAMILY_NAMES = re.compile(r"llama|qwen|deepseek|mixtral|(?<![a-z])mla(?![a-z])", re.I)
 MODULE_MATCH = re.compile(r"vision|visual|router", re.I)
 
@@ -38,8 +38,8 @@ def core_files() -> list[Path]:
 
 
 def transform_classes() -> set[str]:
-    tree = ast.parse((PKG / "transforms.py").read_text())
-    return {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    trees = [ast.parse(f.read_text()) for f in sorted((PKG / "transforms").glob("*.py"))]
+    return {n.name for tree in trees for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
 
 
 def _docstrings(tree) -> set[int]:

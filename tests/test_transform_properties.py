@@ -1,5 +1,5 @@
 """What a transform means for export and LoRA is declared by the transform itself: every
-transform of ``transforms.py`` states it, the declarations agree with what the transform does,
+transform of ``mcore_bridge.transforms`` states it, the declarations agree with what the transform does,
 and the exporter's fast path (parameters sent as they lie) follows them."""
 
 from __future__ import annotations
