@@ -10,7 +10,8 @@
 # time on the one GPU. Per version: HF -> megatron -> HF through the CLI must give the same bytes
 # (an MXFP4 source: the bf16 output equals its dequantised view), and
 # `mcore-bridge verify --dtype fp32,bf16` writes the reports (each names its megatron-core).
-# FP8 configs also get an FP8 copy (`export --export-dtype fp8`) that is verified and round-tripped.
+# FP8 configs also get their FP8 copy as published (`reduce_published.py --fp8`: blockwise FP8 quantised
+# with the published quantization_config, e.g. V3.1's ue8m0 scales), verified and round-tripped (FP8 out).
 # Results: $OUT/published-m<V>-<lane>.log, $OUT/reports/<config>-m<V>/ (index.md and the case pages).
 # VERIFY_ARGS (default --dtype fp32,bf16) replaces the verify options, e.g. "--dtype fp32 --isolate".
 # BUDGET_S=N stops the run N s after the lanes start (no new config, running steps killed); PACK=1 packs
@@ -19,9 +20,9 @@
 # an FP8 config its FP8 copy alone. QUANT_ONLY="<names>" does so for those configs only; NO_QUANT="<names>":
 # those FP8 configs run their bf16 checkpoint alone (no FP8 copy).
 # RT_SKIP="<names>" skips the round trip of those configs (verify only: a re-run after a runtime-only change).
-# SERIAL=1 runs the versions' lanes one after the other, not at the same time, each deleting its FP8 copy
-# when done: for a config whose checkpoint, FP8 copies and dequantised references would not fit on the disk
-# at once (a reduced DeepSeek-V3 with its MTP layer: 18 GB bf16, 12.5 GB per FP8 copy, 18 GB per reference).
+# SERIAL=1 runs the versions' lanes one after the other, not at the same time: for a config whose lanes'
+# round-trip outputs and dequantised references would not fit on the disk at once (a reduced DeepSeek-V3
+# with its MTP layer: 18 GB bf16, 12.5 GB FP8 copy, per lane 12.5 GB round trip and 18 GB reference).
 # SPLIT=N runs N lanes per version (the configs dealt round-robin), for a GPU with memory to spare (on an
 # H200, 8 lanes in all ran out of memory with 3.6 B-parameter fp32 verifications; 6 did not).
 # Every config keeps its published MTP layer (reduce_published.py --mtp). Wheels in ${WHL_ROOT:-.whl}/fla/
@@ -61,8 +62,9 @@ for name in ${ONLY:-$(ls tests/published/*.json | xargs -n1 basename | sed 's/\.
 done
 make_one() {  # phase 1, one config
   name=$1; cfg=tests/published/$name.json; ck=/tmp/pub/$name
-  [ -f "$ck/config.json" ] && return 0
   mx=""; grep -q '"quant_method": *"mxfp4"' "$cfg" && mx="--mxfp4 $ck-mxfp4"
+  grep -q '"quant_method": *"fp8"' "$cfg" && [[ " ${NO_QUANT:-} " != *" $name "* ]] && mx="--fp8 $ck-fp8"
+  [ -f "$ck/config.json" ] && { [ -z "$mx" ] || [ -f "${mx#* }/config.json" ]; } && return 0  # made (a warm host)
   python3 bench/reduce_published.py "$cfg" --out "$ck" --layers "${LAYERS[$name]:-2}" --mtp --device cuda \
       ${EXPERTS[$name]:+--experts ${EXPERTS[$name]}} $mx > "/tmp/pub/$name.make.log" 2>&1 \
     && echo "made $name: $(tail -c 300 /tmp/pub/$name.make.log | tail -1 | cut -c1-160)" \
@@ -103,12 +105,9 @@ lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLI
     qonly=""; [ "${QUANT_ONLY:-}" = 1 ] || [[ " ${QUANT_ONLY:-} " == *" $name "* ]] && qonly=1
     [ -d "$ck-mxfp4" ] && [ -n "$qonly" ] && sources=("$ck-mxfp4")  # the as-published copy alone
     if grep -q '"quant_method": *"fp8"' "$cfg" && [[ " ${NO_QUANT:-} " != *" $name "* ]]; then
-      q=/tmp/pubq-m$V/$name-fp8
-      stamp "m$V $name: FP8 copy"
-      run python3 -m mcore_bridge.cli export --model "$ck" --to-hf --export-dtype fp8 --save "$q" --overwrite \
-          --device cuda 2>&1 | tail_or_why
-      sources+=("$q")
-      [ -n "$qonly" ] && sources=("$q")
+      [ -d "$ck-fp8" ] || { echo "FAILED: no FP8 copy of $name (made before NO_QUANT named it?)"; rc=1; continue; }
+      sources+=("$ck-fp8")
+      [ -n "$qonly" ] && sources=("$ck-fp8")
     fi
     for src in "${sources[@]}"; do
       tag=$(basename "$src")
@@ -135,8 +134,8 @@ lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLI
 # minus the time to pack the results); the reports are then packed (PACK=1) even if steps were cut.
 [ -n "${BUDGET_S:-}" ] && DEADLINE=$(( $(date +%s) + BUDGET_S )) && export DEADLINE
 pids=()
-if [ -n "${SERIAL:-}" ]; then  # one lane after another, each removing its FP8 copies at its end (disk)
-  ( r=0; for V in "$@"; do lane "$V" 0 > "$OUT/published-m$V-0.log" 2>&1 || r=1; rm -rf "/tmp/pubq-m$V"; done; exit $r ) &
+if [ -n "${SERIAL:-}" ]; then  # one lane after another (disk: each removes its outputs as it goes)
+  ( r=0; for V in "$@"; do lane "$V" 0 > "$OUT/published-m$V-0.log" 2>&1 || r=1; done; exit $r ) &
   pids+=($!)
 else
   for V in "$@"; do

@@ -8,8 +8,8 @@ Every field of the published ``config.json`` is kept except: ``num_hidden_layers
 per-layer lists that follow it: ``layer_types``, ``mlp_only_layers``), the routed expert count with
 what must divide it (``n_group`` / ``topk_group``, top-k), dense-first-layer counts clipped to the
 new depth, MTP layers (``num_nextn_predict_layers``: transformers builds none, so the reduced model
-has none either) and ``quantization_config`` (the weights are written in bf16; FP8 checkpoints are
-then made from them by ``mcore-bridge export --export-dtype fp8``). The config actually used is
+has none either) and ``quantization_config`` (the weights are written in bf16; ``--fp8`` below also
+writes the FP8 checkpoint as published). The config actually used is
 written next to the weights and printed.
 
 ``--mtp``: keep the published multi-token-prediction layer too, stored as the checkpoint publishes it
@@ -23,6 +23,11 @@ checkpoint as gpt-oss publishes it -- every stacked expert tensor ``P`` (``[E, i
 random ``P_blocks`` (uint8 ``[E, out, in/32, 16]``, two FP4 codes each) and ``P_scales`` (uint8
 ``[E, out, in/32]``, exponents 2^-8..2^-6), and the published ``quantization_config`` put back. Its
 bf16 view (``mcore_bridge.quant``) is what a conversion must reproduce.
+
+``--fp8 OUT2`` (a published config with ``quant_method: fp8``: DeepSeek-V3 / V3.1, Kimi-K2, GLM-4.5-FP8):
+also write the checkpoint as it is published -- the tensors an FP8 export quantises stored as blockwise
+FP8 with ``weight_scale_inv``, quantised with the published ``quantization_config`` (its block size and
+``scale_fmt``: V3.1's power-of-two ``ue8m0`` scales), which is put back verbatim.
 """
 
 from __future__ import annotations
@@ -102,6 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--mtp", action="store_true", help="keep the published MTP layer (see above)")
     p.add_argument("--mxfp4", default=None, metavar="OUT2",
                    help="also write an MXFP4 copy here (configs whose quant_method is mxfp4)")
+    p.add_argument("--fp8", default=None, metavar="OUT2",
+                   help="also write the blockwise-FP8 copy here, quantised as the published "
+                        "quantization_config says (configs whose quant_method is fp8)")
     args = p.parse_args(argv)
 
     import transformers
@@ -135,9 +143,23 @@ def main(argv=None) -> int:
             ckpt_edit.add_qwen_next_mtp(out, args.layers, n_mtp, args.seed, prefix=prefix, text=text)
     if args.mxfp4:
         write_mxfp4(out, Path(args.mxfp4), raw.get("quantization_config") or {}, args.seed)
+    if args.fp8:
+        write_fp8(out, Path(args.fp8), raw.get("quantization_config") or {}, args.device)
     print(json.dumps({"out": str(out), "model_type": model_type, "params": n,
                       "config": {k: v for k, v in cfg_dict.items() if not isinstance(v, dict)}}))
     return 0
+
+
+def write_fp8(src: Path, dst: Path, qconfig: dict, device: str) -> None:
+    """``src`` (bf16) copied to ``dst`` and quantised to blockwise FP8 as ``qconfig`` (published) says."""
+    from mcore_bridge import ckpt_edit
+
+    if qconfig.get("quant_method") != "fp8":
+        raise SystemExit(f"--fp8: the published config's quant_method is {qconfig.get('quant_method')!r}")
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    ckpt_edit.quantize_fp8_dir(dst, qconfig=qconfig, device=device)
+    print(json.dumps({"fp8": str(dst), "quantization_config": qconfig}))
 
 
 def write_mxfp4(src: Path, dst: Path, qconfig: dict, seed: int) -> None:

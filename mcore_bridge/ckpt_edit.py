@@ -9,9 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def quantize_fp8_dir(out: Path, block: list[int], scale_fmt: str | None = None):
-    """Rewrite the safetensors in ``out`` as a blockwise-FP8 checkpoint (``quant.quantize_fp8``;
-    ``scale_fmt="ue8m0"``: power-of-two scales, as DeepSeek-V3.1 declares)."""
+def quantize_fp8_dir(out: Path, block: list[int] | None = None, scale_fmt: str | None = None, *,
+                     qconfig: dict | None = None, device: str = "cpu"):
+    """Rewrite the safetensors in ``out`` (one file or sharded, with its index) as a blockwise-FP8
+    checkpoint (``quant.quantize_fp8``) of the tensors an FP8 export would quantise; ``scale_fmt=
+    "ue8m0"``: power-of-two scales, as DeepSeek-V3.1 declares. ``qconfig``: a published
+    ``quantization_config``, written verbatim, whose ``weight_block_size`` and ``scale_fmt`` are used
+    (``block`` / ``scale_fmt`` must then be left out). ``device``: where the blocks are quantised."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -19,21 +23,38 @@ def quantize_fp8_dir(out: Path, block: list[int], scale_fmt: str | None = None):
     from . import quant
     from .families import family_for
 
-    keep = family_for(json.loads((out / "config.json").read_text())).fp8_unquantized()  # as an FP8 export
+    if qconfig is not None:
+        if block is not None or scale_fmt is not None:
+            raise ValueError("quantize_fp8_dir: give qconfig, or block and scale_fmt, not both")
+        quant.fp8_block(qconfig)  # refuses what the loader would refuse, before any file is touched
+        block, scale_fmt = qconfig["weight_block_size"], qconfig.get("scale_fmt")
+    elif block is None:
+        raise ValueError("quantize_fp8_dir: a block size (or a published qconfig) is needed")
+    config = json.loads((out / "config.json").read_text())
+    keep = family_for(config).fp8_unquantized()  # as an FP8 export
+    index = out / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    total = 0
     for f in sorted(out.glob("*.safetensors")):
-        tensors = load_file(str(f))
+        tensors = load_file(str(f), device=device)
         names = quant.default_fp8_names({n: (t.shape, t.dtype) for n, t in tensors.items()}, keep)
         for n in sorted(names):
             tensors[n], tensors[n + quant.SCALE_SUFFIX] = quant.quantize_fp8(tensors[n], tuple(block),
                                                                              scale_fmt == "ue8m0")
-        save_file(tensors, str(f), metadata={"format": "pt"})
-    index = out / "model.safetensors.index.json"
-    if index.exists():
-        raise RuntimeError("quantize_fp8_dir: sharded zoo entries are not quantised (no index update)")
-    config = json.loads((out / "config.json").read_text())
-    config["quantization_config"] = dict(quant.DEFAULT_FP8_CONFIG, weight_block_size=list(block))
-    if scale_fmt:
-        config["quantization_config"]["scale_fmt"] = scale_fmt
+            if weight_map is not None:
+                weight_map[n + quant.SCALE_SUFFIX] = f.name
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file({n: t.cpu() for n, t in tensors.items()}, str(f), metadata={"format": "pt"})
+    if weight_map is not None:
+        meta = json.loads(index.read_text()).get("metadata", {})
+        meta["total_size"] = total
+        index.write_text(json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    if qconfig is not None:
+        config["quantization_config"] = dict(qconfig)
+    else:
+        config["quantization_config"] = dict(quant.DEFAULT_FP8_CONFIG, weight_block_size=list(block))
+        if scale_fmt:
+            config["quantization_config"]["scale_fmt"] = scale_fmt
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -7,6 +7,7 @@ and what a conversion must reproduce from it is its dequantised view."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -103,3 +104,73 @@ def test_edit_shards_keeps_each_tensor_in_its_file_and_indexes_new_ones(tmp_path
     ck = HFCheckpoint(tmp_path)
     assert sorted(ck.names()) == ["moved.weight", "new.weight", "y.weight", "z.weight"]
     assert torch.equal(ck.read("moved.weight"), torch.arange(6.0).view(2, 3))
+
+
+V31 = json.loads((REPO / "tests/published/deepseek-ai__DeepSeek-V3.1.json").read_text())
+
+
+def _shard_in_two(src: Path, dst: Path) -> None:
+    """``src``'s one safetensors file split over two files with an index, as published checkpoints are."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    (one,) = dst.glob("*.safetensors")
+    tensors = load_file(one)
+    one.unlink()
+    names = sorted(tensors)
+    half = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, part in half.items():
+        save_file({n: tensors[n] for n in part}, dst / f, metadata={"format": "pt"})
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 0}, "weight_map": {n: f for f, part in half.items() for n in part}}))
+
+
+def test_fp8_copy_is_quantised_as_the_published_config_says(zoo_model, tmp_path):
+    """DeepSeek-V3.1's published quantization_config (ue8m0: power-of-two scales) on a sharded checkpoint:
+    put back verbatim, every scale a power of two and indexed in its weight's file, and the copy read back
+    as blockwise FP8 whose dequantised view is the bf16 weights to within FP8's rounding."""
+    from mcore_bridge import quant
+    from mcore_bridge.hf_io import HFCheckpoint
+
+    qc = V31["quantization_config"]
+    assert qc["scale_fmt"] == "ue8m0" and qc["weight_block_size"] == [128, 128]
+    qc = dict(qc, weight_block_size=[32, 48])  # the tiny model's matrices hold several (partial) blocks
+    src = tmp_path / "bf16"
+    _shard_in_two(zoo_model("deepseek_v3"), src)
+    reduce_published.write_fp8(src, tmp_path / "fp8", qc, device="cpu")
+    out = tmp_path / "fp8"
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == qc
+    raw, bf16 = HFCheckpoint(out), HFCheckpoint(src)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    scales = [n for n in raw.names() if n.endswith(quant.SCALE_SUFFIX)]
+    assert len(scales) > 10
+    for s in scales:
+        w = s[:-len(quant.SCALE_SUFFIX)]
+        assert index["weight_map"][s] == index["weight_map"][w]  # a rank reads both from one file
+        assert raw.info(w).dtype == torch.float8_e4m3fn
+        v = raw.read(s)
+        assert torch.equal(v, torch.exp2(torch.log2(v).round()))  # ue8m0: powers of two
+    assert index["metadata"]["total_size"] == sum(raw.info(n).dtype.itemsize * math.prod(raw.info(n).shape)
+                                                  for n in raw.names())
+    view = quant.open_quantized(raw)
+    assert sorted(view.names()) == sorted(bf16.names())
+    for s in scales[:6]:
+        w = s[:-len(quant.SCALE_SUFFIX)]
+        a, b = view.read(w).float(), bf16.read(w).float()
+        assert (a - b).abs().max() <= b.abs().max() / 8  # e4m3 keeps 3 mantissa bits; powers of two up to 2x
+        assert not torch.equal(a, b) or a.abs().sum() == 0  # quantised, not copied
+
+
+def test_fp8_copy_refuses_a_config_it_cannot_describe(zoo_model, tmp_path):
+    with pytest.raises(SystemExit, match="quant_method"):
+        reduce_published.write_fp8(zoo_model("deepseek_v3"), tmp_path / "a", GPT_OSS["quantization_config"], "cpu")
+    assert not (tmp_path / "a").exists()
+    from mcore_bridge import ckpt_edit
+    from mcore_bridge.errors import CheckpointError
+
+    src = tmp_path / "b"
+    shutil.copytree(zoo_model("deepseek_v3"), src)
+    before = {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()}
+    with pytest.raises(CheckpointError, match="scale_fmt"):
+        ckpt_edit.quantize_fp8_dir(src, qconfig=dict(V31["quantization_config"], scale_fmt="e8m0fnu"))
+    assert {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()} == before  # nothing touched
