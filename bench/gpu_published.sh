@@ -23,6 +23,9 @@
 # SERIAL=1 runs the versions' lanes one after the other, not at the same time: for a config whose lanes'
 # round-trip outputs and dequantised references would not fit on the disk at once (a reduced DeepSeek-V3
 # with its MTP layer: 18 GB bf16, 12.5 GB FP8 copy, per lane 12.5 GB round trip and 18 GB reference).
+# PRUNE=1 (with QUANT_ONLY) deletes the bf16 weights of the configs that run their quantised copy alone once
+# phase 1 is done, so that both versions' lanes fit the disk at once (their round-trip output is removed
+# before their reference is made: per lane at most 18 GB for a reduced DeepSeek-V3).
 # SPLIT=N runs N lanes per version (the configs dealt round-robin), for a GPU with memory to spare (on an
 # H200, 8 lanes in all ran out of memory with 3.6 B-parameter fp32 verifications; 6 did not).
 # Every config keeps its published MTP layer (reduce_published.py --mtp). Wheels in ${WHL_ROOT:-.whl}/fla/
@@ -64,7 +67,8 @@ make_one() {  # phase 1, one config
   name=$1; cfg=tests/published/$name.json; ck=/tmp/pub/$name
   mx=""; grep -q '"quant_method": *"mxfp4"' "$cfg" && mx="--mxfp4 $ck-mxfp4"
   grep -q '"quant_method": *"fp8"' "$cfg" && [[ " ${NO_QUANT:-} " != *" $name "* ]] && mx="--fp8 $ck-fp8"
-  [ -f "$ck/config.json" ] && { [ -z "$mx" ] || [ -f "${mx#* }/config.json" ]; } && return 0  # made (a warm host)
+  ls "$ck"/*.safetensors > /dev/null 2>&1 && { [ -z "$mx" ] || [ -f "${mx#* }/config.json" ]; } \
+    && return 0  # made by an earlier call on this (warm) host
   python3 bench/reduce_published.py "$cfg" --out "$ck" --layers "${LAYERS[$name]:-2}" --mtp --device cuda \
       ${EXPERTS[$name]:+--experts ${EXPERTS[$name]}} $mx > "/tmp/pub/$name.make.log" 2>&1 \
     && echo "made $name: $(tail -c 300 /tmp/pub/$name.make.log | tail -1 | cut -c1-160)" \
@@ -82,6 +86,13 @@ mkdir -p /tmp/pub
 stamp "phase 1: ${#CONFIGS[@]} checkpoints" | tee "$OUT/make.log"
 printf '%s\n' "${CONFIGS[@]}" | xargs -P "${MAKE_JOBS:-4}" -I{} bash -c 'eval "$LAYERS_DECL"; make_one {}' \
   2>&1 | tee -a "$OUT/make.log"
+if [ -n "${PRUNE:-}" ]; then  # disk: the bf16 weights of configs that run their quantised copy alone
+  for name in "${CONFIGS[@]}"; do
+    ck=/tmp/pub/$name
+    { [ "${QUANT_ONLY:-}" = 1 ] || [[ " ${QUANT_ONLY:-} " == *" $name "* ]]; } && { [ -d "$ck-fp8" ] || [ -d "$ck-mxfp4" ]; } \
+      && rm -f "$ck"/*.safetensors && echo "pruned the bf16 weights of $name" | tee -a "$OUT/make.log"
+  done
+fi
 lane() {  # phase 2, one megatron-core version; lane K of SPLIT takes every SPLIT-th config
   V=$1; K=${2:-0}; rc=0
   FAILS=/tmp/pub-fails-$V-$K; : > "$FAILS"  # run() often sits in a pipeline (a subshell): rc via a file
