@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from mcore_bridge import Bridge, ParallelLayout
 from mcore_bridge.hf_io import HFCheckpoint
-from mcore_bridge.transforms import QKV, GatedMLP, Transform, _rows
+from mcore_bridge.transforms import QKV, GatedMLP, Transform
+from mcore_bridge.transforms.base import _rows
 from mcore_bridge.runtime import dist as rt
 
 BATCH, SEQ = 2, 32  # SEQ divisible by every tp used (sequence parallel)
