@@ -90,7 +90,7 @@ def test_fp8_logits_match_hf_on_the_dequantised_weights(world, layout, pools, zo
 @pytest.mark.world(2)
 def test_fp8_ue8m0_roundtrip_is_byte_exact(pools, zoo_model, tmp_path):
     """Power-of-two scales (``scale_fmt: ue8m0``, DeepSeek-V3.1) are kept as powers of two and the
-    checkpoint comes back byte for byte. (Fresh power-of-two scales alone would not do it: a block
+    checkpoint comes back byte for byte, and its logits are transformers' on the dequantised view. (Fresh power-of-two scales alone would not do it: a block
     whose largest FP8 value rounded down to 224 gets half its scale back and every byte doubled,
     the same values -- measured 384 of 278528 FP8 bytes on this model before reference scales.)"""
     import shutil
@@ -113,3 +113,7 @@ def test_fp8_ue8m0_roundtrip_is_byte_exact(pools, zoo_model, tmp_path):
     assert saved8.config["quantization_config"]["scale_fmt"] == "ue8m0"
     assert sorted(saved8.names()) == sorted(stored.names())
     assert all(cases.same_bytes(saved8.read(n), stored.read(n)) for n in stored.names())
+    # and the model loaded from power-of-two scales computes what transformers computes on their view
+    diffs = [d for d in pools.get(2).run(cases.logits, timeout=600, source=str(src),
+                                         layout=L(tp=2, sp=True, ep=2, etp=1).to_dict()) if d is not None]
+    assert len(diffs) == 1 and diffs[0] < 1e-4, diffs
