@@ -22,7 +22,9 @@
 # RT_SKIP="<names>" skips the round trip of those configs (verify only: a re-run after a runtime-only change).
 # SERIAL=1 runs the versions' lanes one after the other, not at the same time: for a config whose lanes'
 # round-trip outputs and dequantised references would not fit on the disk at once (a reduced DeepSeek-V3
-# with its MTP layer: 18 GB bf16, 12.5 GB FP8 copy, per lane 12.5 GB round trip and 18 GB reference).
+# with its MTP layer: 18 GB bf16, 12.5 GB FP8 copy, per lane 12.5 GB round trip and 18 GB reference), or
+# whose fp32 verifications would not fit the GPU at once (that model's holds ~70 GB: two lanes of it ran
+# out of memory together on an H200, session 36; one lane takes ~270 s, so one version per call there).
 # PRUNE=1 (with QUANT_ONLY) deletes the bf16 weights of the configs that run their quantised copy alone once
 # phase 1 is done, so that both versions' lanes fit the disk at once (their round-trip output is removed
 # before their reference is made: per lane at most 18 GB for a reduced DeepSeek-V3).
