@@ -23,38 +23,34 @@ def quantize_fp8_dir(out: Path, block: list[int] | None = None, scale_fmt: str |
     from . import quant
     from .families import family_for
 
-    if qconfig is not None:
-        if block is not None or scale_fmt is not None:
-            raise ValueError("quantize_fp8_dir: give qconfig, or block and scale_fmt, not both")
-        quant.fp8_block(qconfig)  # refuses what the loader would refuse, before any file is touched
-        block, scale_fmt = qconfig["weight_block_size"], qconfig.get("scale_fmt")
-    elif block is None:
-        raise ValueError("quantize_fp8_dir: a block size (or a published qconfig) is needed")
+    if qconfig is not None and (block is not None or scale_fmt is not None):
+        raise ValueError("quantize_fp8_dir: give qconfig, or block and scale_fmt, not both")
+    if qconfig is None:
+        if block is None:
+            raise ValueError("quantize_fp8_dir: a block size (or a published qconfig) is needed")
+        qconfig = dict(quant.DEFAULT_FP8_CONFIG, weight_block_size=list(block))
+        if scale_fmt:
+            qconfig["scale_fmt"] = scale_fmt
+    block = quant.fp8_block(qconfig)  # refuses what the loader would refuse, before any file is touched
+    pow2 = qconfig.get("scale_fmt") == "ue8m0"
     config = json.loads((out / "config.json").read_text())
     keep = family_for(config).fp8_unquantized()  # as an FP8 export
-    index = out / "model.safetensors.index.json"
-    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else None
     total = 0
     for f in sorted(out.glob("*.safetensors")):
         tensors = load_file(str(f), device=device)
         names = quant.default_fp8_names({n: (t.shape, t.dtype) for n, t in tensors.items()}, keep)
         for n in sorted(names):
-            tensors[n], tensors[n + quant.SCALE_SUFFIX] = quant.quantize_fp8(tensors[n], tuple(block),
-                                                                             scale_fmt == "ue8m0")
-            if weight_map is not None:
-                weight_map[n + quant.SCALE_SUFFIX] = f.name
+            tensors[n], tensors[n + quant.SCALE_SUFFIX] = quant.quantize_fp8(tensors[n], block, pow2)
+            if index is not None:
+                index["weight_map"][n + quant.SCALE_SUFFIX] = f.name
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file({n: t.cpu() for n, t in tensors.items()}, str(f), metadata={"format": "pt"})
-    if weight_map is not None:
-        meta = json.loads(index.read_text()).get("metadata", {})
-        meta["total_size"] = total
-        index.write_text(json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-    if qconfig is not None:
-        config["quantization_config"] = dict(qconfig)
-    else:
-        config["quantization_config"] = dict(quant.DEFAULT_FP8_CONFIG, weight_block_size=list(block))
-        if scale_fmt:
-            config["quantization_config"]["scale_fmt"] = scale_fmt
+    if index is not None:
+        index_path.write_text(json.dumps({"metadata": dict(index.get("metadata", {}), total_size=total),
+                                          "weight_map": dict(sorted(index["weight_map"].items()))}, indent=2))
+    config["quantization_config"] = dict(qconfig)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
